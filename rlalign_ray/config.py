@@ -1,0 +1,447 @@
+"""One typed config tree, loaded from YAML with dotted command-line overrides.
+
+    cfg = load_config("configs/demo_cpu.yaml", ["trainer.steps=20", "rollout.n_samples=8"])
+
+Every field has a one-line doc (``doc(default, "...")``). Unknown keys, wrong types and
+impossible combinations are reported together, before any actor starts, as a
+``ConfigError`` naming each key and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlalign_ray.errors import ConfigError
+
+
+def doc(default: Any, text: str) -> Any:
+    """A dataclass field with a default (copied if mutable) and a one-line doc."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        factory = (lambda d=default: _copy(d))  # noqa: E731
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+def _copy(value: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(value)
+
+
+# --------------------------------------------------------------------------------------
+# Roles and resources
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Resources:
+    """What one actor of a role asks Ray for."""
+
+    num_cpus: float = doc(1.0, "logical CPUs per actor")
+    num_gpus: float = doc(0.0, "GPUs per actor (fractions allowed, e.g. 0.5 to share a GPU)")
+    memory_gb: float = doc(0.0, "memory to reserve per actor in GiB (0: no reservation)")
+    custom: dict[str, float] = doc({}, "custom Ray resources per actor, e.g. {node_a: 1}")
+
+    def ray_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.memory_gb > 0:
+            opts["memory"] = int(self.memory_gb * 1024**3)
+        if self.custom:
+            opts["resources"] = dict(self.custom)
+        return opts
+
+    def bundle(self) -> dict[str, float]:
+        b: dict[str, float] = {"CPU": self.num_cpus}
+        if self.num_gpus:
+            b["GPU"] = self.num_gpus
+        if self.memory_gb > 0:
+            b["memory"] = float(int(self.memory_gb * 1024**3))
+        b.update(self.custom)
+        return {k: v for k, v in b.items() if v}
+
+
+# --------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    seed: int = doc(0, "seed for prompt sampling, generation and model init")
+    ray_address: str | None = doc(
+        None, "Ray cluster to attach to; null: RAY_ADDRESS, else an embedded local instance"
+    )
+    num_cpus: float | None = doc(
+        None, "CPUs of the embedded instance; null: enough for every role (roles take turns)"
+    )
+    placement_timeout_s: float = doc(120.0, "fail if the actors cannot be placed within this")
+    call_timeout_s: float = doc(1800.0, "fail if one actor call takes longer than this")
+
+
+@dataclass
+class ModelConfig:
+    path: str = doc("builtin:tiny-arith", "policy: HF hub id, local folder, or builtin:NAME")
+    tokenizer: str | None = doc(None, "tokenizer path; null: the model path")
+    reference: str | None = doc(None, "reference model path; null: the initial policy")
+    dtype: str = doc("float32", "parameter dtype: float32, bfloat16 or float16")
+    trust_remote_code: bool = doc(False, "allow model code from the hub")
+    chat_template: bool = doc(False, "wrap prompts with the tokenizer's chat template")
+
+
+@dataclass
+class DataConfig:
+    train: str = doc("configs/data/arith_train.jsonl", "JSONL file of training prompts")
+    eval: str | None = doc("configs/data/arith_eval.jsonl", "JSONL file of held-out prompts")
+    prompt_key: str = doc("prompt", "key holding the prompt (a string, or a list of messages)")
+    max_prompt_tokens: int = doc(512, "prompts longer than this are left-truncated")
+    eval_limit: int = doc(0, "evaluate on at most this many held-out prompts (0: all)")
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = doc(8, "prompts sampled per training step")
+    n_samples: int = doc(4, "responses per prompt (the group size for GRPO)")
+    max_new_tokens: int = doc(16, "longest response in tokens")
+    temperature: float = doc(1.0, "sampling temperature (the learner scores with the same)")
+    top_p: float = doc(1.0, "nucleus sampling threshold")
+    top_k: int = doc(0, "top-k sampling (0: off)")
+    eval_temperature: float = doc(0.0, "0: greedy evaluation")
+    backend: str = doc("hf", "generation backend: hf (transformers generate)")
+    num_actors: int = doc(2, "generator actors in the pool")
+    resources: Resources = doc(Resources(), "per generator actor")
+    micro_batch_size: int = doc(64, "sequences per generate() call inside one actor")
+
+
+@dataclass
+class RewardSpec:
+    """One reward; the total is the weighted sum."""
+
+    name: str = doc("", "label in metrics (default: derived from type and path)")
+    type: str = doc("function", "function (module:fn), model (sequence classifier), embedding")
+    path: str = doc("", "module:function, or a model path for model/embedding")
+    weight: float = doc(1.0, "weight in the total reward")
+    reference_key: str = doc("reference", "embedding reward: dataset column with the target")
+    batch_size: int = doc(32, "model rewards: sequences per forward pass")
+
+
+@dataclass
+class RewardConfig:
+    rewards: list[RewardSpec] = doc([], "the rewards, summed with their weights")
+    num_actors: int = doc(1, "reward actors in the pool")
+    resources: Resources = doc(Resources(), "per reward actor")
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = doc("grpo", "advantage estimator: see rlalign_ray.algorithms")
+    kl_coef: float = doc(0.0, "KL coefficient (0: no reference model is started)")
+    kl_estimator: str = doc("k3", "KL estimator: k1, k2, k3 or abs")
+    clip_low: float = doc(0.2, "PPO clip: ratio >= 1 - clip_low")
+    clip_high: float = doc(0.2, "PPO clip: ratio <= 1 + clip_high (DAPO clip-higher: 0.28)")
+    loss_agg: str = doc("token-mean", "loss aggregation mode")
+    scale_by_std: bool = doc(True, "GRPO: divide group advantages by the group std")
+    use_behaviour_logprobs: bool = doc(
+        False, "use the generator's log-probs as old log-probs instead of a learner pass"
+    )
+
+
+@dataclass
+class LearnerConfig:
+    world_size: int = doc(1, "learner ranks (one Ray actor per rank, data parallel)")
+    resources: Resources = doc(Resources(), "per learner rank")
+    zero_stage: int = doc(0, "DeepSpeed ZeRO stage 0-3")
+    backend: str = doc("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU)")
+    lr: float = doc(1e-5, "AdamW learning rate")
+    weight_decay: float = doc(0.0, "AdamW weight decay")
+    betas: list[float] = doc([0.9, 0.999], "AdamW betas")
+    grad_clip: float = doc(1.0, "gradient norm clip (0: off)")
+    micro_batch_size: int = doc(8, "sequences per forward/backward on one rank")
+    mini_batch_size: int = doc(0, "sequences per optimizer step, all ranks (0: the whole batch)")
+    update_epochs: int = doc(1, "passes over each batch")
+    bf16: bool = doc(False, "train in bf16 (GPU)")
+    gradient_checkpointing: bool = doc(False, "recompute activations in backward")
+
+
+@dataclass
+class ReferenceConfig:
+    resources: Resources = doc(Resources(), "for the reference actor")
+    micro_batch_size: int = doc(16, "sequences per forward pass")
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = doc(100, "training steps (one batch of prompts each)")
+    eval_every: int = doc(10, "evaluate every N steps (0: only at start and end)")
+    save_every: int = doc(0, "save a checkpoint every N steps (0: only the final model)")
+    output_dir: str = doc("runs/demo", "metrics.jsonl, TensorBoard logs, checkpoints, final/")
+    tensorboard: bool = doc(True, "write TensorBoard logs")
+    progress_bar: bool = doc(True, "show a progress bar")
+
+
+@dataclass
+class Config:
+    run: RunConfig = doc(RunConfig(), "cluster and seeds")
+    model: ModelConfig = doc(ModelConfig(), "policy and reference models")
+    data: DataConfig = doc(DataConfig(), "prompt datasets")
+    rollout: RolloutConfig = doc(RolloutConfig(), "generator pool and sampling")
+    reward: RewardConfig = doc(RewardConfig(), "reward pool")
+    algorithm: AlgorithmConfig = doc(AlgorithmConfig(), "RL algorithm")
+    learner: LearnerConfig = doc(LearnerConfig(), "DeepSpeed learner group")
+    reference: ReferenceConfig = doc(ReferenceConfig(), "reference actor for the KL term")
+    trainer: TrainerConfig = doc(TrainerConfig(), "the driver loop")
+
+    # ---- derived values, computed once -------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        """Sequences per step: prompts_per_step * n_samples."""
+        return self.rollout.prompts_per_step * self.rollout.n_samples
+
+    @property
+    def mini_batch_size(self) -> int:
+        return self.learner.mini_batch_size or self.batch_size
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.algorithm.kl_coef > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------
+# Loading: YAML + dotted overrides -> typed tree
+# --------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file, apply ``a.b=value`` overrides, build and validate the tree."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"config file {str(p)!r} does not exist"])
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([f"{p}: not valid YAML: {e}"]) from None
+        if not isinstance(raw, dict):
+            raise ConfigError([f"{p}: the top level must be a mapping of sections"])
+    errors: list[str] = []
+    for item in overrides or []:
+        _apply_override(raw, item, errors)
+    cfg = _build(Config, raw, "", errors) if not errors else None
+    if errors:
+        raise ConfigError(errors)
+    assert cfg is not None
+    errors = validate(cfg)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested dict (the Python API)."""
+    errors: list[str] = []
+    cfg = _build(Config, _copy(raw), "", errors)
+    errors += validate(cfg) if not errors else []
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def _apply_override(raw: dict[str, Any], item: str, errors: list[str]) -> None:
+    if "=" not in item:
+        errors.append(f"override {item!r}: write it as key.path=value, e.g. trainer.steps=20")
+        return
+    key, _, text = item.partition("=")
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        if not isinstance(node.get(part, {}), dict):
+            errors.append(f"override {item!r}: {part!r} is not a section")
+            return
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
+    where = prefix.rstrip(".") or "the config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        errors.append(f"{where}: expected a mapping of keys, got {type(raw).__name__}")
+        return cls()
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in types_:
+            close = difflib.get_close_matches(str(key), list(types_), n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            valid = ", ".join(types_)
+            errors.append(f"{prefix}{key}: unknown key{hint} (valid keys: {valid})")
+            continue
+        kwargs[key] = _coerce(types_[key], value, f"{prefix}{key}", errors)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str, errors: list[str]) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key, errors)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".", errors)
+    if origin is list:
+        if not isinstance(value, list):
+            errors.append(f"{key}: expected a list, got {value!r}")
+            return []
+        return [_coerce(args[0], v, f"{key}[{i}]", errors) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{key}: expected a mapping, got {value!r}")
+            return {}
+        return {str(k): _coerce(args[1], v, f"{key}.{k}", errors) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        errors.append(f"{key}: expected true or false, got {value!r}")
+        return False
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        errors.append(f"{key}: expected an integer, got {value!r}")
+        return 0
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        errors.append(f"{key}: expected a number, got {value!r}")
+        return 0.0
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        errors.append(f"{key}: expected a string, got {value!r}")
+        return ""
+    return value
+
+
+# --------------------------------------------------------------------------------------
+# Validation: impossible combinations, each error naming the key and the fix
+# --------------------------------------------------------------------------------------
+
+
+def validate(cfg: Config) -> list[str]:
+    from rlalign_ray.algorithms import ADVANTAGE_ESTIMATORS, AGGREGATION_MODES, KL_KINDS
+
+    e: list[str] = []
+    r, a, lr, t = cfg.rollout, cfg.algorithm, cfg.learner, cfg.trainer
+    _positive(e, "rollout.prompts_per_step", r.prompts_per_step)
+    _positive(e, "rollout.n_samples", r.n_samples)
+    _positive(e, "rollout.max_new_tokens", r.max_new_tokens)
+    _positive(e, "rollout.num_actors", r.num_actors)
+    _positive(e, "rollout.micro_batch_size", r.micro_batch_size)
+    _positive(e, "reward.num_actors", cfg.reward.num_actors)
+    _positive(e, "learner.world_size", lr.world_size)
+    _positive(e, "learner.micro_batch_size", lr.micro_batch_size)
+    _positive(e, "learner.update_epochs", lr.update_epochs)
+    _positive(e, "trainer.steps", t.steps, allow_zero=True)
+    if r.temperature <= 0:
+        e.append("rollout.temperature: must be > 0 for sampling (use eval_temperature=0 for greedy)")
+    if not 0 < r.top_p <= 1:
+        e.append(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
+    if r.backend not in ("hf",):
+        e.append(f"rollout.backend: unknown backend {r.backend!r}; available: hf")
+    if a.name not in ADVANTAGE_ESTIMATORS:
+        e.append(f"algorithm.name: unknown {a.name!r}; choose one of {sorted(ADVANTAGE_ESTIMATORS)}")
+    else:
+        est = ADVANTAGE_ESTIMATORS[a.name]
+        if est.needs_groups and r.n_samples < 2:
+            e.append(
+                f"rollout.n_samples: {a.name} compares samples within a prompt's group, so it "
+                f"needs n_samples >= 2 (got {r.n_samples})"
+            )
+        if est.needs_critic:
+            e.append(f"algorithm.name: {a.name} needs a critic, which this build does not start; "
+                     "use grpo, dr_grpo, rloo, reinforce_pp or reinforce_pp_baseline")
+    if a.kl_estimator not in KL_KINDS:
+        e.append(f"algorithm.kl_estimator: unknown {a.kl_estimator!r}; use one of {list(KL_KINDS)}")
+    if a.kl_coef < 0:
+        e.append(f"algorithm.kl_coef: must be >= 0, got {a.kl_coef}")
+    if a.loss_agg not in AGGREGATION_MODES:
+        e.append(f"algorithm.loss_agg: unknown {a.loss_agg!r}; use one of {list(AGGREGATION_MODES)}")
+    if lr.zero_stage not in (0, 1, 2, 3):
+        e.append(f"learner.zero_stage: must be 0, 1, 2 or 3, got {lr.zero_stage}")
+    if lr.backend not in ("auto", "gloo", "nccl"):
+        e.append(f"learner.backend: use auto, gloo or nccl, got {lr.backend!r}")
+    if len(lr.betas) != 2:
+        e.append(f"learner.betas: needs two numbers, got {lr.betas}")
+    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
+        e.append(f"model.dtype: use float32, bfloat16 or float16, got {cfg.model.dtype!r}")
+    _check_batches(cfg, e)
+    _check_rewards(cfg, e)
+    if not cfg.data.train:
+        e.append("data.train: give a JSONL file of prompts")
+    if t.eval_every < 0 or t.save_every < 0:
+        e.append("trainer.eval_every / trainer.save_every: must be >= 0")
+    return e
+
+
+def _positive(e: list[str], key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        e.append(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _check_batches(cfg: Config, e: list[str]) -> None:
+    lr = cfg.learner
+    batch, mini = cfg.batch_size, cfg.mini_batch_size
+    per_rank_unit = lr.world_size * lr.micro_batch_size
+    if mini > batch:
+        e.append(f"learner.mini_batch_size: {mini} is larger than the batch "
+                 f"(rollout.prompts_per_step * rollout.n_samples = {batch}); lower it")
+    elif batch % mini:
+        e.append(f"learner.mini_batch_size: the batch of {batch} sequences "
+                 f"(prompts_per_step * n_samples) must split into mini-batches of {mini}; "
+                 f"pick a divisor of {batch}")
+    if mini % cfg.rollout.n_samples and cfg.algorithm.name != "ppo":
+        e.append(f"learner.mini_batch_size: {mini} should hold whole groups of "
+                 f"rollout.n_samples={cfg.rollout.n_samples}; use a multiple of it")
+    if mini % per_rank_unit:
+        e.append(f"learner.micro_batch_size: each mini-batch of {mini} sequences is split over "
+                 f"learner.world_size={lr.world_size} ranks in micro-batches of "
+                 f"{lr.micro_batch_size}; {mini} is not divisible by {per_rank_unit}. "
+                 f"Make mini_batch_size a multiple of world_size * micro_batch_size")
+
+
+def _check_rewards(cfg: Config, e: list[str]) -> None:
+    if not cfg.reward.rewards:
+        e.append("reward.rewards: give at least one reward, e.g. "
+                 "[{type: function, path: 'rlalign_ray.rewards.builtin:arithmetic_exact'}]")
+    for i, spec in enumerate(cfg.reward.rewards):
+        key = f"reward.rewards[{i}]"
+        if spec.type not in ("function", "model", "embedding"):
+            e.append(f"{key}.type: use function, model or embedding, got {spec.type!r}")
+        if not spec.path:
+            e.append(f"{key}.path: required (module:function or a model path)")
+        elif spec.type == "function" and ":" not in spec.path:
+            e.append(f"{key}.path: a function reward is 'module:function', got {spec.path!r}")

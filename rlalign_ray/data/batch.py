@@ -1,0 +1,149 @@
+"""The typed batches that cross actor boundaries.
+
+A generator returns one ``RolloutBatch`` per shard of prompts; reward actors return a
+``ScoredShard`` for it; the reference actor returns its log-probs. The learner gets the
+shards' object refs and concatenates them itself, so token batches never pass through
+the driver.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class PromptItem:
+    """One dataset row: the prompt and the extra columns a reward may use."""
+
+    index: int  # position in the dataset; samples of one prompt share it as group id
+    prompt: Any  # a string, or a list of chat messages
+    columns: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RolloutBatch:
+    """B sampled sequences: P prompt tokens (left-padded) + T response tokens (right-padded)."""
+
+    # tokens
+    prompt_ids: torch.Tensor  # (B, P) long, left-padded with pad_id
+    prompt_mask: torch.Tensor  # (B, P) long, 1 on real prompt tokens
+    response_ids: torch.Tensor  # (B, T) long, right-padded with pad_id
+    response_len: torch.Tensor  # (B,) long, tokens generated (incl. EOS when emitted)
+    response_mask: torch.Tensor  # (B, T) float, 1 on tokens that count in the loss
+    # policy
+    logprobs: torch.Tensor  # (B, T) float, behaviour log-probs of the sampled tokens
+    version: int  # weight version that produced the samples
+    # outcome inputs
+    group_ids: torch.Tensor  # (B,) long, the prompt's dataset index
+    prompts: list[str]  # (B,) prompt text as rendered for the model
+    completions: list[str]  # (B,) decoded responses, special tokens removed
+    columns: dict[str, list[Any]]  # extra dataset columns, one value per sequence
+    pad_id: int = 0
+    truncated: torch.Tensor | None = None  # (B,) bool, hit max_new_tokens without EOS
+
+    def __len__(self) -> int:
+        return int(self.response_ids.shape[0])
+
+    # ---- model inputs -----------------------------------------------------------------
+    def input_ids(self) -> torch.Tensor:
+        """(B, P+T) prompt and response tokens."""
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    def attention_mask(self) -> torch.Tensor:
+        """(B, P+T): real prompt tokens and the generated response tokens."""
+        t = self.response_ids.shape[1]
+        resp = (torch.arange(t)[None, :] < self.response_len[:, None]).long()
+        return torch.cat([self.prompt_mask, resp], dim=1)
+
+    # ---- reshaping --------------------------------------------------------------------
+    def select(self, rows: torch.Tensor | list[int]) -> RolloutBatch:
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        pick = idx.tolist()
+        return RolloutBatch(
+            prompt_ids=self.prompt_ids[idx],
+            prompt_mask=self.prompt_mask[idx],
+            response_ids=self.response_ids[idx],
+            response_len=self.response_len[idx],
+            response_mask=self.response_mask[idx],
+            logprobs=self.logprobs[idx],
+            version=self.version,
+            group_ids=self.group_ids[idx],
+            prompts=[self.prompts[i] for i in pick],
+            completions=[self.completions[i] for i in pick],
+            columns={k: [v[i] for i in pick] for k, v in self.columns.items()},
+            pad_id=self.pad_id,
+            truncated=None if self.truncated is None else self.truncated[idx],
+        )
+
+    @staticmethod
+    def concat(batches: list[RolloutBatch]) -> RolloutBatch:
+        """Join shards: prompts re-padded on the left, responses on the right."""
+        if len(batches) == 1:
+            return batches[0]
+        versions = {b.version for b in batches}
+        if len(versions) != 1:
+            raise ValueError(f"cannot join shards from different weight versions {versions}")
+        pad = batches[0].pad_id
+        p = max(b.prompt_ids.shape[1] for b in batches)
+        t = max(b.response_ids.shape[1] for b in batches)
+        cols = {k: [x for b in batches for x in b.columns[k]] for k in batches[0].columns}
+        trunc = [b.truncated for b in batches]
+        return RolloutBatch(
+            prompt_ids=torch.cat([_pad_left(b.prompt_ids, p, pad) for b in batches]),
+            prompt_mask=torch.cat([_pad_left(b.prompt_mask, p, 0) for b in batches]),
+            response_ids=torch.cat([_pad_right(b.response_ids, t, pad) for b in batches]),
+            response_len=torch.cat([b.response_len for b in batches]),
+            response_mask=torch.cat([_pad_right(b.response_mask, t, 0) for b in batches]),
+            logprobs=torch.cat([_pad_right(b.logprobs, t, 0) for b in batches]),
+            version=batches[0].version,
+            group_ids=torch.cat([b.group_ids for b in batches]),
+            prompts=[x for b in batches for x in b.prompts],
+            completions=[x for b in batches for x in b.completions],
+            columns=cols,
+            pad_id=pad,
+            truncated=None if any(x is None for x in trunc) else torch.cat(trunc),
+        )
+
+
+@dataclass
+class ScoredShard:
+    """What the reward pool returns for one RolloutBatch (small: no tokens)."""
+
+    scores: torch.Tensor  # (B,) weighted total reward
+    breakdown: dict[str, torch.Tensor]  # reward name -> (B,) unweighted values
+    group_ids: torch.Tensor  # (B,) prompt index, as in the RolloutBatch
+    response_len: torch.Tensor  # (B,) tokens generated
+    response_mask: torch.Tensor  # (B, T) float, as in the RolloutBatch
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    @staticmethod
+    def concat(shards: list[ScoredShard]) -> ScoredShard:
+        t = max(s.response_mask.shape[1] for s in shards)
+        return ScoredShard(
+            scores=torch.cat([s.scores for s in shards]),
+            breakdown={k: torch.cat([s.breakdown[k] for s in shards]) for k in shards[0].breakdown},
+            group_ids=torch.cat([s.group_ids for s in shards]),
+            response_len=torch.cat([s.response_len for s in shards]),
+            response_mask=torch.cat([_pad_right(s.response_mask, t, 0) for s in shards]),
+        )
+
+
+def pad_responses(tensors: list[torch.Tensor], value: float = 0.0) -> torch.Tensor:
+    """Right-pad (B_i, T_i) tensors to a common T and stack them along B."""
+    t = max(x.shape[1] for x in tensors)
+    return torch.cat([_pad_right(x, t, value) for x in tensors])
+
+
+def _pad_left(x: torch.Tensor, width: int, value: float) -> torch.Tensor:
+    extra = width - x.shape[1]
+    return x if extra == 0 else torch.nn.functional.pad(x, (extra, 0), value=value)
+
+
+def _pad_right(x: torch.Tensor, width: int, value: float) -> torch.Tensor:
+    extra = width - x.shape[1]
+    return x if extra == 0 else torch.nn.functional.pad(x, (0, extra), value=value)

@@ -1,0 +1,32 @@
+"""The errors a user sees. Each carries a message that names what failed and how to fix it."""
+
+from __future__ import annotations
+
+
+class RlalignError(Exception):
+    """Base class: the CLI prints these as one clear message, without a traceback."""
+
+
+class ConfigError(RlalignError):
+    """One or more config keys are wrong; every problem is listed."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid config ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class DataError(RlalignError):
+    """A dataset file is missing or has a malformed line (the message names file:line)."""
+
+
+class RewardError(RlalignError):
+    """A reward function or model failed on a batch."""
+
+
+class PlacementError(RlalignError):
+    """The cluster cannot place the requested actors."""
+
+
+class ActorFailure(RlalignError):
+    """An actor of a role died or failed mid-run."""

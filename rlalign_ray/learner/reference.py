@@ -1,0 +1,26 @@
+"""The reference model: frozen log-probs for the KL term."""
+
+from __future__ import annotations
+
+import torch
+
+from rlalign_ray.config import ModelConfig, ReferenceConfig
+from rlalign_ray.data.batch import RolloutBatch
+from rlalign_ray.models.loading import batch_logprobs, default_device, load_causal_lm, set_threads
+
+
+class Reference:
+    def __init__(self, model: ModelConfig, cfg: ReferenceConfig, temperature: float):
+        set_threads(cfg.resources.num_cpus)
+        self.device = default_device()
+        path = model.reference or model.path
+        self.model = load_causal_lm(path, model.dtype, model.trust_remote_code).to(self.device).eval()
+        self.temperature = temperature
+        self.micro_batch_size = cfg.micro_batch_size
+
+    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """(B, T) reference log-probs of the sampled response tokens."""
+        return batch_logprobs(self.model, batch, self.temperature, self.micro_batch_size, self.device)
+
+    def ping(self) -> int:
+        return 0

@@ -1,0 +1,58 @@
+"""Built-in verifiable reward functions.
+
+Convention: ``fn(prompts, completions, **columns) -> list[float]`` where
+``columns`` are the dataset's extra keys (one list per key, aligned with
+``prompts``), and one float is returned per completion.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+EOS_TEXTS = ("</s>", "<|endoftext|>", "<|im_end|>", "<eos>")
+
+
+def extract_first_token(completion: str, eos_texts: Sequence[str] = EOS_TEXTS) -> str:
+    """Text of ``completion`` before any EOS text, stripped, up to the first whitespace.
+
+    >>> extract_first_token("  68</s><pad>")
+    '68'
+    >>> extract_first_token("68\\n12+3=15")
+    '68'
+    >>> extract_first_token("   ")
+    ''
+    """
+    text = completion
+    for eos in eos_texts:
+        idx = text.find(eos)
+        if idx != -1:
+            text = text[:idx]
+    parts = text.strip().split(maxsplit=1)
+    return parts[0] if parts else ""
+
+
+def arithmetic_exact(prompts, completions, answer, **kwargs) -> list[float]:
+    """1.0 where the completion's first answer token equals ``answer`` exactly, else 0.0.
+
+    The completion is cut at the first EOS text (``</s>`` ...), stripped, and
+    cut at the first whitespace/newline; the remainder must equal
+    ``str(answer).strip()``.
+
+    >>> arithmetic_exact(
+    ...     ["2+3=", "2+3=", "2+3=", "2+3=", "9+9="],
+    ...     ["5</s>", " 5\\nmore", "55", "6", "18"],
+    ...     answer=["5", "5", "5", "5", 18],
+    ... )
+    [1.0, 1.0, 0.0, 0.0, 1.0]
+    """
+    if isinstance(answer, (str, int)):
+        answer = [answer] * len(completions)
+    if len(answer) != len(completions):
+        raise ValueError(f"got {len(completions)} completions but {len(answer)} answers")
+    return [
+        1.0 if extract_first_token(c) == str(a).strip() else 0.0
+        for c, a in zip(completions, answer)
+    ]
+
+
+REWARD_FUNCTIONS = {"arithmetic_exact": arithmetic_exact}

@@ -1,0 +1,105 @@
+"""The generator: a policy copy that samples responses for a shard of prompts.
+
+A plain class; ``rlalign_ray.runtime.actors`` wraps it as a Ray actor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlalign_ray.config import ModelConfig, RolloutConfig
+from rlalign_ray.data.batch import PromptItem, RolloutBatch, pad_responses
+from rlalign_ray.models.loading import default_device, load_causal_lm, load_tokenizer, set_threads
+from rlalign_ray.rollout.backend import BACKENDS, SamplingParams
+from rlalign_ray.sync.weights import TRANSPORTS, WeightHandle
+
+
+class Generator:
+    def __init__(self, model: ModelConfig, rollout: RolloutConfig, seed: int, rank: int = 0,
+                 max_prompt_tokens: int = 512, transport: str = "object_store"):
+        set_threads(rollout.resources.num_cpus)
+        torch.manual_seed(seed * 1000 + rank)
+        self.cfg = rollout
+        self.chat_template = model.chat_template
+        self.max_prompt_tokens = max_prompt_tokens
+        self.tok = load_tokenizer(model.tokenizer or model.path, model.trust_remote_code)
+        lm = load_causal_lm(model.path, model.dtype, model.trust_remote_code)
+        self.backend = BACKENDS[rollout.backend](lm, self.tok, default_device())
+        self.transport = TRANSPORTS[transport]()
+        self.version = 0
+        self.rank = rank
+
+    # ---- prompts ----------------------------------------------------------------------
+    def render(self, prompt: Any) -> str:
+        """The text the model sees: the chat template for message lists (or when asked)."""
+        if isinstance(prompt, list) or self.chat_template:
+            msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            if getattr(self.tok, "chat_template", None) is None:
+                raise ValueError("the prompt is a list of messages (or model.chat_template is on) "
+                                 "but the tokenizer has no chat template")
+            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return prompt
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tok(text, add_special_tokens=not self.chat_template)["input_ids"]
+        return ids[-self.max_prompt_tokens :]
+
+    # ---- sampling ---------------------------------------------------------------------
+    def generate(self, items: list[PromptItem], n_samples: int, greedy: bool = False) -> RolloutBatch:
+        """``n_samples`` responses per prompt, samples of one prompt adjacent."""
+        c = self.cfg
+        params = SamplingParams(
+            max_new_tokens=c.max_new_tokens,
+            temperature=c.eval_temperature if greedy else c.temperature,
+            top_p=c.top_p, top_k=c.top_k,
+        )
+        texts = [self.render(it.prompt) for it in items]
+        encoded = [self.encode(t) for t in texts]
+        rows = [(i, s) for i in range(len(items)) for s in range(n_samples)]
+        gens = [
+            self.backend.generate([encoded[i] for i, _ in rows[k : k + c.micro_batch_size]], params)
+            for k in range(0, len(rows), c.micro_batch_size)
+        ]
+        return self._assemble(items, texts, encoded, rows, gens)
+
+    def _assemble(self, items, texts, encoded, rows, gens) -> RolloutBatch:
+        pad = self.tok.pad_token_id
+        width = max(len(e) for e in encoded)
+        prompt_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        prompt_mask = torch.zeros_like(prompt_ids)
+        for r, (i, _) in enumerate(rows):
+            prompt_ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+            prompt_mask[r, width - len(encoded[i]) :] = 1
+        tokens = pad_responses([g.tokens for g in gens], pad)
+        logprobs = pad_responses([g.logprobs for g in gens])
+        t = tokens.shape[1]
+        lengths = torch.cat([g.lengths for g in gens])
+        mask = (torch.arange(t)[None, :] < lengths[:, None]).float()
+        completions = self.tok.batch_decode(tokens, skip_special_tokens=True)
+        return RolloutBatch(
+            prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=tokens,
+            response_len=lengths, response_mask=mask, logprobs=logprobs, version=self.version,
+            group_ids=torch.tensor([items[i].index for i, _ in rows], dtype=torch.long),
+            prompts=[texts[i] for i, _ in rows], completions=completions,
+            columns={k: [items[i].columns[k] for i, _ in rows] for k in items[0].columns},
+            pad_id=pad, truncated=torch.cat([g.truncated for g in gens]),
+        )
+
+    # ---- weights ----------------------------------------------------------------------
+    def load_weights(self, handle: WeightHandle) -> int:
+        self.version = self.transport.receive(handle, self.backend.model())
+        return self.version
+
+    def get_version(self) -> int:
+        return self.version
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        """Every parameter as a numpy array (for tests and debugging)."""
+        return {n: p.detach().cpu().float().numpy() for n, p in self.backend.model().named_parameters()}
+
+    def ping(self) -> int:
+        return self.rank
+

@@ -1,0 +1,77 @@
+"""Connecting to Ray: attach to a cluster, or start an embedded local instance."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from rlalign_ray.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def worker_env(cpu_only: bool) -> dict[str, str]:
+    """Environment variables for rlalign-ray's actors."""
+    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning",
+           "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    if cpu_only:
+        env["DS_ACCELERATOR"] = "cpu"
+    cache = os.environ.get("RLALIGN_RAY_CACHE")
+    if cache:
+        env["RLALIGN_RAY_CACHE"] = cache
+    return env
+
+
+def connect(run: RunConfig, cpus_needed: float) -> bool:
+    """Attach to ``run.ray_address`` / ``RAY_ADDRESS`` / the job's cluster, else start one.
+
+    Returns True when this call started an embedded instance (the caller shuts it down).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = run.ray_address or os.environ.get("RAY_ADDRESS")
+    # Worker processes import the user's reward modules from the working directory.
+    pythonpath = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
+    runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": pythonpath}}
+    if address:
+        log.info("attaching to the Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        return False
+    num_cpus = run.num_cpus or max(float(os.cpu_count() or 1), cpus_needed)
+    log.info("starting an embedded local Ray instance (%g logical CPUs)", num_cpus)
+    ray.init(
+        address="local",
+        num_cpus=int(num_cpus + 0.999),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env=runtime_env,
+        logging_level=logging.WARNING,
+        configure_logging=True,
+    )
+    return True
+
+
+def describe_cluster() -> str:
+    """Per-node total and available resources, for placement errors."""
+    import ray
+
+    avail = ray.available_resources()
+    lines = []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        res = {k: v for k, v in node["Resources"].items() if not k.startswith("node:")
+               and k not in ("object_store_memory",) and not k.startswith("accelerator_type")}
+        lines.append(f"  node {node['NodeManagerAddress']} ({node['NodeID'][:8]}): "
+                     + ", ".join(f"{k}={_fmt(k, v)}" for k, v in sorted(res.items())))
+    lines.append("  available now: " + ", ".join(
+        f"{k}={_fmt(k, v)}" for k, v in sorted(avail.items())
+        if not k.startswith("node:") and k != "object_store_memory"))
+    return "\n".join(lines)
+
+
+def _fmt(key: str, value: float) -> str:
+    return f"{value / 1024**3:.1f}GiB" if key == "memory" else f"{value:g}"
