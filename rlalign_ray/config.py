@@ -237,10 +237,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     errors: list[str] = []
     for item in overrides or []:
         _apply_override(raw, item, errors)
-    cfg = _build(Config, raw, "", errors) if not errors else None
+    cfg = _build(Config, raw, "", errors)
     if errors:
         raise ConfigError(errors)
-    assert cfg is not None
     errors = validate(cfg)
     if errors:
         raise ConfigError(errors)
@@ -336,6 +335,11 @@ def _coerce(tp: Any, value: Any, key: str, errors: list[str]) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         errors.append(f"{key}: expected a number, got {value!r}")
         return 0.0
     if tp is str:

@@ -247,6 +247,9 @@ def warmup_sft(
     warmup_frac: float = 0.05,
     num_threads: int | None = None,
     eval_problems: Sequence[dict] | None = None,
+    eval_every: int = 0,
+    target_accuracy: float | None = None,
+    target_problems: Sequence[dict] | None = None,
     save: bool = True,
     model=None,
     tokenizer=None,
@@ -257,7 +260,17 @@ def warmup_sft(
     ``lr``, batches drawn with a seeded generator.  The result is saved back
     into ``model_dir`` (unless ``save=False``).  Returns metrics:
     ``{"steps", "final_loss", "seconds", ...}`` plus ``greedy_accuracy`` when
-    ``eval_problems`` is given.
+    ``eval_problems`` is given (and ``history``, a list of
+    ``(step, loss, greedy_accuracy)``, when ``eval_every > 0``).
+
+    Early stop: with ``target_accuracy`` set, greedy accuracy on
+    ``target_problems`` (default: the first 128 training problems, so the
+    held-out set is never looked at) is checked every ``eval_every`` (default
+    10) steps and training stops once it reaches the target; ``steps`` is then
+    the cap (and the length of the lr schedule).  Arithmetic warm-up has a
+    sharp phase transition, so stopping on a measured accuracy lands the
+    model in the partially-competent band far more reliably than a fixed
+    step count (which would be sensitive to kernel-level numeric noise).
     """
     import torch
 
@@ -267,6 +280,13 @@ def warmup_sft(
         raise ValueError("warmup_sft needs at least one problem")
     t0 = time.time()
     losses: list[float] = []
+    history: list[tuple[int, float, float]] = []
+    eval_time = 0.0
+    if target_accuracy is not None:
+        target_problems = list(target_problems or problems[:128])
+        eval_every = eval_every or 10
+    stopped_at = steps
+    target_acc = None
     with _num_threads(num_threads), _fork_rng(seed):
         gen = torch.Generator().manual_seed(seed)
         model.train()
@@ -292,21 +312,41 @@ def warmup_sft(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             losses.append(out.loss.item())
+            if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+                te = time.time()
+                if target_accuracy is not None:
+                    target_acc = greedy_accuracy(model, tokenizer, target_problems)
+                if eval_problems:
+                    acc = greedy_accuracy(model, tokenizer, eval_problems)
+                    history.append((step + 1, sum(losses[-10:]) / len(losses[-10:]), acc))
+                model.train()
+                eval_time += time.time() - te
+                if target_acc is not None and target_acc >= target_accuracy:
+                    stopped_at = step + 1
+                    break
         model.eval()
     seconds = time.time() - t0
     tail = losses[-20:] if losses else [float("nan")]
     metrics = {
-        "steps": steps,
+        "steps": stopped_at,
+        "max_steps": steps,
         "final_loss": sum(tail) / len(tail),
         "seconds": seconds,
         "lr": lr,
         "batch_size": batch_size,
+        "eval_seconds": eval_time,
     }
+    if target_accuracy is not None:
+        metrics["target_accuracy"] = target_accuracy
+        metrics["target_reached"] = bool(target_acc is not None and target_acc >= target_accuracy)
+        metrics["train_subset_accuracy"] = target_acc
     if save:
         model.save_pretrained(model_dir, safe_serialization=True)
     if eval_problems:
         with _num_threads(num_threads):
             metrics["greedy_accuracy"] = greedy_accuracy(model, tokenizer, eval_problems)
+        if history:
+            metrics["history"] = history
     logger.info("warm-up SFT: %s", json.dumps(metrics))
     return metrics
 

@@ -7,6 +7,7 @@ pool within ``placement_timeout_s``, the error lists what was asked and what eac
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -113,6 +114,8 @@ def get(refs: Any, what: str, timeout_s: float | None = None) -> Any:
     try:
         return ray.get(refs, timeout=timeout_s)
     except RayActorError as e:
+        if e.actor_init_failed:
+            raise _init_failure(what, str(e)) from None
         raise ActorFailure(f"{what}: an actor died ({_first_line(e)}). The run stops here; "
                            "check the actor's log above for the cause (out of memory, a lost "
                            "node, a crash).") from None
@@ -126,6 +129,20 @@ def get(refs: Any, what: str, timeout_s: float | None = None) -> Any:
     except GetTimeoutError:
         waited = time.monotonic() - start
         raise ActorFailure(f"{what} did not finish within {waited:.0f}s (run.call_timeout_s)") from None
+
+
+def _init_failure(what: str, message: str) -> RlalignError:
+    """The error that made an actor's constructor fail, re-raised as our own type."""
+    from rlalign_ray import errors
+
+    found = re.findall(r"rlalign_ray\.errors\.(\w+): (.*)", message)
+    if found:
+        name, text = found[-1]
+        cls = getattr(errors, name, errors.ActorFailure)
+        if issubclass(cls, RlalignError) and cls is not errors.ConfigError:
+            return cls(f"{what}: {text}")
+    last = [ln for ln in message.strip().splitlines() if ln.strip()][-1]
+    return ActorFailure(f"{what}: an actor failed to start: {last.strip()}")
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny locally built model, a real local Ray instance, small configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A randomly initialised tiny Llama with the project's character tokenizer."""
+    from rlalign_ray.models.tiny import build_tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_model(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray instance for the integration tests, on 127.0.0.1."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
+            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}},
+            logging_level="WARNING",
+        )
+    yield ray
+    ray.shutdown()
+
+
+def small_config(model: str, output_dir: str, **sections) -> dict:
+    """A small, fast config dict; ``sections`` override whole keys per section."""
+    cfg = {
+        "model": {"path": model},
+        "data": {"train": str(REPO / "configs/data/arith_train.jsonl"),
+                 "eval": str(REPO / "configs/data/arith_eval.jsonl"), "eval_limit": 8},
+        "rollout": {"prompts_per_step": 4, "n_samples": 2, "max_new_tokens": 4, "num_actors": 2,
+                    "resources": {"num_cpus": 0.5}},
+        "reward": {"rewards": [{"type": "function", "path": "helpers.rewards:digit_fraction"}],
+                   "num_actors": 2, "resources": {"num_cpus": 0.5}},
+        "algorithm": {"name": "grpo", "kl_coef": 0.01},
+        "reference": {"resources": {"num_cpus": 0.5}},
+        "learner": {"world_size": 1, "micro_batch_size": 4, "lr": 1e-3,
+                    "resources": {"num_cpus": 0.5}},
+        "trainer": {"steps": 2, "eval_every": 0, "output_dir": output_dir,
+                    "tensorboard": False, "progress_bar": False},
+        "run": {"placement_timeout_s": 30, "call_timeout_s": 300},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return cfg

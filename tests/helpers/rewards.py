@@ -1,0 +1,26 @@
+"""Reward functions used by the tests (imported by reward actors by module path)."""
+
+from __future__ import annotations
+
+import os
+
+
+def digit_fraction(prompts, completions, **columns):
+    """Share of digit characters: varies between samples, so GRPO has signal."""
+    return [sum(c.isdigit() for c in s) / max(len(s), 1) for s in completions]
+
+
+def raises(prompts, completions, **columns):
+    raise ValueError("bad reward input")
+
+
+def wrong_length(prompts, completions, **columns):
+    return [1.0]
+
+
+def dies(prompts, completions, **columns):
+    os._exit(1)
+
+
+def uses_answer(prompts, completions, answer, **columns):
+    return [float(a in c) for c, a in zip(completions, answer)]
