@@ -33,13 +33,14 @@ def connect(run: RunConfig, cpus_needed: float) -> bool:
     if ray.is_initialized():
         return False
     address = run.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # The job's own runtime environment (ray job submit --working-dir ...) stays in force.
+        log.info("attaching to the Ray cluster at %s", address)
+        ray.init(address=address, logging_level=logging.WARNING)
+        return False
     # Worker processes import the user's reward modules from the working directory.
     pythonpath = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
     runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": pythonpath}}
-    if address:
-        log.info("attaching to the Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
-        return False
     num_cpus = run.num_cpus or max(float(os.cpu_count() or 1), cpus_needed)
     log.info("starting an embedded local Ray instance (%g logical CPUs)", num_cpus)
     ray.init(
