@@ -147,7 +147,6 @@ class AlgorithmConfig:
     clip_low: float = doc(0.2, "PPO clip: ratio >= 1 - clip_low")
     clip_high: float = doc(0.2, "PPO clip: ratio <= 1 + clip_high (DAPO clip-higher: 0.28)")
     loss_agg: str = doc("token-mean", "loss aggregation mode")
-    scale_by_std: bool = doc(True, "GRPO: divide group advantages by the group std")
     use_behaviour_logprobs: bool = doc(
         False, "use the generator's log-probs as old log-probs instead of a learner pass"
     )

@@ -31,9 +31,9 @@ def test_every_shipped_config_loads(path):
 def test_overrides_are_typed_and_applied():
     cfg = load_config(REPO / "configs/demo_cpu.yaml",
                       ["trainer.steps=20", "rollout.n_samples=8", "learner.lr=3e-4",
-                       "algorithm.scale_by_std=false", "run.ray_address=auto"])
+                       "trainer.tensorboard=false", "run.ray_address=auto"])
     assert cfg.trainer.steps == 20 and cfg.rollout.n_samples == 8
-    assert cfg.learner.lr == 3e-4 and cfg.algorithm.scale_by_std is False
+    assert cfg.learner.lr == 3e-4 and cfg.trainer.tensorboard is False
     assert cfg.run.ray_address == "auto"
     assert cfg.batch_size == cfg.rollout.prompts_per_step * 8
 
