@@ -141,21 +141,40 @@ class RewardConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = doc("grpo", "advantage estimator: see rlalign_ray.algorithms")
+    name: str = doc("grpo", "advantage estimator: ppo, grpo, dr_grpo, rloo, reinforce_pp, "
+                    "reinforce_pp_baseline")
     kl_coef: float = doc(0.0, "KL coefficient (0: no reference model is started)")
     kl_estimator: str = doc("k3", "KL estimator: k1, k2, k3 or abs")
+    kl_in_reward: bool = doc(False, "KL as a per-token reward penalty (else a loss term)")
+    kl_target: float = doc(0.0, "adaptive KL controller target (0: fixed kl_coef)")
+    kl_horizon: int = doc(10000, "adaptive KL controller horizon in samples")
     clip_low: float = doc(0.2, "PPO clip: ratio >= 1 - clip_low")
     clip_high: float = doc(0.2, "PPO clip: ratio <= 1 + clip_high (DAPO clip-higher: 0.28)")
+    dual_clip: float | None = doc(None, "dual-clip constant c > 1 for negative advantages")
     loss_agg: str = doc("token-mean", "loss aggregation mode")
+    entropy_coef: float = doc(0.0, "entropy bonus coefficient")
+    gamma: float = doc(1.0, "discount for GAE and REINFORCE++ returns")
+    lam: float = doc(0.95, "GAE lambda (ppo)")
+    whiten_advantages: bool = doc(True, "ppo: whiten GAE advantages over the batch")
+    dynamic_sampling: bool = doc(False, "DAPO: drop groups whose rewards are all equal, refill")
+    max_refills: int = doc(2, "dynamic sampling: extra generation rounds per step at most")
+    overlong_buffer: int = doc(0, "DAPO overlong penalty: tokens before max_new_tokens where "
+                               "the penalty ramps up (0: off)")
+    overlong_penalty: float = doc(1.0, "DAPO overlong penalty at max_new_tokens")
     use_behaviour_logprobs: bool = doc(
         False, "use the generator's log-probs as old log-probs instead of a learner pass"
+    )
+    behaviour_is_cap: float = doc(
+        0.0, "truncated importance weight pi_learner/pi_generator per token, capped (0: off)"
     )
 
 
 @dataclass
-class LearnerConfig:
-    world_size: int = doc(1, "learner ranks (one Ray actor per rank, data parallel)")
-    resources: Resources = doc(Resources(), "per learner rank")
+class DeepSpeedRole:
+    """A data-parallel DeepSpeed group (the policy learner, the critic)."""
+
+    world_size: int = doc(1, "ranks (one Ray actor per rank, data parallel)")
+    resources: Resources = doc(Resources(), "per rank")
     zero_stage: int = doc(0, "DeepSpeed ZeRO stage 0-3")
     backend: str = doc("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU)")
     lr: float = doc(1e-5, "AdamW learning rate")
@@ -163,10 +182,23 @@ class LearnerConfig:
     betas: list[float] = doc([0.9, 0.999], "AdamW betas")
     grad_clip: float = doc(1.0, "gradient norm clip (0: off)")
     micro_batch_size: int = doc(8, "sequences per forward/backward on one rank")
-    mini_batch_size: int = doc(0, "sequences per optimizer step, all ranks (0: the whole batch)")
-    update_epochs: int = doc(1, "passes over each batch")
     bf16: bool = doc(False, "train in bf16 (GPU)")
     gradient_checkpointing: bool = doc(False, "recompute activations in backward")
+
+
+@dataclass
+class LearnerConfig(DeepSpeedRole):
+    mini_batch_size: int = doc(0, "sequences per optimizer step, all ranks (0: the whole batch)")
+    update_epochs: int = doc(1, "passes over each batch (the critic follows the same schedule)")
+
+
+@dataclass
+class CriticConfig(DeepSpeedRole):
+    """The value model; its mini-batches and epochs follow the learner's."""
+
+    path: str | None = doc(None, "value model init: null: the policy's path (a new value head)")
+    lr: float = doc(5e-5, "AdamW learning rate of the critic")
+    value_clip: float | None = doc(0.2, "clip the value update around the old values (null: off)")
 
 
 @dataclass
@@ -195,6 +227,7 @@ class Config:
     algorithm: AlgorithmConfig = doc(AlgorithmConfig(), "RL algorithm")
     learner: LearnerConfig = doc(LearnerConfig(), "DeepSpeed learner group")
     reference: ReferenceConfig = doc(ReferenceConfig(), "reference actor for the KL term")
+    critic: CriticConfig = doc(CriticConfig(), "value model group (ppo only)")
     trainer: TrainerConfig = doc(TrainerConfig(), "the driver loop")
 
     # ---- derived values, computed once -------------------------------------------------
@@ -210,6 +243,13 @@ class Config:
     @property
     def needs_reference(self) -> bool:
         return self.algorithm.kl_coef > 0
+
+    @property
+    def needs_critic(self) -> bool:
+        from rlalign_ray.algorithms import ADVANTAGE_ESTIMATORS
+
+        est = ADVANTAGE_ESTIMATORS.get(self.algorithm.name)
+        return bool(est and est.needs_critic)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -385,10 +425,23 @@ def validate(cfg: Config) -> list[str]:
                 f"needs n_samples >= 2 (got {r.n_samples})"
             )
         if est.needs_critic:
-            e.append(f"algorithm.name: {a.name} needs a critic, which this build does not start; "
-                     "use grpo, dr_grpo, rloo, reinforce_pp or reinforce_pp_baseline")
+            _positive(e, "critic.world_size", cfg.critic.world_size)
+            _positive(e, "critic.micro_batch_size", cfg.critic.micro_batch_size)
+            unit = cfg.critic.world_size * cfg.critic.micro_batch_size
+            if cfg.mini_batch_size % unit:
+                e.append(f"critic.micro_batch_size: mini-batches of {cfg.mini_batch_size} must "
+                         f"split over critic.world_size={cfg.critic.world_size} ranks in "
+                         f"micro-batches of {cfg.critic.micro_batch_size}")
     if a.kl_estimator not in KL_KINDS:
         e.append(f"algorithm.kl_estimator: unknown {a.kl_estimator!r}; use one of {list(KL_KINDS)}")
+    if a.dual_clip is not None and a.dual_clip <= 1:
+        e.append(f"algorithm.dual_clip: must be > 1 (e.g. 3.0) or null, got {a.dual_clip}")
+    if a.kl_in_reward and a.name in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"):
+        e.append(f"algorithm.kl_in_reward: {a.name} scores whole sequences; use the KL loss "
+                 "term (kl_in_reward: false), or ppo / reinforce_pp")
+    if a.overlong_buffer >= cfg.rollout.max_new_tokens:
+        e.append(f"algorithm.overlong_buffer: must be < rollout.max_new_tokens "
+                 f"({cfg.rollout.max_new_tokens}), got {a.overlong_buffer}")
     if a.kl_coef < 0:
         e.append(f"algorithm.kl_coef: must be >= 0, got {a.kl_coef}")
     if a.loss_agg not in AGGREGATION_MODES:

@@ -1,31 +1,48 @@
 """The driver: ``Trainer(config).fit()``.
 
 Each step: sample prompts, generate (shards across the generator pool), score each shard
-as it lands (reward pool) and take its reference log-probs, compute advantages, update the
-policy (learner group), broadcast the new weights. Synchronous: every generator holds the
-learner's latest version before it samples again.
+as it lands (reward pool) and take its reference log-probs, compute advantages (with the
+critic's values for PPO), update the policy (and critic) groups, broadcast the new
+weights. Synchronous: every generator holds the learner's latest version before it
+samples again.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rlalign_ray.algorithms import outcome_advantages
+from rlalign_ray.algorithms import (
+    AdaptiveKLController, FixedKLController, compute_token_rewards, gae, kl_penalty,
+    masked_mean, masked_whiten, outcome_advantages, overlong_penalty,
+)
 from rlalign_ray.config import Config
-from rlalign_ray.data.batch import PromptItem, ScoredShard
+from rlalign_ray.data.batch import PromptItem, ScoredShard, pad_responses
 from rlalign_ray.data.prompts import PromptSampler, load_prompts
 from rlalign_ray.errors import ActorFailure
 from rlalign_ray.logger import MetricsLogger
 from rlalign_ray.runtime.cluster import connect
 from rlalign_ray.runtime.pools import get, start_pools, stop_pools
-from rlalign_ray.runtime.roles import build_roles, cpus_needed
+from rlalign_ray.runtime.roles import DEEPSPEED_ROLES, build_roles, cpus_needed
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Experience:
+    """One step's samples as the driver holds them: refs to token shards, small scores."""
+
+    shards: list[Any]  # ObjectRefs of RolloutBatch, in a fixed order
+    rows: torch.Tensor | None  # rows of the joined shards that form the batch (None: all)
+    scores: ScoredShard  # outcome of those rows
+    ref_logprobs: list[Any] | None  # ObjectRefs of (B_i, T_i) reference log-probs per shard
+    stats: dict[str, float]
 
 
 class Trainer:
@@ -34,6 +51,9 @@ class Trainer:
         self.version = 0  # weight version the generators hold
         self.pools: dict[str, Any] = {}
         self._started_ray = False
+        a = cfg.algorithm
+        self.kl_ctl = (AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon)
+                       if a.kl_target > 0 else FixedKLController(a.kl_coef))
 
     # ---- the algorithm ----------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -51,26 +71,27 @@ class Trainer:
                 logger.log(0, {**last, "weights/version": self.version})
             for step in range(1, cfg.trainer.steps + 1):
                 t0 = time.perf_counter()
-                # 1. sample prompts
-                prompts = sampler.next(cfg.rollout.prompts_per_step)
-                # 2. generate; 3. score and reference log-probs, per shard as it lands
-                shards, scored, ref_lp, times = self.rollout(prompts)
-                # 4. advantages
-                scores = ScoredShard.concat(get(scored, "reward pool", cfg.run.call_timeout_s))
-                adv = outcome_advantages(cfg.algorithm.name, scores.scores, scores.group_ids,
-                                         scores.response_mask)
-                # 5. update the policy
+                # 1-3. sample prompts, generate, score (and reference log-probs)
+                exp = self.make_experience(sampler)
+                # 4. advantages (and the critic's returns)
+                adv, returns, values, stats = self.advantages(exp, step)
+                # 5. update the policy (and the critic)
                 t = time.perf_counter()
-                learner = self.learn(shards, adv, ref_lp, step)
-                times["time/train_s"] = time.perf_counter() - t
+                metrics = self.learn(exp, adv, returns, values, step)
+                metrics["time/train_s"] = time.perf_counter() - t
                 # 6. broadcast the new weights
                 t = time.perf_counter()
-                times["weights/bytes"] = self.broadcast(self.version + 1)
-                times["time/sync_s"] = time.perf_counter() - t
-                metrics = {**rollout_metrics(scores, "train"), **learner, **times,
-                           "weights/version": self.version}
-                if cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0 or step == cfg.trainer.steps:
-                    metrics.update(self.evaluate(evals) if evals else {})
+                metrics["weights/bytes"] = self.broadcast(self.version + 1)
+                metrics["time/sync_s"] = time.perf_counter() - t
+                metrics.update(rollout_metrics(exp.scores, "train"))
+                metrics.update(exp.stats)
+                metrics.update(stats)
+                metrics["weights/version"] = self.version
+                metrics["train/kl_coef"] = self.kl_ctl.value
+                self.kl_ctl.update(metrics.get("train/kl", 0.0), cfg.batch_size)
+                if evals and (step == cfg.trainer.steps or
+                              cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0):
+                    metrics.update(self.evaluate(evals))
                 if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
                     self.save(Path(cfg.trainer.output_dir) / "checkpoints" / f"step_{step}")
                 metrics["time/step_s"] = time.perf_counter() - t0
@@ -83,7 +104,35 @@ class Trainer:
             self.stop()
         return last
 
-    # ---- the pieces -------------------------------------------------------------------
+    # ---- 1-3. experience ----------------------------------------------------------------
+    def make_experience(self, sampler: PromptSampler) -> Experience:
+        """Generate and score a batch; with dynamic sampling, drop groups whose rewards are
+        all equal and refill from more prompts (at most ``max_refills`` extra rounds)."""
+        cfg = self.cfg
+        want, n = cfg.rollout.prompts_per_step, cfg.rollout.n_samples
+        shards, scored, refs, stats = [], [], [], {}
+        rounds = 1 + (cfg.algorithm.max_refills if cfg.algorithm.dynamic_sampling else 0)
+        for round_ in range(rounds):
+            s, sc, rf, times = self.rollout(sampler.next(want))
+            shards += s
+            scored += sc
+            refs += rf or []
+            for k, v in times.items():
+                stats[k] = stats.get(k, 0.0) + v
+            scores = ScoredShard.concat(get(scored, "reward pool", cfg.run.call_timeout_s))
+            informative = group_spread(scores.scores, n) > 0
+            if not cfg.algorithm.dynamic_sampling or int(informative.sum()) >= want:
+                break
+        rows = None
+        if cfg.algorithm.dynamic_sampling:
+            stats["train/informative_groups"] = float(informative.float().mean())
+            stats["train/refills"] = float(round_)
+            # informative groups first, then (if refills ran out) uninformative ones
+            order = torch.argsort((~informative).int(), stable=True)[:want]
+            rows = (order.sort().values[:, None] * n + torch.arange(n)).flatten()
+            scores = scores.select(rows)
+        return Experience(shards, rows, scores, refs or None, stats)
+
     def rollout(self, prompts: list[PromptItem], greedy: bool = False):
         """Shard prompts across generators; score each shard (and get reference log-probs)
         as soon as it is ready, feeding the refs straight to the reward pool."""
@@ -113,13 +162,63 @@ class Trainer:
         if not greedy:
             get(list(scored.values()), "reward pool", self.cfg.run.call_timeout_s)
             times["time/reward_s"] = time.perf_counter() - t0 - t_gen  # the part not overlapped
-        return shards, [scored[s] for s in shards], ([ref_lp[s] for s in shards] if ref_lp else None), times
+        refs = [ref_lp[s] for s in shards] if ref_lp else None
+        return shards, [scored[s] for s in shards], refs, times
 
-    def learn(self, shards: list[Any], adv: torch.Tensor, ref_lp: list[Any] | None, step: int) -> dict[str, float]:
+    # ---- 4. advantages ------------------------------------------------------------------
+    def advantages(self, exp: Experience, step: int):
+        """(B, T) advantages; for PPO also the returns and the critic's values."""
+        a, cfg = self.cfg.algorithm, self.cfg
+        s = exp.scores
+        mask, stats = s.response_mask, {}
+        scores = s.scores
+        if a.overlong_buffer:
+            penalty = overlong_penalty(s.response_len, cfg.rollout.max_new_tokens,
+                                       a.overlong_buffer, a.overlong_penalty)
+            scores = scores + penalty
+            stats["train/overlong_penalty"] = float(penalty.mean())
+        kl = None
+        if a.kl_in_reward and exp.ref_logprobs:
+            ref = pad_responses(get(exp.ref_logprobs, "reference", cfg.run.call_timeout_s))
+            ref = ref[exp.rows] if exp.rows is not None else ref
+            kl = kl_penalty(s.logprobs, ref[:, : mask.shape[1]], a.kl_estimator) * mask
+            stats["train/kl"] = float(masked_mean(kl, mask))
+        groups = torch.arange(len(s)) // cfg.rollout.n_samples
+        if not cfg.needs_critic:
+            adv = outcome_advantages(a.name, scores, groups, mask, gamma=a.gamma, kl=kl,
+                                     kl_coef=self.kl_ctl.value)
+            return adv, None, None, stats
+        values = self.critic_values(exp, step)
+        token_rewards = compute_token_rewards(scores, mask, kl=kl, kl_coef=self.kl_ctl.value)
+        adv, returns = gae(token_rewards, values, mask, a.gamma, a.lam)
+        if a.whiten_advantages:
+            adv = masked_whiten(adv, mask) * mask
+        stats["train/values_mean"] = float(masked_mean(values, mask))
+        return adv, returns, values, stats
+
+    def critic_values(self, exp: Experience, step: int) -> torch.Tensor:
+        ranks = self.pools["critic"].actors
+        parts = get([c.values.remote(exp.shards, exp.rows, step) for c in ranks], "critic",
+                    self.cfg.run.call_timeout_s)
+        values = torch.zeros_like(exp.scores.response_mask)
+        for rows, v in parts:
+            values[rows, : v.shape[1]] = v
+        return values
+
+    # ---- 5-6. update and broadcast ------------------------------------------------------
+    def learn(self, exp: Experience, adv: torch.Tensor, returns: torch.Tensor | None,
+              values: torch.Tensor | None, step: int) -> dict[str, float]:
         ranks = self.pools["learner"].actors
-        out = get([r.train_step.remote(shards, adv, ref_lp, step) for r in ranks], "learner group",
-                  self.cfg.run.call_timeout_s)
-        return {f"train/{k}": v for k, v in out[0].items()}
+        refs = None if self.cfg.algorithm.kl_in_reward else exp.ref_logprobs
+        calls = [r.train_step.remote(exp.shards, exp.rows, adv, refs, self.kl_ctl.value, step)
+                 for r in ranks]
+        critics = self.pools["critic"].actors if "critic" in self.pools else []
+        calls += [c.train_step.remote(exp.shards, exp.rows, returns, values, step) for c in critics]
+        out = get(calls, "learner group", self.cfg.run.call_timeout_s)
+        metrics = {f"train/{k}": v for k, v in out[0].items()}
+        if critics:
+            metrics.update({f"critic/{k}": v for k, v in out[len(ranks)].items()})
+        return metrics
 
     def broadcast(self, version: int) -> int:
         """Learner rank 0 publishes once; every generator loads it and reports the version."""
@@ -129,12 +228,13 @@ class Trainer:
         versions = get([g.load_weights.remote(handle) for g in self.pools["generator"].actors],
                        "weight broadcast", self.cfg.run.call_timeout_s)
         if any(v != version for v in versions):
-            raise ActorFailure(f"weight broadcast: generators report versions {versions}, expected {version}")
+            raise ActorFailure(f"weight broadcast: generators report versions {versions}, "
+                               f"expected {version}; refusing to sample with stale weights")
         self.version = version
         return handle.num_bytes
 
     def evaluate(self, evals: list[PromptItem]) -> dict[str, float]:
-        shards, scored, _, times = self.rollout(evals, greedy=True)
+        _, scored, _, times = self.rollout(evals, greedy=True)
         scores = ScoredShard.concat(get(scored, "reward pool (eval)", self.cfg.run.call_timeout_s))
         return {**rollout_metrics(scores, "eval"), "time/eval_s": times["time/generate_s"]}
 
@@ -142,17 +242,17 @@ class Trainer:
         get([r.save_pretrained.remote(str(path)) for r in self.pools["learner"].actors],
             f"saving {path}", self.cfg.run.call_timeout_s)
 
-    # ---- actors -----------------------------------------------------------------------
+    # ---- actors -------------------------------------------------------------------------
     def start(self) -> None:
         roles = build_roles(self.cfg)
         self._started_ray = connect(self.cfg.run, cpus_needed(roles))
         self.pools = start_pools(roles, self.cfg.run.placement_timeout_s)
-        ranks = self.pools["learner"].actors
         timeout = self.cfg.run.call_timeout_s
-        addr, port = get(ranks[0].address.remote(), "learner rank 0", timeout)
-        get([r.setup.remote(addr, port) for r in ranks], "learner setup", timeout)
         for name, pool in self.pools.items():
-            if name != "learner":
+            if name in DEEPSPEED_ROLES:  # a process group: rendezvous at rank 0
+                addr, port = get(pool.actors[0].address.remote(), f"{name} rank 0", timeout)
+                get([r.setup.remote(addr, port) for r in pool.actors], f"{name} setup", timeout)
+            else:
                 get([a.ping.remote() for a in pool.actors], f"{name} start-up", timeout)
 
     def stop(self) -> None:
@@ -177,6 +277,12 @@ def split(items: list[Any], n: int) -> list[list[Any]]:
     return out
 
 
+def group_spread(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """(G,) max - min reward within each group of n adjacent samples."""
+    g = scores.view(-1, n)
+    return g.max(dim=1).values - g.min(dim=1).values
+
+
 def rollout_metrics(scores: ScoredShard, prefix: str) -> dict[str, float]:
     m = {
         f"{prefix}/reward_mean": float(scores.scores.mean()),
@@ -185,4 +291,4 @@ def rollout_metrics(scores: ScoredShard, prefix: str) -> dict[str, float]:
     }
     for name, values in scores.breakdown.items():
         m[f"{prefix}/reward/{name}"] = float(values.mean())
-    return m
+    return {k: v for k, v in m.items() if math.isfinite(v)}

@@ -117,9 +117,15 @@ class ScoredShard:
     group_ids: torch.Tensor  # (B,) prompt index, as in the RolloutBatch
     response_len: torch.Tensor  # (B,) tokens generated
     response_mask: torch.Tensor  # (B, T) float, as in the RolloutBatch
+    logprobs: torch.Tensor  # (B, T) behaviour log-probs, as in the RolloutBatch
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
+
+    def select(self, rows: torch.Tensor) -> ScoredShard:
+        return ScoredShard(self.scores[rows], {k: v[rows] for k, v in self.breakdown.items()},
+                           self.group_ids[rows], self.response_len[rows],
+                           self.response_mask[rows], self.logprobs[rows])
 
     @staticmethod
     def concat(shards: list[ScoredShard]) -> ScoredShard:
@@ -130,6 +136,7 @@ class ScoredShard:
             group_ids=torch.cat([s.group_ids for s in shards]),
             response_len=torch.cat([s.response_len for s in shards]),
             response_mask=torch.cat([_pad_right(s.response_mask, t, 0) for s in shards]),
+            logprobs=torch.cat([_pad_right(s.logprobs, t, 0) for s in shards]),
         )
 
 

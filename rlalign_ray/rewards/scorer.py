@@ -32,6 +32,7 @@ class RewardScorer:
         return ScoredShard(
             scores=total, breakdown=breakdown, group_ids=batch.group_ids,
             response_len=batch.response_len, response_mask=batch.response_mask,
+            logprobs=batch.logprobs,
         )
 
     def ping(self) -> int:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from rlalign_ray.config import Config
+from rlalign_ray.learner.critic import Critic
 from rlalign_ray.learner.learner import Learner
 from rlalign_ray.learner.reference import Reference
 from rlalign_ray.rewards.scorer import RewardScorer
 from rlalign_ray.rollout.generator import Generator
 from rlalign_ray.runtime.pools import RoleSpec
 
+DEEPSPEED_ROLES = ("learner", "critic")  # roles whose actors form a process group
+
 
 def build_roles(cfg: Config) -> list[RoleSpec]:
-    """Generators, reward actors, the reference (when KL is on) and the learner ranks."""
+    """Generators, reward actors, learner ranks; the reference when KL is on; the critic
+    for PPO."""
     r = cfg.rollout
     roles = [
         RoleSpec("generator", Generator, r.num_actors, r.resources,
@@ -24,6 +28,9 @@ def build_roles(cfg: Config) -> list[RoleSpec]:
     if cfg.needs_reference:
         roles.append(RoleSpec("reference", Reference, 1, cfg.reference.resources,
                               args=lambda i: (cfg.model, cfg.reference, r.temperature)))
+    if cfg.needs_critic:
+        roles.append(RoleSpec("critic", Critic, cfg.critic.world_size, cfg.critic.resources,
+                              args=lambda i: (cfg, i, cfg.critic.world_size)))
     return roles
 
 

@@ -84,8 +84,8 @@ def test_concat_refuses_mixed_versions():
 
 def test_scored_shards_concat():
     a = ScoredShard(torch.tensor([1.0]), {"r": torch.tensor([1.0])}, torch.tensor([0]),
-                    torch.tensor([2]), torch.ones(1, 2))
+                    torch.tensor([2]), torch.ones(1, 2), torch.zeros(1, 2))
     b = ScoredShard(torch.tensor([0.0, 2.0]), {"r": torch.tensor([0.0, 2.0])}, torch.tensor([1, 1]),
-                    torch.tensor([1, 3]), torch.ones(2, 3))
+                    torch.tensor([1, 3]), torch.ones(2, 3), torch.zeros(2, 3))
     s = ScoredShard.concat([a, b])
     assert s.scores.tolist() == [1, 0, 2] and s.response_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 1, 1]]

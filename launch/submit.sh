@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# Submit `rlalign-ray train CONFIG [overrides...]` to a running Ray cluster as a Ray job.
+#
+#   launch/submit.sh [--address http://HOST:8265] [--pip PKG]... [--env K=V | --env K]...
+#                    [--working-dir DIR] [--submission-id ID] [--no-wait] [--retry-s S]
+#                    CONFIG [dotted.overrides ...]
+#
+# The working dir (default: this repository's root) is uploaded with the job, minus
+# runs/, .git and caches; CONFIG and data paths resolve inside it on the cluster.
+# --address defaults to $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS when it is an
+# http(s):// address, then http://127.0.0.1:8265. --pip adds packages to the job's
+# runtime env; --env K=V sets a variable for the job, --env K forwards this shell's $K.
+# RAY_AUTH_MODE defaults to token (Ray >= 2.60 clusters started with `ray start`);
+# point RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN at the cluster's token if it is not
+# ~/.ray/auth_token.
+#
+# Without --no-wait it follows the job's logs and exits 0 only if the job SUCCEEDED.
+# Metrics go to trainer.output_dir on the node that runs the driver (the head); a
+# relative output_dir lands in the job's temporary copy of the working dir there, so
+# pass trainer.output_dir=/abs/path.
+set -euo pipefail
+
+die() { echo "submit.sh: $*" >&2; exit 2; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
+ADDRESS=""
+WORKDIR="$REPO"
+SUBMISSION_ID=""
+NO_WAIT=0
+RETRY_S=120
+PIPS=()
+ENVS=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --address) ADDRESS="$2"; shift 2 ;;
+    --address=*) ADDRESS="${1#*=}"; shift ;;
+    --pip) PIPS+=("$2"); shift 2 ;;
+    --env) ENVS+=("$2"); shift 2 ;;
+    --working-dir) WORKDIR="$2"; shift 2 ;;
+    --submission-id) SUBMISSION_ID="$2"; shift 2 ;;
+    --no-wait) NO_WAIT=1; shift ;;
+    --retry-s) RETRY_S="$2"; shift 2 ;;
+    -h|--help) usage 0 ;;
+    --) shift; break ;;
+    -*) die "unknown option: $1 (see --help)" ;;
+    *) break ;;
+  esac
+done
+[[ $# -ge 1 ]] || usage
+CONFIG="$1"; shift
+OVERRIDES=("$@")
+
+if [[ -z "$ADDRESS" ]]; then
+  if [[ -n "${RAY_API_SERVER_ADDRESS:-}" ]]; then
+    ADDRESS="$RAY_API_SERVER_ADDRESS"
+  elif [[ "${RAY_ADDRESS:-}" == http://* || "${RAY_ADDRESS:-}" == https://* ]]; then
+    ADDRESS="$RAY_ADDRESS"
+  else
+    ADDRESS="http://127.0.0.1:8265"
+  fi
+fi
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+PY="${PYTHON:-python}"
+RAY="${RAY_CLI:-ray}"
+
+WORKDIR="$(cd "$WORKDIR" && pwd -P)" || die "no such working dir"
+cd "$WORKDIR"
+[[ -f "$CONFIG" ]] || die "$CONFIG is not a file under the working dir $WORKDIR (it must travel with the job)"
+
+# Resolve K (forward) vs K=V.
+ENV_PAIRS=()
+for e in "${ENVS[@]+"${ENVS[@]}"}"; do
+  if [[ "$e" == *=* ]]; then
+    ENV_PAIRS+=("$e")
+  else
+    [[ -n "${!e+x}" ]] || die "--env $e: \$$e is not set here"
+    ENV_PAIRS+=("$e=${!e}")
+  fi
+done
+
+# Check the config (and overrides) before uploading anything, when the package is here,
+# and find where the metrics will go.
+OUTPUT_DIR="$("$PY" - "$CONFIG" "${OVERRIDES[@]+"${OVERRIDES[@]}"}" <<'EOF' 2>/dev/null || true
+import sys
+try:
+    from rlalign_ray.config import load_config
+except ImportError:
+    sys.exit(0)
+from rlalign_ray.errors import RlalignError
+try:
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+except RlalignError as e:
+    print("!" + str(e).replace("\n", " | "))
+    sys.exit(0)
+print(cfg.trainer.output_dir)
+EOF
+)"
+[[ "$OUTPUT_DIR" != "!"* ]] || die "invalid config: ${OUTPUT_DIR#!}"
+
+RUNTIME_ENV="$("$PY" - "${#ENV_PAIRS[@]}" "${ENV_PAIRS[@]+"${ENV_PAIRS[@]}"}" "${PIPS[@]+"${PIPS[@]}"}" <<'EOF'
+import json, sys
+n = int(sys.argv[1])
+pairs, pips = sys.argv[2:2 + n], sys.argv[2 + n:]
+env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+env.update(p.split("=", 1) for p in pairs)
+rt = {
+    "env_vars": env,
+    # Keep the upload small: outputs, VCS data and caches stay behind.
+    "excludes": ["runs/", ".git/", "**/__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/",
+                 ".ruff_cache/", ".mypy_cache/", ".venv/", "venv/", "*.safetensors", "*.bin"],
+}
+if pips:
+    rt["pip"] = pips
+print(json.dumps(rt))
+EOF
+)"
+
+if [[ -z "$SUBMISSION_ID" ]]; then
+  SUBMISSION_ID="rlalign-$(date +%Y%m%d-%H%M%S)-$("$PY" -c 'import secrets; print(secrets.token_hex(3))')"
+fi
+
+echo "submit.sh: submitting $SUBMISSION_ID to $ADDRESS"
+echo "  entrypoint: rlalign-ray train $CONFIG ${OVERRIDES[*]+"${OVERRIDES[*]}"}"
+echo "  working dir: $WORKDIR  runtime env: $RUNTIME_ENV"
+
+# Submit detached, retrying while a freshly started cluster has no job agent yet
+# ("No available agent") or the dashboard is not up; then follow the logs.
+deadline=$((SECONDS + RETRY_S))
+while :; do
+  set +e
+  out="$("$RAY" job submit --address "$ADDRESS" --submission-id "$SUBMISSION_ID" --no-wait \
+        --working-dir "$WORKDIR" --runtime-env-json "$RUNTIME_ENV" \
+        -- rlalign-ray train "$CONFIG" "${OVERRIDES[@]+"${OVERRIDES[@]}"}" 2>&1)"
+  rc=$?
+  set -e
+  if [[ $rc -eq 0 ]]; then break; fi
+  if [[ "$out" == *"already exists"* ]]; then break; fi  # an earlier attempt got through
+  if [[ "$out" == *"No available agent"* || "$out" == *"onnection refused"* ||
+        "$out" == *"ConnectionError"* || "$out" == *"Failed to connect"* ||
+        "$out" == *" 502"* || "$out" == *" 503"* ]] && (( SECONDS < deadline )); then
+    echo "submit.sh: cluster not ready yet ($(grep -oE 'No available agent|onnection refused|Failed to connect|ConnectionError' <<< "$out" | head -n 1)); retrying"
+    sleep 3
+    continue
+  fi
+  echo "$out" >&2
+  die "ray job submit failed (exit $rc)"
+done
+
+where_metrics() {
+  local d="${OUTPUT_DIR:-<trainer.output_dir>}"
+  if [[ "$d" == /* ]]; then
+    echo "  metrics: $d/metrics.jsonl (tensorboard: $d/tensorboard, policy: $d/final) on the head node"
+  else
+    echo "  metrics: $d/metrics.jsonl relative to the job's copy of the working dir on the head node"
+    echo "           (<ray temp dir>/session_*/runtime_resources/working_dir_files/...); pass trainer.output_dir=/abs/path to keep them"
+  fi
+}
+
+echo "submit.sh: job $SUBMISSION_ID submitted"
+echo "  logs:    ray job logs --address $ADDRESS --follow $SUBMISSION_ID"
+echo "  status:  ray job status --address $ADDRESS $SUBMISSION_ID   (stop: ray job stop ...)"
+where_metrics
+[[ $NO_WAIT -eq 1 ]] && exit 0
+
+set +e
+"$RAY" job logs --address "$ADDRESS" --follow "$SUBMISSION_ID" --log-style record
+set -e
+status=""
+for _ in $(seq 1 60); do
+  st="$("$RAY" job status --address "$ADDRESS" "$SUBMISSION_ID" --log-style record 2>&1 || true)"
+  status="$(grep -oE "Status for job '[^']*': [A-Za-z.]+" <<< "$st" | tail -n 1 | sed 's/.*: //; s/^JobStatus\.//' || true)"
+  [[ "$status" == SUCCEEDED || "$status" == FAILED || "$status" == STOPPED ]] && break
+  sleep 2
+done
+echo "submit.sh: job $SUBMISSION_ID finished with status ${status:-UNKNOWN}"
+where_metrics
+[[ "$status" == SUCCEEDED ]] || { grep -iE "message|error" <<< "$st" | tail -n 5 >&2 || true; exit 1; }

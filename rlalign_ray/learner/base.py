@@ -1,0 +1,180 @@
+"""One rank of a DeepSpeed data-parallel group (the policy learner or the critic).
+
+Ranks form a torch.distributed group (gloo on CPU, NCCL on GPU) through DeepSpeed. Each
+rank takes a seeded share of the step's rows; losses are normalised over the whole
+mini-batch (all ranks, all micro-batches), so the gradient does not depend on the split.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlalign_ray.config import Config, DeepSpeedRole
+from rlalign_ray.data.batch import RolloutBatch
+from rlalign_ray.models.loading import default_device, load_tokenizer, set_threads
+
+
+class DeepSpeedRank:
+    def __init__(self, cfg: Config, rank: int, world_size: int, role: DeepSpeedRole):
+        set_threads(role.resources.num_cpus)
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.cfg, self.role, self.rank, self.world_size = cfg, role, rank, world_size
+        self.device = default_device()
+        self.engine: Any = None
+
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    # ---- setup ------------------------------------------------------------------------
+    def address(self) -> tuple[str, int]:
+        """Rank 0: this node's IP and a free port for the process group rendezvous."""
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((ip, 0))
+            return ip, s.getsockname()[1]
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        """Join the process group, build the model and wrap it in a DeepSpeed engine."""
+        import deepspeed
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
+                          RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        if master_addr.startswith("127."):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        backend = self.role.backend if self.role.backend != "auto" else (
+            "nccl" if self.device.type == "cuda" else "gloo")
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   rank=self.rank, world_size=self.world_size)
+        torch.manual_seed(self.cfg.run.seed)
+        model = self.build_model()
+        if self.role.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.role.lr,
+                                      betas=tuple(self.role.betas),
+                                      weight_decay=self.role.weight_decay)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                               config=self.ds_config())
+        return self.rank
+
+    @property
+    def grad_accumulation(self) -> int:
+        return self.cfg.mini_batch_size // (self.world_size * self.role.micro_batch_size)
+
+    def ds_config(self) -> dict[str, Any]:
+        mb, gas = self.role.micro_batch_size, self.grad_accumulation
+        return {
+            "train_micro_batch_size_per_gpu": mb,
+            "gradient_accumulation_steps": gas,
+            "train_batch_size": mb * gas * self.world_size,
+            "zero_optimization": {"stage": self.role.zero_stage},
+            "gradient_clipping": self.role.grad_clip,
+            "bf16": {"enabled": self.role.bf16},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+    # ---- data -------------------------------------------------------------------------
+    def my_rows(self, n: int, step: int) -> torch.Tensor:
+        """This rank's rows of the batch: a seeded split, the same on every rank."""
+        g = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + step)
+        perm = torch.randperm(n, generator=g)
+        per = n // self.world_size
+        return perm[self.rank * per : (self.rank + 1) * per].sort().values
+
+    def fetch(self, shards: list[Any], rows: torch.Tensor | None, step: int):
+        """The step's batch (shards joined, ``rows`` kept) and this rank's row indices."""
+        import ray
+
+        full = RolloutBatch.concat(ray.get(shards))
+        if rows is not None:
+            full = full.select(rows)
+        mine = self.my_rows(len(full), step)
+        return full.select(mine), mine
+
+    def mini_batches(self, n: int, step: int):
+        """Per epoch, this rank's local rows in shuffled mini-batches."""
+        per_rank = self.cfg.mini_batch_size // self.world_size
+        g = torch.Generator().manual_seed((self.cfg.run.seed * 1_000_003 + step) * 31 + self.rank)
+        for _ in range(self.cfg.learner.update_epochs):
+            order = torch.randperm(n, generator=g)
+            for k in range(0, n, per_rank):
+                yield order[k : k + per_rank]
+
+    def micro_batches(self, rows: torch.Tensor):
+        mb = self.role.micro_batch_size
+        return [rows[i : i + mb] for i in range(0, len(rows), mb)]
+
+    def weighted_micro_batches(self, mask: torch.Tensor, rows: torch.Tensor):
+        """Micro-batches of ``rows`` with the loss scale that makes the gradient global."""
+        mode = self.cfg.algorithm.loss_agg
+        micro = self.micro_batches(rows)
+        counts = [count_for(mode, mask[r]) for r in micro]
+        total = None if mode == "token-sum" else float(
+            self.all_reduce_sum(torch.tensor(sum(counts), dtype=torch.float64)))
+        return [(r, self.loss_scale(local, total)) for r, local in zip(micro, counts)]
+
+    def loss_scale(self, local: float, total: float | None) -> float:
+        """Weight of a micro-batch's loss so that the summed gradient is the global mean
+        (``local / total`` of it), or the global sum when ``total`` is None: DeepSpeed
+        divides by the accumulation steps and averages over ranks."""
+        share = 1.0 if total is None else local / max(total, 1.0)
+        return share * self.world_size * self.grad_accumulation
+
+    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if self.world_size > 1:
+            x = x.to(self.device)
+            dist.all_reduce(x)
+        return x.cpu()
+
+    def reduce_stats(self, stats: dict[str, list[float]]) -> dict[str, float]:
+        """Mean of each statistic over micro-batches, then over ranks."""
+        keys = sorted(stats)
+        local = torch.tensor([float(np.mean(stats[k])) for k in keys], dtype=torch.float64)
+        mean = self.all_reduce_sum(local) / self.world_size
+        return dict(zip(keys, mean.tolist()))
+
+    # ---- weights out ------------------------------------------------------------------
+    def gathered(self):
+        """Full parameters on every rank (ZeRO-3 shards them)."""
+        if self.role.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()))
+        return nullcontext()
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        with self.gathered():
+            return {n: p.detach().cpu().float().numpy().copy()
+                    for n, p in self.engine.module.named_parameters()}
+
+    def save_pretrained(self, path: str) -> str | None:
+        """All ranks call this; rank 0 writes a folder ``from_pretrained`` loads."""
+        with self.gathered():
+            if self.rank != 0:
+                return None
+            self.engine.module.save_pretrained(path, safe_serialization=True)
+        tok = load_tokenizer(self.cfg.model.tokenizer or self.cfg.model.path,
+                             self.cfg.model.trust_remote_code)
+        tok.save_pretrained(path)
+        return path
+
+
+def count_for(mode: str, mask: torch.Tensor) -> float:
+    """The normaliser of ``aggregate_loss(mode)`` for these rows: tokens or sequences
+    (token-sum has none: 1)."""
+    if mode == "token-mean":
+        return float(mask.sum())
+    if mode == "token-sum":
+        return 1.0
+    return float((mask.sum(-1) > 0).sum())

@@ -1,0 +1,69 @@
+"""One rank of the critic (PPO's value model): a token-level value head on the policy's
+architecture, trained with the clipped value loss by its own DeepSpeed group."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from rlalign_ray.algorithms import masked_mean, value_loss
+from rlalign_ray.config import Config
+from rlalign_ray.data.batch import RolloutBatch
+from rlalign_ray.learner.base import DeepSpeedRank
+from rlalign_ray.models.loading import DTYPES, position_ids, resolve
+
+
+class Critic(DeepSpeedRank):
+    def __init__(self, cfg: Config, rank: int, world_size: int):
+        super().__init__(cfg, rank, world_size, cfg.critic)
+
+    def build_model(self) -> torch.nn.Module:
+        from transformers import AutoModelForTokenClassification
+
+        m = self.cfg.model
+        path = resolve(self.cfg.critic.path or m.path)
+        model = AutoModelForTokenClassification.from_pretrained(
+            path, num_labels=1, dtype=DTYPES[m.dtype], trust_remote_code=m.trust_remote_code)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = model.config.eos_token_id
+        return model
+
+    def _values(self, model: Any, batch: RolloutBatch) -> torch.Tensor:
+        """(B, T): V(s_t), the value of the state before each response token."""
+        ids = batch.input_ids().to(self.device)
+        attn = batch.attention_mask().to(self.device)
+        out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn))
+        p, t = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+        return out.logits[:, p - 1 : p + t - 1, 0].float()
+
+    @torch.no_grad()
+    def values(self, shards: list[Any], rows: torch.Tensor | None, step: int):
+        """This rank's rows and their values: ``(row indices, (n, T) values)``."""
+        batch, mine = self.fetch(shards, rows, step)
+        self.engine.eval()
+        out = [self._values(self.engine.module, batch.select(r)).cpu() * batch.response_mask[r]
+               for r in self.micro_batches(torch.arange(len(batch)))]
+        return mine, torch.cat(out)
+
+    def train_step(self, shards: list[Any], rows: torch.Tensor | None, returns: torch.Tensor,
+                   old_values: torch.Tensor, step: int) -> dict[str, float]:
+        batch, mine = self.fetch(shards, rows, step)
+        returns, old_values = returns[mine], old_values[mine]
+        clip, agg = self.cfg.critic.value_clip, self.cfg.algorithm.loss_agg
+        stats: dict[str, list[float]] = defaultdict(list)
+        self.engine.train()
+        for mini in self.mini_batches(len(batch), step):
+            for r, scale in self.weighted_micro_batches(batch.response_mask, mini):
+                mb = batch.select(r)
+                mask = mb.response_mask.to(self.device)
+                v = self._values(self.engine, mb)
+                loss, m = value_loss(v, old_values[r].to(self.device), returns[r].to(self.device),
+                                     mask, clip=clip, agg=agg)
+                self.engine.backward(loss * scale)
+                self.engine.step()
+                stats["value_loss"].append(loss.item())
+                stats["vf_clipfrac"].append(float(m["vf_clipfrac"]))
+                stats["values_mean"].append(masked_mean(v.detach(), mask).item())
+        return self.reduce_stats(stats)
