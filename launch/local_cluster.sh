@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A multi-node Ray cluster on this one machine, bound to 127.0.0.1, for trying
+# A multi-node Ray cluster on this one machine (node IPs and dashboard on 127.0.0.1) for trying
 # `ray job submit` (launch/submit.sh) and node-targeted placement without a real cluster.
 #
 #   launch/local_cluster.sh start  [--workers N] [--temp-dir DIR] [--head-cpus N]
@@ -31,6 +31,7 @@ die() { echo "local_cluster.sh: $*" >&2; exit 1; }
 
 [[ $# -ge 1 ]] || usage
 CMD="$1"; shift
+[[ "$CMD" == -h || "$CMD" == --help || "$CMD" == help ]] && usage 0
 WORKERS=1
 TEMP_DIR="${RLALIGN_CLUSTER_DIR:-$DEFAULT_DIR}"
 HEAD_CPUS=2

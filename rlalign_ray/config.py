@@ -177,7 +177,8 @@ class DeepSpeedRole:
     resources: Resources = doc(Resources(), "per rank")
     zero_stage: int = doc(0, "DeepSpeed ZeRO stage 0-3")
     backend: str = doc("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU)")
-    lr: float = doc(1e-5, "AdamW learning rate")
+    optimizer: str = doc("adamw", "adamw, or sgd (plain gradient steps: for exactness checks)")
+    lr: float = doc(1e-5, "learning rate")
     weight_decay: float = doc(0.0, "AdamW weight decay")
     betas: list[float] = doc([0.9, 0.999], "AdamW betas")
     grad_clip: float = doc(1.0, "gradient norm clip (0: off)")
@@ -450,6 +451,9 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"learner.zero_stage: must be 0, 1, 2 or 3, got {lr.zero_stage}")
     if lr.backend not in ("auto", "gloo", "nccl"):
         e.append(f"learner.backend: use auto, gloo or nccl, got {lr.backend!r}")
+    for role in ("learner", "critic"):
+        if getattr(cfg, role).optimizer not in ("adamw", "sgd"):
+            e.append(f"{role}.optimizer: use adamw or sgd, got {getattr(cfg, role).optimizer!r}")
     if len(lr.betas) != 2:
         e.append(f"learner.betas: needs two numbers, got {lr.betas}")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):

@@ -58,9 +58,12 @@ class DeepSpeedRank:
         model = self.build_model()
         if self.role.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=self.role.lr,
-                                      betas=tuple(self.role.betas),
-                                      weight_decay=self.role.weight_decay)
+        if self.role.optimizer == "sgd":
+            optimizer = torch.optim.SGD(model.parameters(), lr=self.role.lr)
+        else:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=self.role.lr,
+                                          betas=tuple(self.role.betas),
+                                          weight_decay=self.role.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                config=self.ds_config())
         return self.rank
@@ -76,6 +79,7 @@ class DeepSpeedRank:
             "gradient_accumulation_steps": gas,
             "train_batch_size": mb * gas * self.world_size,
             "zero_optimization": {"stage": self.role.zero_stage},
+            "zero_allow_untested_optimizer": True,  # a torch optimizer: no op compilation
             "gradient_clipping": self.role.grad_clip,
             "bf16": {"enabled": self.role.bf16},
             "steps_per_print": 10**9,

@@ -76,6 +76,7 @@ class Learner(DeepSpeedRank):
 
     def _update(self, batch, rows, old, adv, ref, kl_coef, stats) -> None:
         a = self.cfg.algorithm
+        share = 0.0  # this rank's share of the mini-batch loss; the ranks' shares sum to it
         for r, scale in self.weighted_micro_batches(batch.response_mask, rows):
             mb = batch.select(r)
             mask = mb.response_mask.to(self.device)
@@ -95,10 +96,11 @@ class Learner(DeepSpeedRank):
             self.engine.backward(loss * scale)
             self.engine.step()
             stats["pg_loss"].append(pg_loss.item())
-            stats["loss"].append(loss.item())
+            share += loss.item() * scale / (self.grad_accumulation * self.world_size)
             stats["entropy"].append(masked_mean(entropy.detach(), mask).item())
             for key in ("clipfrac", "approx_kl"):
                 stats[key].append(float(m[key]))
+        stats["loss"].append(share * self.world_size)  # reduce_stats averages over ranks
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
             stats["grad_norm"].append(float(norm))

@@ -15,6 +15,8 @@ Qwen2 tokenizer class (byte-level BPE conventions), and spaces are lost on
 ``decode(encode(" 1 + 2 = 3"))``.  For ``model_type="llama"`` the saved
 ``tokenizer.json`` is loaded as-is and round-trips exactly.  Hence ``llama`` is
 the default architecture; ``qwen2`` is kept to exercise that model class.
+Workaround for qwen2 folders: ``PreTrainedTokenizerFast.from_pretrained(dir)``
+(or ``TokenizersBackend.from_pretrained``) loads the saved tokenizer exactly.
 """
 
 from __future__ import annotations
@@ -24,10 +26,9 @@ import json
 import logging
 import math
 import os
-import random
 import string
 import time
-from typing import Iterable, Sequence
+from typing import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -218,10 +219,10 @@ def _encode_sft_batch(tokenizer, problems: Sequence[dict]):
     input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     attn = torch.zeros((len(seqs), width), dtype=torch.long)
     lab = torch.full((len(seqs), width), -100, dtype=torch.long)
-    for i, (s, l) in enumerate(zip(seqs, labels)):
+    for i, (s, lbl) in enumerate(zip(seqs, labels)):
         input_ids[i, : len(s)] = torch.tensor(s)
         attn[i, : len(s)] = 1
-        lab[i, : len(l)] = torch.tensor(l)
+        lab[i, : len(lbl)] = torch.tensor(lbl)
     return input_ids, attn, lab
 
 
@@ -285,6 +286,7 @@ def warmup_sft(
     losses: list[float] = []
     history: list[tuple[int, float, float]] = []
     eval_time = 0.0
+    record_history = bool(eval_every and eval_problems)  # only when asked for explicitly
     if target_accuracy is not None:
         target_problems = list(target_problems or problems[:128])
         eval_every = eval_every or 10
@@ -319,7 +321,7 @@ def warmup_sft(
                 te = time.time()
                 if target_accuracy is not None:
                     target_acc = greedy_accuracy(model, tokenizer, target_problems)
-                if eval_problems:
+                if record_history:
                     acc = greedy_accuracy(model, tokenizer, eval_problems)
                     history.append((step + 1, sum(losses[-10:]) / len(losses[-10:]), acc))
                 model.train()
@@ -333,6 +335,7 @@ def warmup_sft(
     metrics = {
         "steps": stopped_at,
         "max_steps": steps,
+        "first_loss": losses[0] if losses else float("nan"),
         "final_loss": sum(tail) / len(tail),
         "seconds": seconds,
         "lr": lr,

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-EOS_TEXTS = ("</s>", "<|endoftext|>", "<|im_end|>", "<eos>")
+# Texts that end a completion when special tokens were not skipped at decode time.
+EOS_TEXTS = ("</s>", "<pad>", "<|endoftext|>", "<|im_end|>", "<eos>")
 
 
 def extract_first_token(completion: str, eos_texts: Sequence[str] = EOS_TEXTS) -> str:
@@ -34,7 +35,7 @@ def extract_first_token(completion: str, eos_texts: Sequence[str] = EOS_TEXTS) -
 def arithmetic_exact(prompts, completions, answer, **kwargs) -> list[float]:
     """1.0 where the completion's first answer token equals ``answer`` exactly, else 0.0.
 
-    The completion is cut at the first EOS text (``</s>`` ...), stripped, and
+    The completion is cut at the first EOS/pad text (``</s>``, ``<pad>`` ...), stripped, and
     cut at the first whitespace/newline; the remainder must equal
     ``str(answer).strip()``.
 

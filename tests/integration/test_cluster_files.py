@@ -1,0 +1,164 @@
+"""The deployment files in cluster/ and the launch scripts: they parse, carry the fields
+their tools require, and the training command each one runs names a config that loads.
+
+Fast and offline: nothing here starts a cluster (see test_job_submit.py for that)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlalign_ray.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER = REPO / "cluster"
+YAML_FILES = sorted(p for p in CLUSTER.rglob("*") if p.suffix in (".yaml", ".yml"))
+SHELL_FILES = sorted(p for p in CLUSTER.rglob("*") if p.suffix in (".sh", ".sbatch"))
+LAUNCH_SCRIPTS = [REPO / "launch/submit.sh", REPO / "launch/local_cluster.sh"]
+EXPECTED = ["aws_gpu.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml",
+            "slurm/rlalign_ray.sbatch", "README.md"]
+
+
+def _rel(p: Path) -> str:
+    return str(p.relative_to(REPO))
+
+
+def _docs(path: Path) -> list[dict]:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert docs, f"{_rel(path)} holds no YAML document"
+    assert all(isinstance(d, dict) for d in docs), f"{_rel(path)}: top level must be mappings"
+    return docs
+
+
+def _check_train_command(cmd: str, where: str) -> None:
+    """``rlalign-ray train CONFIG [overrides]`` with CONFIG a loadable file in configs/."""
+    argv = shlex.split(cmd)
+    assert argv[:2] == ["rlalign-ray", "train"], f"{where}: not an rlalign-ray train command: {cmd!r}"
+    assert len(argv) >= 3, f"{where}: no config in {cmd!r}"
+    config, overrides = argv[2], argv[3:]
+    path = REPO / config
+    assert config.startswith("configs/") and path.is_file(), f"{where}: {config} is not in configs/"
+    assert all("=" in o for o in overrides), f"{where}: overrides must be key=value: {overrides}"
+    load_config(path, overrides)  # raises ConfigError with every problem listed
+
+
+def _train_commands(text: str) -> list[str]:
+    """Every ``rlalign-ray train configs/...`` written in a file (comments included)."""
+    pattern = r"rlalign-ray train configs/\S+(?: [\w.]+=\S+)*"
+    return [m.group(0) for m in re.finditer(pattern, text)]
+
+
+def test_expected_files_exist():
+    missing = [f for f in EXPECTED if not (CLUSTER / f).is_file()]
+    assert not missing, f"missing from cluster/: {missing}"
+    assert (REPO / "configs/gpu_cluster.yaml").is_file()
+
+
+@pytest.mark.parametrize("path", YAML_FILES, ids=_rel)
+def test_yaml_parses(path):
+    _docs(path)
+
+
+@pytest.mark.parametrize("path", SHELL_FILES + LAUNCH_SCRIPTS, ids=_rel)
+def test_shell_syntax(path):
+    bash = shutil.which("bash")
+    assert bash
+    r = subprocess.run([bash, "-n", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, f"bash -n {_rel(path)}:\n{r.stderr}"
+    assert path.read_text().startswith("#!"), f"{_rel(path)} has no shebang line"
+
+
+def test_cluster_launcher_config():
+    (cfg,) = _docs(CLUSTER / "aws_gpu.yaml")
+    for key in ("cluster_name", "provider", "head_node_type", "available_node_types",
+                "setup_commands"):
+        assert cfg.get(key), f"aws_gpu.yaml: {key} missing or empty"
+    assert cfg["provider"].get("type"), "provider.type missing"
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types
+    workers = [t for name, t in types.items() if name != cfg["head_node_type"]]
+    assert workers and all("node_config" in t and "max_workers" in t for t in workers)
+    assert any("pip install" in c and "rlalign-ray" in c for c in cfg["setup_commands"]), \
+        "setup_commands must install the project"
+    mounts = cfg.get("file_mounts", {})
+    assert any(src in (".", "./") for src in mounts.values()), "the repo is not mounted"
+    text = (CLUSTER / "aws_gpu.yaml").read_text()
+    assert "ray up cluster/aws_gpu.yaml" in text and "ray job submit" in text
+    cmds = _train_commands(text)
+    assert cmds, "aws_gpu.yaml: no `rlalign-ray train configs/...` example"
+    for cmd in cmds:
+        _check_train_command(cmd, "aws_gpu.yaml")
+
+
+def _check_ray_cluster_spec(spec: dict, where: str) -> None:
+    head = spec["headGroupSpec"]
+    assert "rayStartParams" in head, f"{where}: headGroupSpec.rayStartParams"
+    assert head["template"]["spec"]["containers"][0]["image"]
+    groups = spec["workerGroupSpecs"]
+    assert groups, f"{where}: no workerGroupSpecs"
+    gpu_groups = 0
+    for g in groups:
+        assert g.get("groupName") and "rayStartParams" in g, f"{where}: worker group fields"
+        for c in g["template"]["spec"]["containers"]:
+            assert c.get("image")
+            if int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)) > 0:
+                gpu_groups += 1
+    assert gpu_groups, f"{where}: no worker group has nvidia.com/gpu limits"
+
+
+def test_kuberay_raycluster():
+    (doc,) = _docs(CLUSTER / "kuberay/raycluster.yaml")
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster"
+    assert doc["metadata"]["name"]
+    _check_ray_cluster_spec(doc["spec"], "raycluster.yaml")
+
+
+def test_kuberay_rayjob():
+    (doc,) = _docs(CLUSTER / "kuberay/rayjob.yaml")
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
+    spec = doc["spec"]
+    _check_train_command(spec["entrypoint"], "rayjob.yaml entrypoint")
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert isinstance(runtime_env, dict) and "working_dir" in runtime_env
+    _check_ray_cluster_spec(spec["rayClusterSpec"], "rayjob.yaml rayClusterSpec")
+
+
+def test_slurm_script():
+    text = (CLUSTER / "slurm/rlalign_ray.sbatch").read_text()
+    assert "#SBATCH --nodes=" in text
+    assert re.search(r"srun .*\n?\s*ray start --head --block", text), "no head `ray start --block`"
+    assert re.search(r"ray start --block --address", text), "no worker `ray start --block`"
+    assert "rlalign-ray train \"$CONFIG\"" in text
+    assert "trap cleanup EXIT" in text
+    # The example in the header names a real config.
+    cmds = re.findall(r"sbatch (?:--\S+ )*cluster/slurm/rlalign_ray.sbatch (configs/\S+)", text)
+    assert cmds
+    for config in cmds:
+        _check_train_command(f"rlalign-ray train {config}", "rlalign_ray.sbatch header")
+
+
+def test_readme_lists_every_file():
+    readme = (CLUSTER / "README.md").read_text()
+    for f in EXPECTED[:-1]:
+        assert f in readme, f"cluster/README.md does not mention {f}"
+
+
+def test_gpu_config_shape():
+    cfg = load_config(REPO / "configs/gpu_cluster.yaml")
+    assert cfg.rollout.resources.num_gpus == 1
+    assert cfg.learner.world_size == 4 and cfg.learner.resources.num_gpus == 1
+    assert cfg.learner.zero_stage == 2 and cfg.learner.bf16 and cfg.model.dtype == "bfloat16"
+
+
+def test_launch_scripts_help():
+    for script in LAUNCH_SCRIPTS:
+        r = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode == 0 and "Usage" not in r.stderr, (script, r.stderr)
+        assert script.name in r.stdout or "launch/" in r.stdout, r.stdout
