@@ -166,13 +166,24 @@ where_metrics
 set +e
 "$RAY" job logs --address "$ADDRESS" --follow "$SUBMISSION_ID" --log-style record
 set -e
-status=""
-for _ in $(seq 1 60); do
-  st="$("$RAY" job status --address "$ADDRESS" "$SUBMISSION_ID" --log-style record 2>&1 || true)"
-  status="$(grep -oE "Status for job '[^']*': [A-Za-z.]+" <<< "$st" | tail -n 1 | sed 's/.*: //; s/^JobStatus\.//' || true)"
-  [[ "$status" == SUCCEEDED || "$status" == FAILED || "$status" == STOPPED ]] && break
-  sleep 2
-done
+# The final state, from the job SDK (the CLI's wording differs per state).
+status="$("$PY" - "$ADDRESS" "$SUBMISSION_ID" <<'EOF' | tail -n 1 || true
+import sys, time
+from ray.job_submission import JobStatus, JobSubmissionClient
+client = JobSubmissionClient(sys.argv[1])
+for _ in range(60):
+    info = client.get_job_info(sys.argv[2])
+    if info.status.is_terminal():
+        break
+    time.sleep(2)
+print(info.status.value)
+if info.status != JobStatus.SUCCEEDED and info.message:
+    print("submit.sh: " + info.message[-2000:], file=sys.stderr)
+EOF
+)"
 echo "submit.sh: job $SUBMISSION_ID finished with status ${status:-UNKNOWN}"
 where_metrics
-[[ "$status" == SUCCEEDED ]] || { grep -iE "message|error" <<< "$st" | tail -n 5 >&2 || true; exit 1; }
+if [[ "$status" != SUCCEEDED ]]; then
+  echo "  details: ray job status --address $ADDRESS $SUBMISSION_ID; ray job logs --address $ADDRESS $SUBMISSION_ID" >&2
+  exit 1
+fi
