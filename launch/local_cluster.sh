@@ -4,6 +4,7 @@
 #
 #   launch/local_cluster.sh start  [--workers N] [--temp-dir DIR] [--head-cpus N]
 #                                  [--worker-cpus N] [--object-store-mb MB] [--timeout S]
+#                                  [--node-resources NODE=JSON ...]   (NODE: head, a, b, ...)
 #   launch/local_cluster.sh status [--temp-dir DIR]
 #   launch/local_cluster.sh env    [--temp-dir DIR]     # prints `export ...` lines to eval
 #   launch/local_cluster.sh stop   [--temp-dir DIR]
@@ -38,6 +39,7 @@ HEAD_CPUS=2
 WORKER_CPUS=2
 OBJ_MB=512
 TIMEOUT=120
+EXTRA_RESOURCES=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --workers) WORKERS="$2"; shift 2 ;;
@@ -46,6 +48,7 @@ while [[ $# -gt 0 ]]; do
     --worker-cpus) WORKER_CPUS="$2"; shift 2 ;;
     --object-store-mb) OBJ_MB="$2"; shift 2 ;;
     --timeout) TIMEOUT="$2"; shift 2 ;;
+    --node-resources) EXTRA_RESOURCES+=("$2"); shift 2 ;;
     -h|--help) usage 0 ;;
     *) die "unknown argument: $1" ;;
   esac
@@ -102,6 +105,20 @@ cluster_env() {
   unset RAY_AUTH_TOKEN RAY_ADDRESS
 }
 
+# A node's resources: its own node_<name> marker plus any --node-resources NODE=JSON given.
+node_resources() {
+  "$PY" - "$1" "${EXTRA_RESOURCES[@]}" <<'EOF'
+import json, sys
+name, extra = sys.argv[1], sys.argv[2:]
+res = {f"node_{name}": 1}
+for item in extra:
+    node, _, spec = item.partition("=")
+    if node == name:
+        res.update(json.loads(spec))
+print(json.dumps(res))
+EOF
+}
+
 # Start one node as a background `ray start --block` in its own session; echo its pid.
 launch_node() {
   local log="$1"; shift
@@ -149,7 +166,7 @@ cmd_start() {
     --dashboard-agent-listen-port "${ports[i]}" --dashboard-agent-grpc-port "${ports[i+1]}" \
     --metrics-export-port "${ports[i+2]}" --runtime-env-agent-port "${ports[i+3]}" \
     --num-cpus "$HEAD_CPUS" --num-gpus 0 --object-store-memory $((OBJ_MB * 1024 * 1024)) \
-    --resources '{"node_head": 1}')"
+    --resources "$(node_resources head)")"
   echo "HEAD_PID=$head_pid" >> "$STATE"
   i=$((i + 4))
 
@@ -169,10 +186,16 @@ cmd_start() {
       --metrics-export-port "${ports[i+2]}" --runtime-env-agent-port "${ports[i+3]}" \
       --include-log-monitor false \
       --num-cpus "$WORKER_CPUS" --num-gpus 0 --object-store-memory $((OBJ_MB * 1024 * 1024)) \
-      --resources "{\"node_$letter\": 1}")"
+      --resources "$(node_resources "$letter")")"
     echo "WORKER_${letter}_PID=$pid" >> "$STATE"
     pids+=("$pid")
     i=$((i + 4))
+    # One node at a time: raylets starting together can race for the same ports.
+    until grep -q "Ray runtime started" "$TEMP_DIR/worker_$letter.out" 2>/dev/null; do
+      alive "$pid" || break
+      (( SECONDS < deadline )) || break
+      sleep 1
+    done
   done
 
   local want=$((WORKERS + 1)) have=-1

@@ -68,6 +68,20 @@ class Resources:
         return {k: v for k, v in b.items() if v}
 
 
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass
+class Placement:
+    """Where a role's actors go (Ray placement groups do the scheduling)."""
+
+    strategy: str = doc("PACK", "PACK (few nodes), SPREAD (across nodes), STRICT_PACK, STRICT_SPREAD")
+    colocate_with: str | None = doc(
+        None, "share another role's bundles (same nodes, same GPUs), e.g. learner"
+    )
+    node_labels: dict[str, str] = doc({}, "only on nodes with these Ray node labels")
+
+
 # --------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------
@@ -117,6 +131,8 @@ class RolloutConfig:
     backend: str = doc("hf", "generation backend: hf (transformers generate)")
     num_actors: int = doc(2, "generator actors in the pool")
     resources: Resources = doc(Resources(), "per generator actor")
+    placement: Placement = doc(Placement(), "where the generators go")
+    actor_class: str | None = doc(None, "module:Class to run instead of the built-in generator")
     micro_batch_size: int = doc(64, "sequences per generate() call inside one actor")
 
 
@@ -137,6 +153,8 @@ class RewardConfig:
     rewards: list[RewardSpec] = doc([], "the rewards, summed with their weights")
     num_actors: int = doc(1, "reward actors in the pool")
     resources: Resources = doc(Resources(), "per reward actor")
+    placement: Placement = doc(Placement(), "where the reward actors go")
+    actor_class: str | None = doc(None, "module:Class to run instead of the built-in scorer")
 
 
 @dataclass
@@ -175,6 +193,8 @@ class DeepSpeedRole:
 
     world_size: int = doc(1, "ranks (one Ray actor per rank, data parallel)")
     resources: Resources = doc(Resources(), "per rank")
+    placement: Placement = doc(Placement(), "where the ranks go")
+    actor_class: str | None = doc(None, "module:Class to run instead of the built-in rank")
     zero_stage: int = doc(0, "DeepSpeed ZeRO stage 0-3")
     backend: str = doc("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU)")
     optimizer: str = doc("adamw", "adamw, or sgd (plain gradient steps: for exactness checks)")
@@ -205,6 +225,8 @@ class CriticConfig(DeepSpeedRole):
 @dataclass
 class ReferenceConfig:
     resources: Resources = doc(Resources(), "for the reference actor")
+    placement: Placement = doc(Placement(), "where the reference actor goes")
+    actor_class: str | None = doc(None, "module:Class to run instead of the built-in reference")
     micro_batch_size: int = doc(16, "sequences per forward pass")
 
 

@@ -28,8 +28,8 @@ from rlalign_ray.data.prompts import PromptSampler, load_prompts
 from rlalign_ray.errors import ActorFailure
 from rlalign_ray.logger import MetricsLogger
 from rlalign_ray.runtime.cluster import connect
-from rlalign_ray.runtime.pools import get, start_pools, stop_pools
-from rlalign_ray.runtime.roles import DEEPSPEED_ROLES, build_roles, cpus_needed
+from rlalign_ray.runtime.pools import get, lost_roles, start_pools, stop_pools
+from rlalign_ray.topology import DEEPSPEED_ROLES, Topology, cpus_needed
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,10 @@ class Experience:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, topology: Topology | None = None):
         self.cfg = cfg
+        self.topology = topology or Topology.from_config(cfg)
+        self.topology.validate(cfg)
         self.version = 0  # weight version the generators hold
         self.pools: dict[str, Any] = {}
         self._started_ray = False
@@ -61,11 +63,11 @@ class Trainer:
         train = load_prompts(cfg.data.train, cfg.data.prompt_key)
         evals = load_prompts(cfg.data.eval, cfg.data.prompt_key, cfg.data.eval_limit) if cfg.data.eval else []
         sampler = PromptSampler(train, cfg.run.seed)
-        self.start()
         logger = MetricsLogger(cfg.trainer.output_dir, cfg.trainer.steps, cfg.trainer.tensorboard,
                                cfg.trainer.progress_bar)
         last: dict[str, float] = {}
         try:
+            self.start()
             if evals:
                 last = self.evaluate(evals)
                 logger.log(0, {**last, "weights/version": self.version})
@@ -99,6 +101,9 @@ class Trainer:
                 logger.advance()
                 last = metrics
             self.save(Path(cfg.trainer.output_dir) / "final")
+        except ActorFailure as e:
+            e.args = (f"{e}\n{lost_roles(self.pools)}",)
+            raise
         finally:
             logger.close()
             self.stop()
@@ -244,7 +249,7 @@ class Trainer:
 
     # ---- actors -------------------------------------------------------------------------
     def start(self) -> None:
-        roles = build_roles(self.cfg)
+        roles = self.topology.role_specs(self.cfg)
         self._started_ray = connect(self.cfg.run, cpus_needed(roles))
         self.pools = start_pools(roles, self.cfg.run.placement_timeout_s)
         timeout = self.cfg.run.call_timeout_s

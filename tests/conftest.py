@@ -22,19 +22,36 @@ def tiny_model(tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="session")
+TEST_ENV = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}}
+_LOCAL: dict = {}
+
+
+@pytest.fixture
 def ray_local():
-    """One real local Ray instance for the integration tests, on 127.0.0.1."""
+    """A real local Ray instance on 127.0.0.1, shared by the tests that ask for it (started
+    again if a multi-node test shut it down)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
-            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}},
-            logging_level="WARNING",
-        )
-    yield ray
-    ray.shutdown()
+    if not (ray.is_initialized() and _LOCAL.get("up")):
+        if ray.is_initialized():
+            ray.shutdown()
+        ray.init(address="local", num_cpus=8, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", runtime_env=TEST_ENV, logging_level="WARNING")
+        _LOCAL["up"] = True
+    return ray
+
+
+@pytest.fixture
+def no_ray():
+    """For tests that start their own cluster: no shared instance is running."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    _LOCAL["up"] = False
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def small_config(model: str, output_dir: str, **sections) -> dict:

@@ -32,6 +32,9 @@ class DeepSpeedRank:
     def build_model(self) -> torch.nn.Module:
         raise NotImplementedError
 
+    def ping(self) -> int:
+        return self.rank
+
     # ---- setup ------------------------------------------------------------------------
     def address(self) -> tuple[str, int]:
         """Rank 0: this node's IP and a free port for the process group rendezvous."""

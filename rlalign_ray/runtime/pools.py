@@ -13,55 +13,99 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlalign_ray.config import Resources
+from rlalign_ray.config import Placement, Resources
 from rlalign_ray.errors import ActorFailure, PlacementError, RlalignError
 from rlalign_ray.runtime.cluster import describe_cluster, worker_env
 
 
 @dataclass
 class RoleSpec:
-    """How many actors of which class a role runs, and what each needs."""
+    """How many actors of which class a role runs, what each needs, where they go."""
 
     name: str
     cls: type
     num_actors: int
     resources: Resources
     args: Callable[[int], tuple] = lambda i: ()  # constructor args for actor i
-    strategy: str = "PACK"  # Ray placement strategy: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
+    placement: Placement = field(default_factory=Placement)
 
 
 @dataclass
 class RolePool:
     spec: RoleSpec
     actors: list[Any] = field(default_factory=list)
-    placement_group: Any = None
+    placement_group: Any = None  # this role's own group (None when colocated)
 
     @property
     def name(self) -> str:
         return self.spec.name
 
 
-def place(specs: Sequence[RoleSpec], timeout_s: float) -> list[Any]:
-    """One placement group per role; wait for all, or fail naming what cannot fit."""
+@dataclass
+class Slot:
+    """Where actor ``i`` of a role goes: a placement group and a bundle in it."""
+
+    group: Any
+    bundle: int
+
+
+def plan_bundles(specs: Sequence[RoleSpec]) -> dict[str, list[dict[str, float]]]:
+    """Bundles per role that owns a placement group. A colocated role's actor j shares
+    bundle ``j % n`` of its host, which is sized for both."""
+    plan = {s.name: [s.resources.bundle() for _ in range(s.num_actors)]
+            for s in specs if not s.placement.colocate_with}
+    for s in specs:
+        host = s.placement.colocate_with
+        if host:
+            for j in range(s.num_actors):
+                b = plan[host][j % len(plan[host])]
+                for k, v in s.resources.bundle().items():
+                    b[k] = b.get(k, 0.0) + v
+    return plan
+
+
+def place(specs: Sequence[RoleSpec], timeout_s: float) -> dict[str, list[Slot]]:
+    """Placement groups for every role (colocated roles share their host's); wait for all,
+    or fail naming what cannot fit."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    groups = [placement_group([s.resources.bundle()] * s.num_actors, strategy=s.strategy,
-                              name=f"rlalign-{s.name}") for s in specs]
-    ready, _ = ray.wait([g.ready() for g in groups], num_returns=len(groups), timeout=timeout_s)
-    if len(ready) == len(groups):
-        return groups
-    pending = [s for s, g in zip(specs, groups) if not _is_ready(g)]
-    for g in groups:
-        remove_placement_group(g)
-    asked = "\n".join(f"  {s.name}: {s.num_actors} x {s.resources.bundle()} ({s.strategy})"
-                      for s in specs)
-    names = ", ".join(s.name for s in pending) or "some roles"
-    raise PlacementError(
-        f"the cluster cannot place {names} within {timeout_s:g}s "
-        f"(run.placement_timeout_s).\nAsked for:\n{asked}\nThe cluster has:\n{describe_cluster()}\n"
-        "Lower the per-role resources or actor counts, or add nodes with those resources."
-    )
+    plan = plan_bundles(specs)
+    by_name = {s.name: s for s in specs}
+    groups = {}
+    for name, bundles in plan.items():
+        p = by_name[name].placement
+        labels = [dict(p.node_labels)] * len(bundles) if p.node_labels else None
+        groups[name] = placement_group(bundles, strategy=p.strategy, name=f"rlalign-{name}",
+                                       bundle_label_selector=labels)
+    ready, _ = ray.wait([g.ready() for g in groups.values()], num_returns=len(groups),
+                        timeout=timeout_s)
+    if len(ready) < len(groups):
+        pending = [n for n, g in groups.items() if not _is_ready(g)]
+        for g in groups.values():
+            remove_placement_group(g)
+        raise PlacementError(_unplaceable(specs, plan, pending, timeout_s))
+    slots = {}
+    for s in specs:
+        host = s.placement.colocate_with or s.name
+        n = len(plan[host])
+        slots[s.name] = [Slot(groups[host], j % n) for j in range(s.num_actors)]
+    return slots
+
+
+def _unplaceable(specs, plan, pending, timeout_s) -> str:
+    lines = []
+    for name, bundles in plan.items():
+        spec = next(s for s in specs if s.name == name)
+        guests = [s.name for s in specs if s.placement.colocate_with == name]
+        with_ = f" (shared with {', '.join(guests)})" if guests else ""
+        labels = f", node labels {spec.placement.node_labels}" if spec.placement.node_labels else ""
+        lines.append(f"  {name}{with_}: {len(bundles)} bundles {bundles}, "
+                     f"{spec.placement.strategy}{labels}")
+    return (f"the cluster cannot place {', '.join(pending)} within {timeout_s:g}s "
+            f"(run.placement_timeout_s).\nAsked for:\n" + "\n".join(lines)
+            + f"\nThe cluster has:\n{describe_cluster()}\n"
+            "Lower the per-role resources or actor counts, or add nodes with those resources.")
 
 
 def _is_ready(group: Any) -> bool:
@@ -72,21 +116,21 @@ def _is_ready(group: Any) -> bool:
 
 
 def start_pools(specs: Sequence[RoleSpec], timeout_s: float) -> dict[str, RolePool]:
-    """Place every role, then start its actors inside its placement group."""
+    """Place every role, then start its actors in their bundles."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    groups = place(specs, timeout_s)
+    slots = place(specs, timeout_s)
     pools: dict[str, RolePool] = {}
-    for spec, group in zip(specs, groups):
+    for spec in specs:
         remote_cls = ray.remote(spec.cls)
-        pool = RolePool(spec=spec, placement_group=group)
-        for i in range(spec.num_actors):
-            opts = spec.resources.ray_options()
+        own = None if spec.placement.colocate_with else slots[spec.name][0].group
+        pool = RolePool(spec=spec, placement_group=own)
+        for i, slot in enumerate(slots[spec.name]):
             actor = remote_cls.options(
-                **opts,
-                name=None,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
+                **spec.resources.ray_options(),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    slot.group, placement_group_bundle_index=slot.bundle),
                 runtime_env={"env_vars": worker_env(cpu_only=spec.resources.num_gpus == 0)},
             ).remote(*spec.args(i))
             pool.actors.append(actor)
@@ -103,6 +147,31 @@ def stop_pools(pools: dict[str, RolePool]) -> None:
             ray.kill(actor, no_restart=True)
         if pool.placement_group is not None:
             remove_placement_group(pool.placement_group)
+
+
+def lost_roles(pools: dict[str, RolePool], timeout_s: float = 10.0) -> str:
+    """Which roles lost actors, and which nodes are gone: for the message of a failed step."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    lost = []
+    for name, pool in pools.items():
+        refs = [a.ping.remote() for a in pool.actors]
+        dead = 0
+        for ref in refs:
+            try:
+                ray.get(ref, timeout=timeout_s)
+            except RayActorError:
+                dead += 1
+            except Exception:  # a hung or failing actor still counts as alive here
+                pass
+        if dead:
+            lost.append(f"{name} ({dead} of {len(refs)} actors)")
+    gone = [n["NodeManagerAddress"] + " " + n["NodeID"][:8] for n in ray.nodes() if not n["Alive"]]
+    text = "Roles that lost actors: " + (", ".join(lost) if lost else "none")
+    if gone:
+        text += ". Nodes no longer alive: " + ", ".join(gone)
+    return text
 
 
 def get(refs: Any, what: str, timeout_s: float | None = None) -> Any:

@@ -17,7 +17,7 @@ from rlalign_ray.rollout.generator import Generator
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def batch_ref(ray_local, tiny_model):
     cfg = config_from_dict(small_config(tiny_model, "/tmp/unused", rollout={"max_new_tokens": 6}))
     gen = Generator(cfg.model, cfg.rollout, seed=0)

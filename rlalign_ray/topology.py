@@ -1,0 +1,139 @@
+"""Topologies: for each role, which class runs, how many actors, what each needs, where.
+
+The default topology comes from the config (``rollout``, ``reward``, ``reference``,
+``learner``, ``critic`` sections: ``num_actors``/``world_size``, ``resources``,
+``placement``, ``actor_class``). The Python API edits it before training:
+
+    topo = Topology.from_config(cfg)
+    topo.pools["generator"] = Pool(4, Resources(num_gpus=0.5),
+                                   Placement(colocate_with="learner"))
+    topo.pools["reward"].cls = MyRewardActor          # same methods as RewardScorer
+    Trainer(cfg, topology=topo).fit()
+
+A custom class is constructed like the built-in class of its role (a subclass is the
+easy way) and answers the same methods; everything a YAML config can say, the API can,
+and the reverse (``actor_class: my_module:MyRewardActor`` in YAML).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from rlalign_ray.config import Config, Placement, Resources
+from rlalign_ray.errors import ConfigError
+from rlalign_ray.runtime.pools import RoleSpec
+
+DEEPSPEED_ROLES = ("learner", "critic")  # roles whose actors form a process group
+
+
+@dataclass
+class Pool:
+    """One role's actors."""
+
+    num_actors: int
+    resources: Resources = field(default_factory=Resources)
+    placement: Placement = field(default_factory=Placement)
+    cls: type | str | None = None  # a class, "module:Class", or None: the role's built-in
+
+
+@dataclass
+class Topology:
+    pools: dict[str, Pool]
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Topology:
+        """The roles ``cfg`` needs, as its sections describe them."""
+        sections: dict[str, tuple[Any, int]] = {
+            "generator": (cfg.rollout, cfg.rollout.num_actors),
+            "reward": (cfg.reward, cfg.reward.num_actors),
+            "learner": (cfg.learner, cfg.learner.world_size),
+        }
+        if cfg.needs_reference:
+            sections["reference"] = (cfg.reference, 1)
+        if cfg.needs_critic:
+            sections["critic"] = (cfg.critic, cfg.critic.world_size)
+        return cls({role: Pool(n, replace(sec.resources), replace(sec.placement), sec.actor_class)
+                    for role, (sec, n) in sections.items()})
+
+    def validate(self, cfg: Config) -> None:
+        """Roles present and consistent with the training config; raises ConfigError."""
+        e: list[str] = []
+        needed = set(Topology.from_config(cfg).pools)
+        if needed - set(self.pools):
+            e.append(f"topology: roles {sorted(needed - set(self.pools))} are missing")
+        if set(self.pools) - needed - set(BUILTIN_CLASSES):
+            e.append(f"topology: unknown roles {sorted(set(self.pools) - set(BUILTIN_CLASSES))}")
+        for role, pool in self.pools.items():
+            p = pool.placement
+            if pool.num_actors < 1:
+                e.append(f"{role}: needs at least one actor")
+            if p.strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+                e.append(f"{role}.placement.strategy: use PACK, SPREAD, STRICT_PACK or "
+                         f"STRICT_SPREAD, got {p.strategy!r}")
+            host = p.colocate_with
+            if host is not None and (host not in self.pools or host == role):
+                e.append(f"{role}.placement.colocate_with: {host!r} is not another role here "
+                         f"({sorted(self.pools)})")
+            elif host is not None and self.pools[host].placement.colocate_with:
+                e.append(f"{role}.placement.colocate_with: {host!r} is itself colocated; "
+                         "colocate with the role that owns the bundles")
+        for role in DEEPSPEED_ROLES:
+            if role in self.pools:
+                section = getattr(cfg, role)
+                unit = self.pools[role].num_actors * section.micro_batch_size
+                if cfg.mini_batch_size % unit:
+                    e.append(f"{role}: mini-batches of {cfg.mini_batch_size} do not split over "
+                             f"{self.pools[role].num_actors} ranks x micro-batches of "
+                             f"{section.micro_batch_size}")
+        if e:
+            raise ConfigError(e)
+
+    def role_specs(self, cfg: Config) -> list[RoleSpec]:
+        specs = []
+        for role, pool in self.pools.items():
+            cls = resolve_class(pool.cls) if pool.cls is not None else BUILTIN_CLASSES[role]
+            args = _constructor_args(role, cfg, pool.num_actors)
+            specs.append(RoleSpec(role, cls, pool.num_actors, pool.resources, args, pool.placement))
+        return specs
+
+
+def _constructor_args(role: str, cfg: Config, n: int):
+    """Per-actor constructor arguments: the built-in class's signature for the role."""
+    r = cfg.rollout
+    return {
+        "generator": lambda i: (cfg.model, r, cfg.run.seed, i, cfg.data.max_prompt_tokens),
+        "reward": lambda i: (cfg.reward,),
+        "reference": lambda i: (cfg.model, cfg.reference, r.temperature),
+        "learner": lambda i: (cfg, i, n),
+        "critic": lambda i: (cfg, i, n),
+    }[role]
+
+
+def resolve_class(cls: type | str) -> type:
+    if isinstance(cls, type):
+        return cls
+    module, _, name = cls.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError([f"actor_class {cls!r}: cannot load it ({e}); write module:Class"]) from None
+
+
+def _builtin_classes() -> dict[str, type]:
+    from rlalign_ray.learner.critic import Critic
+    from rlalign_ray.learner.learner import Learner
+    from rlalign_ray.learner.reference import Reference
+    from rlalign_ray.rewards.scorer import RewardScorer
+    from rlalign_ray.rollout.generator import Generator
+
+    return {"generator": Generator, "reward": RewardScorer, "reference": Reference,
+            "learner": Learner, "critic": Critic}
+
+
+BUILTIN_CLASSES = _builtin_classes()
+
+
+def cpus_needed(specs: list[RoleSpec]) -> float:
+    return sum(s.num_actors * s.resources.num_cpus for s in specs)
