@@ -285,17 +285,7 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML file, apply ``a.b=value`` overrides, build and validate the tree."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError([f"config file {str(p)!r} does not exist"])
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError([f"{p}: not valid YAML: {e}"]) from None
-        if not isinstance(raw, dict):
-            raise ConfigError([f"{p}: the top level must be a mapping of sections"])
+    raw = _read_yaml(Path(path)) if path is not None else {}
     errors: list[str] = []
     for item in overrides or []:
         _apply_override(raw, item, errors)
@@ -306,6 +296,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if errors:
         raise ConfigError(errors)
     return cfg
+
+
+def _read_yaml(p: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config; ``base: other.yaml`` (relative to this file) is read first and this
+    file's keys override it, section by section."""
+    if not p.is_file():
+        raise ConfigError([f"config file {str(p)!r} does not exist"])
+    if p.resolve() in seen:
+        raise ConfigError([f"{p}: 'base' files include each other in a loop"])
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{p}: not valid YAML: {e}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{p}: the top level must be a mapping of sections"])
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return _merge(_read_yaml(p.parent / str(base), seen + (p.resolve(),)), raw)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

@@ -19,8 +19,15 @@ from typing import Any
 import torch
 
 from rlalign_ray.algorithms import (
-    AdaptiveKLController, FixedKLController, compute_token_rewards, gae, kl_penalty,
-    masked_mean, masked_whiten, outcome_advantages, overlong_penalty,
+    AdaptiveKLController,
+    FixedKLController,
+    compute_token_rewards,
+    gae,
+    kl_penalty,
+    masked_mean,
+    masked_whiten,
+    outcome_advantages,
+    overlong_penalty,
 )
 from rlalign_ray.config import Config
 from rlalign_ray.data.batch import PromptItem, ScoredShard, pad_responses

@@ -8,12 +8,21 @@ from typing import Any
 import torch
 
 from rlalign_ray.algorithms import (
-    aggregate_loss, entropy_from_logits, kl_penalty, masked_mean, policy_loss,
+    aggregate_loss,
+    entropy_from_logits,
+    kl_penalty,
+    masked_mean,
+    policy_loss,
 )
 from rlalign_ray.config import Config
 from rlalign_ray.data.batch import pad_responses
 from rlalign_ray.learner.base import DeepSpeedRank
-from rlalign_ray.models.loading import batch_logprobs, load_causal_lm, response_logits, token_logprobs
+from rlalign_ray.models.loading import (
+    batch_logprobs,
+    load_causal_lm,
+    response_logits,
+    token_logprobs,
+)
 from rlalign_ray.sync.weights import TRANSPORTS, WeightHandle
 
 

@@ -42,10 +42,12 @@ def _assert_same(a: dict, b: dict) -> None:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
-def test_three_steps_two_generators_two_reward_actors_zero2_two_ranks(ray_local, tiny_model, tmp_path):
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_three_steps_two_generators_two_reward_actors_two_ranks(ray_local, tiny_model, tmp_path,
+                                                               zero_stage):
     cfg = config_from_dict(small_config(
         tiny_model, str(tmp_path / "run"),
-        learner={"world_size": 2, "zero_stage": 2, "micro_batch_size": 2, "lr": 1e-3,
+        learner={"world_size": 2, "zero_stage": zero_stage, "micro_batch_size": 2, "lr": 1e-3,
                  "resources": {"num_cpus": 0.5}},
         trainer={"steps": 3, "eval_every": 2, "save_every": 2},
     ))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,7 @@ def three_nodes():
     finally:
         subprocess.run(["bash", str(SCRIPT), "stop", "--temp-dir", temp_dir], env=env,
                        capture_output=True, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _drive(mode, three_nodes, tiny_model, tmp_path) -> dict:
