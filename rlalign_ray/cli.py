@@ -1,8 +1,8 @@
 """The ``rlalign-ray`` command.
 
-    rlalign-ray train CONFIG [key.path=value ...]
-    rlalign-ray check-config CONFIG [key.path=value ...]
-    rlalign-ray make-tiny-model DIR [--arch llama|qwen2] [--warmup arith]
+rlalign-ray train CONFIG [key.path=value ...]
+rlalign-ray check-config CONFIG [key.path=value ...]
+rlalign-ray make-tiny-model DIR [--arch llama|qwen2] [--warmup arith]
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from rlalign_ray.errors import RlalignError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlalign-ray", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a policy (starts a local Ray instance if none is given)")
+    p = sub.add_parser(
+        "train", help="train a policy (starts a local Ray instance if none is given)"
+    )
     p.add_argument("config", help="YAML run config, e.g. configs/demo_cpu.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.steps=20")
     p = sub.add_parser("check-config", help="validate a config and print the resolved tree")
@@ -28,10 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("make-tiny-model", help="build a small model and tokenizer locally")
     p.add_argument("dir")
     p.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
-    p.add_argument("--warmup", default=None, choices=["arith"],
-                   help="also run a short supervised warm-up on a task")
+    p.add_argument(
+        "--warmup",
+        default=None,
+        choices=["arith"],
+        help="also run a short supervised warm-up on a task",
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return COMMANDS[args.command](args)
@@ -51,8 +59,10 @@ def _train(args: argparse.Namespace) -> int:
     final = Trainer(cfg).fit()
     keys = [k for k in ("eval/reward_mean", "train/reward_mean") if k in final]
     summary = ", ".join(f"{k}={final[k]:.3f}" for k in keys)
-    print(f"rlalign-ray: done. {summary}. Metrics: {cfg.trainer.output_dir}/metrics.jsonl; "
-          f"policy: {cfg.trainer.output_dir}/final")
+    print(
+        f"rlalign-ray: done. {summary}. Metrics: {cfg.trainer.output_dir}/metrics.jsonl; "
+        f"policy: {cfg.trainer.output_dir}/final"
+    )
     return 0
 
 

@@ -25,7 +25,7 @@ from rlalign_ray.errors import ConfigError
 def doc(default: Any, text: str) -> Any:
     """A dataclass field with a default (copied if mutable) and a one-line doc."""
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        factory = (lambda d=default: _copy(d))  # noqa: E731
+        factory = lambda d=default: _copy(d)  # noqa: E731
         return field(default_factory=factory, metadata={"doc": text})
     return field(default=default, metadata={"doc": text})
 
@@ -75,7 +75,9 @@ STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 class Placement:
     """Where a role's actors go (Ray placement groups do the scheduling)."""
 
-    strategy: str = doc("PACK", "PACK (few nodes), SPREAD (across nodes), STRICT_PACK, STRICT_SPREAD")
+    strategy: str = doc(
+        "PACK", "PACK (few nodes), SPREAD (across nodes), STRICT_PACK, STRICT_SPREAD"
+    )
     colocate_with: str | None = doc(
         None, "share another role's bundles (same nodes, same GPUs), e.g. learner"
     )
@@ -159,8 +161,9 @@ class RewardConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = doc("grpo", "advantage estimator: ppo, grpo, dr_grpo, rloo, reinforce_pp, "
-                    "reinforce_pp_baseline")
+    name: str = doc(
+        "grpo", "advantage estimator: ppo, grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline"
+    )
     kl_coef: float = doc(0.0, "KL coefficient (0: no reference model is started)")
     kl_estimator: str = doc("k3", "KL estimator: k1, k2, k3 or abs")
     kl_in_reward: bool = doc(False, "KL as a per-token reward penalty (else a loss term)")
@@ -176,8 +179,9 @@ class AlgorithmConfig:
     whiten_advantages: bool = doc(True, "ppo: whiten GAE advantages over the batch")
     dynamic_sampling: bool = doc(False, "DAPO: drop groups whose rewards are all equal, refill")
     max_refills: int = doc(2, "dynamic sampling: extra generation rounds per step at most")
-    overlong_buffer: int = doc(0, "DAPO overlong penalty: tokens before max_new_tokens where "
-                               "the penalty ramps up (0: off)")
+    overlong_buffer: int = doc(
+        0, "DAPO overlong penalty: tokens before max_new_tokens where the penalty ramps up (0: off)"
+    )
     overlong_penalty: float = doc(1.0, "DAPO overlong penalty at max_new_tokens")
     use_behaviour_logprobs: bool = doc(
         False, "use the generator's log-probs as old log-probs instead of a learner pass"
@@ -449,13 +453,17 @@ def validate(cfg: Config) -> list[str]:
     _positive(e, "learner.update_epochs", lr.update_epochs)
     _positive(e, "trainer.steps", t.steps, allow_zero=True)
     if r.temperature <= 0:
-        e.append("rollout.temperature: must be > 0 for sampling (use eval_temperature=0 for greedy)")
+        e.append(
+            "rollout.temperature: must be > 0 for sampling (use eval_temperature=0 for greedy)"
+        )
     if not 0 < r.top_p <= 1:
         e.append(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
     if r.backend not in ("hf",):
         e.append(f"rollout.backend: unknown backend {r.backend!r}; available: hf")
     if a.name not in ADVANTAGE_ESTIMATORS:
-        e.append(f"algorithm.name: unknown {a.name!r}; choose one of {sorted(ADVANTAGE_ESTIMATORS)}")
+        e.append(
+            f"algorithm.name: unknown {a.name!r}; choose one of {sorted(ADVANTAGE_ESTIMATORS)}"
+        )
     else:
         est = ADVANTAGE_ESTIMATORS[a.name]
         if est.needs_groups and r.n_samples < 2:
@@ -468,23 +476,31 @@ def validate(cfg: Config) -> list[str]:
             _positive(e, "critic.micro_batch_size", cfg.critic.micro_batch_size)
             unit = cfg.critic.world_size * cfg.critic.micro_batch_size
             if cfg.mini_batch_size % unit:
-                e.append(f"critic.micro_batch_size: mini-batches of {cfg.mini_batch_size} must "
-                         f"split over critic.world_size={cfg.critic.world_size} ranks in "
-                         f"micro-batches of {cfg.critic.micro_batch_size}")
+                e.append(
+                    f"critic.micro_batch_size: mini-batches of {cfg.mini_batch_size} must "
+                    f"split over critic.world_size={cfg.critic.world_size} ranks in "
+                    f"micro-batches of {cfg.critic.micro_batch_size}"
+                )
     if a.kl_estimator not in KL_KINDS:
         e.append(f"algorithm.kl_estimator: unknown {a.kl_estimator!r}; use one of {list(KL_KINDS)}")
     if a.dual_clip is not None and a.dual_clip <= 1:
         e.append(f"algorithm.dual_clip: must be > 1 (e.g. 3.0) or null, got {a.dual_clip}")
     if a.kl_in_reward and a.name in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"):
-        e.append(f"algorithm.kl_in_reward: {a.name} scores whole sequences; use the KL loss "
-                 "term (kl_in_reward: false), or ppo / reinforce_pp")
+        e.append(
+            f"algorithm.kl_in_reward: {a.name} scores whole sequences; use the KL loss "
+            "term (kl_in_reward: false), or ppo / reinforce_pp"
+        )
     if a.overlong_buffer >= cfg.rollout.max_new_tokens:
-        e.append(f"algorithm.overlong_buffer: must be < rollout.max_new_tokens "
-                 f"({cfg.rollout.max_new_tokens}), got {a.overlong_buffer}")
+        e.append(
+            f"algorithm.overlong_buffer: must be < rollout.max_new_tokens "
+            f"({cfg.rollout.max_new_tokens}), got {a.overlong_buffer}"
+        )
     if a.kl_coef < 0:
         e.append(f"algorithm.kl_coef: must be >= 0, got {a.kl_coef}")
     if a.loss_agg not in AGGREGATION_MODES:
-        e.append(f"algorithm.loss_agg: unknown {a.loss_agg!r}; use one of {list(AGGREGATION_MODES)}")
+        e.append(
+            f"algorithm.loss_agg: unknown {a.loss_agg!r}; use one of {list(AGGREGATION_MODES)}"
+        )
     if lr.zero_stage not in (0, 1, 2, 3):
         e.append(f"learner.zero_stage: must be 0, 1, 2 or 3, got {lr.zero_stage}")
     if lr.backend not in ("auto", "gloo", "nccl"):
@@ -515,26 +531,36 @@ def _check_batches(cfg: Config, e: list[str]) -> None:
     batch, mini = cfg.batch_size, cfg.mini_batch_size
     per_rank_unit = lr.world_size * lr.micro_batch_size
     if mini > batch:
-        e.append(f"learner.mini_batch_size: {mini} is larger than the batch "
-                 f"(rollout.prompts_per_step * rollout.n_samples = {batch}); lower it")
+        e.append(
+            f"learner.mini_batch_size: {mini} is larger than the batch "
+            f"(rollout.prompts_per_step * rollout.n_samples = {batch}); lower it"
+        )
     elif batch % mini:
-        e.append(f"learner.mini_batch_size: the batch of {batch} sequences "
-                 f"(prompts_per_step * n_samples) must split into mini-batches of {mini}; "
-                 f"pick a divisor of {batch}")
+        e.append(
+            f"learner.mini_batch_size: the batch of {batch} sequences "
+            f"(prompts_per_step * n_samples) must split into mini-batches of {mini}; "
+            f"pick a divisor of {batch}"
+        )
     if mini % cfg.rollout.n_samples and cfg.algorithm.name != "ppo":
-        e.append(f"learner.mini_batch_size: {mini} should hold whole groups of "
-                 f"rollout.n_samples={cfg.rollout.n_samples}; use a multiple of it")
+        e.append(
+            f"learner.mini_batch_size: {mini} should hold whole groups of "
+            f"rollout.n_samples={cfg.rollout.n_samples}; use a multiple of it"
+        )
     if mini % per_rank_unit:
-        e.append(f"learner.micro_batch_size: each mini-batch of {mini} sequences is split over "
-                 f"learner.world_size={lr.world_size} ranks in micro-batches of "
-                 f"{lr.micro_batch_size}; {mini} is not divisible by {per_rank_unit}. "
-                 f"Make mini_batch_size a multiple of world_size * micro_batch_size")
+        e.append(
+            f"learner.micro_batch_size: each mini-batch of {mini} sequences is split over "
+            f"learner.world_size={lr.world_size} ranks in micro-batches of "
+            f"{lr.micro_batch_size}; {mini} is not divisible by {per_rank_unit}. "
+            f"Make mini_batch_size a multiple of world_size * micro_batch_size"
+        )
 
 
 def _check_rewards(cfg: Config, e: list[str]) -> None:
     if not cfg.reward.rewards:
-        e.append("reward.rewards: give at least one reward, e.g. "
-                 "[{type: function, path: 'rlalign_ray.rewards.builtin:arithmetic_exact'}]")
+        e.append(
+            "reward.rewards: give at least one reward, e.g. "
+            "[{type: function, path: 'rlalign_ray.rewards.builtin:arithmetic_exact'}]"
+        )
     for i, spec in enumerate(cfg.reward.rewards):
         key = f"reward.rewards[{i}]"
         if spec.type not in ("function", "model", "embedding"):

@@ -7,15 +7,20 @@ import math
 from pathlib import Path
 from typing import Any
 
-BAR_KEYS = {"train/reward_mean": "reward", "eval/reward_mean": "eval", "train/kl": "kl",
-            "time/step_s": "s/step"}
+BAR_KEYS = {
+    "train/reward_mean": "reward",
+    "eval/reward_mean": "eval",
+    "train/kl": "kl",
+    "time/step_s": "s/step",
+}
 
 
 class MetricsLogger:
     """One JSON line per step in ``<output_dir>/metrics.jsonl``; TensorBoard beside it."""
 
-    def __init__(self, output_dir: str, total_steps: int, tensorboard: bool = True,
-                 progress_bar: bool = True):
+    def __init__(
+        self, output_dir: str, total_steps: int, tensorboard: bool = True, progress_bar: bool = True
+    ):
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"

@@ -54,8 +54,12 @@ class Topology:
             sections["reference"] = (cfg.reference, 1)
         if cfg.needs_critic:
             sections["critic"] = (cfg.critic, cfg.critic.world_size)
-        return cls({role: Pool(n, replace(sec.resources), replace(sec.placement), sec.actor_class)
-                    for role, (sec, n) in sections.items()})
+        return cls(
+            {
+                role: Pool(n, replace(sec.resources), replace(sec.placement), sec.actor_class)
+                for role, (sec, n) in sections.items()
+            }
+        )
 
     def validate(self, cfg: Config) -> None:
         """Roles present and consistent with the training config; raises ConfigError."""
@@ -70,23 +74,31 @@ class Topology:
             if pool.num_actors < 1:
                 e.append(f"{role}: needs at least one actor")
             if p.strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-                e.append(f"{role}.placement.strategy: use PACK, SPREAD, STRICT_PACK or "
-                         f"STRICT_SPREAD, got {p.strategy!r}")
+                e.append(
+                    f"{role}.placement.strategy: use PACK, SPREAD, STRICT_PACK or "
+                    f"STRICT_SPREAD, got {p.strategy!r}"
+                )
             host = p.colocate_with
             if host is not None and (host not in self.pools or host == role):
-                e.append(f"{role}.placement.colocate_with: {host!r} is not another role here "
-                         f"({sorted(self.pools)})")
+                e.append(
+                    f"{role}.placement.colocate_with: {host!r} is not another role here "
+                    f"({sorted(self.pools)})"
+                )
             elif host is not None and self.pools[host].placement.colocate_with:
-                e.append(f"{role}.placement.colocate_with: {host!r} is itself colocated; "
-                         "colocate with the role that owns the bundles")
+                e.append(
+                    f"{role}.placement.colocate_with: {host!r} is itself colocated; "
+                    "colocate with the role that owns the bundles"
+                )
         for role in DEEPSPEED_ROLES:
             if role in self.pools:
                 section = getattr(cfg, role)
                 unit = self.pools[role].num_actors * section.micro_batch_size
                 if cfg.mini_batch_size % unit:
-                    e.append(f"{role}: mini-batches of {cfg.mini_batch_size} do not split over "
-                             f"{self.pools[role].num_actors} ranks x micro-batches of "
-                             f"{section.micro_batch_size}")
+                    e.append(
+                        f"{role}: mini-batches of {cfg.mini_batch_size} do not split over "
+                        f"{self.pools[role].num_actors} ranks x micro-batches of "
+                        f"{section.micro_batch_size}"
+                    )
         if e:
             raise ConfigError(e)
 
@@ -118,7 +130,9 @@ def resolve_class(cls: type | str) -> type:
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ConfigError([f"actor_class {cls!r}: cannot load it ({e}); write module:Class"]) from None
+        raise ConfigError(
+            [f"actor_class {cls!r}: cannot load it ({e}); write module:Class"]
+        ) from None
 
 
 def _builtin_classes() -> dict[str, type]:
@@ -128,8 +142,13 @@ def _builtin_classes() -> dict[str, type]:
     from rlalign_ray.rewards.scorer import RewardScorer
     from rlalign_ray.rollout.generator import Generator
 
-    return {"generator": Generator, "reward": RewardScorer, "reference": Reference,
-            "learner": Learner, "critic": Critic}
+    return {
+        "generator": Generator,
+        "reward": RewardScorer,
+        "reference": Reference,
+        "learner": Learner,
+        "critic": Critic,
+    }
 
 
 BUILTIN_CLASSES = _builtin_classes()

@@ -61,17 +61,28 @@ class Trainer:
         self.pools: dict[str, Any] = {}
         self._started_ray = False
         a = cfg.algorithm
-        self.kl_ctl = (AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon)
-                       if a.kl_target > 0 else FixedKLController(a.kl_coef))
+        self.kl_ctl = (
+            AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon)
+            if a.kl_target > 0
+            else FixedKLController(a.kl_coef)
+        )
 
     # ---- the algorithm ----------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         cfg = self.cfg
         train = load_prompts(cfg.data.train, cfg.data.prompt_key)
-        evals = load_prompts(cfg.data.eval, cfg.data.prompt_key, cfg.data.eval_limit) if cfg.data.eval else []
+        evals = (
+            load_prompts(cfg.data.eval, cfg.data.prompt_key, cfg.data.eval_limit)
+            if cfg.data.eval
+            else []
+        )
         sampler = PromptSampler(train, cfg.run.seed)
-        logger = MetricsLogger(cfg.trainer.output_dir, cfg.trainer.steps, cfg.trainer.tensorboard,
-                               cfg.trainer.progress_bar)
+        logger = MetricsLogger(
+            cfg.trainer.output_dir,
+            cfg.trainer.steps,
+            cfg.trainer.tensorboard,
+            cfg.trainer.progress_bar,
+        )
         last: dict[str, float] = {}
         try:
             self.start()
@@ -98,8 +109,11 @@ class Trainer:
                 metrics["weights/version"] = self.version
                 metrics["train/kl_coef"] = self.kl_ctl.value
                 self.kl_ctl.update(metrics.get("train/kl", 0.0), cfg.batch_size)
-                if evals and (step == cfg.trainer.steps or
-                              cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0):
+                if evals and (
+                    step == cfg.trainer.steps
+                    or cfg.trainer.eval_every
+                    and step % cfg.trainer.eval_every == 0
+                ):
                     metrics.update(self.evaluate(evals))
                 if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
                     self.save(Path(cfg.trainer.output_dir) / "checkpoints" / f"step_{step}")
@@ -155,15 +169,20 @@ class Trainer:
         ref = self.pools.get("reference")
         n = 1 if greedy else self.cfg.rollout.n_samples
         t0 = time.perf_counter()
-        shards = [g.generate.remote(chunk, n, greedy)
-                  for g, chunk in zip(gens, split(prompts, len(gens))) if chunk]
+        shards = [
+            g.generate.remote(chunk, n, greedy)
+            for g, chunk in zip(gens, split(prompts, len(gens)))
+            if chunk
+        ]
         scored: dict[Any, Any] = {}
         ref_lp: dict[Any, Any] = {}
         pending = list(shards)
         while pending:
             done, pending = ray.wait(pending, num_returns=1, timeout=self.cfg.run.call_timeout_s)
             if not done:
-                raise ActorFailure(f"generation did not finish within {self.cfg.run.call_timeout_s}s")
+                raise ActorFailure(
+                    f"generation did not finish within {self.cfg.run.call_timeout_s}s"
+                )
             for r in done:
                 scored[r] = rewards[len(scored) % len(rewards)].score.remote(r)
                 if ref is not None and not greedy:
@@ -185,8 +204,9 @@ class Trainer:
         mask, stats = s.response_mask, {}
         scores = s.scores
         if a.overlong_buffer:
-            penalty = overlong_penalty(s.response_len, cfg.rollout.max_new_tokens,
-                                       a.overlong_buffer, a.overlong_penalty)
+            penalty = overlong_penalty(
+                s.response_len, cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty
+            )
             scores = scores + penalty
             stats["train/overlong_penalty"] = float(penalty.mean())
         kl = None
@@ -197,8 +217,9 @@ class Trainer:
             stats["train/kl"] = float(masked_mean(kl, mask))
         groups = torch.arange(len(s)) // cfg.rollout.n_samples
         if not cfg.needs_critic:
-            adv = outcome_advantages(a.name, scores, groups, mask, gamma=a.gamma, kl=kl,
-                                     kl_coef=self.kl_ctl.value)
+            adv = outcome_advantages(
+                a.name, scores, groups, mask, gamma=a.gamma, kl=kl, kl_coef=self.kl_ctl.value
+            )
             return adv, None, None, stats
         values = self.critic_values(exp, step)
         token_rewards = compute_token_rewards(scores, mask, kl=kl, kl_coef=self.kl_ctl.value)
@@ -210,20 +231,31 @@ class Trainer:
 
     def critic_values(self, exp: Experience, step: int) -> torch.Tensor:
         ranks = self.pools["critic"].actors
-        parts = get([c.values.remote(exp.shards, exp.rows, step) for c in ranks], "critic",
-                    self.cfg.run.call_timeout_s)
+        parts = get(
+            [c.values.remote(exp.shards, exp.rows, step) for c in ranks],
+            "critic",
+            self.cfg.run.call_timeout_s,
+        )
         values = torch.zeros_like(exp.scores.response_mask)
         for rows, v in parts:
             values[rows, : v.shape[1]] = v
         return values
 
     # ---- 5-6. update and broadcast ------------------------------------------------------
-    def learn(self, exp: Experience, adv: torch.Tensor, returns: torch.Tensor | None,
-              values: torch.Tensor | None, step: int) -> dict[str, float]:
+    def learn(
+        self,
+        exp: Experience,
+        adv: torch.Tensor,
+        returns: torch.Tensor | None,
+        values: torch.Tensor | None,
+        step: int,
+    ) -> dict[str, float]:
         ranks = self.pools["learner"].actors
         refs = None if self.cfg.algorithm.kl_in_reward else exp.ref_logprobs
-        calls = [r.train_step.remote(exp.shards, exp.rows, adv, refs, self.kl_ctl.value, step)
-                 for r in ranks]
+        calls = [
+            r.train_step.remote(exp.shards, exp.rows, adv, refs, self.kl_ctl.value, step)
+            for r in ranks
+        ]
         critics = self.pools["critic"].actors if "critic" in self.pools else []
         calls += [c.train_step.remote(exp.shards, exp.rows, returns, values, step) for c in critics]
         out = get(calls, "learner group", self.cfg.run.call_timeout_s)
@@ -234,14 +266,22 @@ class Trainer:
 
     def broadcast(self, version: int) -> int:
         """Learner rank 0 publishes once; every generator loads it and reports the version."""
-        handles = get([r.publish_weights.remote(version) for r in self.pools["learner"].actors],
-                      "weight publish", self.cfg.run.call_timeout_s)
+        handles = get(
+            [r.publish_weights.remote(version) for r in self.pools["learner"].actors],
+            "weight publish",
+            self.cfg.run.call_timeout_s,
+        )
         handle = handles[0]
-        versions = get([g.load_weights.remote(handle) for g in self.pools["generator"].actors],
-                       "weight broadcast", self.cfg.run.call_timeout_s)
+        versions = get(
+            [g.load_weights.remote(handle) for g in self.pools["generator"].actors],
+            "weight broadcast",
+            self.cfg.run.call_timeout_s,
+        )
         if any(v != version for v in versions):
-            raise ActorFailure(f"weight broadcast: generators report versions {versions}, "
-                               f"expected {version}; refusing to sample with stale weights")
+            raise ActorFailure(
+                f"weight broadcast: generators report versions {versions}, "
+                f"expected {version}; refusing to sample with stale weights"
+            )
         self.version = version
         return handle.num_bytes
 
@@ -251,8 +291,11 @@ class Trainer:
         return {**rollout_metrics(scores, "eval"), "time/eval_s": times["time/generate_s"]}
 
     def save(self, path: Path) -> None:
-        get([r.save_pretrained.remote(str(path)) for r in self.pools["learner"].actors],
-            f"saving {path}", self.cfg.run.call_timeout_s)
+        get(
+            [r.save_pretrained.remote(str(path)) for r in self.pools["learner"].actors],
+            f"saving {path}",
+            self.cfg.run.call_timeout_s,
+        )
 
     # ---- actors -------------------------------------------------------------------------
     def start(self) -> None:

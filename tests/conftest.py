@@ -35,8 +35,14 @@ def ray_local():
     if not (ray.is_initialized() and _LOCAL.get("up")):
         if ray.is_initialized():
             ray.shutdown()
-        ray.init(address="local", num_cpus=8, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", runtime_env=TEST_ENV, logging_level="WARNING")
+        ray.init(
+            address="local",
+            num_cpus=8,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            runtime_env=TEST_ENV,
+            logging_level="WARNING",
+        )
         _LOCAL["up"] = True
     return ray
 
@@ -58,18 +64,38 @@ def small_config(model: str, output_dir: str, **sections) -> dict:
     """A small, fast config dict; ``sections`` override whole keys per section."""
     cfg = {
         "model": {"path": model},
-        "data": {"train": str(REPO / "configs/data/arith_train.jsonl"),
-                 "eval": str(REPO / "configs/data/arith_eval.jsonl"), "eval_limit": 8},
-        "rollout": {"prompts_per_step": 4, "n_samples": 2, "max_new_tokens": 4, "num_actors": 2,
-                    "resources": {"num_cpus": 0.5}},
-        "reward": {"rewards": [{"type": "function", "path": "helpers.rewards:digit_fraction"}],
-                   "num_actors": 2, "resources": {"num_cpus": 0.5}},
+        "data": {
+            "train": str(REPO / "configs/data/arith_train.jsonl"),
+            "eval": str(REPO / "configs/data/arith_eval.jsonl"),
+            "eval_limit": 8,
+        },
+        "rollout": {
+            "prompts_per_step": 4,
+            "n_samples": 2,
+            "max_new_tokens": 4,
+            "num_actors": 2,
+            "resources": {"num_cpus": 0.5},
+        },
+        "reward": {
+            "rewards": [{"type": "function", "path": "helpers.rewards:digit_fraction"}],
+            "num_actors": 2,
+            "resources": {"num_cpus": 0.5},
+        },
         "algorithm": {"name": "grpo", "kl_coef": 0.01},
         "reference": {"resources": {"num_cpus": 0.5}},
-        "learner": {"world_size": 1, "micro_batch_size": 4, "lr": 1e-3,
-                    "resources": {"num_cpus": 0.5}},
-        "trainer": {"steps": 2, "eval_every": 0, "output_dir": output_dir,
-                    "tensorboard": False, "progress_bar": False},
+        "learner": {
+            "world_size": 1,
+            "micro_batch_size": 4,
+            "lr": 1e-3,
+            "resources": {"num_cpus": 0.5},
+        },
+        "trainer": {
+            "steps": 2,
+            "eval_every": 0,
+            "output_dir": output_dir,
+            "tensorboard": False,
+            "progress_bar": False,
+        },
         "run": {"placement_timeout_s": 30, "call_timeout_s": 300},
     }
     for section, values in sections.items():

@@ -43,21 +43,31 @@ def main() -> None:
     p.add_argument("--output-dir", default="runs/custom_topology")
     args = p.parse_args()
 
-    cfg = load_config(REPO / "configs/demo_cpu.yaml", [
-        f"trainer.steps={args.steps}", f"trainer.output_dir={args.output_dir}",
-        "trainer.eval_every=0", "data.eval_limit=16", "trainer.progress_bar=false",
-        "rollout.prompts_per_step=8", "learner.mini_batch_size=64", "learner.micro_batch_size=16",
-        f"data.train={REPO / 'configs/data/arith_train.jsonl'}",
-        f"data.eval={REPO / 'configs/data/arith_eval.jsonl'}",
-    ])
+    cfg = load_config(
+        REPO / "configs/demo_cpu.yaml",
+        [
+            f"trainer.steps={args.steps}",
+            f"trainer.output_dir={args.output_dir}",
+            "trainer.eval_every=0",
+            "data.eval_limit=16",
+            "trainer.progress_bar=false",
+            "rollout.prompts_per_step=8",
+            "learner.mini_batch_size=64",
+            "learner.micro_batch_size=16",
+            f"data.train={REPO / 'configs/data/arith_train.jsonl'}",
+            f"data.eval={REPO / 'configs/data/arith_eval.jsonl'}",
+        ],
+    )
     topo = Topology.from_config(cfg)
     topo.pools["generator"] = Pool(2, Resources(num_cpus=0.5), Placement(strategy="SPREAD"))
     topo.pools["reward"] = Pool(1, Resources(num_cpus=0.25), cls=BrevityScorer)
     topo.pools["learner"] = Pool(2, Resources(num_cpus=0.5))
     topo.pools["reference"] = Pool(1, Resources(num_cpus=0.25), Placement(colocate_with="learner"))
     final = Trainer(cfg, topology=topo).fit()
-    print(f"custom topology: reward {final['train/reward_mean']:.3f}, "
-          f"brevity bonus {final['train/reward/brevity']:.3f}, version {final['weights/version']}")
+    print(
+        f"custom topology: reward {final['train/reward_mean']:.3f}, "
+        f"brevity bonus {final['train/reward/brevity']:.3f}, version {final['weights/version']}"
+    )
 
 
 if __name__ == "__main__":

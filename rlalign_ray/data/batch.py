@@ -123,9 +123,14 @@ class ScoredShard:
         return int(self.scores.shape[0])
 
     def select(self, rows: torch.Tensor) -> ScoredShard:
-        return ScoredShard(self.scores[rows], {k: v[rows] for k, v in self.breakdown.items()},
-                           self.group_ids[rows], self.response_len[rows],
-                           self.response_mask[rows], self.logprobs[rows])
+        return ScoredShard(
+            self.scores[rows],
+            {k: v[rows] for k, v in self.breakdown.items()},
+            self.group_ids[rows],
+            self.response_len[rows],
+            self.response_mask[rows],
+            self.logprobs[rows],
+        )
 
     @staticmethod
     def concat(shards: list[ScoredShard]) -> ScoredShard:

@@ -32,19 +32,27 @@ def load_prompts(path: str, prompt_key: str = "prompt", limit: int = 0) -> list[
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(row, dict):
-                raise DataError(f"{where}: each line must be a JSON object, got {type(row).__name__}")
+                raise DataError(
+                    f"{where}: each line must be a JSON object, got {type(row).__name__}"
+                )
             if prompt_key not in row:
-                raise DataError(f"{where}: no {prompt_key!r} key (set data.prompt_key to the key "
-                                f"that holds the prompt; keys here: {sorted(row)})")
+                raise DataError(
+                    f"{where}: no {prompt_key!r} key (set data.prompt_key to the key "
+                    f"that holds the prompt; keys here: {sorted(row)})"
+                )
             prompt = row.pop(prompt_key)
             if not _is_prompt(prompt):
-                raise DataError(f"{where}: {prompt_key!r} must be a non-empty string or a list of "
-                                "{role, content} messages")
+                raise DataError(
+                    f"{where}: {prompt_key!r} must be a non-empty string or a list of "
+                    "{role, content} messages"
+                )
             if columns is None:
                 columns = set(row)
             elif set(row) != columns:
-                raise DataError(f"{where}: columns {sorted(row)} differ from the first line's "
-                                f"{sorted(columns)}; every line needs the same keys")
+                raise DataError(
+                    f"{where}: columns {sorted(row)} differ from the first line's "
+                    f"{sorted(columns)}; every line needs the same keys"
+                )
             items.append(PromptItem(index=len(items), prompt=prompt, columns=row))
             if limit and len(items) >= limit:
                 break
@@ -56,8 +64,10 @@ def load_prompts(path: str, prompt_key: str = "prompt", limit: int = 0) -> list[
 def _is_prompt(x: object) -> bool:
     if isinstance(x, str):
         return bool(x)
-    return isinstance(x, list) and bool(x) and all(
-        isinstance(m, dict) and "role" in m and "content" in m for m in x
+    return (
+        isinstance(x, list)
+        and bool(x)
+        and all(isinstance(m, dict) and "role" in m and "content" in m for m in x)
     )
 
 

@@ -49,14 +49,26 @@ class DeepSpeedRank:
         """Join the process group, build the model and wrap it in a DeepSpeed engine."""
         import deepspeed
 
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
-                          RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK="0",
+        )
         if master_addr.startswith("127."):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        backend = self.role.backend if self.role.backend != "auto" else (
-            "nccl" if self.device.type == "cuda" else "gloo")
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   rank=self.rank, world_size=self.world_size)
+        backend = (
+            self.role.backend
+            if self.role.backend != "auto"
+            else ("nccl" if self.device.type == "cuda" else "gloo")
+        )
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
         torch.manual_seed(self.cfg.run.seed)
         model = self.build_model()
         if self.role.gradient_checkpointing:
@@ -64,11 +76,15 @@ class DeepSpeedRank:
         if self.role.optimizer == "sgd":
             optimizer = torch.optim.SGD(model.parameters(), lr=self.role.lr)
         else:
-            optimizer = torch.optim.AdamW(model.parameters(), lr=self.role.lr,
-                                          betas=tuple(self.role.betas),
-                                          weight_decay=self.role.weight_decay)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                               config=self.ds_config())
+            optimizer = torch.optim.AdamW(
+                model.parameters(),
+                lr=self.role.lr,
+                betas=tuple(self.role.betas),
+                weight_decay=self.role.weight_decay,
+            )
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config()
+        )
         return self.rank
 
     @property
@@ -125,8 +141,11 @@ class DeepSpeedRank:
         mode = self.cfg.algorithm.loss_agg
         micro = self.micro_batches(rows)
         counts = [count_for(mode, mask[r]) for r in micro]
-        total = None if mode == "token-sum" else float(
-            self.all_reduce_sum(torch.tensor(sum(counts), dtype=torch.float64)))
+        total = (
+            None
+            if mode == "token-sum"
+            else float(self.all_reduce_sum(torch.tensor(sum(counts), dtype=torch.float64)))
+        )
         return [(r, self.loss_scale(local, total)) for r, local in zip(micro, counts)]
 
     def loss_scale(self, local: float, total: float | None) -> float:
@@ -162,8 +181,10 @@ class DeepSpeedRank:
 
     def get_weights(self) -> dict[str, np.ndarray]:
         with self.gathered():
-            return {n: p.detach().cpu().float().numpy().copy()
-                    for n, p in self.engine.module.named_parameters()}
+            return {
+                n: p.detach().cpu().float().numpy().copy()
+                for n, p in self.engine.module.named_parameters()
+            }
 
     def save_pretrained(self, path: str) -> str | None:
         """All ranks call this; rank 0 writes a folder ``from_pretrained`` loads."""
@@ -171,8 +192,9 @@ class DeepSpeedRank:
             if self.rank != 0:
                 return None
             self.engine.module.save_pretrained(path, safe_serialization=True)
-        tok = load_tokenizer(self.cfg.model.tokenizer or self.cfg.model.path,
-                             self.cfg.model.trust_remote_code)
+        tok = load_tokenizer(
+            self.cfg.model.tokenizer or self.cfg.model.path, self.cfg.model.trust_remote_code
+        )
         tok.save_pretrained(path)
         return path
 

@@ -25,7 +25,8 @@ class Critic(DeepSpeedRank):
         m = self.cfg.model
         path = resolve(self.cfg.critic.path or m.path)
         model = AutoModelForTokenClassification.from_pretrained(
-            path, num_labels=1, dtype=DTYPES[m.dtype], trust_remote_code=m.trust_remote_code)
+            path, num_labels=1, dtype=DTYPES[m.dtype], trust_remote_code=m.trust_remote_code
+        )
         if model.config.pad_token_id is None:
             model.config.pad_token_id = model.config.eos_token_id
         return model
@@ -43,12 +44,20 @@ class Critic(DeepSpeedRank):
         """This rank's rows and their values: ``(row indices, (n, T) values)``."""
         batch, mine = self.fetch(shards, rows, step)
         self.engine.eval()
-        out = [self._values(self.engine.module, batch.select(r)).cpu() * batch.response_mask[r]
-               for r in self.micro_batches(torch.arange(len(batch)))]
+        out = [
+            self._values(self.engine.module, batch.select(r)).cpu() * batch.response_mask[r]
+            for r in self.micro_batches(torch.arange(len(batch)))
+        ]
         return mine, torch.cat(out)
 
-    def train_step(self, shards: list[Any], rows: torch.Tensor | None, returns: torch.Tensor,
-                   old_values: torch.Tensor, step: int) -> dict[str, float]:
+    def train_step(
+        self,
+        shards: list[Any],
+        rows: torch.Tensor | None,
+        returns: torch.Tensor,
+        old_values: torch.Tensor,
+        step: int,
+    ) -> dict[str, float]:
         batch, mine = self.fetch(shards, rows, step)
         returns, old_values = returns[mine], old_values[mine]
         clip, agg = self.cfg.critic.value_clip, self.cfg.algorithm.loss_agg
@@ -59,8 +68,14 @@ class Critic(DeepSpeedRank):
                 mb = batch.select(r)
                 mask = mb.response_mask.to(self.device)
                 v = self._values(self.engine, mb)
-                loss, m = value_loss(v, old_values[r].to(self.device), returns[r].to(self.device),
-                                     mask, clip=clip, agg=agg)
+                loss, m = value_loss(
+                    v,
+                    old_values[r].to(self.device),
+                    returns[r].to(self.device),
+                    mask,
+                    clip=clip,
+                    agg=agg,
+                )
                 self.engine.backward(loss * scale)
                 self.engine.step()
                 stats["value_loss"].append(loss.item())

@@ -37,8 +37,15 @@ class Learner(DeepSpeedRank):
         model.config.use_cache = False
         return model
 
-    def train_step(self, shards: list[Any], rows: torch.Tensor | None, advantages: torch.Tensor,
-                   ref_logprobs: list[Any] | None, kl_coef: float, step: int) -> dict[str, float]:
+    def train_step(
+        self,
+        shards: list[Any],
+        rows: torch.Tensor | None,
+        advantages: torch.Tensor,
+        ref_logprobs: list[Any] | None,
+        kl_coef: float,
+        step: int,
+    ) -> dict[str, float]:
         """One batch: ``update_epochs`` passes of mini-batches over this rank's rows.
 
         shards: object refs of the step's RolloutBatch shards, in the driver's order.
@@ -67,10 +74,16 @@ class Learner(DeepSpeedRank):
         if self.cfg.algorithm.use_behaviour_logprobs:
             return batch.logprobs
         self.engine.eval()
-        old = batch_logprobs(self.engine.module, batch, self.cfg.rollout.temperature,
-                             self.role.micro_batch_size, self.device)
+        old = batch_logprobs(
+            self.engine.module,
+            batch,
+            self.cfg.rollout.temperature,
+            self.role.micro_batch_size,
+            self.device,
+        )
         stats["logprob_mismatch"].append(
-            masked_mean((old - batch.logprobs).abs(), batch.response_mask).item())
+            masked_mean((old - batch.logprobs).abs(), batch.response_mask).item()
+        )
         return old
 
     def _behaviour_weights(self, batch, old, stats) -> torch.Tensor:
@@ -90,10 +103,19 @@ class Learner(DeepSpeedRank):
             mb = batch.select(r)
             mask = mb.response_mask.to(self.device)
             logits = response_logits(self.engine, mb, self.device)
-            logp = token_logprobs(logits, mb.response_ids.to(self.device), self.cfg.rollout.temperature)
-            pg_loss, m = policy_loss(logp, old[r].to(self.device), adv[r].to(self.device), mask,
-                                     clip_low=a.clip_low, clip_high=a.clip_high,
-                                     dual_clip=a.dual_clip, agg=a.loss_agg)
+            logp = token_logprobs(
+                logits, mb.response_ids.to(self.device), self.cfg.rollout.temperature
+            )
+            pg_loss, m = policy_loss(
+                logp,
+                old[r].to(self.device),
+                adv[r].to(self.device),
+                mask,
+                clip_low=a.clip_low,
+                clip_high=a.clip_high,
+                dual_clip=a.dual_clip,
+                agg=a.loss_agg,
+            )
             loss = pg_loss
             entropy = entropy_from_logits(logits.float())
             if a.entropy_coef:
@@ -121,4 +143,3 @@ class Learner(DeepSpeedRank):
             if self.rank != 0:
                 return None
             return self.transport.publish(self.engine.module.named_parameters(), version)
-

@@ -14,13 +14,17 @@ class Reference:
         set_threads(cfg.resources.num_cpus)
         self.device = default_device()
         path = model.reference or model.path
-        self.model = load_causal_lm(path, model.dtype, model.trust_remote_code).to(self.device).eval()
+        self.model = (
+            load_causal_lm(path, model.dtype, model.trust_remote_code).to(self.device).eval()
+        )
         self.temperature = temperature
         self.micro_batch_size = cfg.micro_batch_size
 
     def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         """(B, T) reference log-probs of the sampled response tokens."""
-        return batch_logprobs(self.model, batch, self.temperature, self.micro_batch_size, self.device)
+        return batch_logprobs(
+            self.model, batch, self.temperature, self.micro_batch_size, self.device
+        )
 
     def ping(self) -> int:
         return 0

@@ -63,7 +63,9 @@ def response_logits(model: Any, batch: RolloutBatch, device: torch.device) -> to
     """(B, T, V) logits that predict each response token."""
     ids = batch.input_ids().to(device)
     attn = batch.attention_mask().to(device)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False)
+    out = model(
+        input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False
+    )
     p, t = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
     return out.logits[:, p - 1 : p + t - 1, :]
 
@@ -79,7 +81,10 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 
 @torch.no_grad()
 def batch_logprobs(
-    model: Any, batch: RolloutBatch, temperature: float, micro_batch_size: int,
+    model: Any,
+    batch: RolloutBatch,
+    temperature: float,
+    micro_batch_size: int,
     device: torch.device,
 ) -> torch.Tensor:
     """(B, T) log-probs of the response tokens, micro-batched, zero on padding."""

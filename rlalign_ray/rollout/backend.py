@@ -79,8 +79,11 @@ class HFBackend(GenerationBackend):
         tokens = out.sequences[:, width:].cpu()
         temp = 1.0 if greedy else params.temperature
         lp = torch.stack(  # per step, so no (N, T, V) copy is made
-            [token_logprobs(step[:, None, :], tokens[:, i : i + 1].to(step.device), temp)[:, 0]
-             for i, step in enumerate(out.logits)], dim=1,
+            [
+                token_logprobs(step[:, None, :], tokens[:, i : i + 1].to(step.device), temp)[:, 0]
+                for i, step in enumerate(out.logits)
+            ],
+            dim=1,
         ).cpu()
         lengths, truncated = _lengths(tokens, self.eos_ids)
         keep = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]

@@ -18,8 +18,15 @@ from rlalign_ray.sync.weights import TRANSPORTS, WeightHandle
 
 
 class Generator:
-    def __init__(self, model: ModelConfig, rollout: RolloutConfig, seed: int, rank: int = 0,
-                 max_prompt_tokens: int = 512, transport: str = "object_store"):
+    def __init__(
+        self,
+        model: ModelConfig,
+        rollout: RolloutConfig,
+        seed: int,
+        rank: int = 0,
+        max_prompt_tokens: int = 512,
+        transport: str = "object_store",
+    ):
         set_threads(rollout.resources.num_cpus)
         torch.manual_seed(seed * 1000 + rank)
         self.cfg = rollout
@@ -38,8 +45,10 @@ class Generator:
         if isinstance(prompt, list) or self.chat_template:
             msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
             if getattr(self.tok, "chat_template", None) is None:
-                raise ValueError("the prompt is a list of messages (or model.chat_template is on) "
-                                 "but the tokenizer has no chat template")
+                raise ValueError(
+                    "the prompt is a list of messages (or model.chat_template is on) "
+                    "but the tokenizer has no chat template"
+                )
             return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return prompt
 
@@ -48,13 +57,16 @@ class Generator:
         return ids[-self.max_prompt_tokens :]
 
     # ---- sampling ---------------------------------------------------------------------
-    def generate(self, items: list[PromptItem], n_samples: int, greedy: bool = False) -> RolloutBatch:
+    def generate(
+        self, items: list[PromptItem], n_samples: int, greedy: bool = False
+    ) -> RolloutBatch:
         """``n_samples`` responses per prompt, samples of one prompt adjacent."""
         c = self.cfg
         params = SamplingParams(
             max_new_tokens=c.max_new_tokens,
             temperature=c.eval_temperature if greedy else c.temperature,
-            top_p=c.top_p, top_k=c.top_k,
+            top_p=c.top_p,
+            top_k=c.top_k,
         )
         texts = [self.render(it.prompt) for it in items]
         encoded = [self.encode(t) for t in texts]
@@ -80,12 +92,19 @@ class Generator:
         mask = (torch.arange(t)[None, :] < lengths[:, None]).float()
         completions = self.tok.batch_decode(tokens, skip_special_tokens=True)
         return RolloutBatch(
-            prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=tokens,
-            response_len=lengths, response_mask=mask, logprobs=logprobs, version=self.version,
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            response_ids=tokens,
+            response_len=lengths,
+            response_mask=mask,
+            logprobs=logprobs,
+            version=self.version,
             group_ids=torch.tensor([items[i].index for i, _ in rows], dtype=torch.long),
-            prompts=[texts[i] for i, _ in rows], completions=completions,
+            prompts=[texts[i] for i, _ in rows],
+            completions=completions,
             columns={k: [items[i].columns[k] for i, _ in rows] for k in items[0].columns},
-            pad_id=pad, truncated=torch.cat([g.truncated for g in gens]),
+            pad_id=pad,
+            truncated=torch.cat([g.truncated for g in gens]),
         )
 
     # ---- weights ----------------------------------------------------------------------
@@ -98,8 +117,9 @@ class Generator:
 
     def get_weights(self) -> dict[str, np.ndarray]:
         """Every parameter as a numpy array (for tests and debugging)."""
-        return {n: p.detach().cpu().float().numpy() for n, p in self.backend.model().named_parameters()}
+        return {
+            n: p.detach().cpu().float().numpy() for n, p in self.backend.model().named_parameters()
+        }
 
     def ping(self) -> int:
         return self.rank
-

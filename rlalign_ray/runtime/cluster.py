@@ -13,8 +13,12 @@ log = logging.getLogger(__name__)
 
 def worker_env(cpu_only: bool) -> dict[str, str]:
     """Environment variables for rlalign-ray's actors."""
-    env = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning",
-           "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    env = {
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONWARNINGS": "ignore::FutureWarning",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
     if cpu_only:
         env["DS_ACCELERATOR"] = "cpu"
     cache = os.environ.get("RLALIGN_RAY_CACHE")
@@ -64,13 +68,25 @@ def describe_cluster() -> str:
     for node in ray.nodes():
         if not node.get("Alive"):
             continue
-        res = {k: v for k, v in node["Resources"].items() if not k.startswith("node:")
-               and k not in ("object_store_memory",) and not k.startswith("accelerator_type")}
-        lines.append(f"  node {node['NodeManagerAddress']} ({node['NodeID'][:8]}): "
-                     + ", ".join(f"{k}={_fmt(k, v)}" for k, v in sorted(res.items())))
-    lines.append("  available now: " + ", ".join(
-        f"{k}={_fmt(k, v)}" for k, v in sorted(avail.items())
-        if not k.startswith("node:") and k != "object_store_memory"))
+        res = {
+            k: v
+            for k, v in node["Resources"].items()
+            if not k.startswith("node:")
+            and k not in ("object_store_memory",)
+            and not k.startswith("accelerator_type")
+        }
+        lines.append(
+            f"  node {node['NodeManagerAddress']} ({node['NodeID'][:8]}): "
+            + ", ".join(f"{k}={_fmt(k, v)}" for k, v in sorted(res.items()))
+        )
+    lines.append(
+        "  available now: "
+        + ", ".join(
+            f"{k}={_fmt(k, v)}"
+            for k, v in sorted(avail.items())
+            if not k.startswith("node:") and k != "object_store_memory"
+        )
+    )
     return "\n".join(lines)
 
 

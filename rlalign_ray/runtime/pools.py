@@ -52,8 +52,11 @@ class Slot:
 def plan_bundles(specs: Sequence[RoleSpec]) -> dict[str, list[dict[str, float]]]:
     """Bundles per role that owns a placement group. A colocated role's actor j shares
     bundle ``j % n`` of its host, which is sized for both."""
-    plan = {s.name: [s.resources.bundle() for _ in range(s.num_actors)]
-            for s in specs if not s.placement.colocate_with}
+    plan = {
+        s.name: [s.resources.bundle() for _ in range(s.num_actors)]
+        for s in specs
+        if not s.placement.colocate_with
+    }
     for s in specs:
         host = s.placement.colocate_with
         if host:
@@ -76,10 +79,12 @@ def place(specs: Sequence[RoleSpec], timeout_s: float) -> dict[str, list[Slot]]:
     for name, bundles in plan.items():
         p = by_name[name].placement
         labels = [dict(p.node_labels)] * len(bundles) if p.node_labels else None
-        groups[name] = placement_group(bundles, strategy=p.strategy, name=f"rlalign-{name}",
-                                       bundle_label_selector=labels)
-    ready, _ = ray.wait([g.ready() for g in groups.values()], num_returns=len(groups),
-                        timeout=timeout_s)
+        groups[name] = placement_group(
+            bundles, strategy=p.strategy, name=f"rlalign-{name}", bundle_label_selector=labels
+        )
+    ready, _ = ray.wait(
+        [g.ready() for g in groups.values()], num_returns=len(groups), timeout=timeout_s
+    )
     if len(ready) < len(groups):
         pending = [n for n, g in groups.items() if not _is_ready(g)]
         for g in groups.values():
@@ -100,12 +105,16 @@ def _unplaceable(specs, plan, pending, timeout_s) -> str:
         guests = [s.name for s in specs if s.placement.colocate_with == name]
         with_ = f" (shared with {', '.join(guests)})" if guests else ""
         labels = f", node labels {spec.placement.node_labels}" if spec.placement.node_labels else ""
-        lines.append(f"  {name}{with_}: {len(bundles)} bundles {bundles}, "
-                     f"{spec.placement.strategy}{labels}")
-    return (f"the cluster cannot place {', '.join(pending)} within {timeout_s:g}s "
-            f"(run.placement_timeout_s).\nAsked for:\n" + "\n".join(lines)
-            + f"\nThe cluster has:\n{describe_cluster()}\n"
-            "Lower the per-role resources or actor counts, or add nodes with those resources.")
+        lines.append(
+            f"  {name}{with_}: {len(bundles)} bundles {bundles}, {spec.placement.strategy}{labels}"
+        )
+    return (
+        f"the cluster cannot place {', '.join(pending)} within {timeout_s:g}s "
+        f"(run.placement_timeout_s).\nAsked for:\n"
+        + "\n".join(lines)
+        + f"\nThe cluster has:\n{describe_cluster()}\n"
+        "Lower the per-role resources or actor counts, or add nodes with those resources."
+    )
 
 
 def _is_ready(group: Any) -> bool:
@@ -130,7 +139,8 @@ def start_pools(specs: Sequence[RoleSpec], timeout_s: float) -> dict[str, RolePo
             actor = remote_cls.options(
                 **spec.resources.ray_options(),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    slot.group, placement_group_bundle_index=slot.bundle),
+                    slot.group, placement_group_bundle_index=slot.bundle
+                ),
                 runtime_env={"env_vars": worker_env(cpu_only=spec.resources.num_gpus == 0)},
             ).remote(*spec.args(i))
             pool.actors.append(actor)
@@ -185,19 +195,25 @@ def get(refs: Any, what: str, timeout_s: float | None = None) -> Any:
     except RayActorError as e:
         if e.actor_init_failed:
             raise _init_failure(what, str(e)) from None
-        raise ActorFailure(f"{what}: an actor died ({_first_line(e)}). The run stops here; "
-                           "check the actor's log above for the cause (out of memory, a lost "
-                           "node, a crash).") from None
+        raise ActorFailure(
+            f"{what}: an actor died ({_first_line(e)}). The run stops here; "
+            "check the actor's log above for the cause (out of memory, a lost "
+            "node, a crash)."
+        ) from None
     except RayTaskError as e:
         cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else None
         if isinstance(cause, RlalignError):
             cause.args = (f"{what}: {cause}",)
             raise cause from None
-        raise ActorFailure(f"{what} failed: {type(cause).__name__ if cause else 'error'}: "
-                           f"{cause if cause else _first_line(e)}\n{e}") from None
+        raise ActorFailure(
+            f"{what} failed: {type(cause).__name__ if cause else 'error'}: "
+            f"{cause if cause else _first_line(e)}\n{e}"
+        ) from None
     except GetTimeoutError:
         waited = time.monotonic() - start
-        raise ActorFailure(f"{what} did not finish within {waited:.0f}s (run.call_timeout_s)") from None
+        raise ActorFailure(
+            f"{what} did not finish within {waited:.0f}s (run.call_timeout_s)"
+        ) from None
 
 
 def _init_failure(what: str, message: str) -> RlalignError:

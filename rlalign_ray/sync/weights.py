@@ -26,13 +26,17 @@ class WeightHandle:
 
     version: int
     payload: Any  # transport-specific (an ObjectRef wrapped in a list for the object store)
-    dtypes: dict[str, str] = field(default_factory=dict)  # name -> torch dtype (bf16 travels as int16)
+    dtypes: dict[str, str] = field(
+        default_factory=dict
+    )  # name -> torch dtype (bf16 travels as int16)
     num_bytes: int = 0
 
 
 class WeightTransport(ABC):
     @abstractmethod
-    def publish(self, named_params: Iterable[tuple[str, torch.Tensor]], version: int) -> WeightHandle:
+    def publish(
+        self, named_params: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> WeightHandle:
         """Learner side: make ``named_params`` available to receivers once."""
 
     @abstractmethod
@@ -43,7 +47,9 @@ class WeightTransport(ABC):
 class ObjectStoreTransport(WeightTransport):
     """One ``ray.put`` of numpy arrays; receivers ``copy_`` into their parameters."""
 
-    def publish(self, named_params: Iterable[tuple[str, torch.Tensor]], version: int) -> WeightHandle:
+    def publish(
+        self, named_params: Iterable[tuple[str, torch.Tensor]], version: int
+    ) -> WeightHandle:
         import ray
 
         arrays, dtypes, nbytes = {}, {}, 0
@@ -73,7 +79,9 @@ def to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
 
 
 @torch.no_grad()
-def load_arrays(model: torch.nn.Module, arrays: dict[str, np.ndarray], dtypes: dict[str, str]) -> None:
+def load_arrays(
+    model: torch.nn.Module, arrays: dict[str, np.ndarray], dtypes: dict[str, str]
+) -> None:
     """Copy published arrays into the model's parameters, in place; names must match."""
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(arrays))

@@ -61,22 +61,37 @@ def node_leaves(pid: int, node_id: str, timeout_s: float = 120.0) -> None:
 
 def main() -> None:
     mode, model, output_dir, env_file = sys.argv[1:5]
-    state = dict(line.split("=", 1) for line in Path(env_file).read_text().splitlines()
-                 if "=" in line and not line.startswith("#"))
+    state = dict(
+        line.split("=", 1)
+        for line in Path(env_file).read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
     import ray
 
     ray.init(address=state["RAY_ADDRESS"], runtime_env=TEST_ENV, logging_level="WARNING")
-    nodes = {name: n["NodeID"] for n in ray.nodes() if n["Alive"]
-             for name in ("node_head", "node_a", "node_b") if name in n["Resources"]}
-    cfg = config_from_dict(small_config(
-        model, output_dir, algorithm={"kl_coef": 0.0},
-        learner={"world_size": 2, "micro_batch_size": 2},
-        trainer={"steps": 2 if mode == "spread" else 4}))
+    nodes = {
+        name: n["NodeID"]
+        for n in ray.nodes()
+        if n["Alive"]
+        for name in ("node_head", "node_a", "node_b")
+        if name in n["Resources"]
+    }
+    cfg = config_from_dict(
+        small_config(
+            model,
+            output_dir,
+            algorithm={"kl_coef": 0.0},
+            learner={"world_size": 2, "micro_batch_size": 2},
+            trainer={"steps": 2 if mode == "spread" else 4},
+        )
+    )
     topo = Topology.from_config(cfg)
-    topo.pools["generator"] = Pool(2, Resources(num_cpus=0.5, custom={"gen_slot": 1}),
-                                   Placement(strategy="SPREAD"))
-    topo.pools["learner"] = Pool(2, Resources(num_cpus=0.5, custom={"learner_slot": 1}),
-                                 Placement(strategy="PACK"))
+    topo.pools["generator"] = Pool(
+        2, Resources(num_cpus=0.5, custom={"gen_slot": 1}), Placement(strategy="SPREAD")
+    )
+    topo.pools["learner"] = Pool(
+        2, Resources(num_cpus=0.5, custom={"learner_slot": 1}), Placement(strategy="PACK")
+    )
     topo.pools["reward"] = Pool(1, Resources(num_cpus=0.25))
     trainer = RecordingTrainer(cfg, topology=topo)
     if mode == "node_loss":

@@ -19,14 +19,23 @@ def _rows(path):
 
 
 def test_ppo_with_critic(ray_local, tiny_model, tmp_path):
-    cfg = config_from_dict(small_config(
-        tiny_model, str(tmp_path / "run"),
-        algorithm={"name": "ppo", "kl_coef": 0.05, "kl_in_reward": True, "gamma": 1.0, "lam": 0.95},
-        rollout={"n_samples": 1, "prompts_per_step": 4, "num_actors": 1},
-        reward={"num_actors": 1},
-        critic={"micro_batch_size": 2, "lr": 1e-3, "resources": {"num_cpus": 0.5}},
-        learner={"micro_batch_size": 2, "update_epochs": 2, "resources": {"num_cpus": 0.5}},
-    ))
+    cfg = config_from_dict(
+        small_config(
+            tiny_model,
+            str(tmp_path / "run"),
+            algorithm={
+                "name": "ppo",
+                "kl_coef": 0.05,
+                "kl_in_reward": True,
+                "gamma": 1.0,
+                "lam": 0.95,
+            },
+            rollout={"n_samples": 1, "prompts_per_step": 4, "num_actors": 1},
+            reward={"num_actors": 1},
+            critic={"micro_batch_size": 2, "lr": 1e-3, "resources": {"num_cpus": 0.5}},
+            learner={"micro_batch_size": 2, "update_epochs": 2, "resources": {"num_cpus": 0.5}},
+        )
+    )
     Trainer(cfg).fit()
     rows = _rows(tmp_path / "run")
     assert all("critic/value_loss" in r and "train/kl" in r for r in rows[1:])
@@ -35,22 +44,48 @@ def test_ppo_with_critic(ray_local, tiny_model, tmp_path):
 
 @pytest.mark.parametrize("name", ["rloo", "reinforce_pp_baseline", "dr_grpo"])
 def test_group_estimators(ray_local, tiny_model, tmp_path, name):
-    cfg = config_from_dict(small_config(
-        tiny_model, str(tmp_path / "run"), algorithm={"name": name, "kl_coef": 0.0},
-        rollout={"num_actors": 1}, reward={"num_actors": 1}, trainer={"steps": 1}))
+    cfg = config_from_dict(
+        small_config(
+            tiny_model,
+            str(tmp_path / "run"),
+            algorithm={"name": name, "kl_coef": 0.0},
+            rollout={"num_actors": 1},
+            reward={"num_actors": 1},
+            trainer={"steps": 1},
+        )
+    )
     Trainer(cfg).fit()
     assert _rows(tmp_path / "run")[-1]["weights/version"] == 1
 
 
 def test_reinforce_pp_kl_in_reward_dynamic_sampling_overlong(ray_local, tiny_model, tmp_path):
-    cfg = config_from_dict(small_config(
-        tiny_model, str(tmp_path / "run"),
-        algorithm={"name": "reinforce_pp", "kl_coef": 0.01, "kl_in_reward": True,
-                   "dynamic_sampling": True, "max_refills": 1, "overlong_buffer": 2,
-                   "kl_target": 0.1, "behaviour_is_cap": 2.0, "entropy_coef": 0.01},
-        rollout={"num_actors": 1}, reward={"num_actors": 1}))
+    cfg = config_from_dict(
+        small_config(
+            tiny_model,
+            str(tmp_path / "run"),
+            algorithm={
+                "name": "reinforce_pp",
+                "kl_coef": 0.01,
+                "kl_in_reward": True,
+                "dynamic_sampling": True,
+                "max_refills": 1,
+                "overlong_buffer": 2,
+                "kl_target": 0.1,
+                "behaviour_is_cap": 2.0,
+                "entropy_coef": 0.01,
+            },
+            rollout={"num_actors": 1},
+            reward={"num_actors": 1},
+        )
+    )
     Trainer(cfg).fit()
     rows = _rows(tmp_path / "run")
-    for key in ("train/informative_groups", "train/refills", "train/overlong_penalty",
-                "train/kl", "train/kl_coef", "train/behaviour_is_weight"):
+    for key in (
+        "train/informative_groups",
+        "train/refills",
+        "train/overlong_penalty",
+        "train/kl",
+        "train/kl_coef",
+        "train/behaviour_is_weight",
+    ):
         assert key in rows[-1], key

@@ -21,8 +21,13 @@ CLUSTER = REPO / "cluster"
 YAML_FILES = sorted(p for p in CLUSTER.rglob("*") if p.suffix in (".yaml", ".yml"))
 SHELL_FILES = sorted(p for p in CLUSTER.rglob("*") if p.suffix in (".sh", ".sbatch"))
 LAUNCH_SCRIPTS = [REPO / "launch/submit.sh", REPO / "launch/local_cluster.sh"]
-EXPECTED = ["aws_gpu.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml",
-            "slurm/rlalign_ray.sbatch", "README.md"]
+EXPECTED = [
+    "aws_gpu.yaml",
+    "kuberay/raycluster.yaml",
+    "kuberay/rayjob.yaml",
+    "slurm/rlalign_ray.sbatch",
+    "README.md",
+]
 
 
 def _rel(p: Path) -> str:
@@ -39,7 +44,9 @@ def _docs(path: Path) -> list[dict]:
 def _check_train_command(cmd: str, where: str) -> None:
     """``rlalign-ray train CONFIG [overrides]`` with CONFIG a loadable file in configs/."""
     argv = shlex.split(cmd)
-    assert argv[:2] == ["rlalign-ray", "train"], f"{where}: not an rlalign-ray train command: {cmd!r}"
+    assert argv[:2] == ["rlalign-ray", "train"], (
+        f"{where}: not an rlalign-ray train command: {cmd!r}"
+    )
     assert len(argv) >= 3, f"{where}: no config in {cmd!r}"
     config, overrides = argv[2], argv[3:]
     path = REPO / config
@@ -76,16 +83,22 @@ def test_shell_syntax(path):
 
 def test_cluster_launcher_config():
     (cfg,) = _docs(CLUSTER / "aws_gpu.yaml")
-    for key in ("cluster_name", "provider", "head_node_type", "available_node_types",
-                "setup_commands"):
+    for key in (
+        "cluster_name",
+        "provider",
+        "head_node_type",
+        "available_node_types",
+        "setup_commands",
+    ):
         assert cfg.get(key), f"aws_gpu.yaml: {key} missing or empty"
     assert cfg["provider"].get("type"), "provider.type missing"
     types = cfg["available_node_types"]
     assert cfg["head_node_type"] in types
     workers = [t for name, t in types.items() if name != cfg["head_node_type"]]
     assert workers and all("node_config" in t and "max_workers" in t for t in workers)
-    assert any("pip install" in c and "rlalign-ray" in c for c in cfg["setup_commands"]), \
+    assert any("pip install" in c and "rlalign-ray" in c for c in cfg["setup_commands"]), (
         "setup_commands must install the project"
+    )
     mounts = cfg.get("file_mounts", {})
     assert any(src in (".", "./") for src in mounts.values()), "the repo is not mounted"
     text = (CLUSTER / "aws_gpu.yaml").read_text()
@@ -134,7 +147,7 @@ def test_slurm_script():
     assert "#SBATCH --nodes=" in text
     assert re.search(r"srun .*\n?\s*ray start --head --block", text), "no head `ray start --block`"
     assert re.search(r"ray start --block --address", text), "no worker `ray start --block`"
-    assert "rlalign-ray train \"$CONFIG\"" in text
+    assert 'rlalign-ray train "$CONFIG"' in text
     assert "trap cleanup EXIT" in text
     # The example in the header names a real config.
     cmds = re.findall(r"sbatch (?:--\S+ )*cluster/slurm/rlalign_ray.sbatch (configs/\S+)", text)
@@ -158,7 +171,8 @@ def test_gpu_config_shape():
 
 def test_launch_scripts_help():
     for script in LAUNCH_SCRIPTS:
-        r = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, check=False,
-                           timeout=30)
+        r = subprocess.run(
+            ["bash", str(script), "--help"], capture_output=True, text=True, check=False, timeout=30
+        )
         assert r.returncode == 0 and "Usage" not in r.stderr, (script, r.stderr)
         assert script.name in r.stdout or "launch/" in r.stdout, r.stdout

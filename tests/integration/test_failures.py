@@ -27,38 +27,55 @@ def _run(tiny_model, tmp_path, **sections):
 def test_unsatisfiable_resources_fail_fast_with_what_was_asked(ray_local, tiny_model, tmp_path):
     start = time.monotonic()
     with pytest.raises(PlacementError) as err:
-        _run(tiny_model, tmp_path, rollout={"resources": {"num_gpus": 1}},
-             run={"placement_timeout_s": 3})
+        _run(
+            tiny_model,
+            tmp_path,
+            rollout={"resources": {"num_gpus": 1}},
+            run={"placement_timeout_s": 3},
+        )
     assert time.monotonic() - start < 30
     msg = str(err.value)
     assert "generator" in msg and "GPU" in msg and "The cluster has" in msg and "CPU=8" in msg
     import ray
 
     assert ray.util.placement_group_table() == {} or all(
-        pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
+        pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values()
+    )
 
 
 def test_reward_function_that_raises_names_the_function(ray_local, tiny_model, tmp_path):
     with pytest.raises(RewardError) as err:
-        _run(tiny_model, tmp_path, reward={"rewards": [{"type": "function",
-                                                        "path": "helpers.rewards:raises"}]})
+        _run(
+            tiny_model,
+            tmp_path,
+            reward={"rewards": [{"type": "function", "path": "helpers.rewards:raises"}]},
+        )
     msg = str(err.value)
     assert "helpers.rewards:raises" in msg and "ValueError: bad reward input" in msg
 
 
 def test_reward_with_wrong_length(ray_local, tiny_model, tmp_path):
     with pytest.raises(RewardError, match="returned 1 values for"):
-        _run(tiny_model, tmp_path, reward={"rewards": [{"type": "function",
-                                                        "path": "helpers.rewards:wrong_length"}]})
+        _run(
+            tiny_model,
+            tmp_path,
+            reward={"rewards": [{"type": "function", "path": "helpers.rewards:wrong_length"}]},
+        )
 
 
 def test_reward_module_that_does_not_import(ray_local, tiny_model, tmp_path):
     with pytest.raises(RewardError, match="cannot import module 'no_such_module'"):
-        _run(tiny_model, tmp_path, reward={"rewards": [{"type": "function",
-                                                        "path": "no_such_module:fn"}]})
+        _run(
+            tiny_model,
+            tmp_path,
+            reward={"rewards": [{"type": "function", "path": "no_such_module:fn"}]},
+        )
 
 
 def test_dead_actor_ends_the_run_naming_the_role(ray_local, tiny_model, tmp_path):
     with pytest.raises(ActorFailure, match="reward pool.*actor died"):
-        _run(tiny_model, tmp_path, reward={"rewards": [{"type": "function",
-                                                        "path": "helpers.rewards:dies"}]})
+        _run(
+            tiny_model,
+            tmp_path,
+            reward={"rewards": [{"type": "function", "path": "helpers.rewards:dies"}]},
+        )

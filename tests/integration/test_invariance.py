@@ -30,12 +30,24 @@ def batch_ref(ray_local, tiny_model):
 
 def _update(ray, tiny_model, batch_ref, world, micro, agg):
     ref, adv = batch_ref
-    cfg = config_from_dict(small_config(
-        tiny_model, "/tmp/unused",
-        algorithm={"kl_coef": 0.0, "loss_agg": agg, "clip_low": 10.0, "clip_high": 10.0},
-        learner={"world_size": world, "micro_batch_size": micro, "optimizer": "sgd", "lr": 1.0,
-                 "grad_clip": 0.0, "zero_stage": 2 if world > 1 else 0}))
-    actors = [ray.remote(Learner).options(num_cpus=0.25).remote(cfg, i, world) for i in range(world)]
+    cfg = config_from_dict(
+        small_config(
+            tiny_model,
+            "/tmp/unused",
+            algorithm={"kl_coef": 0.0, "loss_agg": agg, "clip_low": 10.0, "clip_high": 10.0},
+            learner={
+                "world_size": world,
+                "micro_batch_size": micro,
+                "optimizer": "sgd",
+                "lr": 1.0,
+                "grad_clip": 0.0,
+                "zero_stage": 2 if world > 1 else 0,
+            },
+        )
+    )
+    actors = [
+        ray.remote(Learner).options(num_cpus=0.25).remote(cfg, i, world) for i in range(world)
+    ]
     try:
         addr, port = ray.get(actors[0].address.remote())
         ray.get([a.setup.remote(addr, port) for a in actors])
@@ -57,5 +69,10 @@ def test_same_loss_and_gradient_for_any_split(ray_local, tiny_model, batch_ref, 
         loss, grad = _update(ray_local, tiny_model, batch_ref, world, micro, agg)
         assert loss == pytest.approx(base_loss, abs=1e-6), (world, micro)
         for name in base_grad:
-            np.testing.assert_allclose(grad[name], base_grad[name], rtol=1e-4, atol=1e-7,
-                                       err_msg=f"{name} with {world} ranks, micro {micro}")
+            np.testing.assert_allclose(
+                grad[name],
+                base_grad[name],
+                rtol=1e-4,
+                atol=1e-7,
+                err_msg=f"{name} with {world} ranks, micro {micro}",
+            )

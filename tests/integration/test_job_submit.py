@@ -52,8 +52,9 @@ def _cluster_pids(temp_dir: str) -> list[int]:
 
 
 def _run(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 @pytest.mark.timeout(330)
@@ -65,14 +66,34 @@ def test_submit_demo_to_two_node_local_cluster(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="rl", dir="/tmp")
     out_dir = tmp_path / "run"
     cache = os.environ.get("RLALIGN_RAY_CACHE") or str(Path.home() / ".cache/rlalign_ray")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_", "PYTEST_")) and k != "RLALIGN_RAY_CACHE"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RAY_", "PYTEST_")) and k != "RLALIGN_RAY_CACHE"
+    }
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     submission_id = f"rlalign-test-{uuid.uuid4().hex[:8]}"
     logs = ""
     try:
-        r = _run(["bash", str(LOCAL_CLUSTER), "start", "--workers", "1", "--temp-dir", temp_dir,
-                  "--head-cpus", "2", "--worker-cpus", "2", "--timeout", "120"], env, 150)
+        r = _run(
+            [
+                "bash",
+                str(LOCAL_CLUSTER),
+                "start",
+                "--workers",
+                "1",
+                "--temp-dir",
+                temp_dir,
+                "--head-cpus",
+                "2",
+                "--worker-cpus",
+                "2",
+                "--timeout",
+                "120",
+            ],
+            env,
+            150,
+        )
         assert r.returncode == 0, f"local_cluster.sh start failed:\n{r.stdout}\n{r.stderr}"
         state = _state(temp_dir)
         assert state["RAY_ADDRESS"].startswith("127.0.0.1:")
@@ -82,22 +103,41 @@ def test_submit_demo_to_two_node_local_cluster(tmp_path):
 
         # Token auth is really on: a client without the token is turned away.
         no_token = dict(env, RAY_AUTH_MODE="disabled")
-        r = _run(["ray", "job", "list", "--address", state["RAY_API_SERVER_ADDRESS"]],
-                 no_token, 60)
+        r = _run(["ray", "job", "list", "--address", state["RAY_API_SERVER_ADDRESS"]], no_token, 60)
         assert r.returncode != 0 and "auth" in (r.stdout + r.stderr).lower()
 
-        client = dict(env, RAY_API_SERVER_ADDRESS=state["RAY_API_SERVER_ADDRESS"],
-                      RAY_AUTH_TOKEN_PATH=state["RAY_AUTH_TOKEN_PATH"])  # RAY_AUTH_MODE: default
+        client = dict(
+            env,
+            RAY_API_SERVER_ADDRESS=state["RAY_API_SERVER_ADDRESS"],
+            RAY_AUTH_TOKEN_PATH=state["RAY_AUTH_TOKEN_PATH"],
+        )  # RAY_AUTH_MODE: default
         overrides = [
-            "trainer.steps=2", "trainer.eval_every=1", "data.eval_limit=8",
-            f"trainer.output_dir={out_dir}", "rollout.num_actors=1", "reward.num_actors=1",
-            "learner.resources.num_cpus=1", "rollout.resources.num_cpus=1",
-            "reward.resources.num_cpus=0.5", "reference.resources.num_cpus=0.5",
+            "trainer.steps=2",
+            "trainer.eval_every=1",
+            "data.eval_limit=8",
+            f"trainer.output_dir={out_dir}",
+            "rollout.num_actors=1",
+            "reward.num_actors=1",
+            "learner.resources.num_cpus=1",
+            "rollout.resources.num_cpus=1",
+            "reward.resources.num_cpus=0.5",
+            "reference.resources.num_cpus=0.5",
             "trainer.progress_bar=false",
         ]
-        r = _run(["bash", str(SUBMIT), "--submission-id", submission_id,
-                  "--env", f"RLALIGN_RAY_CACHE={cache}", "configs/demo_cpu.yaml", *overrides],
-                 client, 240)
+        r = _run(
+            [
+                "bash",
+                str(SUBMIT),
+                "--submission-id",
+                submission_id,
+                "--env",
+                f"RLALIGN_RAY_CACHE={cache}",
+                "configs/demo_cpu.yaml",
+                *overrides,
+            ],
+            client,
+            240,
+        )
         logs = r.stdout + r.stderr
         assert r.returncode == 0, f"submit.sh exited {r.returncode}:\n{logs[-6000:]}"
         assert f"job {submission_id} finished with status SUCCEEDED" in r.stdout

@@ -43,14 +43,23 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_three_steps_two_generators_two_reward_actors_two_ranks(ray_local, tiny_model, tmp_path,
-                                                               zero_stage):
-    cfg = config_from_dict(small_config(
-        tiny_model, str(tmp_path / "run"),
-        learner={"world_size": 2, "zero_stage": zero_stage, "micro_batch_size": 2, "lr": 1e-3,
-                 "resources": {"num_cpus": 0.5}},
-        trainer={"steps": 3, "eval_every": 2, "save_every": 2},
-    ))
+def test_three_steps_two_generators_two_reward_actors_two_ranks(
+    ray_local, tiny_model, tmp_path, zero_stage
+):
+    cfg = config_from_dict(
+        small_config(
+            tiny_model,
+            str(tmp_path / "run"),
+            learner={
+                "world_size": 2,
+                "zero_stage": zero_stage,
+                "micro_batch_size": 2,
+                "lr": 1e-3,
+                "resources": {"num_cpus": 0.5},
+            },
+            trainer={"steps": 3, "eval_every": 2, "save_every": 2},
+        )
+    )
     trainer = CheckingTrainer(cfg)
     trainer.checked = []
     final = trainer.fit()
@@ -59,11 +68,24 @@ def test_three_steps_two_generators_two_reward_actors_two_ranks(ray_local, tiny_
     assert all(changed for _, changed in trainer.checked), "the update did not change the weights"
     rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
-    for key in ("train/reward_mean", "train/kl", "train/loss", "train/response_len",
-                "weights/version", "time/step_s", "time/generate_s", "time/reward_s",
-                "time/train_s", "time/sync_s"):
+    for key in (
+        "train/reward_mean",
+        "train/kl",
+        "train/loss",
+        "train/response_len",
+        "weights/version",
+        "time/step_s",
+        "time/generate_s",
+        "time/reward_s",
+        "time/train_s",
+        "time/sync_s",
+    ):
         assert all(key in r for r in rows[1:]), key
-    assert "eval/reward_mean" in rows[0] and "eval/reward_mean" in rows[2] and "eval/reward_mean" in rows[3]
+    assert (
+        "eval/reward_mean" in rows[0]
+        and "eval/reward_mean" in rows[2]
+        and "eval/reward_mean" in rows[3]
+    )
     assert rows[3]["weights/version"] == 3
     # generator and learner compute the same log-probs for the same weights
     assert all(r["train/logprob_mismatch"] < 1e-4 for r in rows[1:])

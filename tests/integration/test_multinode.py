@@ -27,33 +27,75 @@ def three_nodes():
     temp_dir = tempfile.mkdtemp(prefix="rlmn", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     start = subprocess.run(
-        ["bash", str(SCRIPT), "start", "--workers", "2", "--temp-dir", temp_dir,
-         "--head-cpus", "2", "--worker-cpus", "1", "--object-store-mb", "256",
-         "--node-resources", 'head={"learner_slot": 2}', "--node-resources", 'a={"gen_slot": 1}',
-         "--node-resources", 'b={"gen_slot": 1}'],
-        env=env, capture_output=True, text=True, timeout=240)
+        [
+            "bash",
+            str(SCRIPT),
+            "start",
+            "--workers",
+            "2",
+            "--temp-dir",
+            temp_dir,
+            "--head-cpus",
+            "2",
+            "--worker-cpus",
+            "1",
+            "--object-store-mb",
+            "256",
+            "--node-resources",
+            'head={"learner_slot": 2}',
+            "--node-resources",
+            'a={"gen_slot": 1}',
+            "--node-resources",
+            'b={"gen_slot": 1}',
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     try:
         assert start.returncode == 0, start.stderr[-2000:]
         yield Path(temp_dir, "cluster.env"), env
     finally:
-        subprocess.run(["bash", str(SCRIPT), "stop", "--temp-dir", temp_dir], env=env,
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            ["bash", str(SCRIPT), "stop", "--temp-dir", temp_dir],
+            env=env,
+            capture_output=True,
+            timeout=120,
+        )
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _drive(mode, three_nodes, tiny_model, tmp_path) -> dict:
     env_file, env = three_nodes
-    state = dict(line.split("=", 1) for line in env_file.read_text().splitlines()
-                 if "=" in line and not line.startswith("#"))
-    env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state["RAY_AUTH_TOKEN_PATH"],
-           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    state = dict(
+        line.split("=", 1)
+        for line in env_file.read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+    env = {
+        **env,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": state["RAY_AUTH_TOKEN_PATH"],
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+    }
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tests/helpers/multinode_driver.py"), mode, tiny_model,
-         str(tmp_path / "run"), str(env_file)],
-        env=env, capture_output=True, text=True, timeout=480)
+        [
+            sys.executable,
+            str(REPO / "tests/helpers/multinode_driver.py"),
+            mode,
+            tiny_model,
+            str(tmp_path / "run"),
+            str(env_file),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
     lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def test_generators_spread_over_two_nodes_learners_on_the_third(three_nodes, tiny_model, tmp_path):

