@@ -170,7 +170,7 @@ class Trainer:
         n = 1 if greedy else self.cfg.rollout.n_samples
         t0 = time.perf_counter()
         shards = [
-            g.generate.remote(chunk, n, greedy)
+            g.generate.remote(chunk, n, greedy, self.version)
             for g, chunk in zip(gens, split(prompts, len(gens)))
             if chunk
         ]

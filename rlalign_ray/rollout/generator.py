@@ -12,9 +12,14 @@ import torch
 
 from rlalign_ray.config import ModelConfig, RolloutConfig
 from rlalign_ray.data.batch import PromptItem, RolloutBatch, pad_responses
+from rlalign_ray.errors import ActorFailure
 from rlalign_ray.models.loading import default_device, load_causal_lm, load_tokenizer, set_threads
 from rlalign_ray.rollout.backend import BACKENDS, SamplingParams
 from rlalign_ray.sync.weights import TRANSPORTS, WeightHandle
+
+
+class StaleWeightsError(ActorFailure):
+    """A generator was asked to sample with weights other than the learner's latest."""
 
 
 class Generator:
@@ -58,9 +63,21 @@ class Generator:
 
     # ---- sampling ---------------------------------------------------------------------
     def generate(
-        self, items: list[PromptItem], n_samples: int, greedy: bool = False
+        self,
+        items: list[PromptItem],
+        n_samples: int,
+        greedy: bool = False,
+        expected_version: int | None = None,
     ) -> RolloutBatch:
-        """``n_samples`` responses per prompt, samples of one prompt adjacent."""
+        """``n_samples`` responses per prompt, samples of one prompt adjacent.
+
+        With ``expected_version`` (synchronous training), refuses to sample with other weights.
+        """
+        if expected_version is not None and expected_version != self.version:
+            raise StaleWeightsError(
+                f"generator {self.rank} holds weight version {self.version}, the driver expects "
+                f"{expected_version}; refusing to sample with stale weights"
+            )
         c = self.cfg
         params = SamplingParams(
             max_new_tokens=c.max_new_tokens,
