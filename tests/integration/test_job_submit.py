@@ -57,7 +57,7 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.Comp
     )
 
 
-@pytest.mark.timeout(330)
+@pytest.mark.timeout(600)
 def test_submit_demo_to_two_node_local_cluster(tmp_path):
     if shutil.which("ray") is None or shutil.which("rlalign-ray") is None:
         pytest.skip("the ray and rlalign-ray commands are needed")
@@ -152,6 +152,40 @@ def test_submit_demo_to_two_node_local_cluster(tmp_path):
         assert sorted(row["step"] for row in train) == [1, 2], rows
         assert all(0.0 <= row["train/reward_mean"] <= 1.0 for row in train)
         assert (out_dir / "final").is_dir()
+
+        # The plain Ray command works too (it blocks and exits 0 when the job succeeds).
+        plain_dir = tmp_path / "plain"
+        runtime_env = {"env_vars": {"RLALIGN_RAY_CACHE": cache}, "excludes": ["runs/"]}
+        r = _run(
+            [
+                "ray",
+                "job",
+                "submit",
+                "--address",
+                state["RAY_API_SERVER_ADDRESS"],
+                "--working-dir",
+                ".",
+                "--runtime-env-json",
+                json.dumps(runtime_env),
+                "--",
+                "rlalign-ray",
+                "train",
+                "configs/demo_cpu.yaml",
+                "trainer.steps=2",
+                *[
+                    o
+                    for o in overrides
+                    if not o.startswith(("trainer.steps", "trainer.output_dir"))
+                ],
+                f"trainer.output_dir={plain_dir}",
+            ],
+            dict(client, RAY_AUTH_MODE="token"),
+            240,
+        )
+        assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+        assert "succeeded" in (r.stdout + r.stderr).lower()
+        plain = [json.loads(x) for x in (plain_dir / "metrics.jsonl").read_text().splitlines()]
+        assert max(row["step"] for row in plain) == 2
         print(f"\ncluster up in {t_cluster:.0f}s; job done at {time.monotonic() - t0:.0f}s")
     finally:
         r = _run(["bash", str(LOCAL_CLUSTER), "stop", "--temp-dir", temp_dir], env, 90)
