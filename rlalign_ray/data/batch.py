@@ -145,6 +145,17 @@ class ScoredShard:
         )
 
 
+def pad_prompts(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists: ``(ids, mask)``, both (N, P) long."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
 def pad_responses(tensors: list[torch.Tensor], value: float = 0.0) -> torch.Tensor:
     """Right-pad (B_i, T_i) tensors to a common T and stack them along B."""
     t = max(x.shape[1] for x in tensors)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from rlalign_ray.data.batch import pad_prompts
 from rlalign_ray.models.loading import token_logprobs
 
 
@@ -56,12 +57,8 @@ class HFBackend(GenerationBackend):
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> Generation:
         pad = self.tok.pad_token_id
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            attn[i, width - len(p) :] = 1
+        ids, attn = pad_prompts(prompts, pad)
+        width = ids.shape[1]
         greedy = params.temperature == 0
         out = self._model.generate(
             input_ids=ids.to(self.device),

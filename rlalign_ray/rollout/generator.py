@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from rlalign_ray.config import ModelConfig, RolloutConfig
-from rlalign_ray.data.batch import PromptItem, RolloutBatch, pad_responses
+from rlalign_ray.data.batch import PromptItem, RolloutBatch, pad_prompts, pad_responses
 from rlalign_ray.errors import ActorFailure
 from rlalign_ray.models.loading import default_device, load_causal_lm, load_tokenizer, set_threads
 from rlalign_ray.rollout.backend import BACKENDS, SamplingParams
@@ -96,12 +96,7 @@ class Generator:
 
     def _assemble(self, items, texts, encoded, rows, gens) -> RolloutBatch:
         pad = self.tok.pad_token_id
-        width = max(len(e) for e in encoded)
-        prompt_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        prompt_mask = torch.zeros_like(prompt_ids)
-        for r, (i, _) in enumerate(rows):
-            prompt_ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-            prompt_mask[r, width - len(encoded[i]) :] = 1
+        prompt_ids, prompt_mask = pad_prompts([encoded[i] for i, _ in rows], pad)
         tokens = pad_responses([g.tokens for g in gens], pad)
         logprobs = pad_responses([g.logprobs for g in gens])
         t = tokens.shape[1]
