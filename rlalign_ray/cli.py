@@ -2,7 +2,8 @@
 
 rlalign-ray train CONFIG [key.path=value ...]
 rlalign-ray check-config CONFIG [key.path=value ...]
-rlalign-ray make-tiny-model DIR [--arch llama|qwen2] [--warmup arith]
+rlalign-ray make-tiny-model DIR [--arch llama|qwen2] [--warmup arith|none] [--params 100M]
+rlalign-ray bench weights|generate|train|step ...
 """
 
 from __future__ import annotations
@@ -33,9 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--warmup",
         default=None,
-        choices=["arith"],
-        help="also run a short supervised warm-up on a task",
+        choices=["arith", "none"],
+        help="also run a short supervised warm-up on a task (none: random init)",
     )
+    p.add_argument("--params", default=None, help="size, e.g. 100M (a random-init Llama)")
+    p.add_argument("--vocab", type=int, default=32000, help="vocabulary size (with --params)")
+    from rlalign_ray.bench import add_parser as add_bench
+
+    add_bench(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -75,14 +81,37 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
+    if args.params:
+        from rlalign_ray.bench.common import parse_size, shape_for_params
+        from rlalign_ray.models.tiny import build_sized_model
+
+        if args.warmup not in (None, "none"):
+            print("rlalign-ray: error: --params builds a random-init model; use --warmup none", file=sys.stderr)
+            return 2
+        hidden, layers = shape_for_params(parse_size(args.params), args.vocab)
+        path = build_sized_model(args.dir, hidden=hidden, layers=layers, vocab=args.vocab)
+        print(f"rlalign-ray: llama (hidden {hidden}, {layers} layers, vocab {args.vocab}) written to {path}")
+        return 0
     from rlalign_ray.models.tiny import make_tiny_model
 
-    path = make_tiny_model(args.dir, arch=args.arch, warmup_task=args.warmup)
+    warmup = None if args.warmup == "none" else args.warmup
+    path = make_tiny_model(args.dir, arch=args.arch, warmup_task=warmup)
     print(f"rlalign-ray: tiny {args.arch} model written to {path}")
     return 0
 
 
-COMMANDS = {"train": _train, "check-config": _check, "make-tiny-model": _make_tiny}
+def _bench(args: argparse.Namespace) -> int:
+    from rlalign_ray.bench import run
+
+    return run(args)
+
+
+COMMANDS = {
+    "train": _train,
+    "check-config": _check,
+    "make-tiny-model": _make_tiny,
+    "bench": _bench,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

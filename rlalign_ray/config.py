@@ -130,12 +130,39 @@ class RolloutConfig:
     top_p: float = doc(1.0, "nucleus sampling threshold")
     top_k: int = doc(0, "top-k sampling (0: off)")
     eval_temperature: float = doc(0.0, "0: greedy evaluation")
-    backend: str = doc("hf", "generation backend: hf (transformers generate)")
+    backend: str = doc(
+        "hf", "generation backend: hf (transformers, own sampling loop) or vllm (vLLM engine)"
+    )
+    dtype: str | None = doc(
+        None, "generator weights dtype (weights travel in it); null: model.dtype"
+    )
+    tensor_parallel_size: int = doc(1, "vllm: GPUs per engine (tensor parallel)")
+    gpu_memory_utilization: float = doc(0.5, "vllm on GPU: share of the GPU for weights + KV")
+    kv_cache_gb: float = doc(1.0, "vllm on CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    max_model_len: int = doc(0, "vllm: context length (0: max_prompt_tokens + max_new_tokens)")
+    enable_sleep_mode: bool = doc(
+        False, "vllm on GPU: free weights and KV cache while the learner trains (colocation)"
+    )
+    enforce_eager: bool = doc(True, "vllm: no CUDA graphs / compilation (faster start)")
     num_actors: int = doc(2, "generator actors in the pool")
     resources: Resources = doc(Resources(), "per generator actor")
     placement: Placement = doc(Placement(), "where the generators go")
     actor_class: str | None = doc(None, "module:Class to run instead of the built-in generator")
     micro_batch_size: int = doc(64, "sequences per generate() call inside one actor")
+
+
+@dataclass
+class SyncConfig:
+    """How new weights travel from learner rank 0 to the generators."""
+
+    transport: str = doc(
+        "auto",
+        "auto (collective on GPU, object_store on CPU), collective (gloo/NCCL group), "
+        "object_store (Ray's shared-memory store)",
+    )
+    bucket_mb: float = doc(256.0, "weights travel in buckets of about this many MiB")
+    backend: str = doc("auto", "collective transport: auto (nccl on GPU, gloo on CPU), gloo, nccl")
+    timeout_s: float = doc(600.0, "fail a weight sync (or the group's set-up) after this")
 
 
 @dataclass
@@ -208,6 +235,12 @@ class DeepSpeedRole:
     grad_clip: float = doc(1.0, "gradient norm clip (0: off)")
     micro_batch_size: int = doc(8, "sequences per forward/backward on one rank")
     bf16: bool = doc(False, "train in bf16 (GPU)")
+    logprob_chunk_size: int = doc(
+        512, "log-probs computed over this many sequence positions at a time (0: all at once)"
+    )
+    max_tokens_per_micro_batch: int = doc(
+        0, "token-budget micro-batches: at most this many (prompt+response) tokens each (0: off)"
+    )
     gradient_checkpointing: bool = doc(False, "recompute activations in backward")
 
 
@@ -255,6 +288,7 @@ class Config:
     learner: LearnerConfig = doc(LearnerConfig(), "DeepSpeed learner group")
     reference: ReferenceConfig = doc(ReferenceConfig(), "reference actor for the KL term")
     critic: CriticConfig = doc(CriticConfig(), "value model group (ppo only)")
+    sync: SyncConfig = doc(SyncConfig(), "weight sync from the learner to the generators")
     trainer: TrainerConfig = doc(TrainerConfig(), "the driver loop")
 
     # ---- derived values, computed once -------------------------------------------------
@@ -266,6 +300,11 @@ class Config:
     @property
     def mini_batch_size(self) -> int:
         return self.learner.mini_batch_size or self.batch_size
+
+    @property
+    def generator_dtype(self) -> str:
+        """The dtype generators hold (and weights travel in)."""
+        return self.rollout.dtype or self.model.dtype
 
     @property
     def needs_reference(self) -> bool:
@@ -458,8 +497,18 @@ def validate(cfg: Config) -> list[str]:
         )
     if not 0 < r.top_p <= 1:
         e.append(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
-    if r.backend not in ("hf",):
-        e.append(f"rollout.backend: unknown backend {r.backend!r}; available: hf")
+    if r.backend not in ("hf", "vllm"):
+        e.append(f"rollout.backend: unknown backend {r.backend!r}; available: hf, vllm")
+    if r.dtype is not None and r.dtype not in ("float32", "bfloat16", "float16"):
+        e.append(f"rollout.dtype: use float32, bfloat16, float16 or null, got {r.dtype!r}")
+    _positive(e, "rollout.tensor_parallel_size", r.tensor_parallel_size)
+    if cfg.sync.transport not in ("auto", "collective", "object_store"):
+        e.append(
+            f"sync.transport: use auto, collective or object_store, got {cfg.sync.transport!r}"
+        )
+    if cfg.sync.backend not in ("auto", "gloo", "nccl"):
+        e.append(f"sync.backend: use auto, gloo or nccl, got {cfg.sync.backend!r}")
+    _positive(e, "sync.bucket_mb", cfg.sync.bucket_mb)
     if a.name not in ADVANTAGE_ESTIMATORS:
         e.append(
             f"algorithm.name: unknown {a.name!r}; choose one of {sorted(ADVANTAGE_ESTIMATORS)}"

@@ -54,7 +54,9 @@ DEFAULT_WARMUP_KWARGS = dict(steps=400, lr=2e-3, batch_size=64, seed=0, target_a
 
 
 # --------------------------------------------------------------------------- tokenizer
-def build_tokenizer(out_dir: str | None = None, alphabet: str = DEFAULT_ALPHABET):
+def build_tokenizer(
+    out_dir: str | None = None, alphabet: str = DEFAULT_ALPHABET, vocab_size: int = 0
+):
     """Build a character-level tokenizer; save it to ``out_dir`` if given and return it.
 
     Every character of ``alphabet`` is one token (unknown characters map to
@@ -80,6 +82,10 @@ def build_tokenizer(out_dir: str | None = None, alphabet: str = DEFAULT_ALPHABET
     for ch in chars:
         if ch not in vocab:
             vocab[ch] = len(vocab)
+    # Filler tokens up to ``vocab_size`` (benchmarks need a real-sized vocabulary); each
+    # decodes to a visible string, none is produced by encoding characters.
+    while len(vocab) < vocab_size:
+        vocab[f"<x{len(vocab)}>"] = len(vocab)
 
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     # one pre-token per character, newline included
@@ -171,6 +177,31 @@ def build_tiny_model(
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return model, tokenizer
+
+
+def build_sized_model(out_dir: str, hidden: int, layers: int, vocab: int, seed: int = 0) -> str:
+    """A random-init Llama of a chosen size (benchmarks), with a character tokenizer padded
+    to ``vocab`` tokens; built once into ``out_dir`` (under a file lock), then reused."""
+    from filelock import FileLock
+
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)) or ".", exist_ok=True)
+    with FileLock(out_dir.rstrip("/") + ".lock"):
+        if os.path.isfile(os.path.join(out_dir, "config.json")):
+            return out_dir
+        tmp = out_dir.rstrip("/") + ".tmp"
+        heads = max(1, hidden // 64)
+        build_tiny_model(
+            tmp,
+            hidden_size=hidden,
+            num_layers=layers,
+            num_heads=heads,
+            intermediate_size=(8 * hidden // 3 + 63) // 64 * 64,
+            seed=seed,
+            tokenizer=build_tokenizer(vocab_size=vocab),
+            max_position_embeddings=4096,
+        )
+        os.replace(tmp, out_dir)
+    return out_dir
 
 
 def num_parameters(model) -> int:

@@ -1,19 +1,20 @@
 """Generation backends: turn token prompts into sampled responses with their log-probs.
 
-``HFBackend`` uses transformers' ``generate`` (batched, KV cache). A vLLM backend
-implements the same three methods on GPU.
+``HFBackend`` samples a transformers model with its own KV-cached loop; ``VLLMBackend``
+(``rollout/vllm_backend.py``) runs a vLLM engine. Both implement ``GenerationBackend``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from rlalign_ray.data.batch import pad_prompts
-from rlalign_ray.models.loading import token_logprobs
+from rlalign_ray.data.batch import pad_prompts, pad_responses
+from rlalign_ray.models.loading import default_device, load_causal_lm, position_ids
 
 
 @dataclass(frozen=True)
@@ -33,59 +34,177 @@ class Generation:
     logprobs: torch.Tensor  # (N, T) float, log-prob of each sampled token, 0 on padding
     truncated: torch.Tensor  # (N,) bool, stopped by max_new_tokens
 
+    @staticmethod
+    def concat(parts: list[Generation], pad_id: int) -> Generation:
+        if len(parts) == 1:
+            return parts[0]
+        return Generation(
+            tokens=pad_responses([g.tokens for g in parts], pad_id),
+            lengths=torch.cat([g.lengths for g in parts]),
+            logprobs=pad_responses([g.logprobs for g in parts]),
+            truncated=torch.cat([g.truncated for g in parts]),
+        )
+
 
 class GenerationBackend(ABC):
-    @abstractmethod
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> Generation:
-        """Sample one response per prompt (repeat prompts for several samples)."""
+    """What a generator needs from an inference engine.
+
+    Constructed as ``cls(model_cfg, rollout_cfg, tokenizer, max_prompt_tokens)``; loads the
+    policy itself (in ``rollout_cfg.dtype or model_cfg.dtype``).
+    """
 
     @abstractmethod
-    def model(self) -> torch.nn.Module:
-        """The module whose parameters receive weight updates."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> Generation:
+        """``n`` samples per prompt; rows are prompt-major (samples of a prompt adjacent).
+
+        ``Generation.logprobs`` are log softmax(logits / temperature) of each sampled token
+        over the full vocabulary: what the learner computes for the same token.
+        """
+
+    @abstractmethod
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load some of the policy's parameters in place (Hugging Face names, any subset:
+        transports call this once per bucket)."""
+
+    def finish_weight_update(self) -> None:
+        """Called once every bucket of a new version is loaded (e.g. drop cached prefixes)."""
+
+    def named_parameters(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """The policy's parameters by Hugging Face name (for tests; optional)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its parameters")
 
 
 class HFBackend(GenerationBackend):
-    def __init__(self, model: Any, tokenizer: Any, device: torch.device):
-        self._model = model.to(device).eval()
-        self.tok = tokenizer
-        self.device = device
-        self.eos_ids = _eos_ids(model, tokenizer)
+    """A transformers model sampled by our own KV-cached loop.
 
-    def model(self) -> torch.nn.Module:
-        return self._model
+    Nothing but ``SamplingParams`` shapes the distribution: the model's
+    ``generation_config`` (repetition penalties, default top-k, ...) is not consulted, so
+    the recorded log-probs are those of the policy the learner trains. Only one (N, V)
+    row of logits per step is alive at a time: memory grows with the KV cache, not with
+    new tokens x vocabulary.
+    """
+
+    def __init__(self, model_cfg: Any, rollout_cfg: Any, tokenizer: Any, max_prompt_tokens: int = 512):
+        dtype = rollout_cfg.dtype or model_cfg.dtype
+        self.device = default_device()
+        self._model = (
+            load_causal_lm(model_cfg.path, dtype, model_cfg.trust_remote_code)
+            .to(self.device)
+            .eval()
+        )
+        self.tok = tokenizer
+        self.eos_ids = _eos_ids(self._model, tokenizer)
+        self.micro_batch_size = rollout_cfg.micro_batch_size
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, micro_batch_size: int = 64) -> HFBackend:
+        """Wrap an already loaded model (tests, benchmarks)."""
+        self = cls.__new__(cls)
+        self.device = default_device()
+        self._model = model.to(self.device).eval()
+        self.tok = tokenizer
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.micro_batch_size = micro_batch_size
+        return self
+
+    def named_parameters(self) -> Iterable[tuple[str, torch.Tensor]]:
+        return self._model.named_parameters()
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> Generation:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self._model.named_parameters())
+        for name, src in weights:
+            dst = params.get(name)
+            if dst is None:
+                raise ValueError(f"weight {name!r} is not a parameter of the generator's model")
+            if dst.shape != src.shape:
+                raise ValueError(f"{name}: shape {tuple(src.shape)} != model's {tuple(dst.shape)}")
+            dst.copy_(src)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> Generation:
+        rows = [p for p in prompts for _ in range(n)]
+        mb = self.micro_batch_size
+        return Generation.concat(
+            [self._sample(rows[k : k + mb], params) for k in range(0, len(rows), mb)],
+            self.tok.pad_token_id,
+        )
+
+    @torch.no_grad()
+    def _sample(self, prompts: list[list[int]], params: SamplingParams) -> Generation:
+        from transformers import DynamicCache
+
         pad = self.tok.pad_token_id
         ids, attn = pad_prompts(prompts, pad)
-        width = ids.shape[1]
-        greedy = params.temperature == 0
-        out = self._model.generate(
-            input_ids=ids.to(self.device),
-            attention_mask=attn.to(self.device),
-            do_sample=not greedy,
-            temperature=None if greedy else params.temperature,
-            top_p=None if greedy else params.top_p,
-            top_k=None if greedy else params.top_k,
-            max_new_tokens=params.max_new_tokens,
-            pad_token_id=pad,
-            eos_token_id=self.eos_ids,
-            return_dict_in_generate=True,
-            output_logits=True,
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        n, steps = ids.shape[0], params.max_new_tokens
+        tokens = torch.full((n, steps), pad, dtype=torch.long)
+        logprobs = torch.zeros((n, steps), dtype=torch.float32)
+        lengths = torch.zeros(n, dtype=torch.long)
+        done = torch.zeros(n, dtype=torch.bool, device=self.device)
+        eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
+        pos = position_ids(attn)
+        cache = DynamicCache()
+        inputs = ids
+        for t in range(steps):
+            out = self._model(
+                input_ids=inputs,
+                attention_mask=attn,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            tok, lp = sample_step(out.logits[:, -1, :], params)
+            del out
+            tok = tok.masked_fill(done, pad)
+            lengths += (~done).long().cpu()
+            tokens[:, t] = tok.cpu()
+            logprobs[:, t] = lp.masked_fill(done, 0.0).float().cpu()
+            done |= torch.isin(tok, eos)
+            if bool(done.all()):
+                break
+            inputs = tok[:, None]
+            attn = torch.cat([attn, attn.new_ones(n, 1)], dim=1)
+            pos = pos[:, -1:] + 1
+        width = int(lengths.max()) if n else 0
+        return Generation(
+            tokens[:, :width], lengths, logprobs[:, :width], (~done).cpu()
         )
-        tokens = out.sequences[:, width:].cpu()
-        temp = 1.0 if greedy else params.temperature
-        lp = torch.stack(  # per step, so no (N, T, V) copy is made
-            [
-                token_logprobs(step[:, None, :], tokens[:, i : i + 1].to(step.device), temp)[:, 0]
-                for i, step in enumerate(out.logits)
-            ],
-            dim=1,
-        ).cpu()
-        lengths, truncated = _lengths(tokens, self.eos_ids)
-        keep = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
-        tokens = tokens.masked_fill(~keep, pad)
-        return Generation(tokens, lengths, lp * keep, truncated)
+
+
+def sample_step(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row from (N, V) logits: ``(tokens, log-probs)``.
+
+    The log-prob is that of the distribution sampled from: log softmax(logits / T) with
+    top-k / top-p applied (renormalised over the kept tokens), as vLLM's
+    ``processed_logprobs``. With top_p=1 and top_k=0 (the defaults) that is exactly the
+    learner's log softmax(logits / T); with truncation it is larger than the learner's
+    value, and ``train/logprob_mismatch`` shows the gap. Greedy (T=0) records T=1 log-probs.
+    """
+    logits = logits.float()
+    if params.temperature == 0:
+        tok = logits.argmax(dim=-1)
+        return tok, torch.log_softmax(logits, dim=-1).gather(-1, tok[:, None])[:, 0]
+    scores = logits / params.temperature if params.temperature != 1.0 else logits
+    scores = truncate(scores, params.top_k, params.top_p)
+    logp = torch.log_softmax(scores, dim=-1)
+    tok = torch.multinomial(logp.exp(), 1)[:, 0]
+    return tok, logp.gather(-1, tok[:, None])[:, 0]
+
+
+def truncate(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set scores outside the top-k and the top-p nucleus to -inf (the first token is
+    always kept)."""
+    if top_k and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        cum = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
+        drop_sorted = (cum - torch.softmax(sorted_scores, dim=-1)) >= top_p  # mass before it
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -96,15 +215,10 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
-def _lengths(tokens: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Response length up to and including the first EOS; whether none was emitted."""
-    is_eos = torch.zeros_like(tokens, dtype=torch.bool)
-    for e in eos_ids:
-        is_eos |= tokens == e
-    has_eos = is_eos.any(dim=1)
-    first = torch.where(has_eos, is_eos.float().argmax(dim=1), torch.full_like(has_eos, 0).long())
-    lengths = torch.where(has_eos, first + 1, torch.full_like(first, tokens.shape[1]))
-    return lengths, ~has_eos
+def backend_class(name: str) -> type[GenerationBackend]:
+    """The backend for ``rollout.backend`` (vLLM is imported only when asked for)."""
+    if name == "vllm":
+        from rlalign_ray.rollout.vllm_backend import VLLMBackend
 
-
-BACKENDS = {"hf": HFBackend}
+        return VLLMBackend
+    return HFBackend

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from rlalign_ray.config import ModelConfig, RolloutConfig
-from rlalign_ray.data.batch import PromptItem, RolloutBatch, pad_prompts, pad_responses
+from rlalign_ray.data.batch import PromptItem, RolloutBatch, pad_prompts
 from rlalign_ray.errors import ActorFailure
-from rlalign_ray.models.loading import default_device, load_causal_lm, load_tokenizer, set_threads
-from rlalign_ray.rollout.backend import BACKENDS, SamplingParams
+from rlalign_ray.models.loading import load_tokenizer, set_threads
+from rlalign_ray.rollout.backend import SamplingParams, backend_class
 from rlalign_ray.sync.weights import TRANSPORTS, WeightHandle
 
 
@@ -38,8 +38,7 @@ class Generator:
         self.chat_template = model.chat_template
         self.max_prompt_tokens = max_prompt_tokens
         self.tok = load_tokenizer(model.tokenizer or model.path, model.trust_remote_code)
-        lm = load_causal_lm(model.path, model.dtype, model.trust_remote_code)
-        self.backend = BACKENDS[rollout.backend](lm, self.tok, default_device())
+        self.backend = backend_class(rollout.backend)(model, rollout, self.tok, max_prompt_tokens)
         self.transport = TRANSPORTS[transport]()
         self.version = 0
         self.rank = rank
@@ -88,19 +87,14 @@ class Generator:
         texts = [self.render(it.prompt) for it in items]
         encoded = [self.encode(t) for t in texts]
         rows = [(i, s) for i in range(len(items)) for s in range(n_samples)]
-        gens = [
-            self.backend.generate([encoded[i] for i, _ in rows[k : k + c.micro_batch_size]], params)
-            for k in range(0, len(rows), c.micro_batch_size)
-        ]
-        return self._assemble(items, texts, encoded, rows, gens)
+        gen = self.backend.generate(encoded, params, n_samples)
+        return self._assemble(items, texts, encoded, rows, gen)
 
-    def _assemble(self, items, texts, encoded, rows, gens) -> RolloutBatch:
+    def _assemble(self, items, texts, encoded, rows, gen) -> RolloutBatch:
         pad = self.tok.pad_token_id
         prompt_ids, prompt_mask = pad_prompts([encoded[i] for i, _ in rows], pad)
-        tokens = pad_responses([g.tokens for g in gens], pad)
-        logprobs = pad_responses([g.logprobs for g in gens])
+        tokens, logprobs, lengths = gen.tokens, gen.logprobs, gen.lengths
         t = tokens.shape[1]
-        lengths = torch.cat([g.lengths for g in gens])
         mask = (torch.arange(t)[None, :] < lengths[:, None]).float()
         completions = self.tok.batch_decode(tokens, skip_special_tokens=True)
         return RolloutBatch(
@@ -116,12 +110,12 @@ class Generator:
             completions=completions,
             columns={k: [items[i].columns[k] for i, _ in rows] for k in items[0].columns},
             pad_id=pad,
-            truncated=torch.cat([g.truncated for g in gens]),
+            truncated=gen.truncated,
         )
 
     # ---- weights ----------------------------------------------------------------------
     def load_weights(self, handle: WeightHandle) -> int:
-        self.version = self.transport.receive(handle, self.backend.model())
+        self.version = self.transport.receive(handle, self.backend)
         return self.version
 
     def get_version(self) -> int:
@@ -129,9 +123,7 @@ class Generator:
 
     def get_weights(self) -> dict[str, np.ndarray]:
         """Every parameter as a numpy array (for tests and debugging)."""
-        return {
-            n: p.detach().cpu().float().numpy() for n, p in self.backend.model().named_parameters()
-        }
+        return {n: p.detach().cpu().float().numpy() for n, p in self.backend.named_parameters()}
 
     def ping(self) -> int:
         return self.rank

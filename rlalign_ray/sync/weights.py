@@ -40,8 +40,9 @@ class WeightTransport(ABC):
         """Learner side: make ``named_params`` available to receivers once."""
 
     @abstractmethod
-    def receive(self, handle: WeightHandle, model: torch.nn.Module) -> int:
-        """Generator side: load the published weights into ``model``; return the version."""
+    def receive(self, handle: WeightHandle, backend: Any) -> int:
+        """Generator side: load the published weights through ``backend.load_weights``
+        (a ``GenerationBackend``); return the version."""
 
 
 class ObjectStoreTransport(WeightTransport):
@@ -61,11 +62,16 @@ class ObjectStoreTransport(WeightTransport):
         # Wrapped in a list so Ray passes the ref through actor calls instead of resolving it.
         return WeightHandle(version=version, payload=[ref], dtypes=dtypes, num_bytes=nbytes)
 
-    def receive(self, handle: WeightHandle, model: torch.nn.Module) -> int:
+    def receive(self, handle: WeightHandle, backend: Any) -> int:
         import ray
 
         arrays = ray.get(handle.payload[0])
-        load_arrays(model, arrays, handle.dtypes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only zero-copy arrays
+            backend.load_weights(
+                (n, from_numpy(a, handle.dtypes.get(n, ""))) for n, a in arrays.items()
+            )
+        backend.finish_weight_update()
         return handle.version
 
 
@@ -76,6 +82,11 @@ def to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
     return t.numpy(), dtype
+
+
+def from_numpy(arr: np.ndarray, dtype: str) -> torch.Tensor:
+    t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ def test_samples_are_grouped_and_masked(gen):
     assert torch.equal(lengths, b.response_len)
     assert torch.all(b.logprobs[b.response_mask == 0] == 0)
     # the learner's forward pass gives the generator's log-probs
-    again = batch_logprobs(gen.backend.model(), b, 1.0, 4, torch.device("cpu"))
+    again = batch_logprobs(gen.backend._model, b, 1.0, 4, torch.device("cpu"))
     assert torch.allclose(again, b.logprobs, atol=1e-5)
 
 

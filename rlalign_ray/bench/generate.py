@@ -1,0 +1,11 @@
+"""bench generate (being written)."""
+
+from __future__ import annotations
+
+
+def add_arguments(p) -> None:
+    pass
+
+
+def run(args) -> dict:
+    raise SystemExit("bench generate: not written yet")
