@@ -86,11 +86,16 @@ def _make_tiny(args: argparse.Namespace) -> int:
         from rlalign_ray.models.tiny import build_sized_model
 
         if args.warmup not in (None, "none"):
-            print("rlalign-ray: error: --params builds a random-init model; use --warmup none", file=sys.stderr)
+            print(
+                "rlalign-ray: error: --params builds a random-init model; use --warmup none",
+                file=sys.stderr,
+            )
             return 2
         hidden, layers = shape_for_params(parse_size(args.params), args.vocab)
         path = build_sized_model(args.dir, hidden=hidden, layers=layers, vocab=args.vocab)
-        print(f"rlalign-ray: llama (hidden {hidden}, {layers} layers, vocab {args.vocab}) written to {path}")
+        print(
+            f"rlalign-ray: llama (hidden {hidden}, {layers} layers, vocab {args.vocab}) written to {path}"
+        )
         return 0
     from rlalign_ray.models.tiny import make_tiny_model
 

@@ -130,6 +130,7 @@ class RolloutConfig:
     top_p: float = doc(1.0, "nucleus sampling threshold")
     top_k: int = doc(0, "top-k sampling (0: off)")
     eval_temperature: float = doc(0.0, "0: greedy evaluation")
+    ignore_eos: bool = doc(False, "always sample max_new_tokens, even past EOS (benchmarks)")
     backend: str = doc(
         "hf", "generation backend: hf (transformers, own sampling loop) or vllm (vLLM engine)"
     )

@@ -16,7 +16,9 @@ from typing import Any
 def add_model_arguments(p: argparse.ArgumentParser, default_params: str = "") -> None:
     p.add_argument("--model", default=None, help="a model folder (else one is built locally)")
     p.add_argument(
-        "--params", default=default_params, help="build a random-init Llama of about this size, e.g. 100M"
+        "--params",
+        default=default_params,
+        help="build a random-init Llama of about this size, e.g. 100M",
     )
     p.add_argument("--hidden", type=int, default=0, help="hidden size (instead of --params)")
     p.add_argument("--layers", type=int, default=0, help="layers (instead of --params)")

@@ -1,11 +1,71 @@
-"""bench step (being written)."""
+"""The phase breakdown of real training steps and the driver's overhead.
+
+    rlalign-ray bench step configs/demo_cpu.yaml [key=value ...] [--steps 20]
+
+Runs ``--steps`` real steps of CONFIG (no evaluation, no checkpoints, a throw-away output
+folder unless one is given) and reports the median seconds of each phase the driver logs
+(``time/generate_s``, ``time/reward_s``, ``time/train_s``, ``time/sync_s``) and the
+overhead: the share of the step spent in none of them (the driver's own work, Ray calls,
+advantages, logging).
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
 
-def add_arguments(p) -> None:
-    pass
+from rlalign_ray.bench.common import print_table
+
+PHASES = ("time/generate_s", "time/reward_s", "time/train_s", "time/sync_s")
 
 
-def run(args) -> dict:
-    raise SystemExit("bench step: not written yet")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML run config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.backend=vllm")
+    p.add_argument("--steps", type=int, default=20, help="training steps to run")
+    p.add_argument("--skip", type=int, default=2, help="first steps left out (warm-up)")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from rlalign_ray.config import load_config
+    from rlalign_ray.trainer import Trainer
+
+    with tempfile.TemporaryDirectory(prefix="rlalign-bench-step-") as tmp:
+        overrides = [
+            f"trainer.steps={args.steps}",
+            "trainer.eval_every=0",
+            "trainer.save_every=0",
+            "trainer.progress_bar=false",
+            "trainer.tensorboard=false",
+            "data.eval=null",
+            f"trainer.output_dir={tmp}",
+            *args.overrides,
+        ]
+        cfg = load_config(args.config, overrides)
+        Trainer(cfg).fit()
+        rows = [json.loads(x) for x in (Path(cfg.trainer.output_dir) / "metrics.jsonl").open()]
+    rows = [r for r in rows if r["step"] > args.skip] or rows
+    med = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in (*PHASES, "time/step_s")}
+    step = med["time/step_s"]
+    overhead = step - sum(med[k] for k in PHASES)
+    result = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "steps_measured": len(rows),
+        "step_s": step,
+        **{k.removeprefix("time/"): v for k, v in med.items() if k in PHASES},
+        "overhead_s": overhead,
+        "overhead_fraction": overhead / step if step else 0.0,
+    }
+    table = [{"phase": k.removeprefix("time/"), "median_s": med[k], "share": med[k] / step}
+             for k in PHASES]  # fmt: skip
+    table.append({"phase": "overhead", "median_s": overhead, "share": overhead / step})
+    table.append({"phase": "step", "median_s": step, "share": 1.0})
+    print_table(
+        f"step: {args.config} {' '.join(args.overrides)}", table, ["phase", "median_s", "share"]
+    )
+    return result

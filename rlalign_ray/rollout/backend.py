@@ -23,6 +23,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0
+    ignore_eos: bool = False  # sample max_new_tokens whatever is emitted (benchmarks)
 
 
 @dataclass
@@ -84,7 +85,9 @@ class HFBackend(GenerationBackend):
     new tokens x vocabulary.
     """
 
-    def __init__(self, model_cfg: Any, rollout_cfg: Any, tokenizer: Any, max_prompt_tokens: int = 512):
+    def __init__(
+        self, model_cfg: Any, rollout_cfg: Any, tokenizer: Any, max_prompt_tokens: int = 512
+    ):
         dtype = rollout_cfg.dtype or model_cfg.dtype
         self.device = default_device()
         self._model = (
@@ -160,16 +163,15 @@ class HFBackend(GenerationBackend):
             lengths += (~done).long().cpu()
             tokens[:, t] = tok.cpu()
             logprobs[:, t] = lp.masked_fill(done, 0.0).float().cpu()
-            done |= torch.isin(tok, eos)
+            if not params.ignore_eos:
+                done |= torch.isin(tok, eos)
             if bool(done.all()):
                 break
             inputs = tok[:, None]
             attn = torch.cat([attn, attn.new_ones(n, 1)], dim=1)
             pos = pos[:, -1:] + 1
         width = int(lengths.max()) if n else 0
-        return Generation(
-            tokens[:, :width], lengths, logprobs[:, :width], (~done).cpu()
-        )
+        return Generation(tokens[:, :width], lengths, logprobs[:, :width], (~done).cpu())
 
 
 def sample_step(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:

@@ -83,6 +83,7 @@ class Generator:
             temperature=c.eval_temperature if greedy else c.temperature,
             top_p=c.top_p,
             top_k=c.top_k,
+            ignore_eos=c.ignore_eos,
         )
         texts = [self.render(it.prompt) for it in items]
         encoded = [self.encode(t) for t in texts]

@@ -8,6 +8,7 @@ import torch
 from rlalign_ray.config import ModelConfig, RolloutConfig
 from rlalign_ray.data.batch import PromptItem
 from rlalign_ray.models.loading import batch_logprobs
+from rlalign_ray.rollout.backend import SamplingParams, sample_step, truncate
 from rlalign_ray.rollout.generator import Generator, StaleWeightsError
 
 
@@ -34,3 +35,43 @@ def test_samples_are_grouped_and_masked(gen):
 def test_refuses_stale_weights(gen):
     with pytest.raises(StaleWeightsError, match="holds weight version 0, the driver expects 1"):
         gen.generate([PromptItem(0, "1+1=")], n_samples=1, expected_version=1)
+
+
+def test_model_generation_config_does_not_shape_samples(tiny_model):
+    """A repetition penalty (as instruct models ship in generation_config) must not change
+    what is sampled: greedy decoding equals the argmax of the plain forward pass."""
+    g = Generator(ModelConfig(path=tiny_model), RolloutConfig(max_new_tokens=6), seed=0)
+    g.backend._model.generation_config.repetition_penalty = 50.0
+    g.backend._model.generation_config.top_k = 1
+    ids = g.encode("12+34=")
+    out = g.backend.generate([ids], SamplingParams(max_new_tokens=6, temperature=0), n=1)
+    seq = torch.tensor([ids])
+    with torch.no_grad():
+        for t in range(int(out.lengths[0])):
+            nxt = g.backend._model(seq).logits[0, -1].argmax()
+            assert int(nxt) == int(out.tokens[0, t])
+            seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
+
+
+def test_truncation_and_recorded_logprobs():
+    """top-k / top-p keep the right tokens; recorded log-probs are those of the
+    renormalised (sampled) distribution, and equal the full one without truncation."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(truncate(logits, 2, 1.0)[0, 2:]).all()
+    kept = ~torch.isinf(truncate(logits, 0, 0.7))[0]
+    assert kept.tolist() == [True, True, False, False]  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
+    torch.manual_seed(0)
+    tok, lp = sample_step(logits.repeat(64, 1), SamplingParams(1, top_p=0.7))
+    assert set(tok.tolist()) <= {0, 1}
+    expected = torch.log(torch.tensor([0.5, 0.3]) / 0.8)
+    assert torch.allclose(lp, expected[tok])
+    tok, lp = sample_step(logits.repeat(8, 1), SamplingParams(1, temperature=2.0))
+    full = torch.log_softmax(logits[0] / 2.0, dim=-1)
+    assert torch.allclose(lp, full[tok])
+
+
+def test_ignore_eos_samples_full_length(gen):
+    out = gen.backend.generate(
+        [gen.encode("1+1=")], SamplingParams(max_new_tokens=7, ignore_eos=True), n=3
+    )
+    assert out.tokens.shape == (3, 7) and out.lengths.tolist() == [7, 7, 7]
