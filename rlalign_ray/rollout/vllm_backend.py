@@ -52,11 +52,15 @@ class VLLMBackend(GenerationBackend):
             # VLLM_CPU_KVCACHE_SPACE takes whole GiB only; this engine argument takes bytes.
             else {"kv_cache_memory_bytes": int(rollout_cfg.kv_cache_gb * 1024**3)}
         )
+        tp = rollout_cfg.tensor_parallel_size
         self.llm = LLM(
             model=path,
             dtype=rollout_cfg.dtype or model_cfg.dtype,
             trust_remote_code=model_cfg.trust_remote_code,
-            tensor_parallel_size=rollout_cfg.tensor_parallel_size,
+            tensor_parallel_size=tp,
+            # tp > 1: worker processes of this actor on its GPUs ("ray" would look for GPUs
+            # in our placement group, which the actors have taken already)
+            distributed_executor_backend="mp" if tp > 1 else "uni",
             max_model_len=rollout_cfg.max_model_len
             or _context_length(hf_config, max_prompt_tokens + rollout_cfg.max_new_tokens),
             enforce_eager=rollout_cfg.enforce_eager,
