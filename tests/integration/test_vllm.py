@@ -7,6 +7,7 @@ generator actors in the loop test).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 
@@ -16,7 +17,8 @@ from conftest import small_config
 
 from rlalign_ray.config import ModelConfig, RolloutConfig, config_from_dict
 from rlalign_ray.data.batch import PromptItem
-from rlalign_ray.models.loading import batch_logprobs, load_causal_lm
+from rlalign_ray.models.loading import batch_logprobs, load_causal_lm, response_logits
+from rlalign_ray.rollout.backend import truncate
 from rlalign_ray.rollout.generator import Generator
 from rlalign_ray.trainer import Trainer
 
@@ -82,6 +84,17 @@ def test_logprobs_equal_the_learners(gen, tiny_model):
     diff = (_learner_logprobs(load_causal_lm(tiny_model), b) - b.logprobs).abs()
     print(f"max |generator - learner| log-prob: {diff.max():.2e}")
     assert diff.max() < 1e-4
+
+
+def test_top_k_top_p_logprobs_are_of_the_truncated_distribution(gen, tiny_model, monkeypatch):
+    """As HFBackend's ``sample_step``: log softmax over the kept tokens, renormalised."""
+    monkeypatch.setattr(gen, "cfg", dataclasses.replace(gen.cfg, top_k=5, top_p=0.8))
+    b = gen.generate(ITEMS, n_samples=4)
+    logits = response_logits(load_causal_lm(tiny_model), b, torch.device("cpu")) / TEMPERATURE
+    scores = truncate(logits.flatten(0, 1).float(), 5, 0.8)
+    expected = torch.log_softmax(scores, -1).gather(-1, b.response_ids.view(-1, 1))
+    expected = expected.view_as(b.logprobs) * b.response_mask
+    assert (expected - b.logprobs).abs().max() < 1e-4
 
 
 def test_load_weights_in_buckets_switches_to_the_new_weights(gen, tiny_model, tmp_path):
