@@ -100,7 +100,7 @@ class VLLMBackend(GenerationBackend):
         return Generation(
             tokens=pad_sequence(tokens, batch_first=True, padding_value=self.tok.pad_token_id),
             lengths=torch.tensor([len(t) for t in tokens], dtype=torch.long),
-            logprobs=pad_sequence(logprobs, batch_first=True).float(),
+            logprobs=pad_sequence(logprobs, batch_first=True),
             truncated=torch.tensor([c.finish_reason == "length" for c in samples]),
         )
 
@@ -121,7 +121,7 @@ class VLLMBackend(GenerationBackend):
         self.llm.reset_prefix_cache()  # cached KV blocks came from the old weights
 
     def sleep(self) -> None:
-        """Free the weights and KV cache on the GPU while the learner trains."""
+        """Give the GPU to the learner: weights move to CPU memory, the KV cache is dropped."""
         self.llm.sleep(level=1)
 
     def wake_up(self) -> None:
