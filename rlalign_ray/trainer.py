@@ -97,7 +97,9 @@ class Trainer:
                 adv, returns, values, stats = self.advantages(exp, step)
                 # 5. update the policy (and the critic)
                 t = time.perf_counter()
+                self.generators_sleep(True)
                 metrics = self.learn(exp, adv, returns, values, step)
+                self.generators_sleep(False)
                 metrics["time/train_s"] = time.perf_counter() - t
                 # 6. broadcast the new weights
                 t = time.perf_counter()
@@ -295,6 +297,17 @@ class Trainer:
             [r.save_pretrained.remote(str(path)) for r in self.pools["learner"].actors],
             f"saving {path}",
             self.cfg.run.call_timeout_s,
+        )
+
+    def generators_sleep(self, asleep: bool) -> None:
+        """With ``rollout.enable_sleep_mode``, the vLLM engines give their GPU memory to the
+        learner while it trains (colocated on the same GPUs) and take it back after."""
+        if not self.cfg.rollout.enable_sleep_mode:
+            return
+        gens = self.pools["generator"].actors
+        calls = [g.sleep.remote() if asleep else g.wake_up.remote() for g in gens]
+        get(
+            calls, "generator sleep" if asleep else "generator wake-up", self.cfg.run.call_timeout_s
         )
 
     # ---- actors -------------------------------------------------------------------------

@@ -119,6 +119,15 @@ class Generator:
         self.version = self.transport.receive(handle, self.backend)
         return self.version
 
+    # ---- GPU colocation (vllm with rollout.enable_sleep_mode) ---------------------------
+    def sleep(self) -> None:
+        """Free the engine's GPU memory (weights, KV cache) while the learner trains."""
+        self.backend.sleep()
+
+    def wake_up(self) -> None:
+        """Take the GPU memory back before the next weight load and generation."""
+        self.backend.wake_up()
+
     def get_version(self) -> int:
         return self.version
 

@@ -1,0 +1,154 @@
+"""A vLLM engine as a generation backend (``rollout.backend: vllm``), on CPU or GPU.
+
+One engine per generator actor, living in the actor's own process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``). All of a call's prompts go to the engine at once
+with vLLM's own ``n``, so its continuous batching schedules every sample. Nothing but our
+``SamplingParams`` shapes the distribution (``generation_config="vllm"`` ignores the model
+folder's defaults), and the recorded log-probs are vLLM's ``processed_logprobs``: those of
+the distribution actually sampled, as ``HFBackend`` records them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from rlalign_ray.errors import ConfigError
+from rlalign_ray.models.loading import default_device, resolve
+from rlalign_ray.rollout.backend import Generation, GenerationBackend, SamplingParams, _eos_ids
+
+
+class VLLMBackend(GenerationBackend):
+    def __init__(
+        self, model_cfg: Any, rollout_cfg: Any, tokenizer: Any, max_prompt_tokens: int = 512
+    ):
+        on_gpu = default_device().type == "cuda"
+        if rollout_cfg.enable_sleep_mode and not on_gpu:
+            raise ConfigError(
+                [
+                    "rollout.enable_sleep_mode: needs a CUDA GPU in each generator actor "
+                    "(set rollout.resources.num_gpus), or turn it off on CPU"
+                ]
+            )
+        # Read by vLLM when it is imported and when the engine starts: keep the engine core
+        # in this process (no extra process per actor) and vLLM's logs short.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        from transformers import AutoConfig
+        from vllm import LLM
+
+        path = resolve(model_cfg.path)
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+        self.tok = tokenizer
+        self.eos_ids = _eos_ids(_with_generation_config(path, hf_config), tokenizer)
+        memory = (
+            {"gpu_memory_utilization": rollout_cfg.gpu_memory_utilization}
+            if on_gpu
+            # VLLM_CPU_KVCACHE_SPACE takes whole GiB only; this engine argument takes bytes.
+            else {"kv_cache_memory_bytes": int(rollout_cfg.kv_cache_gb * 1024**3)}
+        )
+        tp = rollout_cfg.tensor_parallel_size
+        self.llm = LLM(
+            model=path,
+            dtype=rollout_cfg.dtype or model_cfg.dtype,
+            trust_remote_code=model_cfg.trust_remote_code,
+            tensor_parallel_size=tp,
+            # tp > 1: worker processes of this actor on its GPUs ("ray" would look for GPUs
+            # in our placement group, which the actors have taken already)
+            distributed_executor_backend="mp" if tp > 1 else "uni",
+            max_model_len=rollout_cfg.max_model_len
+            or _context_length(hf_config, max_prompt_tokens + rollout_cfg.max_new_tokens),
+            enforce_eager=rollout_cfg.enforce_eager,
+            enable_sleep_mode=rollout_cfg.enable_sleep_mode,
+            # The Generator seeds torch per rank (seed * 1000 + rank) before building us.
+            seed=torch.initial_seed() % 2**31,
+            generation_config="vllm",
+            logprobs_mode="processed_logprobs",
+            skip_tokenizer_init=True,  # token ids in and out: the generator decodes
+            **memory,
+        )
+        self._pending: list[tuple[str, torch.Tensor]] = []
+        self._repack_lm_head = not on_gpu and getattr(hf_config, "tie_word_embeddings", False)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> Generation:
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sampling = VLLMSamplingParams(
+            n=n,
+            max_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            stop_token_ids=self.eos_ids,  # vLLM keeps a stop token in the output, as HF does
+            logprobs=0,  # the sampled token's log-prob only
+            detokenize=False,
+        )
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], sampling, use_tqdm=False
+        )
+        samples = [c for out in outputs for c in out.outputs]  # prompt-major
+        tokens = [torch.tensor(c.token_ids, dtype=torch.long) for c in samples]
+        logprobs = [
+            torch.tensor([lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]) for c in samples
+        ]
+        return Generation(
+            tokens=pad_sequence(tokens, batch_first=True, padding_value=self.tok.pad_token_id),
+            lengths=torch.tensor([len(t) for t in tokens], dtype=torch.long),
+            logprobs=pad_sequence(logprobs, batch_first=True),
+            truncated=torch.tensor([c.finish_reason == "length" for c in samples]),
+        )
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        # vLLM's in-place reload processes a layer once all of its weights have arrived (the
+        # CPU kernels repack them; q/k/v and gate/up are fused): a bucket that splits a layer,
+        # reloaded on its own, would leave that layer half-filled. So buckets are kept
+        # (copied: transports may reuse their buffers) and reloaded once per version.
+        self._pending += [(name, t.clone()) for name, t in weights]
+
+    def finish_weight_update(self) -> None:
+        weights, self._pending = self._pending, []
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
+        )
+        if self._repack_lm_head:
+            self.llm.collective_rpc(_repack_lm_head)
+        self.llm.reset_prefix_cache()  # cached KV blocks came from the old weights
+
+    def sleep(self) -> None:
+        """Give the GPU to the learner: weights move to CPU memory, the KV cache is dropped."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+
+
+def _repack_lm_head(worker: Any) -> None:
+    """On CPU vLLM packs the LM head's weight for its GEMM kernel. With tied embeddings an
+    in-place reload refills the shared embedding but not that packed copy (vLLM 0.32), so
+    logits would still come from the old weights: pack it again (runs in each worker)."""
+    head = worker.model_runner.get_model().lm_head
+    head.quant_method.process_weights_after_loading(head)
+
+
+def _with_generation_config(path: str, hf_config: Any) -> Any:
+    """An object with the folder's ``generation_config`` as transformers would load it (what
+    ``_eos_ids`` reads for the EOS ids)."""
+    from transformers import GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(path)
+    except OSError:
+        gen = GenerationConfig.from_model_config(hf_config)
+    return SimpleNamespace(generation_config=gen)
+
+
+def _context_length(hf_config: Any, wanted: int) -> int:
+    """``wanted`` tokens, capped by the model's position embeddings."""
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    return min(wanted, limit) if limit else wanted

@@ -1,0 +1,150 @@
+"""The vLLM backend: as a plain class (HF backend's conventions, log-probs equal to the
+learner's, in-place weight reload), then inside the whole loop on a real local Ray instance.
+
+vLLM engines take ~20 s each to start on CPU: this module starts three (one here, two
+generator actors in the loop test).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+
+import pytest
+import torch
+from conftest import small_config
+
+from rlalign_ray.config import ModelConfig, RolloutConfig, config_from_dict
+from rlalign_ray.data.batch import PromptItem
+from rlalign_ray.models.loading import batch_logprobs, load_causal_lm, response_logits
+from rlalign_ray.rollout.backend import truncate
+from rlalign_ray.rollout.generator import Generator
+from rlalign_ray.trainer import Trainer
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.vllm,
+    pytest.mark.skipif(
+        importlib.util.find_spec("vllm") is None,
+        reason="vllm is not installed (bash launch/install_vllm.sh)",
+    ),
+]
+ENGINE = {"backend": "vllm", "kv_cache_gb": 0.25, "max_model_len": 64}
+TEMPERATURE = 0.7
+ITEMS = [PromptItem(i, p) for i, p in enumerate(["1+2=", "123+456=", "9+", "77+8=", "5", "+"])]
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_model):
+    """A generator with a vLLM engine in this process; torn down with the module."""
+    set_num_threads = torch.set_num_threads  # vLLM's CPU worker replaces it process-wide
+    g = Generator(
+        ModelConfig(path=tiny_model),
+        RolloutConfig(max_new_tokens=8, temperature=TEMPERATURE, **ENGINE),
+        seed=0,
+    )
+    yield g
+    from vllm.distributed.parallel_state import (
+        destroy_distributed_environment,
+        destroy_model_parallel,
+    )
+
+    del g
+    destroy_model_parallel()
+    destroy_distributed_environment()
+    torch.set_num_threads = set_num_threads
+
+
+def _learner_logprobs(model, batch):
+    return batch_logprobs(model, batch, TEMPERATURE, 64, torch.device("cpu"))
+
+
+def test_same_conventions_as_hf_backend(gen):
+    b = gen.generate(ITEMS, n_samples=16)
+    n, eos, pad = len(ITEMS) * 16, gen.backend.eos_ids, gen.tok.pad_token_id
+    assert b.group_ids.tolist() == [i for i in range(len(ITEMS)) for _ in range(16)]
+    assert b.response_ids.shape == (n, int(b.response_len.max())) and b.response_ids.shape[1] <= 8
+    for row, length, truncated in zip(b.response_ids, b.response_len.tolist(), b.truncated):
+        ended = row[length - 1].item() in eos
+        # the length counts the EOS when one is emitted; truncated means none within 8 tokens
+        assert ended != bool(truncated) and (ended or length == 8)
+        assert not any(t in eos for t in row[: length - 1].tolist())
+        assert torch.all(row[length:] == pad)
+    assert 0 < int(b.truncated.sum()) < n, "expected both EOS-ended and truncated rows"
+    assert torch.equal(b.response_mask.sum(1).long(), b.response_len)
+    assert torch.all(b.logprobs[b.response_mask == 0] == 0)
+    assert torch.all(b.logprobs[b.response_mask == 1] < 0)
+    greedy = [gen.generate(ITEMS, n_samples=1, greedy=True).response_ids for _ in range(2)]
+    assert torch.equal(greedy[0], greedy[1])
+
+
+def test_logprobs_equal_the_learners(gen, tiny_model):
+    b = gen.generate(ITEMS, n_samples=8)
+    diff = (_learner_logprobs(load_causal_lm(tiny_model), b) - b.logprobs).abs()
+    print(f"max |generator - learner| log-prob: {diff.max():.2e}")
+    assert diff.max() < 1e-4
+
+
+def test_top_k_top_p_logprobs_are_of_the_truncated_distribution(gen, tiny_model, monkeypatch):
+    """As HFBackend's ``sample_step``: log softmax over the kept tokens, renormalised."""
+    monkeypatch.setattr(gen, "cfg", dataclasses.replace(gen.cfg, top_k=5, top_p=0.8))
+    b = gen.generate(ITEMS, n_samples=4)
+    logits = response_logits(load_causal_lm(tiny_model), b, torch.device("cpu")) / TEMPERATURE
+    scores = truncate(logits.flatten(0, 1).float(), 5, 0.8)
+    expected = torch.log_softmax(scores, -1).gather(-1, b.response_ids.view(-1, 1))
+    expected = expected.view_as(b.logprobs) * b.response_mask
+    assert (expected - b.logprobs).abs().max() < 1e-4
+
+
+def test_load_weights_in_buckets_switches_to_the_new_weights(gen, tiny_model, tmp_path):
+    from rlalign_ray.models.tiny import build_tiny_model
+
+    old = load_causal_lm(tiny_model)
+    new, _ = build_tiny_model(str(tmp_path / "other"), seed=1)
+    params = list(new.named_parameters())
+    gen.backend.load_weights(params[:5])  # buckets, as a transport sends them
+    gen.backend.load_weights(params[5:])
+    gen.backend.finish_weight_update()
+    after = gen.generate(ITEMS, n_samples=4)
+    assert (_learner_logprobs(new, after) - after.logprobs).abs().max() < 1e-4
+    assert (_learner_logprobs(old, after) - after.logprobs).abs().max() > 0.1
+    gen.backend.load_weights(old.named_parameters())  # and back
+    gen.backend.finish_weight_update()
+    back = gen.generate(ITEMS, n_samples=4)
+    assert (_learner_logprobs(old, back) - back.logprobs).abs().max() < 1e-4
+
+
+def test_loop_with_two_vllm_generators_two_reward_actors_two_ranks(ray_local, tiny_model, tmp_path):
+    cfg = config_from_dict(
+        small_config(
+            tiny_model,
+            str(tmp_path / "run"),
+            rollout={
+                "prompts_per_step": 4,
+                "n_samples": 2,
+                "max_new_tokens": 4,
+                "num_actors": 2,
+                "resources": {"num_cpus": 0.5},
+                **ENGINE,
+            },
+            learner={
+                "world_size": 2,
+                "zero_stage": 2,
+                "micro_batch_size": 2,
+                "lr": 1e-3,
+                "resources": {"num_cpus": 0.5},
+            },
+            trainer={"steps": 3, "eval_every": 0},
+        )
+    )
+    final = Trainer(cfg).fit()
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert [r["weights/version"] for r in rows] == [0, 1, 2, 3]
+    # lr 1e-3 changes the weights every step: a generator still sampling with old weights
+    # would show a large mismatch from step 2 on
+    mismatch = [r["train/logprob_mismatch"] for r in rows[1:]]
+    print(f"train/logprob_mismatch per step: {mismatch}")
+    assert all(m < 1e-3 for m in mismatch)
+    assert final["weights/version"] == 3 and "eval/reward_mean" in rows[3]
