@@ -86,6 +86,7 @@ class VLLMBackend(GenerationBackend):
             top_p=params.top_p,
             top_k=params.top_k,
             stop_token_ids=self.eos_ids,  # vLLM keeps a stop token in the output, as HF does
+            ignore_eos=params.ignore_eos,
             logprobs=0,  # the sampled token's log-prob only
             detokenize=False,
         )
