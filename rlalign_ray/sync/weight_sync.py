@@ -153,7 +153,7 @@ class WeightSync:
 
         from rlalign_ray.runtime.pools import get
 
-        name = self.plan.transport if self.plan else "weight"
+        name = f"{self.plan.transport} weight sync" if self.plan else "weight sync"
         deadline = time.monotonic() + self.cfg.timeout_s
         pending = list(calls)
         while pending:
@@ -163,8 +163,8 @@ class WeightSync:
             if not done:
                 late = sorted(set(calls[r] for r in pending))
                 raise WeightSyncError(
-                    f"{name} weight sync ({what}): {', '.join(late)} did not finish within "
+                    f"{name} ({what}): {', '.join(late)} did not finish within "
                     f"sync.timeout_s={self.cfg.timeout_s:g}s"
                 )
-            get(done, f"{name} weight sync ({what}), {calls[done[0]]}")
+            get(done, f"{name} ({what}), {calls[done[0]]}")
         return ray.get(list(calls))
