@@ -87,9 +87,11 @@ class WeightSync:
         transport (for the collective one: a group rendezvous at learner rank 0)."""
         c = self.cfg
         layout = self._wait({self.sources[0].weight_layout.remote(): "learner rank 0"}, "layout")
-        # On GPUs NCCL moves buckets device to device. On CPU the object store is faster
-        # (bench weights: it writes each byte once into shared memory that every receiver on
-        # the node reads in place, where gloo sends it over loopback TCP to each receiver).
+        # On GPUs NCCL moves buckets device to device. On CPU the object store is faster: it
+        # writes each byte once into shared memory that every receiver on the node reads in
+        # place, where gloo copies it into a flat buffer and over loopback TCP to each
+        # receiver (bench weights, 100M params fp32, 2 cores, 64 MiB buckets: 0.17 s against
+        # 0.31 s for one receiver, 0.40 s against 0.81 s for four).
         transport = (
             c.transport
             if c.transport != "auto"
