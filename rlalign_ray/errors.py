@@ -30,3 +30,7 @@ class PlacementError(RlalignError):
 
 class ActorFailure(RlalignError):
     """An actor of a role died or failed mid-run."""
+
+
+class WeightSyncError(ActorFailure):
+    """A weight sync failed or timed out (the message names the transport and the actor)."""

@@ -36,6 +36,7 @@ from rlalign_ray.errors import ActorFailure
 from rlalign_ray.logger import MetricsLogger
 from rlalign_ray.runtime.cluster import connect
 from rlalign_ray.runtime.pools import get, lost_roles, start_pools, stop_pools
+from rlalign_ray.sync.weight_sync import WeightSync
 from rlalign_ray.topology import DEEPSPEED_ROLES, Topology, cpus_needed
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class Trainer:
         self.topology.validate(cfg)
         self.version = 0  # weight version the generators hold
         self.pools: dict[str, Any] = {}
+        self.weights: WeightSync | None = None  # set up once the pools start
         self._started_ray = False
         a = cfg.algorithm
         self.kl_ctl = (
@@ -267,25 +269,10 @@ class Trainer:
         return metrics
 
     def broadcast(self, version: int) -> int:
-        """Learner rank 0 publishes once; every generator loads it and reports the version."""
-        handles = get(
-            [r.publish_weights.remote(version) for r in self.pools["learner"].actors],
-            "weight publish",
-            self.cfg.run.call_timeout_s,
-        )
-        handle = handles[0]
-        versions = get(
-            [g.load_weights.remote(handle) for g in self.pools["generator"].actors],
-            "weight broadcast",
-            self.cfg.run.call_timeout_s,
-        )
-        if any(v != version for v in versions):
-            raise ActorFailure(
-                f"weight broadcast: generators report versions {versions}, "
-                f"expected {version}; refusing to sample with stale weights"
-            )
+        """Every generator loads the learner's new weights and reports the version."""
+        nbytes = self.weights.sync(version)
         self.version = version
-        return handle.num_bytes
+        return nbytes
 
     def evaluate(self, evals: list[PromptItem]) -> dict[str, float]:
         _, scored, _, times = self.rollout(evals, greedy=True)
@@ -322,6 +309,15 @@ class Trainer:
                 get([r.setup.remote(addr, port) for r in pool.actors], f"{name} setup", timeout)
             else:
                 get([a.ping.remote() for a in pool.actors], f"{name} start-up", timeout)
+        gpus = [self.topology.pools[r].resources.num_gpus for r in ("learner", "generator")]
+        self.weights = WeightSync(
+            self.cfg.sync,
+            self.cfg.generator_dtype,
+            self.pools["learner"].actors,
+            self.pools["generator"].actors,
+            on_gpu=min(gpus) > 0,
+        )
+        self.weights.setup()
 
     def stop(self) -> None:
         import ray

@@ -1,11 +1,134 @@
-"""bench weights (being written)."""
+"""Seconds per weight sync, per transport and receiver count, against an in-process copy.
+
+A sender actor holds the weights as the learner does (``WeightSource``, no DeepSpeed) and
+``WeightSync`` moves them, as in training, to real ``Generator`` actors (1 CPU each). A
+sync is timed from the first publish call to every generator reporting the new version;
+the first ``--warmup`` syncs of each setting are not timed (Ray's store touches its pages
+only as it cycles through them: the first puts into it are several times slower).
+``ratio_vs_memcpy`` is the best time to ``copy_`` the same tensors into preallocated
+tensors in this process with one thread (as each receiver has), measured before and after
+every setting, divided by the sync's best time.
+"""
 
 from __future__ import annotations
 
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+from rlalign_ray.bench.common import add_model_arguments, bench_model, parse_list, print_table
+from rlalign_ray.sync.weight_sync import WeightSource
+
 
 def add_arguments(p) -> None:
-    pass
+    add_model_arguments(p, default_params="100M")
+    p.add_argument("--receivers", default="1,4", help="generator counts, e.g. 1,4")
+    p.add_argument("--transport", default="object_store,collective", help="transports to time")
+    p.add_argument("--bucket-mb", type=float, default=64.0, help="sync.bucket_mb")
+    p.add_argument("--dtype", default="float32", help="generator dtype (weights travel in it)")
+    p.add_argument("--repeat", type=int, default=5, help="timed syncs per setting (best kept)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed syncs before each setting")
+
+
+class ModelSource(WeightSource):
+    """The learner's side of a sync without DeepSpeed: a model loaded as the learner does."""
+
+    def __init__(self, path: str, dtype: str = "float32"):
+        from rlalign_ray.models.loading import load_causal_lm, set_threads
+
+        set_threads(1)
+        self.rank = 0
+        self.model = load_causal_lm(path, dtype)
+
+    def named_weights(self):
+        return self.model.named_parameters()
+
+    def gathered(self, params=None):
+        return nullcontext()
+
+
+def memcpy_seconds(src: list[torch.Tensor], dst: list[torch.Tensor], repeat: int) -> float:
+    """Best time to ``copy_`` ``src`` into the preallocated ``dst`` with one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times = []
+    for _ in range(repeat + 1):
+        t0 = time.perf_counter()
+        for d, s in zip(dst, src):
+            d.copy_(s)
+        times.append(time.perf_counter() - t0)
+    torch.set_num_threads(threads)
+    return min(times[1:])
 
 
 def run(args) -> dict:
-    raise SystemExit("bench weights: not written yet")
+    import ray
+
+    from rlalign_ray.config import ModelConfig, Resources, RolloutConfig, RunConfig, SyncConfig
+    from rlalign_ray.models.loading import load_causal_lm
+    from rlalign_ray.rollout.generator import Generator
+    from rlalign_ray.runtime.cluster import connect
+    from rlalign_ray.sync.weight_sync import WeightSync
+
+    path = bench_model(args)
+    receivers = parse_list(args.receivers, int)
+    transports = parse_list(args.transport)
+    src = [p.detach() for p in load_causal_lm(path, "float32").parameters()]
+    dst = [torch.empty_like(t, dtype=getattr(torch, args.dtype)).copy_(t) for t in src]
+    memcpy_s = memcpy_seconds(src, dst, args.repeat)
+    started = connect(RunConfig(), max(receivers) + 1)
+    try:
+        source = ray.remote(num_cpus=1)(ModelSource).remote(path)
+        rollout = RolloutConfig(dtype=args.dtype, resources=Resources(num_cpus=1))
+        gens = [
+            ray.remote(num_cpus=1)(Generator).remote(ModelConfig(path=path), rollout, 0, i)
+            for i in range(max(receivers))
+        ]
+        ray.get([g.ping.remote() for g in gens])
+        results, version = [], 0
+        for transport in transports:
+            for n in receivers:
+                cfg = SyncConfig(transport=transport, bucket_mb=args.bucket_mb, timeout_s=600)
+                sync = WeightSync(cfg, args.dtype, [source], gens[:n])
+                plan = sync.setup()
+                times = []
+                for _ in range(args.warmup + args.repeat):
+                    version += 1
+                    t0 = time.perf_counter()
+                    sync.sync(version)
+                    times.append(time.perf_counter() - t0)
+                times = times[args.warmup :]
+                best = min(times)
+                memcpy_s = min(memcpy_s, memcpy_seconds(src, dst, args.repeat))
+                results.append(
+                    {
+                        "transport": transport,
+                        "receivers": n,
+                        "buckets": len(plan.buckets),
+                        "seconds": best,
+                        "median_s": statistics.median(times),
+                        "GB/s": plan.num_bytes / best / 1e9,
+                    }
+                )
+        for r in results:  # against the best copy seen in the whole run
+            r["ratio_vs_memcpy"] = memcpy_s / r["seconds"]
+        nbytes = plan.num_bytes
+    finally:
+        if started:
+            ray.shutdown()
+    print_table(
+        f"bench weights: {nbytes / 1e6:.0f} MB in {args.dtype}, buckets of {args.bucket_mb:g} MiB; "
+        f"in-process copy {memcpy_s:.4f}s ({nbytes / memcpy_s / 1e9:.1f} GB/s); "
+        f"best of {args.repeat} after {args.warmup} warm-up syncs",
+        results,
+        ["transport", "receivers", "buckets", "seconds", "median_s", "GB/s", "ratio_vs_memcpy"],
+    )
+    return {
+        "memcpy_s": memcpy_s,
+        "bytes": nbytes,
+        "bucket_mb": args.bucket_mb,
+        "dtype": args.dtype,
+        "results": results,
+    }

@@ -171,12 +171,14 @@ class DeepSpeedRank:
         return dict(zip(keys, mean.tolist()))
 
     # ---- weights out ------------------------------------------------------------------
-    def gathered(self):
-        """Full parameters on every rank (ZeRO-3 shards them)."""
+    def gathered(self, params=None):
+        """Full values of ``params`` (default: all) on every rank (ZeRO-3 shards them)."""
         if self.role.zero_stage == 3:
             import deepspeed
 
-            return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()))
+            return deepspeed.zero.GatheredParameters(
+                list(self.engine.module.parameters()) if params is None else list(params)
+            )
         return nullcontext()
 
     def get_weights(self) -> dict[str, np.ndarray]:

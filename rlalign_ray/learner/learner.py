@@ -23,13 +23,12 @@ from rlalign_ray.models.loading import (
     response_logits,
     token_logprobs,
 )
-from rlalign_ray.sync.weights import TRANSPORTS, WeightHandle
+from rlalign_ray.sync.weight_sync import WeightSource
 
 
-class Learner(DeepSpeedRank):
+class Learner(DeepSpeedRank, WeightSource):
     def __init__(self, cfg: Config, rank: int, world_size: int):
         super().__init__(cfg, rank, world_size, cfg.learner)
-        self.transport = TRANSPORTS["object_store"]()
 
     def build_model(self) -> torch.nn.Module:
         m = self.cfg.model
@@ -136,10 +135,6 @@ class Learner(DeepSpeedRank):
         if norm is not None:
             stats["grad_norm"].append(float(norm))
 
-    # ---- weights out ------------------------------------------------------------------
-    def publish_weights(self, version: int) -> WeightHandle | None:
-        """All ranks call this; rank 0 publishes once and returns the handle."""
-        with self.gathered():
-            if self.rank != 0:
-                return None
-            return self.transport.publish(self.engine.module.named_parameters(), version)
+    # ---- weights out (WeightSource: weight_layout, open/join_weight_sync, publish_weights) --
+    def named_weights(self):
+        return self.engine.module.named_parameters()

@@ -15,7 +15,8 @@ from rlalign_ray.data.batch import PromptItem, RolloutBatch, pad_prompts
 from rlalign_ray.errors import ActorFailure
 from rlalign_ray.models.loading import load_tokenizer, set_threads
 from rlalign_ray.rollout.backend import SamplingParams, backend_class
-from rlalign_ray.sync.weights import TRANSPORTS, WeightHandle
+from rlalign_ray.sync.buckets import SyncPlan
+from rlalign_ray.sync.weights import WeightHandle, WeightTransport, make_transport
 
 
 class StaleWeightsError(ActorFailure):
@@ -30,7 +31,6 @@ class Generator:
         seed: int,
         rank: int = 0,
         max_prompt_tokens: int = 512,
-        transport: str = "object_store",
     ):
         set_threads(rollout.resources.num_cpus)
         torch.manual_seed(seed * 1000 + rank)
@@ -39,7 +39,7 @@ class Generator:
         self.max_prompt_tokens = max_prompt_tokens
         self.tok = load_tokenizer(model.tokenizer or model.path, model.trust_remote_code)
         self.backend = backend_class(rollout.backend)(model, rollout, self.tok, max_prompt_tokens)
-        self.transport = TRANSPORTS[transport]()
+        self.transport: WeightTransport | None = None  # set by join_weight_sync
         self.version = 0
         self.rank = rank
 
@@ -115,8 +115,15 @@ class Generator:
         )
 
     # ---- weights ----------------------------------------------------------------------
+    def join_weight_sync(self, plan: SyncPlan, address: Any, rank: int) -> None:
+        """Build this generator's end of the weight transport (``rank`` in the sync)."""
+        self.transport = make_transport(plan)
+        self.transport.connect(address, rank)
+
     def load_weights(self, handle: WeightHandle) -> int:
-        self.version = self.transport.receive(handle, self.backend)
+        """Load one bucket; returns the version now held (-1 while a version is half in)."""
+        self.transport.receive(handle, self.backend)
+        self.version = handle.version if handle.is_last(self.transport.plan) else -1
         return self.version
 
     # ---- GPU colocation (vllm with rollout.enable_sleep_mode) ---------------------------

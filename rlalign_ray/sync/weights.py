@@ -1,114 +1,233 @@
-"""Weight broadcast from learner rank 0 to the generators, versioned.
+"""Weight transports: how one bucket of weights gets from learner rank 0 to the generators.
 
-A ``WeightTransport`` has two halves: ``publish`` runs on learner rank 0 and returns a
-small ``WeightHandle``; ``receive`` runs in each generator and copies the weights into the
-model's own (preallocated) parameters. The object-store transport below puts the weights
-once (a dict of numpy arrays, which receivers read zero-copy), so the cost on the learner
-does not grow with the number of generators. A collective (gloo/NCCL group) transport
-implements the same two methods.
+A ``WeightTransport`` has a sending half (``open``, ``connect``, ``send``; learner rank 0)
+and a receiving half (``connect``, ``receive``; each generator). Both halves are built
+from the same ``SyncPlan``, so a bucket's layout never travels. Weights travel in the
+generators' dtype. ``WeightSync`` (``sync/weight_sync.py``) drives them bucket by bucket,
+publish and receive running at the same time.
+
+- ``ObjectStoreTransport``: ``send`` puts the bucket's tensors, as numpy arrays, once into
+  Ray's shared-memory store; receivers on a node read the same object without copying.
+- ``CollectiveTransport``: a process group of its own (gloo or NCCL) between learner rank 0
+  and every generator, built from a TCPStore hosted by rank 0: never the default group,
+  so DeepSpeed's group and whatever vLLM sets up in a generator stay untouched. Buckets
+  are broadcast from preallocated flat buffers, reused for every bucket and version.
+
+The tensors a backend's ``load_weights`` receives are views valid during the call only
+(the collective transport reuses its buffer for the next bucket): a backend that keeps
+them until ``finish_weight_update`` must copy them.
 """
 
 from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
-import numpy as np
 import torch
+
+from rlalign_ray.errors import WeightSyncError
+from rlalign_ray.sync.buckets import (
+    SyncPlan,
+    empty_buffer,
+    flatten_into,
+    from_numpy,
+    to_numpy,
+    unflatten,
+)
 
 
 @dataclass
 class WeightHandle:
-    """What the driver passes from the learner to every generator."""
+    """What the driver passes to every generator for one bucket of one version."""
 
     version: int
-    payload: Any  # transport-specific (an ObjectRef wrapped in a list for the object store)
-    dtypes: dict[str, str] = field(
-        default_factory=dict
-    )  # name -> torch dtype (bf16 travels as int16)
-    num_bytes: int = 0
+    bucket: int
+    payload: Any = None  # object store: [ref of rank 0's publish call] (a list: Ray passes it on)
+
+    def is_last(self, plan: SyncPlan) -> bool:
+        return self.bucket == len(plan.buckets) - 1
 
 
 class WeightTransport(ABC):
-    @abstractmethod
-    def publish(
-        self, named_params: Iterable[tuple[str, torch.Tensor]], version: int
-    ) -> WeightHandle:
-        """Learner side: make ``named_params`` available to receivers once."""
+    name: str
+
+    def __init__(self, plan: SyncPlan):
+        self.plan = plan
+        self.rank = 0
+        self.timeout = timedelta(seconds=plan.timeout_s)
+
+    def open(self) -> Any:
+        """Sender, before anyone connects: the address receivers need (None: nothing)."""
+        return None
+
+    def connect(self, address: Any, rank: int) -> None:
+        """Join the sync as ``rank`` (0: the sender, i: generator i - 1)."""
+        self.rank = rank
 
     @abstractmethod
-    def receive(self, handle: WeightHandle, backend: Any) -> int:
-        """Generator side: load the published weights through ``backend.load_weights``
-        (a ``GenerationBackend``); return the version."""
+    def send(self, bucket: int, tensors: Sequence[torch.Tensor]) -> Any:
+        """Sender: publish one bucket's tensors (in the plan's order); returns the payload
+        receivers need (or None)."""
+
+    @abstractmethod
+    def receive(self, handle: WeightHandle, backend: Any) -> None:
+        """Receiver: load one bucket into ``backend`` (a ``GenerationBackend``), and call
+        its ``finish_weight_update`` after the last bucket."""
+
+    def _load(self, handle: WeightHandle, backend: Any, tensors: list[torch.Tensor]) -> None:
+        bucket = self.plan.buckets[handle.bucket]
+        backend.load_weights(list(zip(bucket.names, tensors)))
+        if handle.is_last(self.plan):
+            backend.finish_weight_update()
+
+    def _error(self, what: str, cause: BaseException) -> WeightSyncError:
+        where = f"generator {self.rank - 1}" if self.rank else "learner rank 0"
+        return WeightSyncError(
+            f"{self.name} weight sync: {where} could not {what} (sync.timeout_s="
+            f"{self.plan.timeout_s:g}s): {type(cause).__name__}: {cause}"
+        )
 
 
 class ObjectStoreTransport(WeightTransport):
-    """One ``ray.put`` of numpy arrays; receivers ``copy_`` into their parameters."""
+    """Buckets through Ray's object store (one put per bucket, fetched once per node)."""
 
-    def publish(
-        self, named_params: Iterable[tuple[str, torch.Tensor]], version: int
-    ) -> WeightHandle:
+    name = "object_store"
+
+    def __init__(self, plan: SyncPlan):
+        super().__init__(plan)
+        self.staging: torch.Tensor | None = None
+
+    def send(self, bucket: int, tensors: Sequence[torch.Tensor]) -> list:
+        """One ``ray.put`` of the bucket; returns ``[its ref]``. CPU tensors already in the
+        generators' dtype go as they are (Ray's serialiser copies them straight into the
+        store, laid out back to back); others are cast into a reused staging buffer first."""
         import ray
 
-        arrays, dtypes, nbytes = {}, {}, 0
-        for name, t in named_params:
-            arr, dtype = to_numpy(t)
-            arrays[name], dtypes[name] = arr, dtype
-            nbytes += arr.nbytes
-        ref = ray.put(arrays)
-        # Wrapped in a list so Ray passes the ref through actor calls instead of resolving it.
-        return WeightHandle(version=version, payload=[ref], dtypes=dtypes, num_bytes=nbytes)
+        dtype = self.plan.torch_dtype
+        views = None
+        out = []
+        for i, t in enumerate(tensors):
+            t = t.detach()
+            if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous():
+                if self.staging is None:
+                    self.staging = empty_buffer(self.plan.max_numel, dtype)
+                views = views or unflatten(self.staging, self.plan.buckets[bucket])
+                t = views[i].copy_(t.reshape(views[i].shape))
+            out.append(to_numpy(t))
+        return [ray.put(out)]
 
-    def receive(self, handle: WeightHandle, backend: Any) -> int:
+    def receive(self, handle: WeightHandle, backend: Any) -> None:
         import ray
+        from ray.exceptions import GetTimeoutError
 
-        arrays = ray.get(handle.payload[0])
+        try:
+            (ref,) = ray.get(handle.payload[0], timeout=self.plan.timeout_s)
+            arrays = ray.get(ref, timeout=self.plan.timeout_s)
+        except GetTimeoutError as e:
+            raise self._error(
+                f"get bucket {handle.bucket} of version {handle.version}", e
+            ) from None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only zero-copy arrays
-            backend.load_weights(
-                (n, from_numpy(a, handle.dtypes.get(n, ""))) for n, a in arrays.items()
-            )
-        backend.finish_weight_update()
-        return handle.version
+            tensors = [from_numpy(a, self.plan.torch_dtype) for a in arrays]
+        self._load(handle, backend, tensors)
 
 
-def to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
-    """A CPU numpy view of a tensor; bfloat16 travels bit-cast as int16."""
-    t = t.detach().to("cpu").contiguous()
-    dtype = str(t.dtype).removeprefix("torch.")
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return t.numpy(), dtype
+class CollectiveTransport(WeightTransport):
+    """Buckets broadcast over a standalone gloo / NCCL process group."""
+
+    name = "collective"
+
+    def __init__(self, plan: SyncPlan):
+        super().__init__(plan)
+        self.store: Any = None
+        self.group: Any = None
+        self.buffer: torch.Tensor | None = None
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if plan.backend == "nccl"
+            else torch.device("cpu")
+        )
+
+    def open(self) -> tuple[str, int]:
+        import torch.distributed as dist
+
+        host = node_ip()
+        self.store = dist.TCPStore(
+            host, 0, self.plan.world_size, True, self.timeout, wait_for_workers=False
+        )
+        return host, self.store.port
+
+    def connect(self, address: tuple[str, int], rank: int) -> None:
+        import torch.distributed as dist
+
+        super().connect(address, rank)
+        try:
+            store = self.store or dist.TCPStore(*address, self.plan.world_size, False, self.timeout)
+            prefixed = dist.PrefixStore("rlalign-weight-sync", store)
+            self.group = self._new_group(prefixed)
+        except Exception as e:
+            raise self._error(f"join the {self.plan.backend} group at {address}", e) from None
+        # one flat buffer, pages touched once, reused for every bucket and version
+        self.buffer = empty_buffer(self.plan.max_numel, self.plan.torch_dtype, self.device)
+
+    def _new_group(self, store: Any) -> Any:
+        import torch.distributed as dist
+
+        size, rank = self.plan.world_size, self.rank
+        if self.plan.backend == "nccl":
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = self.timeout
+            group = dist.ProcessGroupNCCL(store, rank, size, opts)
+            self._broadcast(group, torch.zeros(1, device=self.device))  # make the communicator now
+            return group
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = self.timeout
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=node_ip())]
+        return dist.ProcessGroupGloo(store, rank, size, opts)
+
+    def _broadcast(self, group: Any, buffer: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        opts = dist.BroadcastOptions()
+        opts.rootRank = 0
+        group.broadcast([buffer], opts).wait(self.timeout)
+
+    def send(self, bucket: int, tensors: Sequence[torch.Tensor]) -> None:
+        flat = flatten_into(self.buffer, self.plan.buckets[bucket], tensors)
+        try:
+            self._broadcast(self.group, flat)
+        except Exception as e:
+            raise self._error(f"broadcast bucket {bucket}", e) from None
+
+    def receive(self, handle: WeightHandle, backend: Any) -> None:
+        bucket = self.plan.buckets[handle.bucket]
+        flat = self.buffer[: bucket.numel]
+        try:
+            self._broadcast(self.group, flat)
+        except Exception as e:
+            raise self._error(
+                f"receive bucket {handle.bucket} of version {handle.version}", e
+            ) from None
+        self._load(handle, backend, unflatten(flat, bucket))
 
 
-def from_numpy(arr: np.ndarray, dtype: str) -> torch.Tensor:
-    t = torch.from_numpy(arr)
-    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+def node_ip() -> str:
+    """This node's address as Ray knows it (127.0.0.1 outside Ray)."""
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
 
 
-@torch.no_grad()
-def load_arrays(
-    model: torch.nn.Module, arrays: dict[str, np.ndarray], dtypes: dict[str, str]
-) -> None:
-    """Copy published arrays into the model's parameters, in place; names must match."""
-    params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(arrays))
-    unexpected = sorted(set(arrays) - set(params))
-    if missing or unexpected:
-        raise ValueError(f"weight names differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only zero-copy arrays
-        for name, arr in arrays.items():
-            src = torch.from_numpy(arr)
-            if dtypes.get(name) == "bfloat16":
-                src = src.view(torch.bfloat16)
-            dst = params[name]
-            if dst.shape != src.shape:
-                raise ValueError(f"{name}: shape {tuple(src.shape)} != model's {tuple(dst.shape)}")
-            dst.copy_(src)
+TRANSPORTS: dict[str, type[WeightTransport]] = {
+    "object_store": ObjectStoreTransport,
+    "collective": CollectiveTransport,
+}
 
 
-TRANSPORTS: dict[str, type[WeightTransport]] = {"object_store": ObjectStoreTransport}
+def make_transport(plan: SyncPlan) -> WeightTransport:
+    return TRANSPORTS[plan.transport](plan)

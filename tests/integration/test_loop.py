@@ -1,5 +1,5 @@
 """The whole loop on a real local Ray instance: generators, reward pool, reference,
-a 2-rank DeepSpeed ZeRO-2 learner, and the weight broadcast."""
+a 2-rank DeepSpeed learner, and the weight broadcast (each transport)."""
 
 from __future__ import annotations
 
@@ -42,9 +42,10 @@ def _assert_same(a: dict, b: dict) -> None:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
+# each transport once, ZeRO-3 (a bucket's parameters gathered at a time) with the collective one
+@pytest.mark.parametrize("zero_stage,transport", [(2, "object_store"), (3, "collective")])
 def test_three_steps_two_generators_two_reward_actors_two_ranks(
-    ray_local, tiny_model, tmp_path, zero_stage
+    ray_local, tiny_model, tmp_path, zero_stage, transport
 ):
     cfg = config_from_dict(
         small_config(
@@ -58,6 +59,7 @@ def test_three_steps_two_generators_two_reward_actors_two_ranks(
                 "resources": {"num_cpus": 0.5},
             },
             trainer={"steps": 3, "eval_every": 2, "save_every": 2},
+            sync={"transport": transport, "bucket_mb": 0.5},  # several buckets
         )
     )
     trainer = CheckingTrainer(cfg)

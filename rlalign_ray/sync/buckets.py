@@ -1,0 +1,110 @@
+"""Weights cut into buckets: which parameters travel together, and flat buffers for them.
+
+Pure tensor code (no Ray). A bucket is a run of parameters, in the model's order, whose
+bytes in the generator's dtype add up to about ``bucket_mb``; one parameter larger than
+that travels alone. Flat buffers hold a bucket's parameters back to back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Parameters that travel together, laid out back to back in a flat buffer."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]  # element offset of each parameter in the flat buffer
+    numel: int  # elements in the flat buffer
+
+
+@dataclass(frozen=True)
+class SyncPlan:
+    """Everything both sides of a sync agree on before the first version travels."""
+
+    transport: str  # collective | object_store (resolved from auto)
+    backend: str  # collective: gloo | nccl (resolved from auto)
+    dtype: str  # the generators' dtype: weights travel in it
+    buckets: tuple[Bucket, ...]
+    timeout_s: float
+    world_size: int  # learner rank 0 plus every generator
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(b.numel for b in self.buckets) * self.torch_dtype.itemsize
+
+    @property
+    def max_numel(self) -> int:
+        return max(b.numel for b in self.buckets)
+
+
+def plan_buckets(
+    layout: Sequence[tuple[str, Sequence[int]]], dtype: torch.dtype, bucket_bytes: int
+) -> tuple[Bucket, ...]:
+    """Cut ``(name, shape)`` pairs, in order, into buckets of at most ``bucket_bytes``
+    (a larger parameter gets a bucket of its own)."""
+    if not layout:
+        raise ValueError("the model has no parameters to sync")
+    limit = max(1, bucket_bytes // dtype.itemsize)
+    buckets, current = [], []
+
+    def close() -> None:
+        offsets = np.cumsum([0] + [math.prod(s) for _, s in current]).tolist()
+        names, shapes = zip(*current)
+        buckets.append(Bucket(names, shapes, tuple(offsets[:-1]), offsets[-1]))
+        current.clear()
+
+    used = 0
+    for name, shape in layout:
+        n = math.prod(shape)
+        if current and used + n > limit:
+            close()
+            used = 0
+        current.append((name, tuple(int(d) for d in shape)))
+        used += n
+    close()
+    return tuple(buckets)
+
+
+def empty_buffer(
+    numel: int, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """A flat buffer whose pages are already touched (a fresh page costs far more to write
+    than a reused one), to be reused for every bucket and version."""
+    return torch.empty(numel, dtype=dtype, device=device).zero_()
+
+
+def flatten_into(
+    buffer: torch.Tensor, bucket: Bucket, tensors: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Copy (and cast) a bucket's tensors into the front of ``buffer``; returns that part."""
+    for view, t in zip(unflatten(buffer, bucket), tensors):
+        view.copy_(t.detach().reshape(view.shape))
+    return buffer[: bucket.numel]
+
+
+def unflatten(buffer: torch.Tensor, bucket: Bucket) -> list[torch.Tensor]:
+    """Views of a flat buffer shaped as the bucket's parameters (no copy)."""
+    return [buffer[o : o + math.prod(s)].view(s) for o, s in zip(bucket.offsets, bucket.shapes)]
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor; bfloat16 (which numpy lacks) is bit-cast to int16."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def from_numpy(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """The tensor ``to_numpy`` made, back in ``dtype`` (a view, no copy)."""
+    t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t

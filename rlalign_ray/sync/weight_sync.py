@@ -1,0 +1,172 @@
+"""Driving a weight sync: ``WeightSync`` on the driver, ``WeightSource`` on the learner.
+
+    sync = WeightSync(cfg.sync, cfg.generator_dtype, learner_actors, generator_actors)
+    sync.setup()          # once, after the actors start: plan buckets, join the transport
+    sync.sync(version)    # every bucket to every generator; returns the bytes sent
+
+Each version travels bucket by bucket: the driver queues, for every bucket, a publish call
+on every learner rank and a load call on every generator, without waiting in between, so
+the learner prepares bucket i + 1 while the generators load bucket i. Every sync carries
+the full weights: a generator that missed versions holds the new one afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from rlalign_ray.config import SyncConfig
+from rlalign_ray.errors import WeightSyncError
+from rlalign_ray.sync.buckets import SyncPlan, plan_buckets
+from rlalign_ray.sync.weights import WeightHandle, make_transport
+
+
+class WeightSource:
+    """The sending side of a sync, mixed into the learner's rank class. Every rank takes
+    part (ZeRO-3 gathers a bucket's parameters on all ranks); rank 0 sends.
+
+    The class provides ``rank``, ``named_weights()`` and ``gathered(params)`` (a context in
+    which ``params`` hold their full values).
+    """
+
+    rank: int
+
+    def named_weights(self) -> Any:
+        raise NotImplementedError
+
+    def gathered(self, params: Sequence[torch.nn.Parameter] | None = None) -> Any:
+        raise NotImplementedError
+
+    def weight_layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        """(name, full shape) of every parameter, in order (ZeRO-3 keeps it in ds_shape)."""
+        return [(n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in self.named_weights()]
+
+    def open_weight_sync(self, plan: SyncPlan) -> Any:
+        """Learn the buckets; rank 0 builds its transport and returns its address."""
+        params = dict(self.named_weights())
+        self._sync_params = [[params[n] for n in b.names] for b in plan.buckets]
+        self._sync = make_transport(plan) if self.rank == 0 else None
+        return self._sync.open() if self._sync else None
+
+    def join_weight_sync(self, address: Any) -> None:
+        if self._sync:
+            self._sync.connect(address, 0)
+
+    def publish_weights(self, bucket: int) -> Any:
+        """All ranks call this per bucket; rank 0 sends it and returns the payload."""
+        params = self._sync_params[bucket]
+        with self.gathered(params):
+            return self._sync.send(bucket, params) if self._sync else None
+
+
+class WeightSync:
+    """Moves the learner's weights to every generator, one version at a time.
+
+    ``sources``: actors mixing in ``WeightSource`` (the learner's ranks, rank 0 first).
+    ``generators``: actors with ``join_weight_sync`` and ``load_weights`` (``Generator``).
+    ``on_gpu``: learner and generators hold their weights on GPUs (``auto`` picks NCCL).
+    """
+
+    def __init__(
+        self,
+        cfg: SyncConfig,
+        dtype: str,
+        sources: Sequence[Any],
+        generators: Sequence[Any],
+        on_gpu: bool = False,
+    ):
+        self.cfg, self.dtype, self.on_gpu = cfg, dtype, on_gpu
+        self.sources, self.generators = list(sources), list(generators)
+        self.plan: SyncPlan | None = None
+
+    def setup(self) -> SyncPlan:
+        """Plan the buckets from the learner's parameters and join every actor to the
+        transport (for the collective one: a group rendezvous at learner rank 0)."""
+        c = self.cfg
+        layout = self._wait({self.sources[0].weight_layout.remote(): "learner rank 0"}, "layout")
+        # On GPUs NCCL moves buckets device to device. On CPU the object store is faster: it
+        # writes each byte once into shared memory that every receiver on the node reads in
+        # place, where gloo copies it into a flat buffer and over loopback TCP to each
+        # receiver (bench weights, 100M params fp32, 2 cores, 64 MiB buckets: 0.17 s against
+        # 0.31 s for one receiver, 0.40 s against 0.81 s for four).
+        transport = (
+            c.transport
+            if c.transport != "auto"
+            else ("collective" if self.on_gpu else "object_store")
+        )
+        backend = c.backend if c.backend != "auto" else ("nccl" if self.on_gpu else "gloo")
+        self.plan = SyncPlan(
+            transport=transport,
+            backend=backend,
+            dtype=self.dtype,
+            buckets=plan_buckets(layout[0], getattr(torch, self.dtype), int(c.bucket_mb * 2**20)),
+            timeout_s=c.timeout_s,
+            world_size=1 + len(self.generators),
+        )
+        opened = self._wait(self._labelled("open_weight_sync", self.plan), "set-up")
+        address = opened[0]
+        calls = {
+            s.join_weight_sync.remote(address): f"learner rank {r}"
+            for r, s in enumerate(self.sources)
+        }
+        for i, g in enumerate(self.generators):
+            calls[g.join_weight_sync.remote(self.plan, address, i + 1)] = f"generator {i}"
+        self._wait(calls, "joining")
+        return self.plan
+
+    def sync(self, version: int) -> int:
+        """Send ``version`` to every generator; each reports the version it now holds."""
+        if self.plan is None:
+            raise WeightSyncError("WeightSync.sync called before setup()")
+        calls: dict[Any, str] = {}
+        for b in range(len(self.plan.buckets)):
+            sent = self._labelled("publish_weights", b)
+            handle = WeightHandle(version, b, [next(iter(sent))])
+            loads = {
+                g.load_weights.remote(handle): f"generator {i}"
+                for i, g in enumerate(self.generators)
+            }
+            calls.update(sent)
+            calls.update(loads)
+        self._wait(calls, f"version {version}")
+        import ray
+
+        versions = ray.get(list(loads))
+        if any(v != version for v in versions):
+            raise WeightSyncError(
+                f"{self.plan.transport} weight sync: generators report versions {versions}, "
+                f"expected {version}; refusing to sample with stale weights"
+            )
+        return self.plan.num_bytes
+
+    def _labelled(self, method: str, *args: Any) -> dict[Any, str]:
+        return {
+            getattr(s, method).remote(*args): f"learner rank {r}"
+            for r, s in enumerate(self.sources)
+        }
+
+    def _wait(self, calls: dict[Any, str], what: str) -> list[Any]:
+        """Wait for every call within ``sync.timeout_s``; the first failure (or the actors
+        still busy at the deadline) ends the sync with an error naming them."""
+        import ray
+
+        from rlalign_ray.runtime.pools import get
+
+        name = f"{self.plan.transport} weight sync" if self.plan else "weight sync"
+        deadline = time.monotonic() + self.cfg.timeout_s
+        pending = list(calls)
+        while pending:
+            done, pending = ray.wait(
+                pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic())
+            )
+            if not done:
+                late = sorted(set(calls[r] for r in pending))
+                raise WeightSyncError(
+                    f"{name} ({what}): {', '.join(late)} did not finish within "
+                    f"sync.timeout_s={self.cfg.timeout_s:g}s"
+                )
+            get(done, f"{name} ({what}), {calls[done[0]]}")
+        return ray.get(list(calls))

@@ -1,0 +1,74 @@
+"""WeightSync on a real local Ray instance, real Generator actors and a plain model as the
+source: weights arrive in the generators' dtype (bf16 from an fp32 source), a generator
+that missed a version catches up, and a dead peer ends a collective sync with an error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rlalign_ray.config import ModelConfig, Resources, RolloutConfig, SyncConfig
+from rlalign_ray.errors import ActorFailure
+from rlalign_ray.rollout.generator import Generator
+from rlalign_ray.sync.weight_sync import WeightSync
+
+pytestmark = pytest.mark.integration
+
+
+def _actors(ray, tiny_model, n):
+    from helpers.weights import ChangingSource
+
+    source = ray.remote(num_cpus=0.5)(ChangingSource).remote(tiny_model)
+    rollout = RolloutConfig(dtype="bfloat16", resources=Resources(num_cpus=0.5))
+    gens = [
+        ray.remote(num_cpus=0.5)(Generator).remote(ModelConfig(path=tiny_model), rollout, 0, i)
+        for i in range(n)
+    ]
+    ray.get([source.weight_layout.remote()] + [g.ping.remote() for g in gens])  # started
+    return source, gens
+
+
+@pytest.mark.parametrize("transport", ["object_store", "collective"])
+def test_generator_that_missed_a_version_catches_up_in_bf16(ray_local, tiny_model, transport):
+    ray = ray_local
+    source, gens = _actors(ray, tiny_model, 2)
+    cfg = SyncConfig(transport=transport, bucket_mb=0.5, timeout_s=60)
+    both = WeightSync(cfg, "bfloat16", [source], gens)
+    first = WeightSync(cfg, "bfloat16", [source], gens[:1])
+    try:
+        assert len(both.setup().buckets) > 1
+        assert both.sync(1) == both.plan.num_bytes
+        ray.get(source.perturb.remote(1))
+        first.setup()
+        first.sync(2)  # generator 1 misses version 2
+        assert ray.get([g.get_version.remote() for g in gens]) == [2, 1]
+        ray.get(source.perturb.remote(2))
+        both.setup()
+        both.sync(3)
+        assert ray.get([g.get_version.remote() for g in gens]) == [3, 3]
+        want = ray.get(source.get_weights.remote("bfloat16"))
+        for g in gens:
+            got = ray.get(g.get_weights.remote())
+            assert got.keys() == want.keys()
+            for name in want:
+                np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    finally:
+        for a in [source, *gens]:
+            ray.kill(a)
+
+
+def test_collective_sync_with_a_dead_generator_fails_naming_it(ray_local, tiny_model):
+    ray = ray_local
+    source, gens = _actors(ray, tiny_model, 2)
+    sync = WeightSync(
+        SyncConfig(transport="collective", bucket_mb=0.5, timeout_s=5), "bfloat16", [source], gens
+    )
+    try:
+        sync.setup()
+        sync.sync(1)
+        ray.kill(gens[1])
+        with pytest.raises(ActorFailure, match="collective weight sync .version 2.*generator 1"):
+            sync.sync(2)
+    finally:
+        for a in [source, *gens]:
+            ray.kill(a)
