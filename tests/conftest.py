@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from rlalign_ray.runtime.cluster import LOOPBACK
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +30,7 @@ _LOCAL: dict = {}
 
 @pytest.fixture
 def ray_local():
-    """A real local Ray instance on 127.0.0.1, shared by the tests that ask for it (started
+    """A real local Ray instance on loopback (``LOOPBACK``), shared by the tests that ask for it (started
     again if a multi-node test shut it down)."""
     import ray
 
@@ -39,7 +41,7 @@ def ray_local():
             address="local",
             num_cpus=8,
             include_dashboard=False,
-            _node_ip_address="127.0.0.1",
+            _node_ip_address=LOOPBACK,
             runtime_env=TEST_ENV,
             logging_level="WARNING",
         )

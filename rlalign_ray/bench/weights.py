@@ -6,8 +6,9 @@ sync is timed from the first publish call to every generator reporting the new v
 the first ``--warmup`` syncs of each setting are not timed (Ray's store touches its pages
 only as it cycles through them: the first puts into it are several times slower).
 ``ratio_vs_memcpy`` is the best time to ``copy_`` the same tensors into preallocated
-tensors in this process with one thread (as each receiver has), measured before and after
-every setting, divided by the sync's best time.
+tensors in this process (torch's default threads), measured before and after every
+setting, divided by the sync's best time; ``ratio_vs_1thread`` uses a one-thread copy, the
+most one receiver with one CPU can do.
 """
 
 from __future__ import annotations
@@ -49,17 +50,20 @@ class ModelSource(WeightSource):
         return nullcontext()
 
 
-def memcpy_seconds(src: list[torch.Tensor], dst: list[torch.Tensor], repeat: int) -> float:
-    """Best time to ``copy_`` ``src`` into the preallocated ``dst`` with one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def memcpy_seconds(
+    src: list[torch.Tensor], dst: list[torch.Tensor], repeat: int, threads: int = 0
+) -> float:
+    """Best time to ``copy_`` ``src`` into the preallocated ``dst`` (``threads``: 0 for
+    torch's default)."""
+    default = torch.get_num_threads()
+    torch.set_num_threads(threads or default)
     times = []
     for _ in range(repeat + 1):
         t0 = time.perf_counter()
         for d, s in zip(dst, src):
             d.copy_(s)
         times.append(time.perf_counter() - t0)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(default)
     return min(times[1:])
 
 
@@ -78,6 +82,7 @@ def run(args) -> dict:
     src = [p.detach() for p in load_causal_lm(path, "float32").parameters()]
     dst = [torch.empty_like(t, dtype=getattr(torch, args.dtype)).copy_(t) for t in src]
     memcpy_s = memcpy_seconds(src, dst, args.repeat)
+    one_thread_s = memcpy_seconds(src, dst, args.repeat, threads=1)
     started = connect(RunConfig(), max(receivers) + 1)
     try:
         source = ray.remote(num_cpus=1)(ModelSource).remote(path)
@@ -102,6 +107,7 @@ def run(args) -> dict:
                 times = times[args.warmup :]
                 best = min(times)
                 memcpy_s = min(memcpy_s, memcpy_seconds(src, dst, args.repeat))
+                one_thread_s = min(one_thread_s, memcpy_seconds(src, dst, args.repeat, 1))
                 results.append(
                     {
                         "transport": transport,
@@ -114,19 +120,31 @@ def run(args) -> dict:
                 )
         for r in results:  # against the best copy seen in the whole run
             r["ratio_vs_memcpy"] = memcpy_s / r["seconds"]
+            r["ratio_vs_1thread"] = one_thread_s / r["seconds"]
         nbytes = plan.num_bytes
     finally:
         if started:
             ray.shutdown()
     print_table(
         f"bench weights: {nbytes / 1e6:.0f} MB in {args.dtype}, buckets of {args.bucket_mb:g} MiB; "
-        f"in-process copy {memcpy_s:.4f}s ({nbytes / memcpy_s / 1e9:.1f} GB/s); "
+        f"in-process copy {memcpy_s:.4f}s ({nbytes / memcpy_s / 1e9:.1f} GB/s; one thread "
+        f"{one_thread_s:.4f}s); "
         f"best of {args.repeat} after {args.warmup} warm-up syncs",
         results,
-        ["transport", "receivers", "buckets", "seconds", "median_s", "GB/s", "ratio_vs_memcpy"],
+        [
+            "transport",
+            "receivers",
+            "buckets",
+            "seconds",
+            "median_s",
+            "GB/s",
+            "ratio_vs_memcpy",
+            "ratio_vs_1thread",
+        ],
     )
     return {
         "memcpy_s": memcpy_s,
+        "memcpy_1thread_s": one_thread_s,
         "bytes": nbytes,
         "bucket_mb": args.bucket_mb,
         "dtype": args.dtype,

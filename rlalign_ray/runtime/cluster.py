@@ -27,6 +27,12 @@ def worker_env(cpu_only: bool) -> dict[str, str]:
     return env
 
 
+# The embedded instance listens on loopback only. Ray replaces "127.0.0.1" and "localhost"
+# with the machine's routable address (``resolve_ip_for_localhost``), so another address of
+# the loopback range is given.
+LOOPBACK = "127.0.0.2"
+
+
 def connect(run: RunConfig, cpus_needed: float) -> bool:
     """Attach to ``run.ray_address`` / ``RAY_ADDRESS`` / the job's cluster, else start one.
 
@@ -51,7 +57,7 @@ def connect(run: RunConfig, cpus_needed: float) -> bool:
         address="local",
         num_cpus=int(num_cpus + 0.999),
         include_dashboard=False,
-        _node_ip_address="127.0.0.1",
+        _node_ip_address=LOOPBACK,
         runtime_env=runtime_env,
         logging_level=logging.WARNING,
         configure_logging=True,
