@@ -24,7 +24,11 @@ def batch_ref(ray_local, tiny_model):
     cfg = config_from_dict(small_config(tiny_model, "/tmp/unused", rollout={"max_new_tokens": 6}))
     gen = Generator(cfg.model, cfg.rollout, seed=0)
     items = load_prompts(str(REPO / "configs/data/arith_eval.jsonl"))[:4]
-    batch = gen.generate(items, n_samples=2)  # 8 rows of different lengths
+    batch = gen.generate(items, n_samples=2)  # 8 rows
+    # rows 2, 4 and 5 (rank 0's in the 2-rank split) end after one token, so with a 24-token
+    # budget rank 0 packs 2 micro-batches and rank 1 4: rank 0 must split to match
+    batch.response_len[[2, 4, 5]] = 1
+    batch.response_mask[[2, 4, 5], 1:] = 0
     g = torch.Generator().manual_seed(0)
     adv = torch.randn(len(batch), generator=g)  # one per row, as outcome estimators ship
     return batch, adv
@@ -77,11 +81,11 @@ SPLITS = [
     ("token-mean", 2, 4, 5, 0, None),
     ("token-mean", 2, 2, 0, 0, None),
     ("token-mean", 1, 8, 4, 40, None),
-    ("token-mean", 2, 4, 0, 40, None),
+    ("token-mean", 2, 4, 0, 24, None),
     ("token-mean", 2, 4, 7, 0, 3),
     ("seq-mean-token-mean", 1, 2, 0, 0, None),
     ("seq-mean-token-mean", 2, 2, 2, 0, None),
-    ("seq-mean-token-mean", 2, 4, 0, 40, None),
+    ("seq-mean-token-mean", 2, 4, 0, 24, None),
 ]
 _BASE: dict = {}
 
