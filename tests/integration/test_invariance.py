@@ -104,5 +104,7 @@ def test_same_loss_and_gradient_for_any_split(
     assert any(np.abs(g).max() > 1e-6 for g in base_grad.values())
     loss, grad = _update(ray_local, tiny_model, batch_ref, world, micro, agg, chunk, budget, zero)
     assert loss == pytest.approx(base_loss, abs=1e-6)
-    for name in base_grad:
-        np.testing.assert_allclose(grad[name], base_grad[name], rtol=1e-4, atol=1e-7, err_msg=name)
+    for name in base_grad:  # atol: 2 fp32 ulps of a weight near 1 (the change is a difference)
+        np.testing.assert_allclose(
+            grad[name], base_grad[name], rtol=1e-4, atol=2.5e-7, err_msg=name
+        )
