@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--chunk", type=int, default=512, help="learner.logprob_chunk_size (also run with 0)"
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument(
+        "--gradient-checkpointing", action="store_true", help="learner.gradient_checkpointing"
+    )
     p.add_argument("--in-process", action="store_true", help="measure here, one configuration")
 
 
@@ -65,6 +68,7 @@ def _in_fresh_process(path: str, args: argparse.Namespace, chunk: int) -> dict:
         cmd = [sys.executable, "-m", "rlalign_ray.cli", "bench", "train", "--in-process"]
         cmd += ["--model", path, "--micro-batch", str(args.micro_batch), "--seq", str(args.seq)]
         cmd += ["--chunk", str(chunk), "--threads", str(args.threads), "--json", out]
+        cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         with open(out) as f:
             return json.load(f)["results"][0]
@@ -91,6 +95,7 @@ def measure(path: str, args: argparse.Namespace) -> dict:
             "learner": {
                 "micro_batch_size": b,
                 "logprob_chunk_size": args.chunk,
+                "gradient_checkpointing": args.gradient_checkpointing,
                 "lr": 1e-6,
                 "resources": {"num_cpus": args.threads},
             },

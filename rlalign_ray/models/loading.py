@@ -95,6 +95,24 @@ def response_hidden(model: Any, batch: RolloutBatch, device: torch.device) -> to
     return captured[0][:, p - 1 : p + t - 1]
 
 
+class _TokenLogprob(torch.autograd.Function):
+    """(N, V) logits, (N,) tokens -> (N,) log softmax(logits)[tokens] and (N,) logsumexp (no
+    gradient). Backward holds one (N, V) tensor: d logp / d logits = onehot - softmax."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor):
+        logz = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, tokens, logz)
+        ctx.mark_non_differentiable(logz)
+        return logits.gather(-1, tokens[:, None]).squeeze(-1) - logz, logz
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _):
+        logits, tokens, logz = ctx.saved_tensors
+        dlogits = (logits - logz[:, None]).exp_().mul_(-grad[:, None])
+        return dlogits.scatter_add_(1, tokens[:, None], grad[:, None]), None
+
+
 def _chunk_logprobs(
     head: torch.nn.Module, h: torch.Tensor, tokens: torch.Tensor, temperature: float, entropy: str
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -102,12 +120,13 @@ def _chunk_logprobs(
     logits = head(h).float()  # the only (N, V) tensor; temperature is applied in place
     if temperature != 1.0:
         logits.div_(temperature)
-    logp = logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    logp, logz = _TokenLogprob.apply(logits, tokens)
     if entropy == "loss":
         return logp, entropy_from_logits(logits)
     if entropy == "metric":  # last and without a graph: a checkpoint's recompute stops before it
-        with torch.no_grad():
-            return logp, entropy_from_logits(logits)
+        with torch.no_grad():  # H = logz - sum_v p_v z_v, with one (N, V) temporary
+            probs = (logits - logz[:, None]).exp_()
+            return logp, logz - torch.linalg.vecdot(probs, logits)
     return logp, None
 
 
