@@ -143,7 +143,8 @@ class DeepSpeedRank:
     def weighted_micro_batches(self, batch: RolloutBatch, rows: torch.Tensor):
         """Micro-batches of ``rows`` with the loss scale that makes the gradient global.
         With a token budget, ranks split their largest micro-batches until all run as many
-        backward calls as the rank with the most (ZeRO reduces inside backward)."""
+        backward calls as the rank with the most (ZeRO reduces inside backward); ranks hold
+        equally many rows, so a rank can always split down to the most."""
         mode = self.cfg.algorithm.loss_agg
         micro = self.micro_batches(batch, rows)
         if self.role.max_tokens_per_micro_batch:
