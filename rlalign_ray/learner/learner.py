@@ -64,11 +64,19 @@ class Learner(DeepSpeedRank):
             self.role.micro_batch_size,
             self.device,
             self.role.logprob_chunk_size,
+            self.agree_chunks,
         )
         stats["logprob_mismatch"].append(
             masked_mean((old - batch.logprobs).abs(), batch.response_mask).item()
         )
         return old
+
+    @property
+    def agree_chunks(self):
+        """Under ZeRO-3 with several ranks: the most log-prob chunks any rank needs."""
+        if self.role.zero_stage != 3 or self.world_size == 1:
+            return None
+        return lambda k: int(self.all_reduce(torch.tensor(k), "max"))
 
     def _weighted(self, adv, batch, old, stats) -> torch.Tensor:
         """Advantages times truncated importance weights min(pi_learner / pi_generator, cap)
@@ -97,6 +105,7 @@ class Learner(DeepSpeedRank):
                 self.cfg.rollout.temperature,
                 self.role.logprob_chunk_size,
                 entropy="loss" if a.entropy_coef else "metric",
+                agree=self.agree_chunks,
             )
             pg_loss, m = policy_loss(
                 logp,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -137,36 +138,38 @@ def response_logprobs(
     temperature: float,
     chunk_size: int = 0,
     entropy: str = "none",
+    agree: Callable[[int], int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, T) log-probs of the response tokens under softmax(logits / temperature), zero
     outside ``response_mask``, and their (B, T) entropy when ``entropy`` is ``"loss"``
     (with a graph) or ``"metric"`` (without); None for ``"none"``.
 
-    The output head runs only on the response tokens in the mask, ``chunk_size`` of them at
-    a time (0: all at once); with a graph, each chunk's head and log-softmax are recomputed
-    in backward (``torch.utils.checkpoint``), so only hidden states are kept, never
-    (B, T, V) logits.
+    The output head runs only on the response tokens in the mask, at most ``chunk_size`` of
+    them at a time (0: all at once); with a graph, each chunk's head and log-softmax are
+    recomputed in backward (``torch.utils.checkpoint``), so only hidden states are kept,
+    never (B, T, V) logits. ``agree`` maps this rank's chunk count to the one all ranks use
+    (ZeRO-3 gathers the head's weights at every call, so every rank must call it as often).
     """
     hidden = response_hidden(model, batch, device)
     mask = batch.response_mask.to(device) != 0
     h, tokens = hidden[mask], batch.response_ids.to(device)[mask]
     head = getattr(model, "module", model).get_output_embeddings()
-    size = chunk_size or max(len(h), 1)
+    chunks = max(-(-len(h) // chunk_size) if chunk_size else 1, 1)
+    chunks = agree(chunks) if agree is not None else chunks
     recompute = chunk_size > 0 and torch.is_grad_enabled()
     parts = []
-    for s in range(0, len(h), size):
-        args = (head, h[s : s + size], tokens[s : s + size], temperature, entropy)
+    for hc, tc in zip(h.tensor_split(chunks), tokens.tensor_split(chunks)):
+        args = (head, hc, tc, temperature, entropy)
         parts.append(
             checkpoint(_chunk_logprobs, *args, use_reentrant=False)
             if recompute
             else _chunk_logprobs(*args)
         )
     zeros = torch.zeros(mask.shape, dtype=torch.float32, device=device)
-    logp = zeros.masked_scatter(mask, torch.cat([lp for lp, _ in parts])) if parts else zeros
+    logp = zeros.masked_scatter(mask, torch.cat([lp for lp, _ in parts]))
     if entropy == "none":
         return logp, None
-    ent = zeros.masked_scatter(mask, torch.cat([e for _, e in parts])) if parts else zeros
-    return logp, ent
+    return logp, zeros.masked_scatter(mask, torch.cat([e for _, e in parts]))
 
 
 @torch.no_grad()
@@ -177,12 +180,13 @@ def batch_logprobs(
     micro_batch_size: int,
     device: torch.device,
     chunk_size: int = 0,
+    agree: Callable[[int], int] | None = None,
 ) -> torch.Tensor:
     """(B, T) log-probs of the response tokens, micro-batched, zero on padding."""
     outs = []
     width = batch.response_ids.shape[1]
     for start in range(0, len(batch), micro_batch_size):
         mb = batch.select(list(range(start, min(start + micro_batch_size, len(batch))))).trimmed()
-        lp, _ = response_logprobs(model, mb, device, temperature, chunk_size)
+        lp, _ = response_logprobs(model, mb, device, temperature, chunk_size, agree=agree)
         outs.append(torch.nn.functional.pad(lp.cpu(), (0, width - lp.shape[1])))
     return torch.cat(outs)
