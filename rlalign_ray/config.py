@@ -237,10 +237,14 @@ class DeepSpeedRole:
     micro_batch_size: int = doc(8, "sequences per forward/backward on one rank")
     bf16: bool = doc(False, "train in bf16 (GPU)")
     logprob_chunk_size: int = doc(
-        512, "log-probs computed over this many sequence positions at a time (0: all at once)"
+        512,
+        "log-probs computed for this many response tokens at a time, recomputed in backward "
+        "(0: all at once)",
     )
     max_tokens_per_micro_batch: int = doc(
-        0, "token-budget micro-batches: at most this many (prompt+response) tokens each (0: off)"
+        0,
+        "token-budget micro-batches in the update: at most this many padded (prompt+response) "
+        "tokens each, instead of micro_batch_size rows (0: off)",
     )
     gradient_checkpointing: bool = doc(False, "recompute activations in backward")
 
@@ -266,6 +270,9 @@ class ReferenceConfig:
     placement: Placement = doc(Placement(), "where the reference actor goes")
     actor_class: str | None = doc(None, "module:Class to run instead of the built-in reference")
     micro_batch_size: int = doc(16, "sequences per forward pass")
+    logprob_chunk_size: int = doc(
+        512, "log-probs computed for this many response tokens at a time (0: all at once)"
+    )
 
 
 @dataclass
@@ -556,9 +563,20 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"learner.zero_stage: must be 0, 1, 2 or 3, got {lr.zero_stage}")
     if lr.backend not in ("auto", "gloo", "nccl"):
         e.append(f"learner.backend: use auto, gloo or nccl, got {lr.backend!r}")
+    longest = cfg.data.max_prompt_tokens + r.max_new_tokens
     for role in ("learner", "critic"):
-        if getattr(cfg, role).optimizer not in ("adamw", "sgd"):
-            e.append(f"{role}.optimizer: use adamw or sgd, got {getattr(cfg, role).optimizer!r}")
+        sec = getattr(cfg, role)
+        if sec.optimizer not in ("adamw", "sgd"):
+            e.append(f"{role}.optimizer: use adamw or sgd, got {sec.optimizer!r}")
+        _positive(e, f"{role}.logprob_chunk_size", sec.logprob_chunk_size, allow_zero=True)
+        budget = sec.max_tokens_per_micro_batch
+        if budget < 0 or 0 < budget < longest:
+            e.append(
+                f"{role}.max_tokens_per_micro_batch: must be 0 (off) or hold one full row of "
+                f"data.max_prompt_tokens + rollout.max_new_tokens = {longest} tokens, got "
+                f"{budget}; raise it or lower those limits"
+            )
+    _positive(e, "reference.logprob_chunk_size", cfg.reference.logprob_chunk_size, True)
     if len(lr.betas) != 2:
         e.append(f"learner.betas: needs two numbers, got {lr.betas}")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from rlalign_ray.algorithms import (
+    ADVANTAGE_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
     compute_token_rewards,
@@ -33,6 +34,7 @@ from rlalign_ray.config import Config
 from rlalign_ray.data.batch import PromptItem, ScoredShard, pad_responses
 from rlalign_ray.data.prompts import PromptSampler, load_prompts
 from rlalign_ray.errors import ActorFailure
+from rlalign_ray.learner.base import rank_rows, split_for_ranks
 from rlalign_ray.logger import MetricsLogger
 from rlalign_ray.runtime.cluster import connect
 from rlalign_ray.runtime.pools import get, lost_roles, start_pools, stop_pools
@@ -51,6 +53,7 @@ class Experience:
     scores: ScoredShard  # outcome of those rows
     ref_logprobs: list[Any] | None  # ObjectRefs of (B_i, T_i) reference log-probs per shard
     stats: dict[str, float]
+    critic_parts: list[Any] | None = None  # ObjectRefs of the critic ranks' rows (ppo)
 
 
 class Trainer:
@@ -235,14 +238,16 @@ class Trainer:
 
     def critic_values(self, exp: Experience, step: int) -> torch.Tensor:
         ranks = self.pools["critic"].actors
+        rows = rank_rows(len(exp.scores), len(ranks), self.cfg.run.seed, step)
+        exp.critic_parts = split_for_ranks(exp.shards, exp.rows, None, rows)
         parts = get(
-            [c.values.remote(exp.shards, exp.rows, step) for c in ranks],
+            [c.values.remote(p) for c, p in zip(ranks, exp.critic_parts)],
             "critic",
             self.cfg.run.call_timeout_s,
         )
         values = torch.zeros_like(exp.scores.response_mask)
-        for rows, v in parts:
-            values[rows, : v.shape[1]] = v
+        for r, v in zip(rows, parts):
+            values[r, : v.shape[1]] = v
         return values
 
     # ---- 5-6. update and broadcast ------------------------------------------------------
@@ -254,14 +259,27 @@ class Trainer:
         values: torch.Tensor | None,
         step: int,
     ) -> dict[str, float]:
+        cfg = self.cfg
         ranks = self.pools["learner"].actors
-        refs = None if self.cfg.algorithm.kl_in_reward else exp.ref_logprobs
+        # each rank receives only its rows: tokens (and reference log-probs) from a Ray task,
+        # per-row tensors sliced here; outcome advantages travel as one value per row
+        rows = rank_rows(len(exp.scores), len(ranks), cfg.run.seed, step)
+        refs = None if cfg.algorithm.kl_in_reward else exp.ref_logprobs
+        parts = split_for_ranks(exp.shards, exp.rows, refs, rows)
+        if ADVANTAGE_ESTIMATORS[cfg.algorithm.name].per_sequence:
+            first = exp.scores.response_mask.argmax(1, keepdim=True)  # a token of each row
+            adv = adv.gather(1, first).squeeze(1)
+        kl_coef = self.kl_ctl.value
         calls = [
-            r.train_step.remote(exp.shards, exp.rows, adv, refs, self.kl_ctl.value, step)
-            for r in ranks
+            r.train_step.remote(p, adv[k], kl_coef, step) for r, p, k in zip(ranks, parts, rows)
         ]
         critics = self.pools["critic"].actors if "critic" in self.pools else []
-        calls += [c.train_step.remote(exp.shards, exp.rows, returns, values, step) for c in critics]
+        if critics:
+            c_rows = rank_rows(len(exp.scores), len(critics), cfg.run.seed, step)
+            calls += [
+                c.train_step.remote(p, returns[k], values[k], step)
+                for c, p, k in zip(critics, exp.critic_parts, c_rows)
+            ]
         out = get(calls, "learner group", self.cfg.run.call_timeout_s)
         metrics = {f"train/{k}": v for k, v in out[0].items()}
         if critics:

@@ -16,6 +16,7 @@ def policy_loss(
     clip_high: float = 0.2,
     dual_clip: float | None = None,
     agg: str = "token-mean",
+    norm_len: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate loss (Schulman et al. 2017), with optional dual clip.
 
@@ -26,7 +27,8 @@ def policy_loss(
     (asymmetric "clip-higher" bounds as in DAPO, Yu et al. 2025),
     ``loss_mat = max(pg_loss1, pg_loss2)``. Dual clip (Ye et al. 2020) with a constant
     ``c > 1``: where ``A < 0``, ``loss_mat = min(loss_mat, -A * c)``. The matrix is reduced
-    with ``aggregate_loss(loss_mat, mask, agg)``.
+    with ``aggregate_loss(loss_mat, mask, agg, norm_len)`` (``norm_len``: Dr. GRPO's
+    constant, e.g. the maximum response length; None: the padded width T).
     Metrics (python floats, masked means): ``clipfrac`` (fraction with
     ``pg_loss2 > pg_loss1``), ``approx_kl`` (k2 estimator ``0.5 * log_ratio^2`` of the
     old-to-new KL, Schulman 2020), ``ratio_mean``, and ``dual_clipfrac`` (fraction where
@@ -54,7 +56,7 @@ def policy_loss(
             hit = (negative & (loss_mat > pg_loss3)).float()
             metrics["dual_clipfrac"] = masked_mean(hit, mask).item()
         loss_mat = torch.where(negative, torch.minimum(loss_mat, pg_loss3), loss_mat)
-    return aggregate_loss(loss_mat, mask, agg), metrics
+    return aggregate_loss(loss_mat, mask, agg, norm_len), metrics
 
 
 def value_loss(
@@ -64,11 +66,12 @@ def value_loss(
     mask: torch.Tensor,
     clip: float | None = None,
     agg: str = "token-mean",
+    norm_len: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Critic regression loss with optional PPO-style value clipping (Schulman et al. 2017).
 
     Shapes: ``values``, ``old_values``, ``returns``, ``mask`` ``(B, T)``; returns
-    ``(loss, metrics)``.
+    ``(loss, metrics)``; ``agg`` and ``norm_len`` as in ``aggregate_loss``.
     Formula: without ``clip``: ``0.5 * agg((v - R)^2)``; with ``clip``:
     ``v_clipped = old_v + clamp(v - old_v, -clip, clip)`` and
     ``0.5 * agg(max((v - R)^2, (v_clipped - R)^2))``.
@@ -87,5 +90,5 @@ def value_loss(
             vf_clipfrac = masked_mean((vf_loss2 > vf_loss1).float(), mask).item()
     with torch.no_grad():
         values_mean = masked_mean(values, mask).item()
-    loss = 0.5 * aggregate_loss(loss_mat, mask, agg)
+    loss = 0.5 * aggregate_loss(loss_mat, mask, agg, norm_len)
     return loss, {"vf_clipfrac": vf_clipfrac, "values_mean": values_mean}

@@ -26,6 +26,7 @@ class AdvantageEstimator:
     ``needs_critic``: a value model is trained and GAE is used.
     ``needs_groups``: several samples per prompt (n_samples > 1) are required.
     ``compute``: critic-free outcome estimator, or None when values are needed.
+    ``per_sequence``: its advantages are constant along each response (one per row).
     """
 
     name: str
@@ -33,6 +34,7 @@ class AdvantageEstimator:
     needs_groups: bool
     description: str
     compute: OutcomeFn | None = field(default=None, repr=False, compare=False)
+    per_sequence: bool = False
 
 
 def _broadcast(per_seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -67,7 +69,12 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
             "ppo", True, False, "PPO with a learned critic and GAE (Schulman et al. 2016/2017)."
         ),
         AdvantageEstimator(
-            "grpo", False, True, "Group mean/std normalised outcome (Shao et al. 2024).", _grpo
+            "grpo",
+            False,
+            True,
+            "Group mean/std normalised outcome (Shao et al. 2024).",
+            _grpo,
+            True,
         ),
         AdvantageEstimator(
             "dr_grpo",
@@ -75,9 +82,10 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
             True,
             "Group mean-centred outcome, no std (Liu et al. 2025).",
             _dr_grpo,
+            True,
         ),
         AdvantageEstimator(
-            "rloo", False, True, "Leave-one-out group baseline (Ahmadian et al. 2024).", _rloo
+            "rloo", False, True, "Leave-one-out group baseline (Ahmadian et al. 2024).", _rloo, True
         ),
         AdvantageEstimator(
             "reinforce_pp",
@@ -92,6 +100,7 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
             True,
             "Group-mean baseline then batch whitening (Hu 2025).",
             _reinforce_pp_baseline,
+            True,
         ),
     )
 }

@@ -8,6 +8,7 @@ the driver.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +77,21 @@ class RolloutBatch:
             columns={k: [v[i] for i in pick] for k, v in self.columns.items()},
             pad_id=self.pad_id,
             truncated=None if self.truncated is None else self.truncated[idx],
+        )
+
+    def trimmed(self) -> RolloutBatch:
+        """The same rows without the padding columns no row uses (prompt columns on the
+        left, response columns on the right); positions and results are unchanged."""
+        p = max(int(self.prompt_mask.sum(1).max()), 1) if len(self) else 1
+        t = max(int(self.response_len.max()), 1) if len(self) else 1
+        p0 = self.prompt_ids.shape[1] - p
+        return dataclasses.replace(
+            self,
+            prompt_ids=self.prompt_ids[:, p0:],
+            prompt_mask=self.prompt_mask[:, p0:],
+            response_ids=self.response_ids[:, :t],
+            response_mask=self.response_mask[:, :t],
+            logprobs=self.logprobs[:, :t],
         )
 
     @staticmethod

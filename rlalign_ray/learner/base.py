@@ -1,7 +1,8 @@
 """One rank of a DeepSpeed data-parallel group (the policy learner or the critic).
 
 Ranks form a torch.distributed group (gloo on CPU, NCCL on GPU) through DeepSpeed. Each
-rank takes a seeded share of the step's rows; losses are normalised over the whole
+rank gets only its seeded share of the step's rows (``rank_rows``), cut from the step's
+shards by one Ray task (``split_for_ranks``); losses are normalised over the whole
 mini-batch (all ranks, all micro-batches), so the gradient does not depend on the split.
 """
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from rlalign_ray.config import Config, DeepSpeedRole
-from rlalign_ray.data.batch import RolloutBatch
+from rlalign_ray.data.batch import RolloutBatch, pad_responses
 from rlalign_ray.models.loading import default_device, load_tokenizer, set_threads
 
 
@@ -70,6 +71,10 @@ class DeepSpeedRank:
             world_size=self.world_size,
         )
         torch.manual_seed(self.cfg.run.seed)
+        if self.role.zero_stage == 3:  # from_pretrained then loads each rank's shard only
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_zero3 = HfDeepSpeedConfig(self.ds_config())  # held: a weakref is read
         model = self.build_model()
         if self.role.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -105,24 +110,7 @@ class DeepSpeedRank:
             "wall_clock_breakdown": False,
         }
 
-    # ---- data -------------------------------------------------------------------------
-    def my_rows(self, n: int, step: int) -> torch.Tensor:
-        """This rank's rows of the batch: a seeded split, the same on every rank."""
-        g = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + step)
-        perm = torch.randperm(n, generator=g)
-        per = n // self.world_size
-        return perm[self.rank * per : (self.rank + 1) * per].sort().values
-
-    def fetch(self, shards: list[Any], rows: torch.Tensor | None, step: int):
-        """The step's batch (shards joined, ``rows`` kept) and this rank's row indices."""
-        import ray
-
-        full = RolloutBatch.concat(ray.get(shards))
-        if rows is not None:
-            full = full.select(rows)
-        mine = self.my_rows(len(full), step)
-        return full.select(mine), mine
-
+    # ---- data ----------------------------------------------------------------------------
     def mini_batches(self, n: int, step: int):
         """Per epoch, this rank's local rows in shuffled mini-batches."""
         per_rank = self.cfg.mini_batch_size // self.world_size
@@ -132,42 +120,67 @@ class DeepSpeedRank:
             for k in range(0, n, per_rank):
                 yield order[k : k + per_rank]
 
-    def micro_batches(self, rows: torch.Tensor):
-        mb = self.role.micro_batch_size
-        return [rows[i : i + mb] for i in range(0, len(rows), mb)]
+    def micro_batches(self, batch: RolloutBatch, rows: torch.Tensor) -> list[torch.Tensor]:
+        """``micro_batch_size`` rows each, or with ``max_tokens_per_micro_batch`` as many
+        rows as fit that many (trimmed, padded) prompt+response tokens."""
+        budget = self.role.max_tokens_per_micro_batch
+        if not budget:
+            mb = self.role.micro_batch_size
+            return [rows[i : i + mb] for i in range(0, len(rows), mb)]
+        plen, rlen = batch.prompt_mask.sum(1)[rows], batch.response_len[rows]
+        micro: list[list[int]] = []
+        width = (0, 0)  # the current micro-batch's longest prompt and response
+        for i in torch.argsort(plen + rlen, descending=True, stable=True).tolist():
+            grown = (max(width[0], int(plen[i])), max(width[1], int(rlen[i])))
+            if micro and (len(micro[-1]) + 1) * sum(grown) <= budget:
+                micro[-1].append(i)
+                width = grown
+            else:
+                micro.append([i])
+                width = (int(plen[i]), int(rlen[i]))
+        return [rows[sorted(m)] for m in micro]
 
-    def weighted_micro_batches(self, mask: torch.Tensor, rows: torch.Tensor):
-        """Micro-batches of ``rows`` with the loss scale that makes the gradient global."""
+    def weighted_micro_batches(self, batch: RolloutBatch, rows: torch.Tensor):
+        """Micro-batches of ``rows`` with the loss scale that makes the gradient global.
+        With a token budget, ranks split their largest micro-batches until all run as many
+        backward calls as the rank with the most (ZeRO reduces inside backward); ranks hold
+        equally many rows, so a rank can always split down to the most."""
         mode = self.cfg.algorithm.loss_agg
-        micro = self.micro_batches(rows)
-        counts = [count_for(mode, mask[r]) for r in micro]
+        micro = self.micro_batches(batch, rows)
+        if self.role.max_tokens_per_micro_batch:
+            most = int(self.all_reduce(torch.tensor(len(micro)), "max"))
+            while len(micro) < most:
+                big = max(range(len(micro)), key=lambda k: len(micro[k]))
+                half = (len(micro[big]) + 1) // 2
+                micro[big : big + 1] = [micro[big][:half], micro[big][half:]]
+        counts = [count_for(mode, batch.response_mask[r]) for r in micro]
         total = (
             None
             if mode == "token-sum"
-            else float(self.all_reduce_sum(torch.tensor(sum(counts), dtype=torch.float64)))
+            else float(self.all_reduce(torch.tensor(sum(counts), dtype=torch.float64)))
         )
         return [(r, self.loss_scale(local, total)) for r, local in zip(micro, counts)]
 
     def loss_scale(self, local: float, total: float | None) -> float:
         """Weight of a micro-batch's loss so that the summed gradient is the global mean
         (``local / total`` of it), or the global sum when ``total`` is None: DeepSpeed
-        divides by the accumulation steps and averages over ranks."""
+        divides by its (fixed) accumulation steps and averages over ranks."""
         share = 1.0 if total is None else local / max(total, 1.0)
         return share * self.world_size * self.grad_accumulation
 
-    def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
         import torch.distributed as dist
 
         if self.world_size > 1:
             x = x.to(self.device)
-            dist.all_reduce(x)
+            dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return x.cpu()
 
     def reduce_stats(self, stats: dict[str, list[float]]) -> dict[str, float]:
         """Mean of each statistic over micro-batches, then over ranks."""
         keys = sorted(stats)
         local = torch.tensor([float(np.mean(stats[k])) for k in keys], dtype=torch.float64)
-        mean = self.all_reduce_sum(local) / self.world_size
+        mean = self.all_reduce(local) / self.world_size
         return dict(zip(keys, mean.tolist()))
 
     # ---- weights out ------------------------------------------------------------------
@@ -209,3 +222,36 @@ def count_for(mode: str, mask: torch.Tensor) -> float:
     if mode == "token-sum":
         return 1.0
     return float((mask.sum(-1) > 0).sum())
+
+
+def rank_rows(n: int, world_size: int, seed: int, step: int) -> list[torch.Tensor]:
+    """Each rank's rows of an n-row batch: a seeded split, the same wherever it is computed
+    (the split task cuts token batches with it, the driver per-row tensors)."""
+    g = torch.Generator().manual_seed(seed * 7919 + step)
+    perm = torch.randperm(n, generator=g)
+    per = n // world_size
+    return [perm[k * per : (k + 1) * per].sort().values for k in range(world_size)]
+
+
+def rank_batches(parts: list[torch.Tensor], rows: torch.Tensor | None, n_shards: int, *objs):
+    """Join the step's shards (``objs[:n_shards]``) and their reference log-probs (the rest,
+    if any), keep ``rows``, and cut one ``(RolloutBatch, (n, T) ref log-probs or None)`` per
+    rank; a single part is returned bare (a Ray task with one return)."""
+    full = RolloutBatch.concat(list(objs[:n_shards]))
+    ref = pad_responses(list(objs[n_shards:])) if len(objs) > n_shards else None
+    if rows is not None:
+        full, ref = full.select(rows), None if ref is None else ref[rows]
+    out = [(full.select(p), None if ref is None else ref[p]) for p in parts]
+    return out if len(out) > 1 else out[0]
+
+
+def split_for_ranks(
+    shards: list[Any], rows: torch.Tensor | None, ref_logprobs: list[Any] | None, parts
+) -> list[Any]:
+    """One object ref per rank, made by a Ray task from the shards' refs: token batches
+    never pass through the driver and no rank receives another rank's rows."""
+    import ray
+
+    task = ray.remote(num_cpus=0, num_returns=len(parts))(rank_batches)
+    out = task.remote(parts, rows, len(shards), *shards, *(ref_logprobs or []))
+    return out if len(parts) > 1 else [out]

@@ -40,42 +40,45 @@ class Critic(DeepSpeedRank):
         return out.logits[:, p - 1 : p + t - 1, 0].float()
 
     @torch.no_grad()
-    def values(self, shards: list[Any], rows: torch.Tensor | None, step: int):
-        """This rank's rows and their values: ``(row indices, (n, T) values)``."""
-        batch, mine = self.fetch(shards, rows, step)
+    def values(self, part: tuple[RolloutBatch, None]) -> torch.Tensor:
+        """(n, T) values of this rank's rows (``part`` from ``split_for_ranks``)."""
+        batch, _ = part
         self.engine.eval()
-        out = [
-            self._values(self.engine.module, batch.select(r)).cpu() * batch.response_mask[r]
-            for r in self.micro_batches(torch.arange(len(batch)))
-        ]
-        return mine, torch.cat(out)
+        values = torch.zeros_like(batch.response_mask)
+        for r in self.micro_batches(batch, torch.arange(len(batch))):
+            mb = batch.select(r).trimmed()
+            values[r, : mb.response_ids.shape[1]] = self._values(self.engine.module, mb).cpu()
+        return values * batch.response_mask
 
     def train_step(
         self,
-        shards: list[Any],
-        rows: torch.Tensor | None,
+        part: tuple[RolloutBatch, None],
         returns: torch.Tensor,
         old_values: torch.Tensor,
         step: int,
     ) -> dict[str, float]:
-        batch, mine = self.fetch(shards, rows, step)
-        returns, old_values = returns[mine], old_values[mine]
+        """One batch for this rank's rows: (n, T) returns and the values they came with."""
+        batch, _ = part
         clip, agg = self.cfg.critic.value_clip, self.cfg.algorithm.loss_agg
         stats: dict[str, list[float]] = defaultdict(list)
         self.engine.train()
         for mini in self.mini_batches(len(batch), step):
-            for r, scale in self.weighted_micro_batches(batch.response_mask, mini):
-                mb = batch.select(r)
+            micro = self.weighted_micro_batches(batch, mini)
+            for i, (r, scale) in enumerate(micro):
+                mb = batch.select(r).trimmed()
+                t = mb.response_ids.shape[1]
                 mask = mb.response_mask.to(self.device)
                 v = self._values(self.engine, mb)
                 loss, m = value_loss(
                     v,
-                    old_values[r].to(self.device),
-                    returns[r].to(self.device),
+                    old_values[r, :t].to(self.device),
+                    returns[r, :t].to(self.device),
                     mask,
                     clip=clip,
                     agg=agg,
+                    norm_len=self.cfg.rollout.max_new_tokens,
                 )
+                self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
                 self.engine.backward(loss * scale)
                 self.engine.step()
                 stats["value_loss"].append(loss.item())

@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
 
 import torch
 
 from rlalign_ray.algorithms import (
     aggregate_loss,
-    entropy_from_logits,
     kl_penalty,
     masked_mean,
     policy_loss,
 )
 from rlalign_ray.config import Config
-from rlalign_ray.data.batch import pad_responses
+from rlalign_ray.data.batch import RolloutBatch
 from rlalign_ray.learner.base import DeepSpeedRank
-from rlalign_ray.models.loading import (
-    batch_logprobs,
-    load_causal_lm,
-    response_logits,
-    token_logprobs,
-)
+from rlalign_ray.models.loading import batch_logprobs, load_causal_lm, response_logprobs
 from rlalign_ray.sync.weight_sync import WeightSource
 
 
@@ -38,37 +31,27 @@ class Learner(DeepSpeedRank, WeightSource):
 
     def train_step(
         self,
-        shards: list[Any],
-        rows: torch.Tensor | None,
+        part: tuple[RolloutBatch, torch.Tensor | None],
         advantages: torch.Tensor,
-        ref_logprobs: list[Any] | None,
         kl_coef: float,
         step: int,
     ) -> dict[str, float]:
         """One batch: ``update_epochs`` passes of mini-batches over this rank's rows.
 
-        shards: object refs of the step's RolloutBatch shards, in the driver's order.
-        rows: the rows of the joined shards that make the batch (None: all).
-        advantages: (B, T) over the batch's rows.
-        ref_logprobs: object refs of reference log-probs per shard (KL as a loss term), or None.
+        part: this rank's rows and their (n, T) reference log-probs (None: no KL loss term),
+            from ``split_for_ranks``.
+        advantages: (n,) one per row (outcome estimators) or (n, T), for this rank's rows.
         """
-        import ray
-
-        batch, mine = self.fetch(shards, rows, step)
-        adv = advantages[mine]
-        ref = None
-        if ref_logprobs:
-            ref = pad_responses(ray.get(ref_logprobs))
-            ref = (ref[rows] if rows is not None else ref)[mine]
+        batch, ref = part
         stats: dict[str, list[float]] = defaultdict(list)
-        old = self._old_logprobs(batch, adv, stats)
-        adv = adv * self._behaviour_weights(batch, old, stats)
+        old = self._old_logprobs(batch, stats)
+        adv = self._weighted(advantages, batch, old, stats)
         self.engine.train()
         for mini in self.mini_batches(len(batch), step):
             self._update(batch, mini, old, adv, ref, kl_coef, stats)
         return self.reduce_stats(stats)
 
-    def _old_logprobs(self, batch, adv, stats) -> torch.Tensor:
+    def _old_logprobs(self, batch, stats) -> torch.Tensor:
         """Log-probs of the sampling policy as the learner computes them (or the generator's)."""
         if self.cfg.algorithm.use_behaviour_logprobs:
             return batch.logprobs
@@ -79,50 +62,69 @@ class Learner(DeepSpeedRank, WeightSource):
             self.cfg.rollout.temperature,
             self.role.micro_batch_size,
             self.device,
+            self.role.logprob_chunk_size,
+            self.agree_chunks,
         )
         stats["logprob_mismatch"].append(
             masked_mean((old - batch.logprobs).abs(), batch.response_mask).item()
         )
         return old
 
-    def _behaviour_weights(self, batch, old, stats) -> torch.Tensor:
-        """Truncated importance weights min(pi_learner / pi_generator, cap) per token, which
-        correct for a generator that differs numerically from the learner (1 when off)."""
+    @property
+    def agree_chunks(self):
+        """Under ZeRO-3 with several ranks: the most log-prob chunks any rank needs."""
+        if self.role.zero_stage != 3 or self.world_size == 1:
+            return None
+        return lambda k: int(self.all_reduce(torch.tensor(k), "max"))
+
+    def _weighted(self, adv, batch, old, stats) -> torch.Tensor:
+        """Advantages times truncated importance weights min(pi_learner / pi_generator, cap)
+        per token, which correct for a generator that differs numerically from the learner
+        (unchanged when off)."""
         cap = self.cfg.algorithm.behaviour_is_cap
         if cap <= 0 or self.cfg.algorithm.use_behaviour_logprobs:
-            return torch.ones_like(old)
+            return adv
         w = torch.exp((old - batch.logprobs).clamp(-20, 20)).clamp(max=cap)
         stats["behaviour_is_weight"].append(masked_mean(w, batch.response_mask).item())
-        return w
+        return (adv[:, None] if adv.dim() == 1 else adv) * w
 
     def _update(self, batch, rows, old, adv, ref, kl_coef, stats) -> None:
         a = self.cfg.algorithm
+        norm_len = self.cfg.rollout.max_new_tokens  # Dr. GRPO: a constant, not the width
         share = 0.0  # this rank's share of the mini-batch loss; the ranks' shares sum to it
-        for r, scale in self.weighted_micro_batches(batch.response_mask, rows):
-            mb = batch.select(r)
+        micro = self.weighted_micro_batches(batch, rows)
+        for i, (r, scale) in enumerate(micro):
+            mb = batch.select(r).trimmed()
+            t = mb.response_ids.shape[1]
             mask = mb.response_mask.to(self.device)
-            logits = response_logits(self.engine, mb, self.device)
-            logp = token_logprobs(
-                logits, mb.response_ids.to(self.device), self.cfg.rollout.temperature
+            logp, entropy = response_logprobs(
+                self.engine,
+                mb,
+                self.device,
+                self.cfg.rollout.temperature,
+                self.role.logprob_chunk_size,
+                entropy="loss" if a.entropy_coef else "metric",
+                agree=self.agree_chunks,
             )
             pg_loss, m = policy_loss(
                 logp,
-                old[r].to(self.device),
-                adv[r].to(self.device),
+                old[r, :t].to(self.device),
+                (adv[r] if adv.dim() == 1 else adv[r, :t]).to(self.device),
                 mask,
                 clip_low=a.clip_low,
                 clip_high=a.clip_high,
                 dual_clip=a.dual_clip,
                 agg=a.loss_agg,
+                norm_len=norm_len,
             )
             loss = pg_loss
-            entropy = entropy_from_logits(logits.float())
             if a.entropy_coef:
-                loss = loss - a.entropy_coef * aggregate_loss(entropy, mask, a.loss_agg)
+                loss = loss - a.entropy_coef * aggregate_loss(entropy, mask, a.loss_agg, norm_len)
             if ref is not None:
-                kl = kl_penalty(logp, ref[r].to(self.device), a.kl_estimator)
-                loss = loss + kl_coef * aggregate_loss(kl, mask, a.loss_agg)
+                kl = kl_penalty(logp, ref[r, :t].to(self.device), a.kl_estimator)
+                loss = loss + kl_coef * aggregate_loss(kl, mask, a.loss_agg, norm_len)
                 stats["kl"].append(masked_mean(kl.detach(), mask).item())
+            self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
             self.engine.backward(loss * scale)
             self.engine.step()
             stats["pg_loss"].append(pg_loss.item())

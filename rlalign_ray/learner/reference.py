@@ -19,11 +19,12 @@ class Reference:
         )
         self.temperature = temperature
         self.micro_batch_size = cfg.micro_batch_size
+        self.chunk_size = cfg.logprob_chunk_size
 
     def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         """(B, T) reference log-probs of the sampled response tokens."""
         return batch_logprobs(
-            self.model, batch, self.temperature, self.micro_batch_size, self.device
+            self.model, batch, self.temperature, self.micro_batch_size, self.device, self.chunk_size
         )
 
     def ping(self) -> int:

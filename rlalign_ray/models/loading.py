@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
+from rlalign_ray.algorithms import entropy_from_logits
 from rlalign_ray.data.batch import RolloutBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,24 +63,113 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def response_logits(model: Any, batch: RolloutBatch, device: torch.device) -> torch.Tensor:
-    """(B, T, V) logits that predict each response token."""
+def response_hidden(model: Any, batch: RolloutBatch, device: torch.device) -> torch.Tensor:
+    """(B, T, H) final hidden states that predict each response token.
+
+    ``model`` (a Hugging Face causal LM, or a DeepSpeed engine around one) runs whole, so
+    ZeRO-3's hooks see an ordinary forward; the hidden states are taken from its base
+    model's output and the output head runs on one position only (``logits_to_keep``).
+    """
+    hf = getattr(model, "module", model)
+    if hf.base_model is hf:
+        raise ValueError(f"{type(hf).__name__} has no base model to take hidden states from")
     ids = batch.input_ids().to(device)
     attn = batch.attention_mask().to(device)
-    out = model(
-        input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False
+    keep = (
+        {"logits_to_keep": 1}
+        if "logits_to_keep" in inspect.signature(hf.forward).parameters
+        else {}
     )
+    captured: list[torch.Tensor] = []
+    hook = hf.base_model.register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
+    try:
+        model(
+            input_ids=ids,
+            attention_mask=attn,
+            position_ids=position_ids(attn),
+            use_cache=False,
+            **keep,
+        )
+    finally:
+        hook.remove()
     p, t = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
-    return out.logits[:, p - 1 : p + t - 1, :]
+    return captured[0][:, p - 1 : p + t - 1]
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / temperature)[tokens]: (B, T, V), (B, T) -> (B, T)."""
-    logits = logits.float()
+class _TokenLogprob(torch.autograd.Function):
+    """(N, V) logits, (N,) tokens -> (N,) log softmax(logits)[tokens] and (N,) logsumexp (no
+    gradient). Backward holds one (N, V) tensor: d logp / d logits = onehot - softmax."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor):
+        logz = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, tokens, logz)
+        ctx.mark_non_differentiable(logz)
+        return logits.gather(-1, tokens[:, None]).squeeze(-1) - logz, logz
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _):
+        logits, tokens, logz = ctx.saved_tensors
+        dlogits = (logits - logz[:, None]).exp_().mul_(-grad[:, None])
+        return dlogits.scatter_add_(1, tokens[:, None], grad[:, None]), None
+
+
+def _chunk_logprobs(
+    head: torch.nn.Module, h: torch.Tensor, tokens: torch.Tensor, temperature: float, entropy: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N, H) hidden states, (N,) tokens -> (N,) log-probs and (N,) entropy (or None)."""
+    logits = head(h).float()  # the only (N, V) tensor; temperature is applied in place
     if temperature != 1.0:
-        logits = logits / temperature
-    logz = torch.logsumexp(logits, dim=-1)
-    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logz
+        logits.div_(temperature)
+    logp, logz = _TokenLogprob.apply(logits, tokens)
+    if entropy == "loss":
+        return logp, entropy_from_logits(logits)
+    if entropy == "metric":  # last and without a graph: a checkpoint's recompute stops before it
+        with torch.no_grad():  # H = logz - sum_v p_v z_v, with one (N, V) temporary
+            probs = (logits - logz[:, None]).exp_()
+            return logp, logz - torch.linalg.vecdot(probs, logits)
+    return logp, None
+
+
+def response_logprobs(
+    model: Any,
+    batch: RolloutBatch,
+    device: torch.device,
+    temperature: float,
+    chunk_size: int = 0,
+    entropy: str = "none",
+    agree: Callable[[int], int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, T) log-probs of the response tokens under softmax(logits / temperature), zero
+    outside ``response_mask``, and their (B, T) entropy when ``entropy`` is ``"loss"``
+    (with a graph) or ``"metric"`` (without); None for ``"none"``.
+
+    The output head runs only on the response tokens in the mask, at most ``chunk_size`` of
+    them at a time (0: all at once); with a graph, each chunk's head and log-softmax are
+    recomputed in backward (``torch.utils.checkpoint``), so only hidden states are kept,
+    never (B, T, V) logits. ``agree`` maps this rank's chunk count to the one all ranks use
+    (ZeRO-3 gathers the head's weights at every call, so every rank must call it as often).
+    """
+    hidden = response_hidden(model, batch, device)
+    mask = batch.response_mask.to(device) != 0
+    h, tokens = hidden[mask], batch.response_ids.to(device)[mask]
+    head = getattr(model, "module", model).get_output_embeddings()
+    chunks = max(-(-len(h) // chunk_size) if chunk_size else 1, 1)
+    chunks = agree(chunks) if agree is not None else chunks
+    recompute = chunk_size > 0 and torch.is_grad_enabled()
+    parts = []
+    for hc, tc in zip(h.tensor_split(chunks), tokens.tensor_split(chunks)):
+        args = (head, hc, tc, temperature, entropy)
+        parts.append(
+            checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+            if recompute
+            else _chunk_logprobs(*args)
+        )
+    zeros = torch.zeros(mask.shape, dtype=torch.float32, device=device)
+    logp = zeros.masked_scatter(mask, torch.cat([lp for lp, _ in parts]))
+    if entropy == "none":
+        return logp, None
+    return logp, zeros.masked_scatter(mask, torch.cat([e for _, e in parts]))
 
 
 @torch.no_grad()
@@ -86,12 +179,14 @@ def batch_logprobs(
     temperature: float,
     micro_batch_size: int,
     device: torch.device,
+    chunk_size: int = 0,
+    agree: Callable[[int], int] | None = None,
 ) -> torch.Tensor:
     """(B, T) log-probs of the response tokens, micro-batched, zero on padding."""
     outs = []
+    width = batch.response_ids.shape[1]
     for start in range(0, len(batch), micro_batch_size):
-        mb = batch.select(list(range(start, min(start + micro_batch_size, len(batch)))))
-        logits = response_logits(model, mb, device)
-        lp = token_logprobs(logits, mb.response_ids.to(device), temperature)
-        outs.append((lp * mb.response_mask.to(device)).cpu())
+        mb = batch.select(list(range(start, min(start + micro_batch_size, len(batch))))).trimmed()
+        lp, _ = response_logprobs(model, mb, device, temperature, chunk_size, agree=agree)
+        outs.append(torch.nn.functional.pad(lp.cpu(), (0, width - lp.shape[1])))
     return torch.cat(outs)

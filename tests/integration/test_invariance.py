@@ -1,6 +1,7 @@
-"""The update does not depend on how a batch is split: 1, 2 or 4 micro-batches, 1 or 2
-learner ranks give the same loss and the same gradient (plain SGD with lr=1 turns the
-weight change into minus the gradient, through the real DeepSpeed engine)."""
+"""The update does not depend on how a batch is split: 1, 2 or 4 micro-batches, token-budget
+micro-batches, chunked log-probs, 1 or 2 learner ranks (ZeRO 0, 2 and 3) give the same loss
+and the same gradient (plain SGD with lr=1 turns the weight change into minus the gradient,
+through the real DeepSpeed engine)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from conftest import REPO, small_config
 
 from rlalign_ray.config import config_from_dict
 from rlalign_ray.data.prompts import load_prompts
+from rlalign_ray.learner.base import rank_batches, rank_rows
 from rlalign_ray.learner.learner import Learner
 from rlalign_ray.rollout.generator import Generator
 
@@ -22,14 +24,18 @@ def batch_ref(ray_local, tiny_model):
     cfg = config_from_dict(small_config(tiny_model, "/tmp/unused", rollout={"max_new_tokens": 6}))
     gen = Generator(cfg.model, cfg.rollout, seed=0)
     items = load_prompts(str(REPO / "configs/data/arith_eval.jsonl"))[:4]
-    batch = gen.generate(items, n_samples=2)  # 8 rows of different lengths
+    batch = gen.generate(items, n_samples=2)  # 8 rows
+    # rows 2, 4 and 5 (rank 0's in the 2-rank split) end after one token, so with a 24-token
+    # budget rank 0 packs 2 micro-batches and rank 1 4: rank 0 must split to match
+    batch.response_len[[2, 4, 5]] = 1
+    batch.response_mask[[2, 4, 5], 1:] = 0
     g = torch.Generator().manual_seed(0)
-    adv = torch.randn(len(batch), generator=g)[:, None] * batch.response_mask
-    return ray_local.put(batch), adv
+    adv = torch.randn(len(batch), generator=g)  # one per row, as outcome estimators ship
+    return batch, adv
 
 
-def _update(ray, tiny_model, batch_ref, world, micro, agg):
-    ref, adv = batch_ref
+def _update(ray, tiny_model, batch_ref, world, micro, agg, chunk=0, budget=0, zero=None):
+    batch, adv = batch_ref
     cfg = config_from_dict(
         small_config(
             tiny_model,
@@ -41,38 +47,64 @@ def _update(ray, tiny_model, batch_ref, world, micro, agg):
                 "optimizer": "sgd",
                 "lr": 1.0,
                 "grad_clip": 0.0,
-                "zero_stage": 2 if world > 1 else 0,
+                "zero_stage": (2 if world > 1 else 0) if zero is None else zero,
+                "logprob_chunk_size": chunk,
+                "max_tokens_per_micro_batch": budget,
             },
+            data={"max_prompt_tokens": 16},
         )
     )
+    rows = rank_rows(len(batch), world, cfg.run.seed, 1)
+    parts = rank_batches(rows, None, 1, batch)
+    parts = parts if world > 1 else [parts]
     actors = [
         ray.remote(Learner).options(num_cpus=0.25).remote(cfg, i, world) for i in range(world)
     ]
     try:
         addr, port = ray.get(actors[0].address.remote())
         ray.get([a.setup.remote(addr, port) for a in actors])
-        before = ray.get(actors[0].get_weights.remote())
-        metrics = ray.get([a.train_step.remote([ref], None, adv, None, 0.0, 1) for a in actors])
-        after = ray.get(actors[0].get_weights.remote())
+        before = ray.get([a.get_weights.remote() for a in actors])[0]  # ZeRO-3: all gather
+        metrics = ray.get(
+            [a.train_step.remote(p, adv[r], 0.0, 1) for a, p, r in zip(actors, parts, rows)]
+        )
+        after = ray.get([a.get_weights.remote() for a in actors])[0]
     finally:
         for a in actors:
             ray.kill(a)
     return metrics[0]["loss"], {k: before[k] - after[k] for k in before}
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
-def test_same_loss_and_gradient_for_any_split(ray_local, tiny_model, batch_ref, agg):
-    base_loss, base_grad = _update(ray_local, tiny_model, batch_ref, world=1, micro=8, agg=agg)
+# (ranks, micro-batch rows, log-prob chunk, token budget, ZeRO stage or None: the default)
+SPLITS = [
+    ("token-mean", 1, 4, 0, 0, None),
+    ("token-mean", 1, 2, 3, 0, None),
+    ("token-mean", 2, 4, 5, 0, None),
+    ("token-mean", 2, 2, 0, 0, None),
+    ("token-mean", 1, 8, 4, 40, None),
+    ("token-mean", 2, 4, 0, 24, None),
+    ("token-mean", 2, 4, 7, 0, 3),
+    ("seq-mean-token-mean", 1, 2, 0, 0, None),
+    ("seq-mean-token-mean", 2, 2, 2, 0, None),
+    ("seq-mean-token-mean", 2, 4, 0, 24, None),
+]
+_BASE: dict = {}
+
+
+@pytest.mark.parametrize(
+    "agg, world, micro, chunk, budget, zero",
+    SPLITS,
+    ids=[f"{s[0]}-w{s[1]}-m{s[2]}-c{s[3]}-b{s[4]}-z{s[5]}" for s in SPLITS],
+)
+def test_same_loss_and_gradient_for_any_split(
+    ray_local, tiny_model, batch_ref, agg, world, micro, chunk, budget, zero
+):
+    if agg not in _BASE:  # one rank, one micro-batch, log-probs at once
+        _BASE[agg] = _update(ray_local, tiny_model, batch_ref, world=1, micro=8, agg=agg)
+    base_loss, base_grad = _BASE[agg]
     assert any(np.abs(g).max() > 1e-6 for g in base_grad.values())
-    splits = [(1, 4), (1, 2), (2, 4), (2, 2)] if agg == "token-mean" else [(1, 2), (2, 2)]
-    for world, micro in splits:
-        loss, grad = _update(ray_local, tiny_model, batch_ref, world, micro, agg)
-        assert loss == pytest.approx(base_loss, abs=1e-6), (world, micro)
-        for name in base_grad:
-            np.testing.assert_allclose(
-                grad[name],
-                base_grad[name],
-                rtol=1e-4,
-                atol=1e-7,
-                err_msg=f"{name} with {world} ranks, micro {micro}",
-            )
+    loss, grad = _update(ray_local, tiny_model, batch_ref, world, micro, agg, chunk, budget, zero)
+    assert loss == pytest.approx(base_loss, abs=1e-6)
+    for name in base_grad:  # atol: 2 fp32 ulps of a weight near 1 (the change is a difference)
+        np.testing.assert_allclose(
+            grad[name], base_grad[name], rtol=1e-4, atol=2.5e-7, err_msg=name
+        )

@@ -17,7 +17,7 @@ from conftest import small_config
 
 from rlalign_ray.config import ModelConfig, RolloutConfig, config_from_dict
 from rlalign_ray.data.batch import PromptItem
-from rlalign_ray.models.loading import batch_logprobs, load_causal_lm, response_logits
+from rlalign_ray.models.loading import batch_logprobs, load_causal_lm, position_ids
 from rlalign_ray.rollout.backend import truncate
 from rlalign_ray.rollout.generator import Generator
 from rlalign_ray.trainer import Trainer
@@ -90,7 +90,13 @@ def test_top_k_top_p_logprobs_are_of_the_truncated_distribution(gen, tiny_model,
     """As HFBackend's ``sample_step``: log softmax over the kept tokens, renormalised."""
     monkeypatch.setattr(gen, "cfg", dataclasses.replace(gen.cfg, top_k=5, top_p=0.8))
     b = gen.generate(ITEMS, n_samples=4)
-    logits = response_logits(load_causal_lm(tiny_model), b, torch.device("cpu")) / TEMPERATURE
+    attn = b.attention_mask()
+    with torch.no_grad():  # the plain full forward pass, as a reference
+        out = load_causal_lm(tiny_model)(
+            input_ids=b.input_ids(), attention_mask=attn, position_ids=position_ids(attn)
+        )
+    p, t = b.prompt_ids.shape[1], b.response_ids.shape[1]
+    logits = out.logits[:, p - 1 : p + t - 1] / TEMPERATURE
     scores = truncate(logits.flatten(0, 1).float(), 5, 0.8)
     expected = torch.log_softmax(scores, -1).gather(-1, b.response_ids.view(-1, 1))
     expected = expected.view_as(b.logprobs) * b.response_mask

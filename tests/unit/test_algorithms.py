@@ -436,6 +436,39 @@ def test_policy_loss_sequence_advantages_broadcast_and_agg():
     close(full[0], 0.5)
 
 
+def test_dr_grpo_norm_is_a_constant_not_the_padded_width():
+    logp = torch.zeros(2, 2, dtype=D)
+    adv = t([1.0, 0.0])
+    mask = t([[1.0, 1.0], [1.0, 0.0]])
+    # ratio 1: loss_mat = -A = [[-1, -1], [0, .]], S = [-2, 0]; Dr. GRPO divides by a
+    # constant L = 8 (the maximum response length): (-2/8 + 0/8) / 2 = -0.125
+    agg = "seq-mean-token-sum-norm"
+    close(policy_loss(logp, logp, adv, mask, agg=agg, norm_len=8)[0], -0.125)
+    # the same rows padded to width 7: unchanged with norm_len, (-2/7 + 0) / 2 without it
+    wide_logp, wide_mask = (
+        torch.nn.functional.pad(logp, (0, 5)),
+        torch.nn.functional.pad(mask, (0, 5)),
+    )
+    close(policy_loss(wide_logp, wide_logp, adv, wide_mask, agg=agg, norm_len=8)[0], -0.125)
+    close(policy_loss(wide_logp, wide_logp, adv, wide_mask, agg=agg)[0], -1 / 7)
+    # value_loss takes the same constant: 0.5 * mean_i (sum_t (v - R)^2) / 8, R = 0
+    v = t([[1.0, 1.0], [2.0, 0.0]])
+    close(
+        value_loss(v, v, torch.zeros_like(v), mask, agg=agg, norm_len=8)[0],
+        0.5 * (2 / 8 + 4 / 8) / 2,
+    )
+
+
+def test_per_sequence_estimators_give_constant_rows():
+    scores, groups = t([1.0, 0.0, 2.0, 5.0]), torch.tensor([0, 0, 1, 1])
+    mask = t([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    for name, est in ADVANTAGE_ESTIMATORS.items():
+        if est.per_sequence:  # the driver ships these as one value per row
+            adv = outcome_advantages(name, scores, groups, mask)
+            rows = adv.gather(1, mask.argmax(1, keepdim=True))
+            close(adv, rows * mask)
+
+
 def test_value_loss_clipped_values_metrics_and_grads():
     values = t([[1.0, 2.0, 2.0, 100.0]], requires_grad=True)
     old = t([[1.0, 1.0, 1.0, 0.0]])

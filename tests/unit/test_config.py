@@ -149,3 +149,23 @@ def test_cli_prints_the_problems_without_a_traceback(capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "trainer.steps: must be >= 0, got -1" in err and "Traceback" not in err
+
+
+def test_logprob_chunks_and_token_budgets():
+    probs = _problems(
+        {
+            "reward": {"rewards": REWARD},
+            "data": {"max_prompt_tokens": 100},
+            "rollout": {"max_new_tokens": 28},
+            "learner": {"logprob_chunk_size": -1, "max_tokens_per_micro_batch": 127},
+            "critic": {"max_tokens_per_micro_batch": -5},
+        }
+    )
+    assert "learner.logprob_chunk_size: must be >= 0, got -1" in probs
+    budget = [p for p in probs if "max_tokens_per_micro_batch" in p]
+    assert budget[0].startswith("learner.max_tokens_per_micro_batch: must be 0 (off) or hold")
+    assert "= 128 tokens, got 127" in budget[0] and budget[1].startswith("critic.")
+    cfg = config_from_dict(
+        {"reward": {"rewards": REWARD}, "learner": {"max_tokens_per_micro_batch": 528}}
+    )
+    assert cfg.learner.max_tokens_per_micro_batch == 528
