@@ -114,11 +114,32 @@ class _TokenLogprob(torch.autograd.Function):
         return dlogits.scatter_add_(1, tokens[:, None], grad[:, None]), None
 
 
+def logit_transform(config: Any) -> tuple[float, float | None]:
+    """What a model does to its head's output before returning logits, which applying the
+    head ourselves must repeat: ``(scale, softcap)``, logits = softcap * tanh(scale * x /
+    softcap) (Cohere's ``logit_scale``, Granite's ``logits_scaling``, Gemma-2/3's
+    ``final_logit_softcapping``)."""
+    scale = float(getattr(config, "logit_scale", None) or 1.0)
+    scale /= float(getattr(config, "logits_scaling", None) or 1.0)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return scale, float(softcap) if softcap else None
+
+
 def _chunk_logprobs(
-    head: torch.nn.Module, h: torch.Tensor, tokens: torch.Tensor, temperature: float, entropy: str
+    head: torch.nn.Module,
+    h: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float,
+    entropy: str,
+    transform: tuple[float, float | None] = (1.0, None),
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(N, H) hidden states, (N,) tokens -> (N,) log-probs and (N,) entropy (or None)."""
-    logits = head(h).float()  # the only (N, V) tensor; temperature is applied in place
+    logits = head(h).float()  # the only (N, V) tensor; changed in place from here on
+    scale, softcap = transform
+    if softcap is not None:
+        logits = torch.tanh(logits * (scale / softcap)) * softcap
+    elif scale != 1.0:
+        logits.mul_(scale)
     if temperature != 1.0:
         logits.div_(temperature)
     logp, logz = _TokenLogprob.apply(logits, tokens)
@@ -153,13 +174,14 @@ def response_logprobs(
     hidden = response_hidden(model, batch, device)
     mask = batch.response_mask.to(device) != 0
     h, tokens = hidden[mask], batch.response_ids.to(device)[mask]
-    head = getattr(model, "module", model).get_output_embeddings()
+    hf = getattr(model, "module", model)
+    head, transform = hf.get_output_embeddings(), logit_transform(hf.config)
     chunks = max(-(-len(h) // chunk_size) if chunk_size else 1, 1)
     chunks = agree(chunks) if agree is not None else chunks
     recompute = chunk_size > 0 and torch.is_grad_enabled()
     parts = []
     for hc, tc in zip(h.tensor_split(chunks), tokens.tensor_split(chunks)):
-        args = (head, hc, tc, temperature, entropy)
+        args = (head, hc, tc, temperature, entropy, transform)
         parts.append(
             checkpoint(_chunk_logprobs, *args, use_reentrant=False)
             if recompute

@@ -82,3 +82,24 @@ def test_entropy_metric_has_no_graph_and_trimming_keeps_results(model):
     again, _ = response_logprobs(model, short, CPU, 1.0, 2)
     torch.testing.assert_close(again, logp[1:2, :1], atol=1e-5, rtol=1e-5)
     assert response_logprobs(model, b, CPU, 1.0, 2)[1] is None
+
+
+def test_models_that_transform_their_logits():
+    """Gemma-2 soft-caps its logits after the head (a cap that bites: 0.05): applying the head ourselves repeats it,
+    so log-probs and gradients equal the model's own."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=16, final_logit_softcapping=0.05,
+    )  # fmt: skip
+    model = Gemma2ForCausalLM(cfg).float()
+    b = _batch(cfg.vocab_size)
+    logp_ref, _ = _full_logits(model, b, 0.7)
+    grad_ref = _grads(model, logp_ref.sum())
+    logp, _ = response_logprobs(model, b, CPU, 0.7, 4)
+    torch.testing.assert_close(logp, logp_ref, atol=1e-5, rtol=1e-5)
+    grad = _grads(model, logp.sum())
+    for name in grad_ref:
+        torch.testing.assert_close(grad[name], grad_ref[name], atol=1e-5, rtol=1e-4, msg=name)
