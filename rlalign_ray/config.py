@@ -158,7 +158,8 @@ class SyncConfig:
 
     transport: str = doc(
         "auto",
-        "auto (collective on GPU, object_store on CPU), collective (gloo/NCCL group), "
+        "auto (collective on GPU; on CPU shared_memory on one node, else object_store), "
+        "collective (gloo/NCCL group), shared_memory (a file in /dev/shm, one node), "
         "object_store (Ray's shared-memory store)",
     )
     bucket_mb: float = doc(256.0, "weights travel in buckets of about this many MiB")
@@ -511,9 +512,10 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"rollout.dtype: use float32, bfloat16, float16 or null, got {r.dtype!r}")
     _positive(e, "rollout.tensor_parallel_size", r.tensor_parallel_size)
     _check_vllm(cfg, e)
-    if cfg.sync.transport not in ("auto", "collective", "object_store"):
+    if cfg.sync.transport not in ("auto", "collective", "shared_memory", "object_store"):
         e.append(
-            f"sync.transport: use auto, collective or object_store, got {cfg.sync.transport!r}"
+            "sync.transport: use auto, collective, shared_memory or object_store, got "
+            f"{cfg.sync.transport!r}"
         )
     if cfg.sync.backend not in ("auto", "gloo", "nccl"):
         e.append(f"sync.backend: use auto, gloo or nccl, got {cfg.sync.backend!r}")

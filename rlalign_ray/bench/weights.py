@@ -26,7 +26,11 @@ from rlalign_ray.sync.weight_sync import WeightSource
 def add_arguments(p) -> None:
     add_model_arguments(p, default_params="100M")
     p.add_argument("--receivers", default="1,4", help="generator counts, e.g. 1,4")
-    p.add_argument("--transport", default="object_store,collective", help="transports to time")
+    p.add_argument(
+        "--transport",
+        default="shared_memory,object_store,collective",
+        help="transports to time",
+    )
     p.add_argument("--bucket-mb", type=float, default=64.0, help="sync.bucket_mb")
     p.add_argument("--dtype", default="float32", help="generator dtype (weights travel in it)")
     p.add_argument("--repeat", type=int, default=5, help="timed syncs per setting (best kept)")

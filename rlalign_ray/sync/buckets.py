@@ -29,7 +29,7 @@ class Bucket:
 class SyncPlan:
     """Everything both sides of a sync agree on before the first version travels."""
 
-    transport: str  # collective | object_store (resolved from auto)
+    transport: str  # collective | shared_memory | object_store (resolved from auto)
     backend: str  # collective: gloo | nccl (resolved from auto)
     dtype: str  # the generators' dtype: weights travel in it
     buckets: tuple[Bucket, ...]

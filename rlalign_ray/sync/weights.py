@@ -8,6 +8,8 @@ publish and receive running at the same time.
 
 - ``ObjectStoreTransport``: ``send`` puts the bucket's tensors, as numpy arrays, once into
   Ray's shared-memory store; receivers on a node read the same object without copying.
+- ``SharedMemoryTransport``: one shared-memory file on learner rank 0's node; ``send``
+  casts a bucket into it, every generator on that node copies from it (one copy each side).
 - ``CollectiveTransport``: a process group of its own (gloo or NCCL) between learner rank 0
   and every generator, built from a TCPStore hosted by rank 0: never the default group,
   so DeepSpeed's group and whatever vLLM sets up in a generator stay untouched. Buckets
@@ -20,6 +22,8 @@ them until ``finish_weight_update`` must copy them.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -67,6 +71,9 @@ class WeightTransport(ABC):
     def connect(self, address: Any, rank: int) -> None:
         """Join the sync as ``rank`` (0: the sender, i: generator i - 1)."""
         self.rank = rank
+
+    def seal(self) -> None:
+        """Sender, after every receiver has connected."""
 
     @abstractmethod
     def send(self, bucket: int, tensors: Sequence[torch.Tensor]) -> Any:
@@ -135,6 +142,78 @@ class ObjectStoreTransport(WeightTransport):
             warnings.simplefilter("ignore", UserWarning)  # read-only zero-copy arrays
             tensors = [from_numpy(a, self.plan.torch_dtype) for a in arrays]
         self._load(handle, backend, tensors)
+
+
+class SharedMemoryTransport(WeightTransport):
+    """Buckets through one shared-memory file on learner rank 0's node: the sender casts each
+    bucket into it once, each generator copies it from there into its weights. One copy on
+    each side and no serialisation; every generator must run on learner rank 0's node
+    (``auto`` picks this transport on CPU only then). The file is unlinked as soon as every
+    generator has mapped it (``seal``), so nothing is left behind if a process dies.
+
+    The driver's ``WeightSync`` waits for every generator to load version v before it
+    publishes v + 1, so a bucket is never rewritten while it is being read.
+    """
+
+    name = "shared_memory"
+
+    def __init__(self, plan: SyncPlan):
+        super().__init__(plan)
+        self.path: str | None = None
+        self.views: list[torch.Tensor] = []
+
+    def open(self) -> dict[str, str]:
+        import uuid
+
+        self.path = os.path.join(SHM_DIR, f"rlalign-weights-{uuid.uuid4().hex}")
+        self._map().zero_()  # touch every page once
+        return {"path": self.path, "node": node_id()}
+
+    def connect(self, address: dict[str, str], rank: int) -> None:
+        super().connect(address, rank)
+        if rank == 0:
+            return
+        if address["node"] != node_id():
+            raise WeightSyncError(
+                f"shared_memory weight sync: generator {rank - 1} runs on another node than "
+                "learner rank 0; use sync.transport: object_store or collective (or auto)"
+            )
+        self.path = address["path"]
+        try:
+            self._map()
+        except (OSError, RuntimeError) as e:
+            raise self._error(f"map {self.path}", e) from None
+
+    def _map(self) -> torch.Tensor:
+        total = sum(b.numel for b in self.plan.buckets)
+        flat = torch.from_file(self.path, shared=True, size=total, dtype=self.plan.torch_dtype)
+        starts = [0]
+        for b in self.plan.buckets:
+            starts.append(starts[-1] + b.numel)
+        self.views = [flat[a:z] for a, z in zip(starts, starts[1:])]
+        return flat
+
+    def seal(self) -> None:
+        if self.path and os.path.exists(self.path):
+            os.unlink(self.path)  # the mappings stay valid
+
+    def send(self, bucket: int, tensors: Sequence[torch.Tensor]) -> None:
+        flatten_into(self.views[bucket], self.plan.buckets[bucket], tensors)
+
+    def receive(self, handle: WeightHandle, backend: Any) -> None:
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        try:  # the sender's publish call for this bucket has finished writing it
+            if handle.payload:
+                ray.get(handle.payload[0], timeout=self.plan.timeout_s)
+        except GetTimeoutError as e:
+            raise self._error(
+                f"wait for bucket {handle.bucket} of version {handle.version}", e
+            ) from None
+        self._load(
+            handle, backend, unflatten(self.views[handle.bucket], self.plan.buckets[handle.bucket])
+        )
 
 
 class CollectiveTransport(WeightTransport):
@@ -216,6 +295,16 @@ class CollectiveTransport(WeightTransport):
         self._load(handle, backend, unflatten(flat, bucket))
 
 
+SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def node_id() -> str:
+    """This process's Ray node (empty outside Ray: one process, one node)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 def node_ip() -> str:
     """This node's address as Ray knows it (127.0.0.1 outside Ray)."""
     import ray
@@ -226,6 +315,7 @@ def node_ip() -> str:
 TRANSPORTS: dict[str, type[WeightTransport]] = {
     "object_store": ObjectStoreTransport,
     "collective": CollectiveTransport,
+    "shared_memory": SharedMemoryTransport,
 }
 
 

@@ -28,7 +28,7 @@ def _actors(ray, tiny_model, n):
     return source, gens
 
 
-@pytest.mark.parametrize("transport", ["object_store", "collective"])
+@pytest.mark.parametrize("transport", ["object_store", "collective", "shared_memory"])
 def test_generator_that_missed_a_version_catches_up_in_bf16(ray_local, tiny_model, transport):
     ray = ray_local
     source, gens = _actors(ray, tiny_model, 2)

@@ -3,6 +3,7 @@ transport between threads of this process (its own gloo group on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -18,7 +19,7 @@ from rlalign_ray.sync.buckets import (
     to_numpy,
     unflatten,
 )
-from rlalign_ray.sync.weights import CollectiveTransport, WeightHandle
+from rlalign_ray.sync.weights import CollectiveTransport, SharedMemoryTransport, WeightHandle
 
 
 def test_buckets_keep_order_and_size_and_a_large_parameter_travels_alone():
@@ -132,3 +133,27 @@ def test_collective_group_with_a_missing_peer_fails_within_the_timeout():
     address = sender.open()
     with pytest.raises(WeightSyncError, match="learner rank 0 could not join the gloo group"):
         sender.connect(address, 0)  # generators 0 and 1 never join
+
+
+def test_shared_memory_moves_every_bucket_and_leaves_no_file():
+    params = {f"layer{i}.weight": torch.randn(16, 8 + i) for i in range(5)}
+    buckets = plan_buckets([(n, p.shape) for n, p in params.items()], torch.bfloat16, 600)
+    plan = SyncPlan("shared_memory", "gloo", "bfloat16", buckets, 30.0, world_size=3)
+    sender = SharedMemoryTransport(plan)
+    address = sender.open()
+    receivers = [SharedMemoryTransport(plan) for _ in range(2)]
+    for i, r in enumerate(receivers):
+        r.connect(address, i + 1)
+    sender.seal()
+    assert not os.path.exists(address["path"])  # unlinked once everyone mapped it
+    sinks = [Sink(), Sink()]
+    for version in (1, 2):
+        params = {n: p + 1 for n, p in params.items()}
+        for b, bucket in enumerate(buckets):
+            sender.send(b, [params[n] for n in bucket.names])
+            for r, sink in zip(receivers, sinks):
+                r.receive(WeightHandle(version, b), sink)
+        for sink in sinks:
+            assert sink.finished == version
+            for name, p in params.items():
+                assert torch.equal(sink.weights[name], p.to(torch.bfloat16)), name
