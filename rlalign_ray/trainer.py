@@ -239,7 +239,7 @@ class Trainer:
     def critic_values(self, exp: Experience, step: int) -> torch.Tensor:
         ranks = self.pools["critic"].actors
         rows = rank_rows(len(exp.scores), len(ranks), self.cfg.run.seed, step)
-        exp.critic_parts = split_for_ranks(exp.shards, exp.rows, None, rows)
+        exp.critic_parts = split_for_ranks(ranks[0], exp.shards, exp.rows, None, rows)
         parts = get(
             [c.values.remote(p) for c, p in zip(ranks, exp.critic_parts)],
             "critic",
@@ -261,11 +261,11 @@ class Trainer:
     ) -> dict[str, float]:
         cfg = self.cfg
         ranks = self.pools["learner"].actors
-        # each rank receives only its rows: tokens (and reference log-probs) from a Ray task,
+        # each rank receives only its rows: tokens (and reference log-probs) cut by rank 0,
         # per-row tensors sliced here; outcome advantages travel as one value per row
         rows = rank_rows(len(exp.scores), len(ranks), cfg.run.seed, step)
         refs = None if cfg.algorithm.kl_in_reward else exp.ref_logprobs
-        parts = split_for_ranks(exp.shards, exp.rows, refs, rows)
+        parts = split_for_ranks(ranks[0], exp.shards, exp.rows, refs, rows)
         if ADVANTAGE_ESTIMATORS[cfg.algorithm.name].per_sequence:
             first = exp.scores.response_mask.argmax(1, keepdim=True)  # a token of each row
             adv = adv.gather(1, first).squeeze(1)

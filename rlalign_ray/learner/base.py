@@ -2,7 +2,7 @@
 
 Ranks form a torch.distributed group (gloo on CPU, NCCL on GPU) through DeepSpeed. Each
 rank gets only its seeded share of the step's rows (``rank_rows``), cut from the step's
-shards by one Ray task (``split_for_ranks``); losses are normalised over the whole
+shards by the group's rank 0 (``split_for_ranks``); losses are normalised over the whole
 mini-batch (all ranks, all micro-batches), so the gradient does not depend on the split.
 """
 
@@ -35,6 +35,10 @@ class DeepSpeedRank:
 
     def ping(self) -> int:
         return self.rank
+
+    def split_batches(self, parts, rows, n_shards: int, *objs):
+        """The group's rank 0 cuts the step's batch into one part per rank (``rank_batches``)."""
+        return rank_batches(parts, rows, n_shards, *objs)
 
     # ---- setup ------------------------------------------------------------------------
     def address(self) -> tuple[str, int]:
@@ -246,12 +250,17 @@ def rank_batches(parts: list[torch.Tensor], rows: torch.Tensor | None, n_shards:
 
 
 def split_for_ranks(
-    shards: list[Any], rows: torch.Tensor | None, ref_logprobs: list[Any] | None, parts
+    actor: Any,
+    shards: list[Any],
+    rows: torch.Tensor | None,
+    ref_logprobs: list[Any] | None,
+    parts: list[torch.Tensor],
 ) -> list[Any]:
-    """One object ref per rank, made by a Ray task from the shards' refs: token batches
-    never pass through the driver and no rank receives another rank's rows."""
-    import ray
-
-    task = ray.remote(num_cpus=0, num_returns=len(parts))(rank_batches)
-    out = task.remote(parts, rows, len(shards), *shards, *(ref_logprobs or []))
+    """One object ref per rank, cut by ``actor`` (the group's rank 0) from the shards' refs:
+    token batches never pass through the driver and no other rank receives another rank's
+    rows. An actor already running does it: a Ray task would often wait seconds for a
+    fresh worker process to import torch."""
+    out = actor.split_batches.options(num_returns=len(parts)).remote(
+        parts, rows, len(shards), *shards, *(ref_logprobs or [])
+    )
     return out if len(parts) > 1 else [out]
