@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import threading
 import time
 from collections.abc import Sequence
@@ -96,11 +95,6 @@ def rss_bytes() -> int:
     """This process's resident set size now."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size so far (the kernel's high-water mark)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class PeakMemory:

@@ -99,17 +99,6 @@ class HFBackend(GenerationBackend):
         self.eos_ids = _eos_ids(self._model, tokenizer)
         self.micro_batch_size = rollout_cfg.micro_batch_size
 
-    @classmethod
-    def from_model(cls, model: Any, tokenizer: Any, micro_batch_size: int = 64) -> HFBackend:
-        """Wrap an already loaded model (tests, benchmarks)."""
-        self = cls.__new__(cls)
-        self.device = default_device()
-        self._model = model.to(self.device).eval()
-        self.tok = tokenizer
-        self.eos_ids = _eos_ids(model, tokenizer)
-        self.micro_batch_size = micro_batch_size
-        return self
-
     def named_parameters(self) -> Iterable[tuple[str, torch.Tensor]]:
         return self._model.named_parameters()
 
