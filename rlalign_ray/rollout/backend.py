@@ -70,6 +70,16 @@ class GenerationBackend(ABC):
     def finish_weight_update(self) -> None:
         """Called once every bucket of a new version is loaded (e.g. drop cached prefixes)."""
 
+    def can_share(self, dtype: torch.dtype) -> bool:
+        """Whether ``share_weights`` can take tensors of ``dtype`` in CPU memory as they are."""
+        return False
+
+    def share_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Make the policy's parameters these tensors (no copy): the shared-memory transport
+        hands a backend views of the segment the learner wrote, so a receiver copies
+        nothing. The tensors must stay unchanged until the next ``share_weights``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot share weights")
+
     def named_parameters(self) -> Iterable[tuple[str, torch.Tensor]]:
         """The policy's parameters by Hugging Face name (for tests; optional)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose its parameters")
@@ -112,6 +122,23 @@ class HFBackend(GenerationBackend):
             if dst.shape != src.shape:
                 raise ValueError(f"{name}: shape {tuple(src.shape)} != model's {tuple(dst.shape)}")
             dst.copy_(src)
+
+    def can_share(self, dtype: torch.dtype) -> bool:
+        return self.device.type == "cpu" and all(p.dtype == dtype for p in self._model.parameters())
+
+    @torch.no_grad()
+    def share_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self._model.named_parameters())
+        for name, src in weights:
+            dst = params.get(name)
+            if dst is None:
+                raise ValueError(f"weight {name!r} is not a parameter of the generator's model")
+            if dst.shape != src.shape or dst.dtype != src.dtype:
+                raise ValueError(
+                    f"{name}: {src.dtype} {tuple(src.shape)} != model's {dst.dtype} "
+                    f"{tuple(dst.shape)}"
+                )
+            dst.data = src  # tied parameters are one object: they follow
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> Generation:
         rows = [p for p in prompts for _ in range(n)]

@@ -117,6 +117,8 @@ class Generator:
     # ---- weights ----------------------------------------------------------------------
     def join_weight_sync(self, plan: SyncPlan, address: Any, rank: int) -> None:
         """Build this generator's end of the weight transport (``rank`` in the sync)."""
+        if self.transport:
+            self.transport.close()
         self.transport = make_transport(plan)
         self.transport.connect(address, rank)
 

@@ -48,6 +48,8 @@ class WeightSource:
         """Learn the buckets; rank 0 builds its transport and returns its address."""
         params = dict(self.named_weights())
         self._sync_params = [[params[n] for n in b.names] for b in plan.buckets]
+        if getattr(self, "_sync", None):
+            self._sync.close()
         self._sync = make_transport(plan) if self.rank == 0 else None
         return self._sync.open() if self._sync else None
 

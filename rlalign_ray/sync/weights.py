@@ -8,8 +8,9 @@ publish and receive running at the same time.
 
 - ``ObjectStoreTransport``: ``send`` puts the bucket's tensors, as numpy arrays, once into
   Ray's shared-memory store; receivers on a node read the same object without copying.
-- ``SharedMemoryTransport``: one shared-memory file on learner rank 0's node; ``send``
-  casts a bucket into it, every generator on that node copies from it (one copy each side).
+- ``SharedMemoryTransport``: a shared-memory segment on learner rank 0's node with two
+  slots used in turn; ``send`` casts a bucket into the next slot, and a generator on that
+  node points its parameters at the slot (HF backend: no copy) or copies from it (vLLM).
 - ``CollectiveTransport``: a process group of its own (gloo or NCCL) between learner rank 0
   and every generator, built from a TCPStore hosted by rank 0: never the default group,
   so DeepSpeed's group and whatever vLLM sets up in a generator stay untouched. Buckets
@@ -74,6 +75,9 @@ class WeightTransport(ABC):
 
     def seal(self) -> None:
         """Sender, after every receiver has connected."""
+
+    def close(self) -> None:
+        """Release what this end holds (a new sync replaces it)."""
 
     @abstractmethod
     def send(self, bucket: int, tensors: Sequence[torch.Tensor]) -> Any:
@@ -145,28 +149,63 @@ class ObjectStoreTransport(WeightTransport):
 
 
 class SharedMemoryTransport(WeightTransport):
-    """Buckets through one shared-memory file on learner rank 0's node: the sender casts each
-    bucket into it once, each generator copies it from there into its weights. One copy on
-    each side and no serialisation; every generator must run on learner rank 0's node
-    (``auto`` picks this transport on CPU only then). The file is unlinked as soon as every
-    generator has mapped it (``seal``), so nothing is left behind if a process dies.
+    """Buckets through one shared-memory segment on learner rank 0's node.
 
-    The driver's ``WeightSync`` waits for every generator to load version v before it
-    publishes v + 1, so a bucket is never rewritten while it is being read.
+    The segment holds two copies of the weights (slots), used in turn: the sender casts
+    version v into one slot while generators may still sample from the other. A backend
+    that can (the HF backend on CPU, in the segment's dtype) then simply points its
+    parameters at the new slot: no receiver copies anything, so the cost of a sync is the
+    sender's one copy, whatever the number of generators on the node. Other backends (vLLM
+    packs weights its own way) copy from the slot as it is published.
+
+    Every generator must run on learner rank 0's node (``auto`` picks this transport on CPU
+    only then). The file is unlinked as soon as it is created; receivers open it through
+    ``/proc/<sender pid>/fd/<fd>``, so nothing is left in ``/dev/shm`` even if every
+    process is killed, and a generator started later can still join.
+
+    Slot reuse is safe because the driver's ``WeightSync`` waits for every generator to
+    hold version v before it publishes v + 1 into the slot v - 1 used.
     """
 
     name = "shared_memory"
+    SLOTS = 2
 
     def __init__(self, plan: SyncPlan):
         super().__init__(plan)
         self.path: str | None = None
-        self.views: list[torch.Tensor] = []
+        self.fd: int | None = None
+        self.slots: list[list[torch.Tensor]] = []  # slot -> bucket -> flat view
+        self.slot = self.SLOTS - 1  # the slot last written
+
+    @property
+    def total(self) -> int:
+        return sum(b.numel for b in self.plan.buckets)
 
     def open(self) -> dict[str, str]:
         import uuid
 
-        self.path = os.path.join(SHM_DIR, f"rlalign-weights-{uuid.uuid4().hex}")
-        self._map().zero_()  # touch every page once
+        nbytes = self.SLOTS * self.total * self.plan.torch_dtype.itemsize
+        free = shm_free_bytes()
+        if free < nbytes:
+            raise WeightSyncError(
+                f"shared_memory weight sync needs {nbytes / 2**30:.2f} GiB in {SHM_DIR}, which "
+                f"has {free / 2**30:.2f} GiB free; enlarge it (docker: --shm-size) or use "
+                "sync.transport: object_store"
+            )
+        path = os.path.join(SHM_DIR, f"rlalign-weights-{uuid.uuid4().hex}")
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            self.path = path
+            self._map().zero_()  # touch every page once
+            proc = f"/proc/{os.getpid()}/fd/{self.fd}"
+            if os.path.exists(proc):  # Linux: unlink now, receivers open it through /proc
+                os.unlink(path)
+                self.path = proc
+        except BaseException:
+            os.close(self.fd)
+            if os.path.exists(path):
+                os.unlink(path)
+            raise
         return {"path": self.path, "node": node_id()}
 
     def connect(self, address: dict[str, str], rank: int) -> None:
@@ -185,35 +224,61 @@ class SharedMemoryTransport(WeightTransport):
             raise self._error(f"map {self.path}", e) from None
 
     def _map(self) -> torch.Tensor:
-        total = sum(b.numel for b in self.plan.buckets)
-        flat = torch.from_file(self.path, shared=True, size=total, dtype=self.plan.torch_dtype)
-        starts = [0]
-        for b in self.plan.buckets:
-            starts.append(starts[-1] + b.numel)
-        self.views = [flat[a:z] for a, z in zip(starts, starts[1:])]
+        total = self.total
+        flat = torch.from_file(
+            self.path, shared=True, size=self.SLOTS * total, dtype=self.plan.torch_dtype
+        )
+        self.slots = []
+        for k in range(self.SLOTS):
+            start, views = k * total, []
+            for b in self.plan.buckets:
+                views.append(flat[start : start + b.numel])
+                start += b.numel
+            self.slots.append(views)
         return flat
 
     def seal(self) -> None:
-        if self.path and os.path.exists(self.path):
-            os.unlink(self.path)  # the mappings stay valid
+        if self.path and not self.path.startswith("/proc/") and os.path.exists(self.path):
+            os.unlink(self.path)  # no /proc: unlink once every receiver has mapped it
 
-    def send(self, bucket: int, tensors: Sequence[torch.Tensor]) -> None:
-        flatten_into(self.views[bucket], self.plan.buckets[bucket], tensors)
+    def close(self) -> None:
+        self.slots = []
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def send(self, bucket: int, tensors: Sequence[torch.Tensor]) -> int:
+        """Write a bucket into the next slot (a new version starts with bucket 0); returns
+        the slot, which receivers read from the publish call's result."""
+        if bucket == 0:
+            self.slot = (self.slot + 1) % self.SLOTS
+        flatten_into(self.slots[self.slot][bucket], self.plan.buckets[bucket], tensors)
+        return self.slot
 
     def receive(self, handle: WeightHandle, backend: Any) -> None:
         import ray
         from ray.exceptions import GetTimeoutError
 
+        slot = handle.payload[0]
         try:  # the sender's publish call for this bucket has finished writing it
-            if handle.payload:
-                ray.get(handle.payload[0], timeout=self.plan.timeout_s)
+            if isinstance(slot, ray.ObjectRef):
+                slot = ray.get(slot, timeout=self.plan.timeout_s)
         except GetTimeoutError as e:
             raise self._error(
                 f"wait for bucket {handle.bucket} of version {handle.version}", e
             ) from None
-        self._load(
-            handle, backend, unflatten(self.views[handle.bucket], self.plan.buckets[handle.bucket])
-        )
+        views = self.slots[slot]
+        if not backend.can_share(self.plan.torch_dtype):
+            self._load(
+                handle, backend, unflatten(views[handle.bucket], self.plan.buckets[handle.bucket])
+            )
+        elif handle.is_last(self.plan):  # every bucket of the slot is written: switch to it
+            backend.share_weights(
+                (name, t)
+                for b, flat in zip(self.plan.buckets, views)
+                for name, t in zip(b.names, unflatten(flat, b))
+            )
+            backend.finish_weight_update()
 
 
 class CollectiveTransport(WeightTransport):
@@ -296,6 +361,11 @@ class CollectiveTransport(WeightTransport):
 
 
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def shm_free_bytes() -> int:
+    st = os.statvfs(SHM_DIR)
+    return st.f_bavail * st.f_frsize
 
 
 def node_id() -> str:

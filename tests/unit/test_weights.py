@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rlalign_ray.errors import WeightSyncError
+from rlalign_ray.sync import weights
 from rlalign_ray.sync.buckets import (
     SyncPlan,
     empty_buffer,
@@ -69,6 +70,19 @@ class Sink:
 
     def finish_weight_update(self):
         self.finished += 1
+
+    def can_share(self, dtype):
+        return False
+
+
+class SharingSink(Sink):
+    """A backend that takes the transport's tensors as its weights (the HF backend on CPU)."""
+
+    def can_share(self, dtype):
+        return True
+
+    def share_weights(self, weights):
+        self.weights = dict(weights)
 
 
 def _group(plan: SyncPlan, n: int):
@@ -139,21 +153,38 @@ def test_shared_memory_moves_every_bucket_and_leaves_no_file():
     params = {f"layer{i}.weight": torch.randn(16, 8 + i) for i in range(5)}
     buckets = plan_buckets([(n, p.shape) for n, p in params.items()], torch.bfloat16, 600)
     plan = SyncPlan("shared_memory", "gloo", "bfloat16", buckets, 30.0, world_size=3)
+    before = set(os.listdir(weights.SHM_DIR))
     sender = SharedMemoryTransport(plan)
     address = sender.open()
+    assert set(os.listdir(weights.SHM_DIR)) == before  # unlinked at once, opened via /proc
     receivers = [SharedMemoryTransport(plan) for _ in range(2)]
     for i, r in enumerate(receivers):
         r.connect(address, i + 1)
     sender.seal()
-    assert not os.path.exists(address["path"])  # unlinked once everyone mapped it
-    sinks = [Sink(), Sink()]
-    for version in (1, 2):
+    copying, sharing = Sink(), SharingSink()
+    held = {}
+    for version in (1, 2, 3):
         params = {n: p + 1 for n, p in params.items()}
         for b, bucket in enumerate(buckets):
-            sender.send(b, [params[n] for n in bucket.names])
-            for r, sink in zip(receivers, sinks):
-                r.receive(WeightHandle(version, b), sink)
-        for sink in sinks:
+            slot = sender.send(b, [params[n] for n in bucket.names])
+            for r, sink in zip(receivers, (copying, sharing)):
+                r.receive(WeightHandle(version, b, [slot]), sink)
+        for sink in (copying, sharing):
             assert sink.finished == version
             for name, p in params.items():
                 assert torch.equal(sink.weights[name], p.to(torch.bfloat16)), name
+        held[version] = sharing.weights
+    # the sharing receiver copied nothing: its weights are the segment's memory, and the
+    # slot of version v - 1 is untouched while v is written (samplers may still use it)
+    assert held[1]["layer0.weight"].data_ptr() == held[3]["layer0.weight"].data_ptr()
+    assert held[2]["layer0.weight"].data_ptr() != held[3]["layer0.weight"].data_ptr()
+    assert torch.equal(held[2]["layer0.weight"], (params["layer0.weight"] - 1).bfloat16())
+    sender.close()
+
+
+def test_shared_memory_refuses_a_segment_larger_than_dev_shm(monkeypatch):
+    (bucket,) = plan_buckets([("w", (1024, 1024))], torch.float32, 1 << 30)
+    plan = SyncPlan("shared_memory", "gloo", "float32", (bucket,), 30.0, world_size=2)
+    monkeypatch.setattr(weights, "shm_free_bytes", lambda: 2**20)
+    with pytest.raises(WeightSyncError, match="needs 0.01 GiB.*--shm-size.*object_store"):
+        SharedMemoryTransport(plan).open()
