@@ -116,12 +116,7 @@ class HFBackend(GenerationBackend):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self._model.named_parameters())
         for name, src in weights:
-            dst = params.get(name)
-            if dst is None:
-                raise ValueError(f"weight {name!r} is not a parameter of the generator's model")
-            if dst.shape != src.shape:
-                raise ValueError(f"{name}: shape {tuple(src.shape)} != model's {tuple(dst.shape)}")
-            dst.copy_(src)
+            _target(params, name, src).copy_(src)
 
     def can_share(self, dtype: torch.dtype) -> bool:
         return self.device.type == "cpu" and all(p.dtype == dtype for p in self._model.parameters())
@@ -130,15 +125,9 @@ class HFBackend(GenerationBackend):
     def share_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         params = dict(self._model.named_parameters())
         for name, src in weights:
-            dst = params.get(name)
-            if dst is None:
-                raise ValueError(f"weight {name!r} is not a parameter of the generator's model")
-            if dst.shape != src.shape or dst.dtype != src.dtype:
-                raise ValueError(
-                    f"{name}: {src.dtype} {tuple(src.shape)} != model's {dst.dtype} "
-                    f"{tuple(dst.shape)}"
-                )
-            dst.data = src  # tied parameters are one object: they follow
+            if src.dtype != self._model.dtype:
+                raise ValueError(f"{name}: {src.dtype} != the model's {self._model.dtype}")
+            _target(params, name, src).data = src  # tied parameters are one object: they follow
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> Generation:
         rows = [p for p in prompts for _ in range(n)]
@@ -223,6 +212,15 @@ def truncate(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         scores = scores.masked_fill(drop, float("-inf"))
     return scores
+
+
+def _target(params: dict[str, torch.Tensor], name: str, src: torch.Tensor) -> torch.Tensor:
+    dst = params.get(name)
+    if dst is None:
+        raise ValueError(f"weight {name!r} is not a parameter of the generator's model")
+    if dst.shape != src.shape:
+        raise ValueError(f"{name}: shape {tuple(src.shape)} != model's {tuple(dst.shape)}")
+    return dst
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
