@@ -150,6 +150,10 @@ class RolloutConfig:
     placement: Placement = doc(Placement(), "where the generators go")
     actor_class: str | None = doc(None, "module:Class to run instead of the built-in generator")
     micro_batch_size: int = doc(64, "sequences per generate() call inside one actor")
+    chunk_size: int = doc(
+        0,
+        "prompts per unit of work idle generators pull (0: one static chunk per generator)",
+    )
 
 
 @dataclass
@@ -215,8 +219,10 @@ class AlgorithmConfig:
     use_behaviour_logprobs: bool = doc(
         False, "use the generator's log-probs as old log-probs instead of a learner pass"
     )
-    behaviour_is_cap: float = doc(
-        0.0, "truncated importance weight pi_learner/pi_generator per token, capped (0: off)"
+    behaviour_is_cap: float | None = doc(
+        None,
+        "truncated importance weight pi_learner/pi_generator per token, capped (0: off; "
+        "null: off when trainer.max_staleness is 0, else 2.0)",
     )
 
 
@@ -284,6 +290,11 @@ class TrainerConfig:
     output_dir: str = doc("runs/demo", "metrics.jsonl, TensorBoard logs, checkpoints, final/")
     tensorboard: bool = doc(True, "write TensorBoard logs")
     progress_bar: bool = doc(True, "show a progress bar")
+    max_staleness: int = doc(
+        0,
+        "pipelining: generation runs up to this many weight versions ahead of the learner "
+        "(0: synchronous)",
+    )
 
 
 @dataclass
@@ -314,6 +325,13 @@ class Config:
     def generator_dtype(self) -> str:
         """The dtype generators hold (and weights travel in)."""
         return self.rollout.dtype or self.model.dtype
+
+    @property
+    def behaviour_is_cap(self) -> float:
+        """``algorithm.behaviour_is_cap`` resolved: pipelined training corrects for stale
+        samples (AReaL's decoupled objective) unless told otherwise."""
+        cap = self.algorithm.behaviour_is_cap
+        return cap if cap is not None else (2.0 if self.trainer.max_staleness > 0 else 0.0)
 
     @property
     def needs_reference(self) -> bool:
@@ -500,6 +518,22 @@ def validate(cfg: Config) -> list[str]:
     _positive(e, "learner.micro_batch_size", lr.micro_batch_size)
     _positive(e, "learner.update_epochs", lr.update_epochs)
     _positive(e, "trainer.steps", t.steps, allow_zero=True)
+    _positive(e, "trainer.max_staleness", t.max_staleness, allow_zero=True)
+    _positive(e, "rollout.chunk_size", r.chunk_size, allow_zero=True)
+    if t.max_staleness > 0:
+        if a.use_behaviour_logprobs:
+            e.append(
+                "algorithm.use_behaviour_logprobs: pipelined training (trainer.max_staleness > "
+                "0) needs the learner's own old log-probs to correct for stale samples; set "
+                "it to false"
+            )
+        if r.enable_sleep_mode:
+            e.append(
+                "rollout.enable_sleep_mode: generators cannot sleep while the learner trains "
+                "in pipelined training (trainer.max_staleness > 0); turn one of them off"
+            )
+    if a.behaviour_is_cap is not None and a.behaviour_is_cap < 0:
+        e.append(f"algorithm.behaviour_is_cap: must be >= 0 (0: off), got {a.behaviour_is_cap}")
     if r.temperature <= 0:
         e.append(
             "rollout.temperature: must be > 0 for sampling (use eval_temperature=0 for greedy)"

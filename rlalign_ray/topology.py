@@ -23,7 +23,6 @@ from typing import Any
 
 from rlalign_ray.config import Config, Placement, Resources
 from rlalign_ray.errors import ConfigError
-from rlalign_ray.runtime.pools import RoleSpec
 
 DEEPSPEED_ROLES = ("learner", "critic")  # roles whose actors form a process group
 
@@ -102,25 +101,33 @@ class Topology:
         if e:
             raise ConfigError(e)
 
-    def role_specs(self, cfg: Config) -> list[RoleSpec]:
-        specs = []
-        for role, pool in self.pools.items():
-            cls = resolve_class(pool.cls) if pool.cls is not None else BUILTIN_CLASSES[role]
-            args = _constructor_args(role, cfg, pool.num_actors)
-            specs.append(RoleSpec(role, cls, pool.num_actors, pool.resources, args, pool.placement))
-        return specs
+    def build_pools(self, cfg: Config) -> dict[str, Any]:
+        """An unstarted pool (``rlalign_ray.pools``) per role, as this topology places it."""
+        from rlalign_ray.pools import (
+            CriticGroup,
+            GeneratorPool,
+            LearnerGroup,
+            ReferencePool,
+            RewardPool,
+        )
 
-
-def _constructor_args(role: str, cfg: Config, n: int):
-    """Per-actor constructor arguments: the built-in class's signature for the role."""
-    r = cfg.rollout
-    return {
-        "generator": lambda i: (cfg.model, r, cfg.run.seed, i, cfg.data.max_prompt_tokens),
-        "reward": lambda i: (cfg.reward,),
-        "reference": lambda i: (cfg.model, cfg.reference, r.temperature),
-        "learner": lambda i: (cfg, i, n),
-        "critic": lambda i: (cfg, i, n),
-    }[role]
+        kinds = {
+            "generator": GeneratorPool,
+            "reward": RewardPool,
+            "reference": ReferencePool,
+            "learner": LearnerGroup,
+            "critic": CriticGroup,
+        }
+        return {
+            role: kinds[role](
+                cfg,
+                pool.num_actors,
+                pool.resources,
+                pool.placement,
+                pool.cls if pool.cls is not None else BUILTIN_CLASSES[role],
+            )
+            for role, pool in self.pools.items()
+        }
 
 
 def resolve_class(cls: type | str) -> type:
@@ -152,7 +159,3 @@ def _builtin_classes() -> dict[str, type]:
 
 
 BUILTIN_CLASSES = _builtin_classes()
-
-
-def cpus_needed(specs: list[RoleSpec]) -> float:
-    return sum(s.num_actors * s.resources.num_cpus for s in specs)

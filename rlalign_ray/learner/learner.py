@@ -81,7 +81,7 @@ class Learner(DeepSpeedRank, WeightSource):
         """Advantages times truncated importance weights min(pi_learner / pi_generator, cap)
         per token, which correct for a generator that differs numerically from the learner
         (unchanged when off)."""
-        cap = self.cfg.algorithm.behaviour_is_cap
+        cap = self.cfg.behaviour_is_cap
         if cap <= 0 or self.cfg.algorithm.use_behaviour_logprobs:
             return adv
         w = torch.exp((old - batch.logprobs).clamp(-20, 20)).clamp(max=cap)

@@ -24,6 +24,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     ignore_eos: bool = False  # sample max_new_tokens whatever is emitted (benchmarks)
+    seed: int | None = None  # sample from this seed (None: the backend's own random stream)
 
 
 @dataclass
@@ -132,6 +133,8 @@ class HFBackend(GenerationBackend):
     def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> Generation:
         rows = [p for p in prompts for _ in range(n)]
         mb = self.micro_batch_size
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
         return Generation.concat(
             [self._sample(rows[k : k + mb], params) for k in range(0, len(rows), mb)],
             self.tok.pad_token_id,

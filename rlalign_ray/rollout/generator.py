@@ -67,10 +67,13 @@ class Generator:
         n_samples: int,
         greedy: bool = False,
         expected_version: int | None = None,
+        seed: int | None = None,
     ) -> RolloutBatch:
         """``n_samples`` responses per prompt, samples of one prompt adjacent.
 
-        With ``expected_version`` (synchronous training), refuses to sample with other weights.
+        With ``expected_version``, refuses to sample with other weights. With ``seed``, the
+        samples depend only on it (not on what this actor sampled before), so a chunk gives
+        the same samples whichever actor runs it.
         """
         if expected_version is not None and expected_version != self.version:
             raise StaleWeightsError(
@@ -84,12 +87,35 @@ class Generator:
             top_p=c.top_p,
             top_k=c.top_k,
             ignore_eos=c.ignore_eos,
+            seed=seed,
         )
         texts = [self.render(it.prompt) for it in items]
         encoded = [self.encode(t) for t in texts]
         rows = [(i, s) for i in range(len(items)) for s in range(n_samples)]
         gen = self.backend.generate(encoded, params, n_samples)
         return self._assemble(items, texts, encoded, rows, gen)
+
+    def generate_chunk(
+        self,
+        items: list[PromptItem],
+        n_samples: int,
+        greedy: bool = False,
+        expected_version: int | None = None,
+        seed: int | None = None,
+    ) -> tuple[RolloutBatch, dict[str, Any]]:
+        """``generate``, plus a small summary the driver reads without fetching the batch
+        (``GeneratorPool`` calls this with ``num_returns=2``)."""
+        import time
+
+        t0 = time.perf_counter()
+        batch = self.generate(items, n_samples, greedy, expected_version, seed)
+        info = {
+            "version": batch.version,
+            "rows": len(batch),
+            "tokens": int(batch.response_len.sum()),
+            "seconds": time.perf_counter() - t0,
+        }
+        return batch, info
 
     def _assemble(self, items, texts, encoded, rows, gen) -> RolloutBatch:
         pad = self.tok.pad_token_id

@@ -90,6 +90,10 @@ class VLLMBackend(GenerationBackend):
             logprobs=0,  # the sampled token's log-prob only
             detokenize=False,
         )
+        if params.seed is not None:  # one seeded request per prompt
+            sampling = [sampling.clone() for _ in prompts]
+            for i, sp in enumerate(sampling):
+                sp.seed = params.seed + i
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts], sampling, use_tqdm=False
         )

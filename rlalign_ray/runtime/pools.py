@@ -184,6 +184,41 @@ def lost_roles(pools: dict[str, RolePool], timeout_s: float = 10.0) -> str:
     return text
 
 
+class Future:
+    """Calls in flight (their refs) and how to turn their results into one value.
+
+    ``finish`` maps the refs' values to the result; ``fetch`` replaces the plain wait on
+    the refs (for callers that label each ref in their errors)."""
+
+    def __init__(
+        self,
+        refs: Sequence[Any],
+        what: str,
+        finish: Callable[[Any], Any] | None = None,
+        fetch: Callable[[], Any] | None = None,
+    ):
+        self.refs, self.what = list(refs), what
+        self._finish = finish or (lambda values: values)
+        self._fetch = fetch
+        self._value: Any = None
+        self._done = False
+
+    def ready(self) -> bool:
+        import ray
+
+        if not self.refs:
+            return True
+        done, _ = ray.wait(self.refs, num_returns=len(self.refs), timeout=0)
+        return len(done) == len(self.refs)
+
+    def result(self, timeout_s: float | None = None) -> Any:
+        if not self._done:
+            values = self._fetch() if self._fetch else get(self.refs, self.what, timeout_s)
+            self._value = self._finish(values)
+            self._done = True
+        return self._value
+
+
 def get(refs: Any, what: str, timeout_s: float | None = None) -> Any:
     """``ray.get`` that turns actor deaths, task errors and time-outs into one clear error."""
     import ray

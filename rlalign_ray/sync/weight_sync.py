@@ -1,8 +1,10 @@
 """Driving a weight sync: ``WeightSync`` on the driver, ``WeightSource`` on the learner.
 
-    sync = WeightSync(cfg.sync, cfg.generator_dtype, learner_actors, generator_actors)
-    sync.setup()          # once, after the actors start: plan buckets, join the transport
-    sync.sync(version)    # every bucket to every generator; returns the bytes sent
+    sync = WeightSync(cfg.sync, cfg.generator_dtype, learner_group, generator_pool)
+    sync.setup()              # once, after the actors start: plan buckets, join the transport
+    sync.sync(version)        # every bucket to every generator; returns the bytes sent
+    fut = sync.start(version) # the same without waiting: generators busy with a chunk load
+    fut.result()              # the version once they are done (pipelined training)
 
 Each version travels bucket by bucket: the driver queues, for every bucket, a publish call
 on every learner rank and a load call on every generator, without waiting in between, so
@@ -12,6 +14,7 @@ the full weights: a generator that missed versions holds the new one afterwards.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +23,7 @@ import torch
 
 from rlalign_ray.config import SyncConfig
 from rlalign_ray.errors import WeightSyncError
+from rlalign_ray.runtime.pools import Future
 from rlalign_ray.sync.buckets import SyncPlan, plan_buckets
 from rlalign_ray.sync.weights import WeightHandle, make_transport
 
@@ -72,9 +76,14 @@ class WeightSource:
 class WeightSync:
     """Moves the learner's weights to every generator, one version at a time.
 
-    ``sources``: actors mixing in ``WeightSource`` (the learner's ranks, rank 0 first).
-    ``generators``: actors with ``join_weight_sync`` and ``load_weights`` (``Generator``).
+    ``sources``: a ``LearnerGroup`` or actors mixing in ``WeightSource`` (rank 0 first).
+    ``generators``: a ``GeneratorPool`` or actors with ``join_weight_sync`` and
+    ``load_weights`` (``Generator``). A pool's per-actor ``versions`` are advanced as the
+    loads are queued: every call queued to a generator after them sees the new weights.
     ``on_gpu``: learner and generators hold their weights on GPUs (``auto`` picks NCCL).
+
+    Versions go out one at a time: ``start(v + 1)`` first waits until every generator holds
+    v (the shared-memory transport reuses v - 1's slot for v + 1).
     """
 
     def __init__(
@@ -86,21 +95,32 @@ class WeightSync:
         on_gpu: bool = False,
     ):
         self.cfg, self.dtype, self.on_gpu = cfg, dtype, on_gpu
-        self.sources, self.generators = list(sources), list(generators)
+        self._sources, self._generators = sources, generators
         self.plan: SyncPlan | None = None
+        self.pending: Future | None = None
+
+    @property
+    def sources(self) -> list[Any]:
+        return list(getattr(self._sources, "actors", self._sources))
+
+    @property
+    def generators(self) -> list[Any]:
+        return list(getattr(self._generators, "actors", self._generators))
 
     def setup(self) -> SyncPlan:
         """Plan the buckets from the learner's parameters and join every actor to the
         transport (for the collective one: a group rendezvous at learner rank 0)."""
         c = self.cfg
         layout = self._wait({self.sources[0].weight_layout.remote(): "learner rank 0"}, "layout")
-        transport = c.transport if c.transport != "auto" else self._auto_transport()
+        dtype = getattr(torch, self.dtype)
+        nbytes = sum(math.prod(shape) for _, shape in layout[0]) * dtype.itemsize
+        transport = c.transport if c.transport != "auto" else self._auto_transport(nbytes)
         backend = c.backend if c.backend != "auto" else ("nccl" if self.on_gpu else "gloo")
         self.plan = SyncPlan(
             transport=transport,
             backend=backend,
             dtype=self.dtype,
-            buckets=plan_buckets(layout[0], getattr(torch, self.dtype), int(c.bucket_mb * 2**20)),
+            buckets=plan_buckets(layout[0], dtype, int(c.bucket_mb * 2**20)),
             timeout_s=c.timeout_s,
             world_size=1 + len(self.generators),
         )
@@ -116,25 +136,38 @@ class WeightSync:
         self._wait(self._labelled("seal_weight_sync"), "set-up")
         return self.plan
 
-    def _auto_transport(self) -> str:
+    def _auto_transport(self, nbytes: int) -> str:
         """On GPUs NCCL moves buckets device to device. On CPU, with every generator on learner
-        rank 0's node, shared memory: one copy on each side, no serialisation (bench weights,
-        100M params fp32, 2 cores: see the README); across CPU nodes the object store, which
-        moves a bucket once per node (gloo broadcasts over TCP to each receiver)."""
+        rank 0's node and room in its /dev/shm, shared memory: the learner's one copy and no
+        serialisation, HF generators copy nothing (bench weights, 100M params fp32, 2 cores:
+        see the README); across CPU nodes the object store, which moves a bucket once per
+        node (gloo broadcasts over TCP to each receiver)."""
         if self.on_gpu:
             return "collective"
         import ray
+
+        from rlalign_ray.sync.weights import SharedMemoryTransport, shm_free_bytes
 
         def node(actor: Any) -> Any:
             return actor.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id())
 
         nodes = ray.get([node(a) for a in [self.sources[0], *self.generators]])
-        return "shared_memory" if len(set(nodes)) == 1 else "object_store"
+        free = ray.get(self.sources[0].__ray_call__.remote(lambda _: shm_free_bytes()))
+        room = free > 1.2 * SharedMemoryTransport.SLOTS * nbytes
+        return "shared_memory" if len(set(nodes)) == 1 and room else "object_store"
 
     def sync(self, version: int) -> int:
-        """Send ``version`` to every generator; each reports the version it now holds."""
+        """Send ``version`` to every generator and wait; returns the bytes sent."""
+        return self.start(version).result()
+
+    def start(self, version: int) -> Future:
+        """Queue every bucket's publish (learner ranks) and load (each generator) without
+        waiting; the Future's result is the bytes sent, once every generator reports
+        ``version``. A generator busy sampling loads after its current call."""
         if self.plan is None:
             raise WeightSyncError("WeightSync.sync called before setup()")
+        if self.pending is not None:
+            self.pending.result()
         calls: dict[Any, str] = {}
         for b in range(len(self.plan.buckets)):
             sent = self._labelled("publish_weights", b)
@@ -145,16 +178,25 @@ class WeightSync:
             }
             calls.update(sent)
             calls.update(loads)
-        self._wait(calls, f"version {version}")
-        import ray
+        if hasattr(self._generators, "versions"):
+            self._generators.versions = [version] * len(self.generators)
+        deadline = time.monotonic() + self.cfg.timeout_s
 
-        versions = ray.get(list(loads))
-        if any(v != version for v in versions):
-            raise WeightSyncError(
-                f"{self.plan.transport} weight sync: generators report versions {versions}, "
-                f"expected {version}; refusing to sample with stale weights"
-            )
-        return self.plan.num_bytes
+        def fetch() -> list[Any]:
+            self.pending = None
+            return self._wait(calls, f"version {version}", deadline)
+
+        def finish(values: list[Any]) -> int:
+            versions = values[-len(loads) :]
+            if any(v != version for v in versions):
+                raise WeightSyncError(
+                    f"{self.plan.transport} weight sync: generators report versions "
+                    f"{versions}, expected {version}; refusing to sample with stale weights"
+                )
+            return self.plan.num_bytes
+
+        self.pending = Future(list(calls), f"weight sync {version}", finish, fetch)
+        return self.pending
 
     def _labelled(self, method: str, *args: Any) -> dict[Any, str]:
         return {
@@ -162,7 +204,7 @@ class WeightSync:
             for r, s in enumerate(self.sources)
         }
 
-    def _wait(self, calls: dict[Any, str], what: str) -> list[Any]:
+    def _wait(self, calls: dict[Any, str], what: str, deadline: float | None = None) -> list[Any]:
         """Wait for every call within ``sync.timeout_s``; the first failure (or the actors
         still busy at the deadline) ends the sync with an error naming them."""
         import ray
@@ -170,7 +212,7 @@ class WeightSync:
         from rlalign_ray.runtime.pools import get
 
         name = f"{self.plan.transport} weight sync" if self.plan else "weight sync"
-        deadline = time.monotonic() + self.cfg.timeout_s
+        deadline = deadline or time.monotonic() + self.cfg.timeout_s
         pending = list(calls)
         while pending:
             done, pending = ray.wait(

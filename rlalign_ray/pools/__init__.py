@@ -1,0 +1,31 @@
+"""The public pool API: one pool per role, each owning its actors and returning refs or
+``Future``s. Trainers (``rlalign_ray.trainers``) and users' own loops are built on it.
+
+    from rlalign_ray.pools import (GeneratorPool, RewardPool, ReferencePool, LearnerGroup,
+                                   CriticGroup, WeightSync, Experience, launch)
+
+See ``launch/examples/custom_loop.py`` for a complete loop.
+"""
+
+from rlalign_ray.pools.base import ActorPool, Future, launch, start, stop
+from rlalign_ray.pools.generator import Chunk, GeneratorPool
+from rlalign_ray.pools.learner import CriticGroup, Experience, LearnerGroup
+from rlalign_ray.pools.reference import ReferencePool
+from rlalign_ray.pools.reward import RewardPool
+from rlalign_ray.sync.weight_sync import WeightSync
+
+__all__ = [
+    "ActorPool",
+    "Chunk",
+    "CriticGroup",
+    "Experience",
+    "Future",
+    "GeneratorPool",
+    "LearnerGroup",
+    "ReferencePool",
+    "RewardPool",
+    "WeightSync",
+    "launch",
+    "start",
+    "stop",
+]

@@ -1,0 +1,122 @@
+"""What every pool shares: its actors, their placement, and futures over their calls.
+
+A pool owns a set of actors of one class (its role): it builds their placement, starts
+them, and turns each method call into refs or a ``Future``. Pools are created unstarted;
+``launch`` places any number of them together (so that one can be colocated with
+another) and starts them:
+
+    gen = GeneratorPool(cfg)
+    judge = RewardPool(cfg, name="judge", cls=MyJudge, resources=Resources(num_cpus=2))
+    with launch(cfg.run, gen, judge, learner := LearnerGroup(cfg)):
+        ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+from rlalign_ray.config import Placement, Resources, RunConfig
+from rlalign_ray.runtime.pools import Future, RoleSpec, get  # noqa: F401 (part of the API)
+
+
+class ActorPool:
+    """``num_actors`` actors of ``cls``, constructed with ``args(i)``, each in a bundle of
+    ``resources`` placed by ``placement`` (``colocate_with``: another pool's name)."""
+
+    role = "actors"
+
+    def __init__(
+        self,
+        cls: type,
+        args: Callable[[int], tuple],
+        num_actors: int,
+        resources: Resources | None = None,
+        placement: Placement | None = None,
+        name: str | None = None,
+        timeout_s: float = 1800.0,
+    ):
+        self.name = name or self.role
+        self.spec = RoleSpec(
+            self.name,
+            cls,
+            num_actors,
+            replace(resources) if resources else Resources(),
+            args,
+            replace(placement) if placement else Placement(),
+        )
+        self.timeout_s = timeout_s
+        self.actors: list[Any] = []
+        self.placement_group: Any = None  # its own group (None when colocated)
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.spec.num_actors} x {self.spec.cls.__name__})"
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        """``method(*args)`` on every actor; returns the refs."""
+        return [getattr(a, method).remote(*args) for a in self.actors]
+
+    def gather(self, method: str, *args: Any) -> list[Any]:
+        """``method(*args)`` on every actor, waited for (errors name the pool)."""
+        return get(self.call(method, *args), f"{self.name} {method}", self.timeout_s)
+
+    def started(self) -> None:
+        """Called by ``launch`` once every actor of every pool exists (a group's rendezvous
+        happens here); by default waits until every actor answers."""
+        self.gather("ping")
+
+
+def start(pools: Sequence[ActorPool], placement_timeout_s: float) -> None:
+    """Place every pool (colocated ones share their host's bundles), start the actors, and
+    call each pool's ``started``."""
+    from rlalign_ray.runtime.pools import start_pools
+
+    names = [p.name for p in pools]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        from rlalign_ray.errors import ConfigError
+
+        raise ConfigError([f"pools: names {sorted(dup)} are used twice; give each a name="])
+    started = start_pools([p.spec for p in pools], placement_timeout_s)
+    for p in pools:
+        p.actors = started[p.name].actors
+        p.placement_group = started[p.name].placement_group
+    for p in pools:
+        p.started()
+
+
+def stop(pools: Sequence[ActorPool]) -> None:
+    """Kill every pool's actors and remove their placement groups."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    for pool in pools:
+        for actor in pool.actors:
+            ray.kill(actor, no_restart=True)
+        if pool.placement_group is not None:
+            remove_placement_group(pool.placement_group)
+        pool.actors, pool.placement_group = [], None
+
+
+@contextmanager
+def launch(run: RunConfig, *pools: ActorPool):
+    """Connect to Ray (``run.ray_address``, ``RAY_ADDRESS``, or an embedded local
+    instance), start ``pools`` together, and stop them (and an embedded Ray) on exit."""
+    import ray
+
+    from rlalign_ray.runtime.cluster import connect
+
+    cpus = sum(p.spec.num_actors * p.spec.resources.num_cpus for p in pools)
+    started_ray = connect(run, cpus)
+    try:
+        start(pools, run.placement_timeout_s)
+        yield pools
+    finally:
+        stop(pools)
+        if started_ray:
+            ray.shutdown()

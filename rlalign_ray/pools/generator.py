@@ -1,0 +1,252 @@
+"""The generator pool: prompts in, streams of sampled chunks out, pulled by idle actors.
+
+    chunks = gen.chunks(prompts, n=8, step=3, chunk_size=4)   # small units of work
+    gen.submit(chunks)                                          # queued; idle actors pull
+    for chunk in gen.as_completed(chunks):                      # as each one lands
+        scores.append(rewards.score(chunk.ref))
+
+A chunk is a few prompts sampled by one actor call. With ``chunk_size=0`` the prompts are
+cut into one chunk per actor, each pinned to its actor (a static split). Otherwise each
+actor runs at most ``max_inflight`` chunks at a time and an actor that finishes pulls the
+next queued chunk, so a slow chunk holds up only its own actor; pulled chunks carry a seed
+of their own, so their samples do not depend on which actor ran them.
+
+The pool knows, for every actor, the weight version it will hold when the next call
+queued to it runs (``WeightSync`` queues the loads), so every chunk records the version
+that sampled it; the actor reports it too and the two must agree.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlalign_ray.config import Config, Placement, Resources
+from rlalign_ray.data.batch import PromptItem
+from rlalign_ray.errors import ActorFailure
+from rlalign_ray.pools.base import ActorPool, Future
+from rlalign_ray.runtime.pools import get
+
+
+@dataclass
+class Chunk:
+    """Prompts sampled together by one generator call."""
+
+    id: int
+    items: list[PromptItem]
+    n: int  # samples per prompt
+    greedy: bool = False
+    step: int = 0  # the training step it is for (0: evaluation, or a user's own use)
+    seed: int | None = None  # sampling seed (None: the actor's own random stream)
+    pinned: int | None = None  # the actor it must run on (static split)
+    actor: int | None = None  # the actor that ran it
+    ref: Any = None  # ObjectRef of its RolloutBatch
+    info_ref: Any = None  # ObjectRef of the small summary the actor returns with it
+    version: int = -1  # weight version that sampled it
+    submitted_s: float = 0.0
+    finished_s: float = 0.0
+    done: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # a caller's own bookkeeping
+
+    @property
+    def rows(self) -> int:
+        return len(self.items) * self.n
+
+
+class GeneratorPool(ActorPool):
+    """Generator actors (``rollout/generator.py``'s ``Generator`` by default)."""
+
+    role = "generator"
+
+    def __init__(
+        self,
+        cfg: Config,
+        num_actors: int | None = None,
+        resources: Resources | None = None,
+        placement: Placement | None = None,
+        cls: type | str | None = None,
+        name: str | None = None,
+        max_inflight: int = 1,
+    ):
+        from rlalign_ray.topology import BUILTIN_CLASSES, resolve_class
+
+        r = cfg.rollout
+        super().__init__(
+            resolve_class(cls or r.actor_class or BUILTIN_CLASSES["generator"]),
+            lambda i: (cfg.model, r, cfg.run.seed, i, cfg.data.max_prompt_tokens),
+            num_actors or r.num_actors,
+            resources or r.resources,
+            placement or r.placement,
+            name,
+            cfg.run.call_timeout_s,
+        )
+        self.cfg = cfg
+        self.max_inflight = max_inflight
+        self.versions: list[int] = []  # per actor: the version its next queued call sees
+        self.queue: deque[Chunk] = deque()
+        self.inflight: dict[Any, Chunk] = {}  # info ref -> chunk
+        self.load: list[int] = []  # chunks in flight per actor
+        self.idle_s: list[float] = []  # per actor: seconds with nothing in flight
+        self._idle_since: list[float | None] = []
+        self._next_id = 0
+
+    def started(self) -> None:
+        super().started()
+        n = len(self.actors)
+        self.versions, self.load = [0] * n, [0] * n
+        self.idle_s, self._idle_since = [0.0] * n, [time.perf_counter()] * n
+
+    # ---- work -------------------------------------------------------------------------
+    def chunks(
+        self,
+        items: Sequence[PromptItem],
+        n: int,
+        greedy: bool = False,
+        step: int = 0,
+        chunk_size: int = 0,
+        seed: int | None = None,
+    ) -> list[Chunk]:
+        """Cut ``items`` into chunks: ``chunk_size`` prompts each (pulled by idle actors,
+        seeded from ``seed``), or with 0 one contiguous chunk per actor, pinned to it."""
+        items = list(items)
+        if chunk_size <= 0:
+            parts = [(i, p) for i, p in enumerate(split(items, len(self.actors))) if p]
+        else:
+            parts = [(None, items[k : k + chunk_size]) for k in range(0, len(items), chunk_size)]
+        out = []
+        for j, (pinned, part) in enumerate(parts):
+            chunk_seed = None if pinned is not None or seed is None else seed * 100_003 + j
+            out.append(Chunk(self._next_id, part, n, greedy, step, chunk_seed, pinned))
+            self._next_id += 1
+        return out
+
+    def submit(self, chunks: Sequence[Chunk], front: bool = False) -> list[Chunk]:
+        """Queue chunks (``front``: before those already waiting) and start what idle actors
+        can take."""
+        if front:
+            self.queue.extendleft(reversed(list(chunks)))
+        else:
+            self.queue.extend(chunks)
+        self._dispatch()
+        return list(chunks)
+
+    def _dispatch(self) -> None:
+        waiting = deque()
+        while self.queue:
+            chunk = self.queue.popleft()
+            actor = self._free_actor(chunk.pinned)
+            if actor is None:
+                waiting.append(chunk)
+                if chunk.pinned is None:  # nobody is free: later chunks wait too
+                    break
+                continue
+            self._start(chunk, actor)
+        waiting.extend(self.queue)
+        self.queue = waiting
+
+    def _free_actor(self, pinned: int | None) -> int | None:
+        if pinned is not None:
+            return pinned if self.load[pinned] < self.max_inflight else None
+        best = min(range(len(self.actors)), key=lambda i: self.load[i])
+        return best if self.load[best] < self.max_inflight else None
+
+    def _start(self, chunk: Chunk, actor: int) -> None:
+        strict = None if chunk.greedy else self.versions[actor]
+        chunk.actor, chunk.version = actor, self.versions[actor]
+        chunk.ref, chunk.info_ref = (
+            self.actors[actor]
+            .generate_chunk.options(num_returns=2)
+            .remote(chunk.items, chunk.n, chunk.greedy, strict, chunk.seed)
+        )
+        chunk.submitted_s = time.perf_counter()
+        self.inflight[chunk.info_ref] = chunk
+        if self.load[actor] == 0 and self._idle_since[actor] is not None:
+            self.idle_s[actor] += chunk.submitted_s - self._idle_since[actor]
+            self._idle_since[actor] = None
+        self.load[actor] += 1
+
+    def poll(self, timeout_s: float = 0.0, also: Sequence[Any] = ()) -> list[Chunk]:
+        """Chunks that finished, waiting up to ``timeout_s`` for the first (or for one of
+        the refs in ``also`` to be ready); their actors pull queued chunks at once."""
+        import ray
+
+        pending = list(self.inflight) + list(also)
+        if not pending:
+            return []
+        ready, _ = ray.wait(pending, num_returns=1, timeout=timeout_s)
+        if ready:  # take every other one already finished too
+            ready, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0)
+        finished = [self.inflight.pop(r) for r in ready if r in self.inflight]
+        if not finished:
+            return []
+        infos = get([c.info_ref for c in finished], f"{self.name} generate", self.timeout_s)
+        now = time.perf_counter()
+        for chunk, info in zip(finished, infos):
+            if not chunk.greedy and info["version"] != chunk.version:
+                raise ActorFailure(
+                    f"{self.name} {chunk.actor} sampled chunk {chunk.id} with weight version "
+                    f"{info['version']}, the pool expected {chunk.version}"
+                )
+            chunk.done, chunk.finished_s = True, now
+            chunk.extra["info"] = info
+            self.load[chunk.actor] -= 1
+            if self.load[chunk.actor] == 0:
+                self._idle_since[chunk.actor] = now
+        self._dispatch()
+        return finished
+
+    def as_completed(self, chunks: Sequence[Chunk]) -> Iterator[Chunk]:
+        """Yield ``chunks`` as they finish (submitting them first if they are not queued)."""
+        if any(c.info_ref is None and c not in self.queue for c in chunks):
+            self.submit([c for c in chunks if c.info_ref is None and c not in self.queue])
+        wanted = {c.id for c in chunks if not c.done}
+        for c in chunks:
+            if c.done:
+                yield c
+        deadline = time.monotonic() + self.timeout_s
+        while wanted:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ActorFailure(
+                    f"{self.name}: {len(wanted)} chunks did not finish within "
+                    f"{self.timeout_s:g}s (run.call_timeout_s)"
+                )
+            for c in self.poll(min(left, 1.0)):
+                if c.id in wanted:
+                    wanted.discard(c.id)
+                    yield c
+
+    def generate(self, items: Sequence[PromptItem], n: int, greedy: bool = False) -> list[Any]:
+        """Sample ``items`` now (one chunk per actor); returns the batches' refs in order."""
+        chunks = self.submit(self.chunks(items, n, greedy))
+        list(self.as_completed(chunks))
+        return [c.ref for c in chunks]
+
+    def idle_seconds(self) -> float:
+        """Seconds actors spent with nothing to do so far, summed over actors."""
+        now = time.perf_counter()
+        return sum(
+            s + (now - t if t is not None else 0.0) for s, t in zip(self.idle_s, self._idle_since)
+        )
+
+    # ---- weights and memory -------------------------------------------------------------
+    def sleep(self, asleep: bool) -> None:
+        """vLLM with ``rollout.enable_sleep_mode``: free (or take back) the engines' GPU memory."""
+        self.gather("sleep" if asleep else "wake_up")
+
+
+def split(items: list[Any], n: int) -> list[list[Any]]:
+    """n contiguous, nearly equal parts (the first ones one longer)."""
+    k, extra = divmod(len(items), n)
+    out, start = [], 0
+    for i in range(n):
+        end = start + k + (1 if i < extra else 0)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+__all__ = ["Chunk", "Future", "GeneratorPool", "split"]

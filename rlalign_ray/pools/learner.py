@@ -1,0 +1,158 @@
+"""The learner and critic groups: DeepSpeed data-parallel ranks, one actor each.
+
+    exp = Experience(shards, None, scores, ref_logprobs)     # refs of the step's batches
+    fut = learner.update(exp, advantages, kl_coef, step)     # a Future of the metrics
+    ...                                                      # generate meanwhile
+    metrics = fut.result()
+
+Each rank receives only its rows (one object per rank, cut from the shards' refs by rank
+0 of the group), and outcome advantages travel as one value per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rlalign_ray.config import Config, Placement, Resources
+from rlalign_ray.data.batch import ScoredShard
+from rlalign_ray.learner.base import rank_rows, split_for_ranks
+from rlalign_ray.pools.base import ActorPool, Future
+from rlalign_ray.runtime.pools import get
+
+
+@dataclass
+class Experience:
+    """One step's samples as the driver holds them: refs to token batches, small scores."""
+
+    shards: list[Any]  # ObjectRefs of RolloutBatch, in a fixed order
+    rows: torch.Tensor | None  # rows of the joined shards that form the batch (None: all)
+    scores: ScoredShard  # outcome of those rows
+    ref_logprobs: list[Any] | None  # ObjectRefs of (B_i, T_i) reference log-probs per shard
+    stats: dict[str, float] = field(default_factory=dict)
+    critic_parts: list[Any] | None = None  # ObjectRefs of the critic ranks' rows (ppo)
+
+
+class DeepSpeedGroup(ActorPool):
+    """Ranks that form a process group; ``started`` runs the rendezvous at rank 0."""
+
+    section = "learner"
+
+    def __init__(self, cfg, world_size, resources, placement, cls, name):
+        from rlalign_ray.topology import BUILTIN_CLASSES, resolve_class
+
+        sec = getattr(cfg, self.section)
+        n = world_size or sec.world_size
+        super().__init__(
+            resolve_class(cls or sec.actor_class or BUILTIN_CLASSES[self.role]),
+            lambda i: (cfg, i, n),
+            n,
+            resources or sec.resources,
+            placement or sec.placement,
+            name,
+            cfg.run.call_timeout_s,
+        )
+        self.cfg = cfg
+
+    def started(self) -> None:
+        addr, port = get(self.actors[0].address.remote(), f"{self.name} rank 0", self.timeout_s)
+        self.gather("setup", addr, port)
+
+    def parts(self, exp: Experience, step: int, ref_logprobs: list[Any] | None):
+        """This step's rows per rank and each rank's batch ref (cut by rank 0)."""
+        rows = rank_rows(len(exp.scores), len(self.actors), self.cfg.run.seed, step)
+        return rows, split_for_ranks(self.actors[0], exp.shards, exp.rows, ref_logprobs, rows)
+
+    def save(self, path: str) -> None:
+        """Every rank takes part (ZeRO-3 gathers); rank 0 writes a Hugging Face folder."""
+        get(self.call("save_pretrained", str(path)), f"{self.name}: saving {path}", self.timeout_s)
+
+
+class LearnerGroup(DeepSpeedGroup):
+    """The policy's ranks (``learner/learner.py``'s ``Learner`` by default); also the
+    source of every weight sync (``WeightSync``)."""
+
+    role = "learner"
+    section = "learner"
+
+    def __init__(
+        self,
+        cfg: Config,
+        world_size: int | None = None,
+        resources: Resources | None = None,
+        placement: Placement | None = None,
+        cls: type | str | None = None,
+        name: str | None = None,
+    ):
+        super().__init__(cfg, world_size, resources, placement, cls, name)
+
+    def update(
+        self,
+        exp: Experience,
+        advantages: torch.Tensor,
+        kl_coef: float,
+        step: int,
+        per_sequence: bool = False,
+    ) -> Future:
+        """One policy update on ``exp``; a Future of rank 0's metrics (``train/...``).
+
+        advantages: (B, T), or with ``per_sequence`` one value per row taken from it.
+        Reference log-probs go with the rows unless the KL is in the reward.
+        """
+        refs = None if self.cfg.algorithm.kl_in_reward else exp.ref_logprobs
+        rows, parts = self.parts(exp, step, refs)
+        if per_sequence:
+            first = exp.scores.response_mask.argmax(1, keepdim=True)  # a token of each row
+            advantages = advantages.gather(1, first).squeeze(1)
+        calls = [
+            r.train_step.remote(p, advantages[k], kl_coef, step)
+            for r, p, k in zip(self.actors, parts, rows)
+        ]
+        return Future(
+            calls, f"{self.name} update", lambda out: {f"train/{k}": v for k, v in out[0].items()}
+        )
+
+
+class CriticGroup(DeepSpeedGroup):
+    """The value model's ranks (PPO)."""
+
+    role = "critic"
+    section = "critic"
+
+    def __init__(
+        self,
+        cfg: Config,
+        world_size: int | None = None,
+        resources: Resources | None = None,
+        placement: Placement | None = None,
+        cls: type | str | None = None,
+        name: str | None = None,
+    ):
+        super().__init__(cfg, world_size, resources, placement, cls, name)
+
+    def values(self, exp: Experience, step: int) -> Future:
+        """(B, T) values of the step's rows; keeps each rank's part for ``update``."""
+        rows, exp.critic_parts = self.parts(exp, step, None)
+
+        def join(parts: list[torch.Tensor]) -> torch.Tensor:
+            values = torch.zeros_like(exp.scores.response_mask)
+            for r, v in zip(rows, parts):
+                values[r, : v.shape[1]] = v
+            return values
+
+        calls = [c.values.remote(p) for c, p in zip(self.actors, exp.critic_parts)]
+        return Future(calls, f"{self.name} values", join)
+
+    def update(
+        self, exp: Experience, returns: torch.Tensor, values: torch.Tensor, step: int
+    ) -> Future:
+        rows = rank_rows(len(exp.scores), len(self.actors), self.cfg.run.seed, step)
+        calls = [
+            c.train_step.remote(p, returns[k], values[k], step)
+            for c, p, k in zip(self.actors, exp.critic_parts, rows)
+        ]
+        return Future(
+            calls, f"{self.name} update", lambda out: {f"critic/{k}": v for k, v in out[0].items()}
+        )

@@ -1,0 +1,47 @@
+"""The reward pool: scores rollout batches (by ref) where they lie, returns refs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rlalign_ray.config import Config, Placement, Resources, RewardConfig
+from rlalign_ray.pools.base import ActorPool
+
+
+class RewardPool(ActorPool):
+    """Reward actors (``rewards/scorer.py``'s ``RewardScorer`` by default), each built
+    from ``reward`` (default: ``cfg.reward``). Several pools of different classes or
+    rewards can run side by side (give each a ``name``)."""
+
+    role = "reward"
+
+    def __init__(
+        self,
+        cfg: Config,
+        num_actors: int | None = None,
+        resources: Resources | None = None,
+        placement: Placement | None = None,
+        cls: type | str | None = None,
+        name: str | None = None,
+        reward: RewardConfig | None = None,
+    ):
+        from rlalign_ray.topology import BUILTIN_CLASSES, resolve_class
+
+        reward = reward or cfg.reward
+        super().__init__(
+            resolve_class(cls or reward.actor_class or BUILTIN_CLASSES["reward"]),
+            lambda i: (reward,),
+            num_actors or reward.num_actors,
+            resources or reward.resources,
+            placement or reward.placement,
+            name,
+            cfg.run.call_timeout_s,
+        )
+        self._turn = 0
+
+    def score(self, batch_ref: Any) -> Any:
+        """Score one rollout batch (a ref, fetched by the actor); returns the ScoredShard's
+        ref. Actors take batches in turn."""
+        actor = self.actors[self._turn % len(self.actors)]
+        self._turn += 1
+        return actor.score.remote(batch_ref)

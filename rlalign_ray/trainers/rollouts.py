@@ -1,0 +1,211 @@
+"""Experience in flight: each training step's chunks, scored and referenced as they land.
+
+``Rollouts`` sits between the driver's loop and the pools. ``request(step)`` draws the
+step's prompts and queues their chunks on the generator pool; ``pump`` sends every chunk
+that lands to the reward pool and the reference at once (token batches never pass the
+driver); ``collect(step)`` waits for the step's chunks and returns its ``Experience``.
+With pipelining several steps are in flight; every chunk records the weight version that
+sampled it, and ``collect`` drops (and regenerates) chunks more than ``max_staleness``
+versions behind the learner.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rlalign_ray.config import Config
+from rlalign_ray.data.batch import PromptItem, ScoredShard
+from rlalign_ray.data.prompts import PromptSampler
+from rlalign_ray.errors import ActorFailure
+from rlalign_ray.pools import Chunk, Experience, Future, GeneratorPool, ReferencePool, RewardPool
+from rlalign_ray.runtime.pools import get
+
+
+@dataclass
+class StepRollout:
+    """One training step's generation: its chunks in request order, and their refs."""
+
+    step: int
+    chunks: list[Chunk] = field(default_factory=list)
+    scored: dict[int, Any] = field(default_factory=dict)  # chunk id -> ScoredShard ref
+    ref_lp: dict[int, Any] = field(default_factory=dict)  # chunk id -> reference log-probs
+    rounds: int = 0  # generation rounds (dynamic sampling refills)
+    dropped_stale: int = 0  # samples dropped (and regenerated) as too stale
+
+
+class Rollouts:
+    def __init__(
+        self,
+        cfg: Config,
+        generators: GeneratorPool,
+        rewards: RewardPool,
+        reference: ReferencePool | None,
+        sampler: PromptSampler,
+    ):
+        self.cfg, self.k = cfg, cfg.trainer.max_staleness
+        self.gen, self.rewards, self.reference = generators, rewards, reference
+        self.sampler = sampler
+        self.steps: dict[int, StepRollout] = {}
+        self.requested = 0  # the last step whose generation was requested
+        self.totals = {"generated": 0, "trained": 0, "dropped_stale": 0}
+
+    # ---- requesting and landing ---------------------------------------------------------
+    def request_upto(self, step: int) -> None:
+        """Queue generation for every step up to ``step`` not requested yet."""
+        while self.requested < step:
+            self.requested += 1
+            self.steps[self.requested] = StepRollout(self.requested)
+            self._request(self.steps[self.requested], self.sampler.next(self._want))
+
+    @property
+    def _want(self) -> int:
+        return self.cfg.rollout.prompts_per_step
+
+    def _request(self, s: StepRollout, prompts: Sequence[PromptItem]) -> None:
+        r = self.cfg.rollout
+        seed = (self.cfg.run.seed * 1_000_003 + s.step) * 101 + s.rounds
+        chunks = self.gen.chunks(
+            prompts, r.n_samples, step=s.step, chunk_size=r.chunk_size, seed=seed
+        )
+        s.rounds += 1
+        s.chunks += chunks
+        self.gen.submit(chunks)
+
+    def pump(self, timeout_s: float = 0.0, also: Sequence[Any] = ()) -> None:
+        """Hand every chunk that landed to the reward pool and the reference (waiting up to
+        ``timeout_s`` for one, or for a ref in ``also``)."""
+        for chunk in self.gen.poll(timeout_s, also):
+            s = self.steps.get(chunk.step)
+            if s is None or chunk.greedy:
+                continue  # evaluation (or a caller's own chunk): scored by its owner
+            self.totals["generated"] += chunk.rows
+            s.scored[chunk.id] = self.rewards.score(chunk.ref)
+            if self.reference is not None:
+                s.ref_lp[chunk.id] = self.reference.logprobs(chunk.ref)
+
+    def wait(self, fut: Future) -> Any:
+        """``fut.result()``, landing chunks meanwhile (generation goes on while we wait)."""
+        deadline = time.monotonic() + self.cfg.run.call_timeout_s
+        while not fut.ready():
+            if time.monotonic() > deadline:
+                raise ActorFailure(
+                    f"{fut.what} did not finish within {self.cfg.run.call_timeout_s:g}s "
+                    "(run.call_timeout_s)"
+                )
+            self.pump(1.0, also=fut.refs)
+        return fut.result()
+
+    def _until_landed(self, chunks: list[Chunk]) -> None:
+        deadline = time.monotonic() + self.cfg.run.call_timeout_s
+        while not all(c.done for c in chunks):
+            if time.monotonic() > deadline:
+                raise ActorFailure(
+                    f"generation did not finish within {self.cfg.run.call_timeout_s:g}s "
+                    "(run.call_timeout_s)"
+                )
+            self.pump(1.0)
+
+    # ---- a step's experience --------------------------------------------------------------
+    def collect(self, step: int, learner_version: int) -> Experience:
+        """Wait for ``step``'s chunks; drop and regenerate those sampled more than
+        ``max_staleness`` versions before ``learner_version``; with dynamic sampling,
+        refill groups whose rewards are all equal (at most ``max_refills`` extra rounds)."""
+        a, n = self.cfg.algorithm, self.cfg.rollout.n_samples
+        s = self.steps[step]
+        t0 = time.perf_counter()
+        while True:
+            self._until_landed(s.chunks)
+            stale = [c for c in s.chunks if learner_version - c.version > self.k]
+            if stale:  # never trained: regenerated with the current weights
+                s.dropped_stale += sum(c.rows for c in stale)
+                self.totals["dropped_stale"] += sum(c.rows for c in stale)
+                s.chunks = [c for c in s.chunks if c not in stale]
+                for c in stale:
+                    s.scored.pop(c.id, None), s.ref_lp.pop(c.id, None)
+                s.rounds -= 1
+                self._request(s, [it for c in stale for it in c.items])
+                continue
+            t_gen = time.perf_counter() - t0
+            scores = ScoredShard.concat(
+                get([s.scored[c.id] for c in s.chunks], "reward pool", self.cfg.run.call_timeout_s)
+            )
+            if not a.dynamic_sampling:
+                break
+            informative = group_spread(scores.scores, n) > 0
+            if int(informative.sum()) >= self._want or s.rounds > a.max_refills:
+                break
+            self._request(s, self.sampler.next(self._want))
+        rows, stats = None, {}
+        if a.dynamic_sampling:
+            stats["train/informative_groups"] = float(informative.float().mean())
+            stats["train/refills"] = float(s.rounds - 1)
+            # informative groups first, then (if refills ran out) uninformative ones
+            order = torch.argsort((~informative).int(), stable=True)[: self._want]
+            rows = (order.sort().values[:, None] * n + torch.arange(n)).flatten()
+            scores = scores.select(rows)
+        stats.update(self._timing(s, t0, t_gen))
+        stats.update(self._staleness(s, learner_version, rows))
+        self.totals["trained"] += len(scores)
+        refs = [s.ref_lp[c.id] for c in s.chunks] if self.reference is not None else None
+        del self.steps[step]
+        return Experience([c.ref for c in s.chunks], rows, scores, refs, stats)
+
+    def _timing(self, s: StepRollout, t0: float, t_gen: float) -> dict[str, float]:
+        first = min(c.submitted_s for c in s.chunks)
+        last = max(c.finished_s for c in s.chunks)
+        return {
+            "time/generate_s": last - first,
+            "time/reward_s": time.perf_counter() - t0 - t_gen,  # waited on after generation
+            "time/learner_idle_s": time.perf_counter() - t0,  # the driver had nothing to train
+        }
+
+    def _staleness(self, s: StepRollout, learner_version: int, rows) -> dict[str, float]:
+        ages = torch.tensor(
+            [float(learner_version - c.version) for c in s.chunks for _ in range(c.rows)]
+        )
+        ages = ages[rows] if rows is not None else ages
+        return {
+            "rollout/staleness_mean": float(ages.mean()),
+            "rollout/staleness_max": float(ages.max()),
+            "rollout/dropped_stale": float(s.dropped_stale),
+            "rollout/versions": float(len({c.version for c in s.chunks})),
+        }
+
+    # ---- evaluation -------------------------------------------------------------------------
+    def evaluate(self, items: list[PromptItem]) -> tuple[ScoredShard, float]:
+        """Greedy samples of ``items`` (queued ahead of training chunks), scored."""
+        t0 = time.perf_counter()
+        chunks = self.gen.submit(
+            self.gen.chunks(items, 1, greedy=True, chunk_size=self.cfg.rollout.chunk_size),
+            front=True,
+        )
+        scored: dict[int, Any] = {}
+        deadline = time.monotonic() + self.cfg.run.call_timeout_s
+        while True:
+            for c in chunks:  # score each chunk as it lands
+                if c.done and c.id not in scored:
+                    scored[c.id] = self.rewards.score(c.ref)
+            if len(scored) == len(chunks):
+                break
+            if time.monotonic() > deadline:
+                raise ActorFailure(
+                    f"evaluation did not finish within {self.cfg.run.call_timeout_s:g}s "
+                    "(run.call_timeout_s)"
+                )
+            self.pump(1.0)
+        t_gen = time.perf_counter() - t0
+        shards = get(
+            [scored[c.id] for c in chunks], "reward pool (eval)", self.cfg.run.call_timeout_s
+        )
+        return ScoredShard.concat(shards), t_gen
+
+
+def group_spread(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """(G,) max - min reward within each group of n adjacent samples."""
+    g = scores.view(-1, n)
+    return g.max(dim=1).values - g.min(dim=1).values

@@ -1,0 +1,264 @@
+"""The driver: ``Trainer(config).fit()``, a loop over the pool API (``rlalign_ray.pools``).
+
+Each step: request generation (chunks that idle generators pull; each chunk is scored and
+referenced as soon as it lands), collect the step's experience, compute advantages (with
+the critic's values for PPO), update the policy (and critic) groups while generation goes
+on, and publish the new weights, which generators load between chunks.
+
+``trainer.max_staleness: k`` bounds how far generation runs ahead: step s's samples may be
+requested once version s - 1 - k is published, so none is more than k versions older than
+the policy that trains on it. k = 0 is synchronous training: every sample comes from the
+learner's latest weights, and generators and learner take turns. With k > 0 the loss
+corrects for stale samples with AReaL's decoupled PPO objective: clipping is against the
+learner's own log-probs before the update (the proximal policy), and each token's
+advantage is weighted by min(pi_proximal / pi_behaviour, ``algorithm.behaviour_is_cap``)
+-- the generator's recorded log-probs are the behaviour policy. It keeps the trust region
+around the current policy (a ratio against a policy k versions old would be clipped
+mostly on staleness, not on the update), and the cap bounds the variance.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from rlalign_ray.algorithms import (
+    ADVANTAGE_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    compute_token_rewards,
+    gae,
+    kl_penalty,
+    masked_mean,
+    masked_whiten,
+    outcome_advantages,
+    overlong_penalty,
+)
+from rlalign_ray.config import Config
+from rlalign_ray.data.batch import PromptItem, ScoredShard, pad_responses
+from rlalign_ray.data.prompts import PromptSampler, load_prompts
+from rlalign_ray.errors import ActorFailure
+from rlalign_ray.logger import MetricsLogger
+from rlalign_ray.pools import ActorPool, Experience, WeightSync, start, stop
+from rlalign_ray.runtime.cluster import connect
+from rlalign_ray.runtime.pools import get, lost_roles
+from rlalign_ray.topology import Topology
+from rlalign_ray.trainers.rollouts import Rollouts
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, topology: Topology | None = None):
+        self.cfg = cfg
+        self.topology = topology or Topology.from_config(cfg)
+        self.topology.validate(cfg)
+        self.version = 0  # the weight version the learner has published
+        self.pools: dict[str, ActorPool] = {}
+        self.weights: WeightSync | None = None  # set up once the pools start
+        self.rollouts: Rollouts | None = None
+        self._started_ray = False
+        a = cfg.algorithm
+        self.kl_ctl = (
+            AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon)
+            if a.kl_target > 0
+            else FixedKLController(a.kl_coef)
+        )
+
+    # ---- the algorithm ----------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        cfg, k = self.cfg, self.cfg.trainer.max_staleness
+        train = load_prompts(cfg.data.train, cfg.data.prompt_key)
+        evals = (
+            load_prompts(cfg.data.eval, cfg.data.prompt_key, cfg.data.eval_limit)
+            if cfg.data.eval
+            else []
+        )
+        logger = MetricsLogger(
+            cfg.trainer.output_dir,
+            cfg.trainer.steps,
+            cfg.trainer.tensorboard,
+            cfg.trainer.progress_bar,
+        )
+        last: dict[str, float] = {}
+        try:
+            self.start()
+            self.rollouts = rollouts = Rollouts(
+                cfg,
+                self.pools["generator"],
+                self.pools["reward"],
+                self.pools.get("reference"),
+                PromptSampler(train, cfg.run.seed),
+            )
+            if evals:
+                last = self.evaluate(evals)
+                logger.log(0, {**last, "weights/version": self.version})
+            for step in range(1, cfg.trainer.steps + 1):
+                t0 = time.perf_counter()
+                idle0 = self.pools["generator"].idle_seconds()
+                # 1-3. generation for every step the staleness bound allows (k = 0: this one)
+                rollouts.request_upto(min(cfg.trainer.steps, self.version + 1 + k))
+                exp = rollouts.collect(step, self.version)
+                # 4. advantages (and the critic's returns)
+                adv, returns, values, stats = self.advantages(exp, step)
+                # 5. update the policy (and the critic); generation goes on meanwhile
+                t = time.perf_counter()
+                metrics = self.learn(exp, adv, returns, values, step)
+                metrics["time/train_s"] = time.perf_counter() - t
+                # 6. publish the new weights (k = 0: every generator loads them now)
+                t = time.perf_counter()
+                metrics["weights/bytes"] = self.broadcast(self.version + 1)
+                metrics["time/sync_s"] = time.perf_counter() - t
+                metrics.update(rollout_metrics(exp.scores, "train"))
+                metrics.update(exp.stats)
+                metrics.update(stats)
+                metrics["weights/version"] = self.version
+                metrics["train/kl_coef"] = self.kl_ctl.value
+                self.kl_ctl.update(metrics.get("train/kl", 0.0), cfg.batch_size)
+                if evals and (
+                    step == cfg.trainer.steps
+                    or cfg.trainer.eval_every
+                    and step % cfg.trainer.eval_every == 0
+                ):
+                    metrics.update(self.evaluate(evals))
+                if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
+                    self.save(Path(cfg.trainer.output_dir) / "checkpoints" / f"step_{step}")
+                gens = len(self.pools["generator"])
+                idle = self.pools["generator"].idle_seconds() - idle0
+                metrics["time/generator_idle_s"] = idle / gens
+                metrics["time/step_s"] = time.perf_counter() - t0
+                logger.log(step, metrics)
+                logger.advance()
+                last = metrics
+            self.weights.pending and self.weights.pending.result()
+            self.save(Path(cfg.trainer.output_dir) / "final")
+        except ActorFailure as e:
+            e.args = (f"{e}\n{lost_roles(self.pools)}",)
+            raise
+        finally:
+            logger.close()
+            self.stop()
+        return last
+
+    # ---- 4. advantages ------------------------------------------------------------------
+    def advantages(self, exp: Experience, step: int):
+        """(B, T) advantages; for PPO also the returns and the critic's values."""
+        a, cfg = self.cfg.algorithm, self.cfg
+        s = exp.scores
+        mask, stats = s.response_mask, {}
+        scores = s.scores
+        if a.overlong_buffer:
+            penalty = overlong_penalty(
+                s.response_len, cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty
+            )
+            scores = scores + penalty
+            stats["train/overlong_penalty"] = float(penalty.mean())
+        kl = None
+        if a.kl_in_reward and exp.ref_logprobs:
+            ref = pad_responses(get(exp.ref_logprobs, "reference", cfg.run.call_timeout_s))
+            ref = ref[exp.rows] if exp.rows is not None else ref
+            kl = kl_penalty(s.logprobs, ref[:, : mask.shape[1]], a.kl_estimator) * mask
+            stats["train/kl"] = float(masked_mean(kl, mask))
+        groups = torch.arange(len(s)) // cfg.rollout.n_samples
+        if not cfg.needs_critic:
+            adv = outcome_advantages(
+                a.name, scores, groups, mask, gamma=a.gamma, kl=kl, kl_coef=self.kl_ctl.value
+            )
+            return adv, None, None, stats
+        values = self.rollouts.wait(self.pools["critic"].values(exp, step))
+        token_rewards = compute_token_rewards(scores, mask, kl=kl, kl_coef=self.kl_ctl.value)
+        adv, returns = gae(token_rewards, values, mask, a.gamma, a.lam)
+        if a.whiten_advantages:
+            adv = masked_whiten(adv, mask) * mask
+        stats["train/values_mean"] = float(masked_mean(values, mask))
+        return adv, returns, values, stats
+
+    # ---- 5-6. update and broadcast ------------------------------------------------------
+    def learn(
+        self,
+        exp: Experience,
+        adv: torch.Tensor,
+        returns: torch.Tensor | None,
+        values: torch.Tensor | None,
+        step: int,
+    ) -> dict[str, float]:
+        """Policy (and critic) updates, run together; chunks keep landing meanwhile."""
+        self.generators_sleep(True)
+        per_sequence = ADVANTAGE_ESTIMATORS[self.cfg.algorithm.name].per_sequence
+        policy = self.pools["learner"].update(exp, adv, self.kl_ctl.value, step, per_sequence)
+        critic = (
+            self.pools["critic"].update(exp, returns, values, step)
+            if "critic" in self.pools
+            else None
+        )
+        metrics = self.rollouts.wait(policy)
+        if critic is not None:
+            metrics.update(self.rollouts.wait(critic))
+        self.generators_sleep(False)
+        return metrics
+
+    def broadcast(self, version: int) -> int:
+        """Publish ``version``; generators load it after the chunk they are sampling. In
+        synchronous training (k = 0) wait until every generator holds it."""
+        sync = self.weights.start(version)
+        self.version = version
+        if self.cfg.trainer.max_staleness == 0:
+            return sync.result()
+        return self.weights.plan.num_bytes
+
+    def evaluate(self, evals: list[PromptItem]) -> dict[str, float]:
+        """Greedy samples of the held-out prompts with the latest weights."""
+        if self.weights.pending is not None:
+            self.rollouts.wait(self.weights.pending)
+        scores, seconds = self.rollouts.evaluate(evals)
+        return {**rollout_metrics(scores, "eval"), "time/eval_s": seconds}
+
+    def save(self, path: Path) -> None:
+        self.pools["learner"].save(str(path))
+
+    def generators_sleep(self, asleep: bool) -> None:
+        """With ``rollout.enable_sleep_mode`` (synchronous only), the vLLM engines give
+        their GPU memory to the learner while it trains and take it back after."""
+        if self.cfg.rollout.enable_sleep_mode:
+            self.pools["generator"].sleep(asleep)
+
+    # ---- actors -------------------------------------------------------------------------
+    def start(self) -> None:
+        self.pools = self.topology.build_pools(self.cfg)
+        cpus = sum(p.spec.num_actors * p.spec.resources.num_cpus for p in self.pools.values())
+        self._started_ray = connect(self.cfg.run, cpus)
+        start(list(self.pools.values()), self.cfg.run.placement_timeout_s)
+        gpus = [self.topology.pools[r].resources.num_gpus for r in ("learner", "generator")]
+        self.weights = WeightSync(
+            self.cfg.sync,
+            self.cfg.generator_dtype,
+            self.pools["learner"],
+            self.pools["generator"],
+            on_gpu=min(gpus) > 0,
+        )
+        self.weights.setup()
+
+    def stop(self) -> None:
+        import ray
+
+        if self.pools:
+            stop(list(self.pools.values()))
+            self.pools = {}
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+
+
+def rollout_metrics(scores: ScoredShard, prefix: str) -> dict[str, float]:
+    m = {
+        f"{prefix}/reward_mean": float(scores.scores.mean()),
+        f"{prefix}/reward_std": float(scores.scores.std()) if len(scores) > 1 else 0.0,
+        f"{prefix}/response_len": float(scores.response_len.float().mean()),
+    }
+    for name, values in scores.breakdown.items():
+        m[f"{prefix}/reward/{name}"] = float(values.mean())
+    return {k: v for k, v in m.items() if math.isfinite(v)}
