@@ -35,6 +35,7 @@ from rlalign_ray.pools import (
     LearnerGroup,
     RewardPool,
     WeightSync,
+    get,
     launch,
 )
 
@@ -111,8 +112,8 @@ def main() -> None:
             scored, judged = {}, {}
             for c in gen.as_completed(chunks):
                 scored[c.id], judged[c.id] = rewards.score(c.ref), judge.score(c.ref)
-            s = ScoredShard.concat(ray.get([scored[c.id] for c in chunks]))
-            b = ScoredShard.concat(ray.get([judged[c.id] for c in chunks]))
+            s = ScoredShard.concat(get([scored[c.id] for c in chunks], "reward pool"))
+            b = ScoredShard.concat(get([judged[c.id] for c in chunks], "judge pool"))
             total = WEIGHTS["correct"] * s.scores + WEIGHTS["brevity"] * b.scores
             # 3. GRPO advantages over each prompt's n samples
             groups = torch.arange(len(total)) // r.n_samples

@@ -12,6 +12,7 @@ from rlalign_ray.pools.generator import Chunk, GeneratorPool
 from rlalign_ray.pools.learner import CriticGroup, Experience, LearnerGroup
 from rlalign_ray.pools.reference import ReferencePool
 from rlalign_ray.pools.reward import RewardPool
+from rlalign_ray.runtime.pools import get
 from rlalign_ray.sync.weight_sync import WeightSync
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "ReferencePool",
     "RewardPool",
     "WeightSync",
+    "get",
     "launch",
     "start",
     "stop",

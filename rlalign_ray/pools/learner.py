@@ -98,12 +98,13 @@ class LearnerGroup(DeepSpeedGroup):
     ) -> Future:
         """One policy update on ``exp``; a Future of rank 0's metrics (``train/...``).
 
-        advantages: (B, T), or with ``per_sequence`` one value per row taken from it.
+        advantages: (B, T), or (B,) one value per row; with ``per_sequence`` a (B, T)
+            tensor holding one value per row travels as (B,).
         Reference log-probs go with the rows unless the KL is in the reward.
         """
         refs = None if self.cfg.algorithm.kl_in_reward else exp.ref_logprobs
         rows, parts = self.parts(exp, step, refs)
-        if per_sequence:
+        if per_sequence and advantages.dim() == 2:
             first = exp.scores.response_mask.argmax(1, keepdim=True)  # a token of each row
             advantages = advantages.gather(1, first).squeeze(1)
         calls = [
