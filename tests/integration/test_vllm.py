@@ -121,7 +121,11 @@ def test_load_weights_in_buckets_switches_to_the_new_weights(gen, tiny_model, tm
     assert (_learner_logprobs(old, back) - back.logprobs).abs().max() < 1e-4
 
 
-def test_loop_with_two_vllm_generators_two_reward_actors_two_ranks(ray_local, tiny_model, tmp_path):
+# synchronous; and pipelined (k=1) with seeded chunks pulled by the engines
+@pytest.mark.parametrize("max_staleness,chunk_size", [(0, 0), (1, 1)])
+def test_loop_with_two_vllm_generators_two_reward_actors_two_ranks(
+    ray_local, tiny_model, tmp_path, max_staleness, chunk_size
+):
     cfg = config_from_dict(
         small_config(
             tiny_model,
@@ -132,6 +136,7 @@ def test_loop_with_two_vllm_generators_two_reward_actors_two_ranks(ray_local, ti
                 "max_new_tokens": 4,
                 "num_actors": 2,
                 "resources": {"num_cpus": 0.5},
+                "chunk_size": chunk_size,
                 **ENGINE,
             },
             learner={
@@ -141,7 +146,7 @@ def test_loop_with_two_vllm_generators_two_reward_actors_two_ranks(ray_local, ti
                 "lr": 1e-3,
                 "resources": {"num_cpus": 0.5},
             },
-            trainer={"steps": 3, "eval_every": 0},
+            trainer={"steps": 3, "eval_every": 0, "max_staleness": max_staleness},
         )
     )
     final = Trainer(cfg).fit()
@@ -152,5 +157,7 @@ def test_loop_with_two_vllm_generators_two_reward_actors_two_ranks(ray_local, ti
     # would show a large mismatch from step 2 on
     mismatch = [r["train/logprob_mismatch"] for r in rows[1:]]
     print(f"train/logprob_mismatch per step: {mismatch}")
-    assert all(m < 1e-3 for m in mismatch)
+    assert all(r["rollout/staleness_max"] <= max_staleness for r in rows[1:])
+    if max_staleness == 0:
+        assert all(m < 1e-3 for m in mismatch)
     assert final["weights/version"] == 3 and "eval/reward_mean" in rows[3]
