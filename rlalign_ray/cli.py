@@ -3,7 +3,7 @@
 rlalign-ray train CONFIG [key.path=value ...]
 rlalign-ray check-config CONFIG [key.path=value ...]
 rlalign-ray make-tiny-model DIR [--arch llama|qwen2] [--warmup arith|none] [--params 100M]
-rlalign-ray bench weights|generate|train|step ...
+rlalign-ray bench weights|generate|train|step|pipeline|scale ...
 """
 
 from __future__ import annotations

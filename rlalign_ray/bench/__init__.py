@@ -5,10 +5,15 @@ printed as a ratio against a limit measured in the same run.
     rlalign-ray bench generate --backend hf,vllm --batch 64 --max-new-tokens 512 [--in-process]
     rlalign-ray bench train    --micro-batch 8 --seq 512 [--in-process]
     rlalign-ray bench step     CONFIG [overrides]
+    rlalign-ray bench pipeline CONFIG [overrides] --max-staleness 0,1,2
+    rlalign-ray bench pipeline --simulate gen=0.2,train=0.3[,tail=lognormal:1.0] [--max-staleness 0,1]
+    rlalign-ray bench scale    --simulate --actors 64,128,256
 
 Every subcommand prints a table and, with ``--json FILE``, writes its results. Models are
 random-init Llamas built locally (``--params 100M`` or ``--hidden/--layers/--vocab``) or
-``--model PATH``. Benchmarks use the same public classes as training.
+``--model PATH``. Benchmarks use the same public classes as training; ``--simulate`` runs
+the real Trainer with simulated actors (``bench/simulated.py``, a harness whose calls sleep
+for given times) to measure the orchestration alone.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ SUBCOMMANDS = {
     "generate": "rlalign_ray.bench.generate",
     "train": "rlalign_ray.bench.train",
     "step": "rlalign_ray.bench.step",
+    "pipeline": "rlalign_ray.bench.pipeline",
+    "scale": "rlalign_ray.bench.scale",
 }
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import threading
 import time
 from collections.abc import Sequence
@@ -63,6 +64,37 @@ def bench_model(args: argparse.Namespace) -> str:
         hidden, layers = shape_for_params(parse_size(args.params or "100M"), args.vocab)
     path = os.path.join(args.cache_dir, f"llama-h{hidden}-l{layers}-v{args.vocab}")
     return build_sized_model(path, hidden=hidden, layers=layers, vocab=args.vocab)
+
+
+def bench_overrides(output_dir: str, steps: int) -> list[str]:
+    """Overrides for timed training runs: ``steps`` steps, no evaluation, no checkpoints,
+    no TensorBoard or progress bar, metrics written to ``output_dir``."""
+    return [
+        f"trainer.steps={steps}",
+        "trainer.eval_every=0",
+        "trainer.save_every=0",
+        "trainer.progress_bar=false",
+        "trainer.tensorboard=false",
+        "data.eval=null",
+        f"trainer.output_dir={output_dir}",
+    ]
+
+
+def train_rows(cfg: Any, topology: Any = None, skip: int = 0) -> list[dict[str, Any]]:
+    """Run the real ``Trainer`` on ``cfg`` (with ``topology``) and return the metrics it
+    logged for each step after the first ``skip`` (warm-up; all of them if none is left)."""
+    from rlalign_ray.trainers import Trainer
+
+    Trainer(cfg, topology=topology).fit()
+    path = os.path.join(cfg.trainer.output_dir, "metrics.jsonl")
+    with open(path) as f:
+        rows = [json.loads(x) for x in f]
+    return [r for r in rows if r["step"] > skip] or rows
+
+
+def medians(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, float]:
+    """The median of each key over ``rows`` (0.0 where a row lacks it)."""
+    return {k: statistics.median(r.get(k, 0.0) for r in rows) for k in keys}
 
 
 def parse_list(text: str, cast=str) -> list:

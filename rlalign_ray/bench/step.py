@@ -12,13 +12,10 @@ advantages, logging).
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import tempfile
-from pathlib import Path
 from typing import Any
 
-from rlalign_ray.bench.common import print_table
+from rlalign_ray.bench.common import bench_overrides, medians, print_table, train_rows
 
 PHASES = ("time/generate_s", "time/reward_s", "time/train_s", "time/sync_s")
 
@@ -32,24 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from rlalign_ray.config import load_config
-    from rlalign_ray.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="rlalign-bench-step-") as tmp:
-        overrides = [
-            f"trainer.steps={args.steps}",
-            "trainer.eval_every=0",
-            "trainer.save_every=0",
-            "trainer.progress_bar=false",
-            "trainer.tensorboard=false",
-            "data.eval=null",
-            f"trainer.output_dir={tmp}",
-            *args.overrides,
-        ]
-        cfg = load_config(args.config, overrides)
-        Trainer(cfg).fit()
-        rows = [json.loads(x) for x in (Path(cfg.trainer.output_dir) / "metrics.jsonl").open()]
-    rows = [r for r in rows if r["step"] > args.skip] or rows
-    med = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in (*PHASES, "time/step_s")}
+        overrides = bench_overrides(tmp, args.steps) + list(args.overrides)
+        rows = train_rows(load_config(args.config, overrides), skip=args.skip)
+    med = medians(rows, (*PHASES, "time/step_s"))
     step = med["time/step_s"]
     overhead = step - sum(med[k] for k in PHASES)
     result = {

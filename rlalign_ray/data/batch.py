@@ -9,19 +9,12 @@ the driver.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-
-@dataclass
-class PromptItem:
-    """One dataset row: the prompt and the extra columns a reward may use."""
-
-    index: int  # position in the dataset; samples of one prompt share it as group id
-    prompt: Any  # a string, or a list of chat messages
-    columns: dict[str, Any] = field(default_factory=dict)
+from rlalign_ray.data.items import PromptItem  # noqa: F401 (defined there, torch-free)
 
 
 @dataclass

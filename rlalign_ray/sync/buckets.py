@@ -9,44 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-
-@dataclass(frozen=True)
-class Bucket:
-    """Parameters that travel together, laid out back to back in a flat buffer."""
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    offsets: tuple[int, ...]  # element offset of each parameter in the flat buffer
-    numel: int  # elements in the flat buffer
-
-
-@dataclass(frozen=True)
-class SyncPlan:
-    """Everything both sides of a sync agree on before the first version travels."""
-
-    transport: str  # collective | shared_memory | object_store (resolved from auto)
-    backend: str  # collective: gloo | nccl (resolved from auto)
-    dtype: str  # the generators' dtype: weights travel in it
-    buckets: tuple[Bucket, ...]
-    timeout_s: float
-    world_size: int  # learner rank 0 plus every generator
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
-
-    @property
-    def num_bytes(self) -> int:
-        return sum(b.numel for b in self.buckets) * self.torch_dtype.itemsize
-
-    @property
-    def max_numel(self) -> int:
-        return max(b.numel for b in self.buckets)
+from rlalign_ray.sync.plan import Bucket, SyncPlan  # noqa: F401 (defined there, torch-free)
 
 
 def plan_buckets(

@@ -28,7 +28,6 @@ import tempfile
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -36,25 +35,13 @@ import torch
 
 from rlalign_ray.errors import WeightSyncError
 from rlalign_ray.sync.buckets import (
-    SyncPlan,
     empty_buffer,
     flatten_into,
     from_numpy,
     to_numpy,
     unflatten,
 )
-
-
-@dataclass
-class WeightHandle:
-    """What the driver passes to every generator for one bucket of one version."""
-
-    version: int
-    bucket: int
-    payload: Any = None  # object store: [ref of rank 0's publish call] (a list: Ray passes it on)
-
-    def is_last(self, plan: SyncPlan) -> bool:
-        return self.bucket == len(plan.buckets) - 1
+from rlalign_ray.sync.plan import SyncPlan, WeightHandle  # noqa: F401 (torch-free)
 
 
 class WeightTransport(ABC):

@@ -98,7 +98,7 @@ class Trainer:
                 last = self.evaluate(evals)
                 logger.log(0, {**last, "weights/version": self.version})
             for step in range(1, cfg.trainer.steps + 1):
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 idle0 = self.pools["generator"].idle_seconds()
                 # 1-3. generation for every step the staleness bound allows (k = 0: this one)
                 rollouts.request_upto(min(cfg.trainer.steps, self.version + 1 + k))
@@ -131,6 +131,8 @@ class Trainer:
                 idle = self.pools["generator"].idle_seconds() - idle0
                 metrics["time/generator_idle_s"] = idle / gens
                 metrics["time/step_s"] = time.perf_counter() - t0
+                # the driver's own work: CPU of this process (Python and Ray's threads in it)
+                metrics["time/driver_cpu_s"] = time.process_time() - cpu0
                 logger.log(step, metrics)
                 logger.advance()
                 last = metrics

@@ -1,0 +1,293 @@
+"""Driver time per step with many simulated generator and reward actors on a multi-node
+cluster.
+
+    rlalign-ray bench scale --simulate [SPEC] --actors 64,128,256 [--workers 2]
+
+Starts a multi-node cluster on this machine (``launch/local_cluster.sh``: a head and
+``--workers`` worker nodes, each a ``ray start`` on 127.0.0.1 with token auth, in a temp
+folder of its own, stopped at the end). For each count N, a fresh driver process (Ray reads
+the cluster's token settings when it is imported) runs ``--steps`` steps of the real
+``Trainer`` with N simulated generators and N simulated reward actors spread over the nodes
+and one simulated learner rank (``bench/simulated.py``; work times from SPEC, by default
+none): each step is N one-prompt chunks, pulled by the generators, each scored by a reward
+actor as it lands, then a weight sync to N generators.
+
+Driver time per step is the median ``time/driver_cpu_s``: the CPU time of the driver process
+(its Python and Ray's threads in it) during a step. On a machine shared with hundreds of
+actor processes, wall time minus the driver's waits would also count the time it waits for
+a CPU; its CPU time is what it does itself. Target: <= 50 ms at 256 actors.
+
+Every actor is a process (the simulated ones do not import torch: about 60 MB each); a
+count whose actors would not fit in the memory available now (``--mb-per-actor``) is
+skipped and reported as infeasible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rlalign_ray.bench.common import medians, parse_list, print_table, train_rows
+from rlalign_ray.errors import RlalignError
+
+REPO = Path(__file__).resolve().parents[2]
+TARGET_S = 0.050  # driver time per step at 256 actors
+
+
+class LowMemory(RlalignError):
+    """A count's actors took the machine's memory down to ``--min-free-gb``."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--simulate",
+        nargs="?",
+        const="gen=0,train=0",
+        default="gen=0,train=0",
+        metavar="SPEC",
+        help="simulated actors (the only kind here): gen=S,train=S[,tail=...] (default: no work)",
+    )
+    p.add_argument("--actors", default="64,128,256", help="generator (and reward) actor counts")
+    p.add_argument("--steps", type=int, default=8, help="training steps per count")
+    p.add_argument("--skip", type=int, default=2, help="first steps left out (warm-up)")
+    p.add_argument("--max-staleness", type=int, default=0, help="trainer.max_staleness")
+    p.add_argument("--workers", type=int, default=2, help="worker nodes besides the head")
+    p.add_argument("--node-cpus", type=int, default=4, help="logical CPUs each node declares")
+    p.add_argument(
+        "--mb-per-actor", type=float, default=60.0, help="memory one actor process takes (MB)"
+    )
+    p.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.75,
+        help="skip a count whose actors need more than this share of the available memory",
+    )
+    p.add_argument(
+        "--min-free-gb",
+        type=float,
+        default=2.0,
+        help="stop a count's driver (its actors go with it) if available memory falls below",
+    )
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds per count at most")
+    p.add_argument("--driver", default=None, help=argparse.SUPPRESS)  # cluster.env: one count here
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from rlalign_ray.bench.simulated import Workload
+
+    Workload.parse(args.simulate, 1, 1)  # check SPEC before starting anything
+    if args.driver:
+        return drive(args)
+    runs, infeasible = [], []
+    with local_cluster(args.workers, args.node_cpus) as state:
+        for n in parse_list(args.actors, int):
+            need = (2 * n + 1) * args.mb_per_actor * 2**20
+            free = mem_available()
+            if need > args.memory_fraction * free:
+                infeasible.append(
+                    {
+                        "actors": n,
+                        "reason": f"{2 * n + 1} actor processes need about {need / 2**30:.1f} "
+                        f"GiB, {free / 2**30:.1f} GiB available (--memory-fraction "
+                        f"{args.memory_fraction})",
+                    }
+                )
+                continue
+            try:
+                runs.append(driver_process(args, n, state))
+            except LowMemory as e:
+                infeasible.append({"actors": n, "reason": str(e)})
+    results = [{"actors": r["actors"], "driver_s_per_step": r["driver_s_per_step"]} for r in runs]
+    report(args, runs, infeasible)
+    return {"results": results, "runs": runs, "infeasible": infeasible}
+
+
+def report(args: argparse.Namespace, runs: list[dict], infeasible: list[dict]) -> None:
+    if runs:
+        print_table(
+            f"scale: --simulate {args.simulate}, {args.workers + 1} nodes, "
+            f"k={args.max_staleness}, median of steps > {args.skip}; driver time = the driver "
+            "process's CPU per step",
+            runs,
+            ["actors", "driver_s_per_step", "step_s", "generate_s", "nodes", "memory_gb", "run_s"],
+        )
+    for r in infeasible:
+        print(f"{r['actors']} actors: not run: {r['reason']}")
+    at = {r["actors"]: r["driver_s_per_step"] for r in runs}
+    if 256 in at:
+        met = "met" if at[256] <= TARGET_S else "MISSED"
+        print(f"256 actors: {at[256] * 1e3:.1f} ms/step; target <= 50 ms ({met})")
+    elif len(at) > 1:  # a least-squares line through the counts measured
+        n, y = list(at), list(at.values())
+        mx, my = sum(n) / len(n), sum(y) / len(y)
+        slope = sum((a - mx) * (b - my) for a, b in zip(n, y)) / sum((a - mx) ** 2 for a in n)
+        guess = my + slope * (256 - mx)
+        print(
+            f"256 actors not measured; a line through the counts measured ({slope * 1e3:.2f} "
+            f"ms per actor) puts it near {guess * 1e3:.0f} ms/step (target <= 50 ms)"
+        )
+
+
+# ---- the cluster ----------------------------------------------------------------------------
+@contextmanager
+def local_cluster(workers: int, cpus: int):
+    """``launch/local_cluster.sh`` nodes in a temp folder of their own; yields the cluster's
+    state (``cluster.env``: address, token path) and stops exactly these nodes on exit."""
+    script = REPO / "launch" / "local_cluster.sh"
+    if not script.is_file():
+        raise RlalignError(f"bench scale starts its cluster with {script}, which is missing")
+    temp = tempfile.mkdtemp(prefix="rlsc", dir="/tmp")  # short: Ray's socket paths
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    try:
+        start = subprocess.run(
+            ["bash", str(script), "start", "--workers", str(workers), "--temp-dir", temp,
+             "--head-cpus", str(cpus), "--worker-cpus", str(cpus), "--object-store-mb", "256",
+             "--timeout", "300"],
+            env=env, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        if start.returncode != 0:
+            raise RlalignError(f"local_cluster.sh start failed:\n{start.stderr[-3000:]}")
+        text = Path(temp, "cluster.env").read_text()
+        yield dict(x.split("=", 1) for x in text.splitlines() if "=" in x and x[0] != "#")
+    finally:
+        subprocess.run(
+            ["bash", str(script), "stop", "--temp-dir", temp],
+            env=env,
+            capture_output=True,
+            timeout=300,
+        )
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def driver_process(args: argparse.Namespace, n: int, state: dict[str, str]) -> dict[str, Any]:
+    """One count in a fresh driver process; its result, with the machine's memory growth."""
+    cmd = [
+        sys.executable, "-m", "rlalign_ray.cli", "bench", "scale", "--driver",
+        json.dumps(state), "--actors", str(n), "--simulate", args.simulate,
+        "--steps", str(args.steps), "--skip", str(args.skip),
+        "--max-staleness", str(args.max_staleness),
+    ]  # fmt: skip
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=state["RAY_AUTH_TOKEN_PATH"], PYTHONPATH=path
+    )
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with LowestAvailable(floor=int(args.min_free_gb * 2**30), proc=proc) as mem:
+        try:
+            stdout, stderr = proc.communicate(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+    if mem.stopped:
+        raise LowMemory(
+            f"stopped: available memory fell below {args.min_free_gb:g} GiB (--min-free-gb)"
+        )
+    lines = [x for x in stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RlalignError(f"bench scale with {n} actors failed:\n{stderr[-3000:]}")
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    result["memory_gb"] = mem.growth / 2**30
+    result["run_s"] = time.perf_counter() - t0
+    return result
+
+
+def drive(args: argparse.Namespace) -> dict[str, Any]:
+    """This process is the driver of one count (``--driver STATE``): train, print RESULT."""
+    import ray
+
+    from rlalign_ray.bench.simulated import Workload, simulated_config, simulated_topology
+    from rlalign_ray.config import Placement
+
+    state, n = json.loads(args.driver), int(args.actors)
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    ray.init(
+        address=state["RAY_ADDRESS"],
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+        logging_level="WARNING",
+    )
+    try:
+        nodes = sum(1 for x in ray.nodes() if x["Alive"])
+        with tempfile.TemporaryDirectory(prefix="rlalign-bench-scale-") as tmp:
+            cfg = simulated_config(
+                tmp,
+                args.steps,
+                [
+                    f"rollout.prompts_per_step={n}",
+                    "rollout.n_samples=2",
+                    f"rollout.num_actors={n}",
+                    "rollout.chunk_size=1",
+                    f"reward.num_actors={n}",
+                    "learner.micro_batch_size=2",
+                    f"trainer.max_staleness={args.max_staleness}",
+                    "run.placement_timeout_s=1800",
+                    "run.call_timeout_s=1800",
+                ],
+            )
+            topo = simulated_topology(cfg, Workload.parse(args.simulate, cfg.batch_size, n))
+            for role in ("generator", "reward"):
+                topo.pools[role].placement = Placement(strategy="SPREAD")
+            rows = train_rows(cfg, topo, args.skip)
+    finally:
+        ray.shutdown()
+    med = medians(rows, ("time/driver_cpu_s", "time/step_s", "time/generate_s"))
+    result = {
+        "actors": n,
+        "driver_s_per_step": med["time/driver_cpu_s"],
+        "step_s": med["time/step_s"],
+        "generate_s": med["time/generate_s"],
+        "nodes": nodes,
+        "steps_measured": len(rows),
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+    return result
+
+
+# ---- memory -----------------------------------------------------------------------------------
+def mem_available() -> int:
+    """Bytes of memory available now (``MemAvailable``)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class LowestAvailable:
+    """How far the machine's available memory fell below its level at entry (sampled every
+    ``interval`` s): what a run's processes took, give or take other users of the machine.
+    Below ``floor`` bytes it kills ``proc`` (a driver: its actors die with it)."""
+
+    def __init__(self, interval: float = 0.5, floor: int = 0, proc: Any = None):
+        self.interval, self.floor, self.proc = interval, floor, proc
+        self.growth, self.stopped = 0, False
+        self._stop = threading.Event()
+
+    def __enter__(self) -> LowestAvailable:
+        self.base = self.low = mem_available()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.low = min(self.low, mem_available())
+            if self.proc is not None and self.low < self.floor and self.proc.poll() is None:
+                self.proc.kill()
+                self.stopped = True
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.growth = self.base - self.low
