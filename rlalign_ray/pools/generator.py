@@ -182,7 +182,7 @@ class GeneratorPool(ActorPool):
         finished = [self.inflight.pop(r) for r in ready if r in self.inflight]
         if not finished:
             return []
-        infos = get([c.info_ref for c in finished], f"{self.name} generate", self.timeout_s)
+        infos = get([c.info_ref for c in finished], f"{self.name} pool", self.timeout_s)
         now = time.perf_counter()
         for chunk, info in zip(finished, infos):
             if not chunk.greedy and info["version"] != chunk.version:

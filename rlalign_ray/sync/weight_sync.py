@@ -214,15 +214,18 @@ class WeightSync:
         name = f"{self.plan.transport} weight sync" if self.plan else "weight sync"
         deadline = deadline or time.monotonic() + self.cfg.timeout_s
         pending = list(calls)
-        while pending:
-            done, pending = ray.wait(
-                pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic())
-            )
-            if not done:
+        while pending:  # in waves (one wait per second, not per call: many generators)
+            left = deadline - time.monotonic()
+            if left <= 0:
                 late = sorted(set(calls[r] for r in pending))
                 raise WeightSyncError(
                     f"{name} ({what}): {', '.join(late)} did not finish within "
                     f"sync.timeout_s={self.cfg.timeout_s:g}s"
                 )
-            get(done, f"{name} ({what}), {calls[done[0]]}")
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=min(1.0, left))
+            try:
+                ray.get(done)
+            except Exception:  # name the first call that failed
+                for r in done:
+                    get(r, f"{name} ({what}), {calls[r]}")
         return ray.get(list(calls))
