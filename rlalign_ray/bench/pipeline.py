@@ -14,6 +14,8 @@ prompts; ``gen`` is the step's generation time with the batch spread evenly and 
 tail, ``train`` the time of one update. With a ``tail``, a static split (one chunk per
 generator, ``rollout.chunk_size=0``) runs too, at k = 0, against the pulled chunks.
 Targets: k = 1 within 1.1x the ideal; pulled chunks >= 25% faster than a static split.
+With a long tail a pipelined run can beat the ideal: a generator done with its share of a
+step's chunks goes on to the next step's instead of waiting for the step's straggler.
 """
 
 from __future__ import annotations
@@ -73,7 +75,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         for k in ks
     ]
-    what = f"--simulate {args.simulate}" if args.simulate else f"{args.config} {args.overrides}"
+    what = (
+        f"--simulate {args.simulate}" if args.simulate else " ".join([args.config, *args.overrides])
+    )
     table = [
         {**r, **{p.removeprefix("time/"): runs[r["max_staleness"]][p] for p in PHASES[1:]}}
         for r in results
