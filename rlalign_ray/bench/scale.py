@@ -107,6 +107,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 runs.append(driver_process(args, n, state))
             except LowMemory as e:
                 infeasible.append({"actors": n, "reason": str(e)})
+                continue
+            r = runs[-1]
+            print(
+                f"{n} actors: driver {r['driver_s_per_step'] * 1e3:.1f} ms/step, step "
+                f"{r['step_s']:.3f} s, {r['memory_gb']:.1f} GiB, {r['run_s']:.0f} s",
+                flush=True,
+            )
     results = [{"actors": r["actors"], "driver_s_per_step": r["driver_s_per_step"]} for r in runs]
     report(args, runs, infeasible)
     return {"results": results, "runs": runs, "infeasible": infeasible}
