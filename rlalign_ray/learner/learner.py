@@ -14,6 +14,7 @@ from rlalign_ray.algorithms import (
 )
 from rlalign_ray.config import Config
 from rlalign_ray.data.batch import RolloutBatch
+from rlalign_ray.errors import NonFiniteError
 from rlalign_ray.learner.base import DeepSpeedRank
 from rlalign_ray.models.loading import batch_logprobs, load_causal_lm, response_logprobs
 from rlalign_ray.sync.weight_sync import WeightSource
@@ -22,6 +23,8 @@ from rlalign_ray.sync.weight_sync import WeightSource
 class Learner(DeepSpeedRank, WeightSource):
     def __init__(self, cfg: Config, rank: int, world_size: int):
         super().__init__(cfg, rank, world_size, cfg.learner)
+        self.step = 0  # the training step being run (``train_step``)
+        self.skipped_in_row = 0  # optimizer steps skipped one after another (non-finite)
 
     def build_model(self) -> torch.nn.Module:
         m = self.cfg.model
@@ -43,12 +46,15 @@ class Learner(DeepSpeedRank, WeightSource):
         advantages: (n,) one per row (outcome estimators) or (n, T), for this rank's rows.
         """
         batch, ref = part
+        self.step = step
         stats: dict[str, list[float]] = defaultdict(list)
         old = self._old_logprobs(batch, stats)
         adv = self._weighted(advantages, batch, old, stats)
         self.engine.train()
+        skipped = 0
         for mini in self.mini_batches(len(batch), step):
-            self._update(batch, mini, old, adv, ref, kl_coef, stats)
+            skipped += self._update(batch, mini, old, adv, ref, kl_coef, stats)
+        stats["skipped_steps"].append(float(skipped))
         return self.reduce_stats(stats)
 
     def _old_logprobs(self, batch, stats) -> torch.Tensor:
@@ -88,54 +94,114 @@ class Learner(DeepSpeedRank, WeightSource):
         stats["behaviour_is_weight"].append(masked_mean(w, batch.response_mask).item())
         return (adv[:, None] if adv.dim() == 1 else adv) * w
 
-    def _update(self, batch, rows, old, adv, ref, kl_coef, stats) -> None:
-        a = self.cfg.algorithm
-        norm_len = self.cfg.rollout.max_new_tokens  # Dr. GRPO: a constant, not the width
+    def _update(self, batch, rows, old, adv, ref, kl_coef, stats) -> bool:
+        """One optimizer step over the mini-batch ``rows``; False when it was skipped
+        because a micro-batch's loss (on any rank) or the gradient norm was not finite."""
         share = 0.0  # this rank's share of the mini-batch loss; the ranks' shares sum to it
         micro = self.weighted_micro_batches(batch, rows)
+        finite = True
         for i, (r, scale) in enumerate(micro):
-            mb = batch.select(r).trimmed()
-            t = mb.response_ids.shape[1]
-            mask = mb.response_mask.to(self.device)
-            logp, entropy = response_logprobs(
-                self.engine,
-                mb,
-                self.device,
-                self.cfg.rollout.temperature,
-                self.role.logprob_chunk_size,
-                entropy="loss" if a.entropy_coef else "metric",
-                agree=self.agree_chunks,
-            )
-            pg_loss, m = policy_loss(
-                logp,
-                old[r, :t].to(self.device),
-                (adv[r] if adv.dim() == 1 else adv[r, :t]).to(self.device),
-                mask,
-                clip_low=a.clip_low,
-                clip_high=a.clip_high,
-                dual_clip=a.dual_clip,
-                agg=a.loss_agg,
-                norm_len=norm_len,
-            )
-            loss = pg_loss
-            if a.entropy_coef:
-                loss = loss - a.entropy_coef * aggregate_loss(entropy, mask, a.loss_agg, norm_len)
-            if ref is not None:
-                kl = kl_penalty(logp, ref[r, :t].to(self.device), a.kl_estimator)
-                loss = loss + kl_coef * aggregate_loss(kl, mask, a.loss_agg, norm_len)
-                stats["kl"].append(masked_mean(kl.detach(), mask).item())
-            self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
-            self.engine.backward(loss * scale)
-            self.engine.step()
+            loss, pg_loss, logs = self.micro_loss(batch, r, old, adv, ref, kl_coef, i)
+            ok = self.agree_finite(loss)
+            finite = finite and ok
+            boundary = i == len(micro) - 1
+            self.engine.set_gradient_accumulation_boundary(boundary)
+            zero = self.role.zero_stage > 0  # ZeRO discards a non-finite step itself
+            if ok or zero:
+                self.engine.backward(loss * scale)
+            if zero or (ok and not boundary):  # stage 0's boundary: ``_finish_step``
+                self.engine.step()
+            if not ok:
+                continue
             stats["pg_loss"].append(pg_loss.item())
             share += loss.item() * scale / (self.grad_accumulation * self.world_size)
-            stats["entropy"].append(masked_mean(entropy.detach(), mask).item())
-            for key in ("clipfrac", "approx_kl"):
-                stats[key].append(float(m[key]))
-        stats["loss"].append(share * self.world_size)  # reduce_stats averages over ranks
-        norm = self.engine.get_global_grad_norm()
-        if norm is not None:
-            stats["grad_norm"].append(float(norm))
+            for key, value in logs.items():
+                stats[key].append(value)
+        applied = self._finish_step(finite)
+        if applied:
+            stats["loss"].append(share * self.world_size)  # reduce_stats averages over ranks
+            norm = self.engine.get_global_grad_norm()
+            if norm is not None:
+                stats["grad_norm"].append(float(norm))
+        return self._count_skip(not applied)
+
+    def micro_loss(self, batch, r, old, adv, ref, kl_coef, index):
+        """The loss of micro-batch ``index`` (rows ``r``): (loss, policy-gradient loss, a
+        dict of its statistics). Subclasses may wrap it (tests inject a NaN here)."""
+        a = self.cfg.algorithm
+        norm_len = self.cfg.rollout.max_new_tokens  # Dr. GRPO: a constant, not the width
+        mb = batch.select(r).trimmed()
+        t = mb.response_ids.shape[1]
+        mask = mb.response_mask.to(self.device)
+        logp, entropy = response_logprobs(
+            self.engine,
+            mb,
+            self.device,
+            self.cfg.rollout.temperature,
+            self.role.logprob_chunk_size,
+            entropy="loss" if a.entropy_coef else "metric",
+            agree=self.agree_chunks,
+        )
+        pg_loss, m = policy_loss(
+            logp,
+            old[r, :t].to(self.device),
+            (adv[r] if adv.dim() == 1 else adv[r, :t]).to(self.device),
+            mask,
+            clip_low=a.clip_low,
+            clip_high=a.clip_high,
+            dual_clip=a.dual_clip,
+            agg=a.loss_agg,
+            norm_len=norm_len,
+        )
+        loss = pg_loss
+        logs = {"entropy": masked_mean(entropy.detach(), mask).item()}
+        logs.update({key: float(m[key]) for key in ("clipfrac", "approx_kl")})
+        if a.entropy_coef:
+            loss = loss - a.entropy_coef * aggregate_loss(entropy, mask, a.loss_agg, norm_len)
+        if ref is not None:
+            kl = kl_penalty(logp, ref[r, :t].to(self.device), a.kl_estimator)
+            loss = loss + kl_coef * aggregate_loss(kl, mask, a.loss_agg, norm_len)
+            logs["kl"] = masked_mean(kl.detach(), mask).item()
+        return loss, pg_loss, logs
+
+    # ---- non-finite losses and gradients: skip the optimizer step ----------------------
+    def agree_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank (all ranks take the same branch)."""
+        bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0)
+        return not bool(self.all_reduce(bad, "max") > 0)
+
+    def _finish_step(self, finite: bool) -> bool:
+        """Take (or skip) the mini-batch's optimizer step; True when it was applied.
+
+        Under ZeRO 1-3 every micro-batch ran its backward and ``engine.step()``; the ZeRO
+        optimizer finds a non-finite gradient norm itself, discards the gradients and
+        reports the step as not applied. Under stage 0 (a plain torch optimizer, no such
+        check) non-finite micro-batches ran no backward; here the gradient norm is checked
+        too, and on either the gradients are dropped and ``engine.step()`` is not called
+        (the optimizer, its step count and the weights stay as they were)."""
+        if self.role.zero_stage > 0:
+            return finite and bool(self.engine.was_step_applied())
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else 0
+        bad = torch.tensor(0.0 if finite and bool(torch.isfinite(torch.as_tensor(norm))) else 1.0)
+        if self.all_reduce(bad, "max") > 0:
+            self.engine.zero_grad()
+            return False
+        self.engine.step()
+        return True
+
+    def _count_skip(self, skipped: bool) -> bool:
+        """Count skipped steps in a row; ``learner.max_skipped_steps`` of them end the run."""
+        self.skipped_in_row = self.skipped_in_row + 1 if skipped else 0
+        limit = self.cfg.learner.max_skipped_steps
+        if limit and self.skipped_in_row >= limit:
+            raise NonFiniteError(
+                f"learner: {self.skipped_in_row} optimizer steps in a row were skipped because "
+                f"the loss or the gradient norm was not finite (step {self.step}); the "
+                "training has diverged. Lower learner.lr, check the rewards and advantages, "
+                "or raise learner.max_skipped_steps"
+            )
+        return skipped
 
     # ---- weights out (WeightSource: weight_layout, open/join_weight_sync, publish_weights) --
     def named_weights(self):
