@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 from contextlib import nullcontext
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,9 @@ class DeepSpeedRank:
             auto_mpi_discovery=False,
             rank=self.rank,
             world_size=self.world_size,
+            # a collective (all-reduce, gather) waiting longer than a whole actor call
+            # may take ends with an error on every rank instead of hanging
+            timeout=timedelta(seconds=self.cfg.run.call_timeout_s),
         )
         torch.manual_seed(self.cfg.run.seed)
         if self.role.zero_stage == 3:  # from_pretrained then loads each rank's shard only
