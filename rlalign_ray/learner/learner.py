@@ -14,7 +14,6 @@ from rlalign_ray.algorithms import (
 )
 from rlalign_ray.config import Config
 from rlalign_ray.data.batch import RolloutBatch
-from rlalign_ray.errors import NonFiniteError
 from rlalign_ray.learner.base import DeepSpeedRank
 from rlalign_ray.models.loading import batch_logprobs, load_causal_lm, response_logprobs
 from rlalign_ray.sync.weight_sync import WeightSource
@@ -23,8 +22,6 @@ from rlalign_ray.sync.weight_sync import WeightSource
 class Learner(DeepSpeedRank, WeightSource):
     def __init__(self, cfg: Config, rank: int, world_size: int):
         super().__init__(cfg, rank, world_size, cfg.learner)
-        self.step = 0  # the training step being run (``train_step``)
-        self.skipped_in_row = 0  # optimizer steps skipped one after another (non-finite)
 
     def build_model(self) -> torch.nn.Module:
         m = self.cfg.model
@@ -163,45 +160,6 @@ class Learner(DeepSpeedRank, WeightSource):
             loss = loss + kl_coef * aggregate_loss(kl, mask, a.loss_agg, norm_len)
             logs["kl"] = masked_mean(kl.detach(), mask).item()
         return loss, pg_loss, logs
-
-    # ---- non-finite losses and gradients: skip the optimizer step ----------------------
-    def agree_finite(self, loss: torch.Tensor) -> bool:
-        """Whether the loss is finite on every rank (all ranks take the same branch)."""
-        bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0)
-        return not bool(self.all_reduce(bad, "max") > 0)
-
-    def _finish_step(self, finite: bool) -> bool:
-        """Take (or skip) the mini-batch's optimizer step; True when it was applied.
-
-        Under ZeRO 1-3 every micro-batch ran its backward and ``engine.step()``; the ZeRO
-        optimizer finds a non-finite gradient norm itself, discards the gradients and
-        reports the step as not applied. Under stage 0 (a plain torch optimizer, no such
-        check) non-finite micro-batches ran no backward; here the gradient norm is checked
-        too, and on either the gradients are dropped and ``engine.step()`` is not called
-        (the optimizer, its step count and the weights stay as they were)."""
-        if self.role.zero_stage > 0:
-            return finite and bool(self.engine.was_step_applied())
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else 0
-        bad = torch.tensor(0.0 if finite and bool(torch.isfinite(torch.as_tensor(norm))) else 1.0)
-        if self.all_reduce(bad, "max") > 0:
-            self.engine.zero_grad()
-            return False
-        self.engine.step()
-        return True
-
-    def _count_skip(self, skipped: bool) -> bool:
-        """Count skipped steps in a row; ``learner.max_skipped_steps`` of them end the run."""
-        self.skipped_in_row = self.skipped_in_row + 1 if skipped else 0
-        limit = self.cfg.learner.max_skipped_steps
-        if limit and self.skipped_in_row >= limit:
-            raise NonFiniteError(
-                f"learner: {self.skipped_in_row} optimizer steps in a row were skipped because "
-                f"the loss or the gradient norm was not finite (step {self.step}); the "
-                "training has diverged. Lower learner.lr, check the rewards and advantages, "
-                "or raise learner.max_skipped_steps"
-            )
-        return skipped
 
     # ---- weights out (WeightSource: weight_layout, open/join_weight_sync, publish_weights) --
     def named_weights(self):
