@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rlalign_ray.config import RewardConfig, RewardSpec
+from rlalign_ray.config import RewardConfig, RewardSpec, config_from_dict
 from rlalign_ray.data.batch import NONFINITE
-from rlalign_ray.errors import RewardError
+from rlalign_ray.errors import ConfigError, RewardError
 from rlalign_ray.rewards.scorer import RewardScorer
 from rlalign_ray.trainers.rollouts import group_finite
 
@@ -71,3 +71,21 @@ def test_hung_reward_fails_within_its_timeout():
 def test_reward_errors_pass_through_the_timeout_thread():
     with pytest.raises(RewardError, match="ValueError: bad reward input"):
         _scorer("raises", timeout_s=5.0).score(_batch())
+
+
+def test_config_names_bad_limits():
+    raw = {
+        "reward": {
+            "rewards": [{"type": "function", "path": "helpers.rewards:digit_fraction"}],
+            "on_nonfinite": "skip",
+            "timeout_s": -1,
+        },
+        "rollout": {"timeout_s": 0},
+        "learner": {"max_skipped_steps": -1},
+    }
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw)
+    msg = str(err.value)
+    assert "reward.on_nonfinite: use one of error, zero, drop_group, got 'skip'" in msg
+    assert "reward.timeout_s: must be >= 0" in msg and "rollout.timeout_s: must be > 0" in msg
+    assert "learner.max_skipped_steps: must be >= 0" in msg
