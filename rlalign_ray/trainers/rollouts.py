@@ -149,9 +149,9 @@ class Rollouts:
             stats["train/informative_groups"] = float(informative.float().mean())
             stats["train/refills"] = float(s.rounds - 1)
         if a.dynamic_sampling or not finite.all():
-            # informative groups first, then (if refills ran out) uninformative ones;
-            # groups with a non-finite reward never
-            rank = (~informative).int() + 2 * (~finite).int()
+            # dynamic sampling: informative groups first, then (if refills ran out)
+            # uninformative ones; groups with a non-finite reward never
+            rank = 2 * (~finite).int() + (~informative).int() * a.dynamic_sampling
             order = torch.argsort(rank, stable=True)[: self._want]
             rows = (order.sort().values[:, None] * n + torch.arange(n)).flatten()
             scores = scores.select(rows)
