@@ -195,6 +195,12 @@ class DeepSpeedRank:
         return dict(zip(keys, mean.tolist()))
 
     # ---- non-finite losses and gradients: skip the optimizer step ----------------------
+    @property
+    def checks_grads(self) -> bool:
+        """Whether DeepSpeed's optimizer wrapper (ZeRO 1-3, or bf16) discards a step with a
+        non-finite gradient norm itself; stage 0 in fp32 steps a plain torch optimizer."""
+        return self.role.zero_stage > 0 or self.role.bf16
+
     def agree_finite(self, loss: torch.Tensor) -> bool:
         """Whether the loss is finite on every rank (all ranks take the same branch)."""
         bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0)
@@ -203,13 +209,13 @@ class DeepSpeedRank:
     def _finish_step(self, finite: bool) -> bool:
         """Take (or skip) the mini-batch's optimizer step; True when it was applied.
 
-        Under ZeRO 1-3 every micro-batch ran its backward and ``engine.step()``; the ZeRO
-        optimizer finds a non-finite gradient norm itself, discards the gradients and
-        reports the step as not applied. Under stage 0 (a plain torch optimizer, no such
-        check) non-finite micro-batches ran no backward; here the gradient norm is checked
+        Under ZeRO 1-3 (or bf16) every micro-batch ran its backward and ``engine.step()``;
+        DeepSpeed's optimizer finds a non-finite gradient norm itself, discards the
+        gradients and reports the step as not applied. Under stage 0 in fp32 (a plain torch
+        optimizer, no such check) non-finite micro-batches ran no backward; here the gradient norm is checked
         too, and on either the gradients are dropped and ``engine.step()`` is not called
         (the optimizer, its step count and the weights stay as they were)."""
-        if self.role.zero_stage > 0:
+        if self.checks_grads:
             return finite and bool(self.engine.was_step_applied())
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else 0
@@ -226,8 +232,9 @@ class DeepSpeedRank:
         limit = self.cfg.learner.max_skipped_steps  # the critic follows the learner's
         if limit and self.skipped_in_row >= limit:
             raise NonFiniteError(
-                f"{type(self).__name__} rank {self.rank}: {self.skipped_in_row} optimizer steps in a row were skipped because "
-                f"the loss or the gradient norm was not finite (step {self.step}); the "
+                f"{type(self).__name__} rank {self.rank}: {self.skipped_in_row} optimizer "
+                "steps in a row were skipped because the loss or the gradient norm was not "
+                f"finite (step {self.step}); the "
                 "training has diverged. Lower learner.lr, check the rewards and advantages, "
                 "or raise learner.max_skipped_steps"
             )

@@ -55,7 +55,7 @@ class Critic(DeepSpeedRank):
         non-finite loss on any rank, or gradient norm: ``DeepSpeedRank._finish_step``)."""
         clip, agg = self.cfg.critic.value_clip, self.cfg.algorithm.loss_agg
         micro = self.weighted_micro_batches(batch, rows)
-        zero, finite = self.role.zero_stage > 0, True
+        delegated, finite = self.checks_grads, True
         for i, (r, scale) in enumerate(micro):
             mb = batch.select(r).trimmed()
             t = mb.response_ids.shape[1]
@@ -74,9 +74,9 @@ class Critic(DeepSpeedRank):
             finite = finite and ok
             boundary = i == len(micro) - 1
             self.engine.set_gradient_accumulation_boundary(boundary)
-            if ok or zero:  # ZeRO discards a non-finite step itself
+            if ok or delegated:  # DeepSpeed discards a non-finite step itself
                 self.engine.backward(loss * scale)
-            if zero or (ok and not boundary):  # stage 0's boundary: ``_finish_step``
+            if delegated or (ok and not boundary):  # stage 0's boundary: ``_finish_step``
                 self.engine.step()
             if ok:
                 stats["value_loss"].append(loss.item())

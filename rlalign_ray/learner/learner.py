@@ -103,10 +103,10 @@ class Learner(DeepSpeedRank, WeightSource):
             finite = finite and ok
             boundary = i == len(micro) - 1
             self.engine.set_gradient_accumulation_boundary(boundary)
-            zero = self.role.zero_stage > 0  # ZeRO discards a non-finite step itself
-            if ok or zero:
+            delegated = self.checks_grads  # DeepSpeed discards a non-finite step itself
+            if ok or delegated:
                 self.engine.backward(loss * scale)
-            if zero or (ok and not boundary):  # stage 0's boundary: ``_finish_step``
+            if delegated or (ok and not boundary):  # stage 0's boundary: ``_finish_step``
                 self.engine.step()
             if not ok:
                 continue
