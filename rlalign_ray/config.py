@@ -154,6 +154,9 @@ class RolloutConfig:
         0,
         "prompts per unit of work idle generators pull (0: one static chunk per generator)",
     )
+    timeout_s: float = doc(
+        1800.0, "fail if one generation call (a chunk on one generator) takes longer than this"
+    )
 
 
 @dataclass
@@ -190,6 +193,14 @@ class RewardConfig:
     resources: Resources = doc(Resources(), "per reward actor")
     placement: Placement = doc(Placement(), "where the reward actors go")
     actor_class: str | None = doc(None, "module:Class to run instead of the built-in scorer")
+    timeout_s: float = doc(
+        600.0, "fail if one reward on one batch takes longer than this (0: no limit)"
+    )
+    on_nonfinite: str = doc(
+        "error",
+        "a NaN/inf reward: error (stop, naming it), zero (count it as 0), drop_group "
+        "(leave its prompt's group out of the step)",
+    )
 
 
 @dataclass
@@ -260,6 +271,9 @@ class DeepSpeedRole:
 class LearnerConfig(DeepSpeedRole):
     mini_batch_size: int = doc(0, "sequences per optimizer step, all ranks (0: the whole batch)")
     update_epochs: int = doc(1, "passes over each batch (the critic follows the same schedule)")
+    max_skipped_steps: int = doc(
+        3, "end the run after this many optimizer steps in a row skipped as non-finite (0: never)"
+    )
 
 
 @dataclass
@@ -517,6 +531,8 @@ def validate(cfg: Config) -> list[str]:
     _positive(e, "learner.world_size", lr.world_size)
     _positive(e, "learner.micro_batch_size", lr.micro_batch_size)
     _positive(e, "learner.update_epochs", lr.update_epochs)
+    _positive(e, "learner.max_skipped_steps", lr.max_skipped_steps, allow_zero=True)
+    _positive(e, "rollout.timeout_s", r.timeout_s)
     _positive(e, "trainer.steps", t.steps, allow_zero=True)
     _positive(e, "trainer.max_staleness", t.max_staleness, allow_zero=True)
     _positive(e, "rollout.chunk_size", r.chunk_size, allow_zero=True)
@@ -687,7 +703,16 @@ def _check_batches(cfg: Config, e: list[str]) -> None:
         )
 
 
+NONFINITE_MODES = ("error", "zero", "drop_group")
+
+
 def _check_rewards(cfg: Config, e: list[str]) -> None:
+    _positive(e, "reward.timeout_s", cfg.reward.timeout_s, allow_zero=True)
+    if cfg.reward.on_nonfinite not in NONFINITE_MODES:
+        e.append(
+            f"reward.on_nonfinite: use one of {', '.join(NONFINITE_MODES)}, "
+            f"got {cfg.reward.on_nonfinite!r}"
+        )
     if not cfg.reward.rewards:
         e.append(
             "reward.rewards: give at least one reward, e.g. "

@@ -24,6 +24,11 @@ class RewardError(RlalignError):
     """A reward function or model failed on a batch."""
 
 
+class NonFiniteError(RlalignError):
+    """Training diverged: too many optimizer steps in a row had a non-finite loss or
+    gradient norm (``learner.max_skipped_steps``)."""
+
+
 class PlacementError(RlalignError):
     """The cluster cannot place the requested actors."""
 

@@ -117,6 +117,9 @@ class RolloutBatch:
         )
 
 
+NONFINITE = "nonfinite"  # ScoredShard.breakdown key: 1.0 where a reward was NaN/inf
+
+
 @dataclass
 class ScoredShard:
     """What the reward pool returns for one RolloutBatch (small: no tokens)."""

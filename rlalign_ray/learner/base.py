@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 from contextlib import nullcontext
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 
 from rlalign_ray.config import Config, DeepSpeedRole
 from rlalign_ray.data.batch import RolloutBatch, pad_responses
+from rlalign_ray.errors import NonFiniteError
 from rlalign_ray.models.loading import default_device, load_tokenizer, set_threads
 
 
@@ -29,6 +31,8 @@ class DeepSpeedRank:
         self.cfg, self.role, self.rank, self.world_size = cfg, role, rank, world_size
         self.device = default_device()
         self.engine: Any = None
+        self.step = 0  # the training step being run (``train_step``)
+        self.skipped_in_row = 0  # optimizer steps skipped one after another (non-finite)
 
     def build_model(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -73,6 +77,9 @@ class DeepSpeedRank:
             auto_mpi_discovery=False,
             rank=self.rank,
             world_size=self.world_size,
+            # a collective (all-reduce, gather) waiting longer than a whole actor call
+            # may take ends with an error on every rank instead of hanging
+            timeout=timedelta(seconds=self.cfg.run.call_timeout_s),
         )
         torch.manual_seed(self.cfg.run.seed)
         if self.role.zero_stage == 3:  # from_pretrained then loads each rank's shard only
@@ -186,6 +193,52 @@ class DeepSpeedRank:
         local = torch.tensor([float(np.mean(stats[k])) for k in keys], dtype=torch.float64)
         mean = self.all_reduce(local) / self.world_size
         return dict(zip(keys, mean.tolist()))
+
+    # ---- non-finite losses and gradients: skip the optimizer step ----------------------
+    @property
+    def checks_grads(self) -> bool:
+        """Whether DeepSpeed's optimizer wrapper (ZeRO 1-3, or bf16) discards a step with a
+        non-finite gradient norm itself; stage 0 in fp32 steps a plain torch optimizer."""
+        return self.role.zero_stage > 0 or self.role.bf16
+
+    def agree_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank (all ranks take the same branch)."""
+        bad = torch.tensor(0.0 if torch.isfinite(loss.detach()).all() else 1.0)
+        return not bool(self.all_reduce(bad, "max") > 0)
+
+    def _finish_step(self, finite: bool) -> bool:
+        """Take (or skip) the mini-batch's optimizer step; True when it was applied.
+
+        Under ZeRO 1-3 (or bf16) every micro-batch ran its backward and ``engine.step()``;
+        DeepSpeed's optimizer finds a non-finite gradient norm itself, discards the
+        gradients and reports the step as not applied. Under stage 0 in fp32 (a plain torch
+        optimizer, no such check) non-finite micro-batches ran no backward; here the gradient norm is checked
+        too, and on either the gradients are dropped and ``engine.step()`` is not called
+        (the optimizer, its step count and the weights stay as they were)."""
+        if self.checks_grads:
+            return finite and bool(self.engine.was_step_applied())
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else 0
+        bad = torch.tensor(0.0 if finite and bool(torch.isfinite(torch.as_tensor(norm))) else 1.0)
+        if self.all_reduce(bad, "max") > 0:
+            self.engine.zero_grad()
+            return False
+        self.engine.step()
+        return True
+
+    def _count_skip(self, skipped: bool) -> bool:
+        """Count skipped steps in a row; ``learner.max_skipped_steps`` of them end the run."""
+        self.skipped_in_row = self.skipped_in_row + 1 if skipped else 0
+        limit = self.cfg.learner.max_skipped_steps  # the critic follows the learner's
+        if limit and self.skipped_in_row >= limit:
+            raise NonFiniteError(
+                f"{type(self).__name__} rank {self.rank}: {self.skipped_in_row} optimizer "
+                "steps in a row were skipped because the loss or the gradient norm was not "
+                f"finite (step {self.step}); the "
+                "training has diverged. Lower learner.lr, check the rewards and advantages, "
+                "or raise learner.max_skipped_steps"
+            )
+        return skipped
 
     # ---- weights out ------------------------------------------------------------------
     def gathered(self, params=None):

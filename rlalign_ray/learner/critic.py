@@ -50,6 +50,40 @@ class Critic(DeepSpeedRank):
             values[r, : mb.response_ids.shape[1]] = self._values(self.engine.module, mb).cpu()
         return values * batch.response_mask
 
+    def _update(self, batch, rows, returns, old_values, stats) -> bool:
+        """One optimizer step over the mini-batch ``rows``; False when it was skipped (a
+        non-finite loss on any rank, or gradient norm: ``DeepSpeedRank._finish_step``)."""
+        clip, agg = self.cfg.critic.value_clip, self.cfg.algorithm.loss_agg
+        micro = self.weighted_micro_batches(batch, rows)
+        delegated, finite = self.checks_grads, True
+        for i, (r, scale) in enumerate(micro):
+            mb = batch.select(r).trimmed()
+            t = mb.response_ids.shape[1]
+            mask = mb.response_mask.to(self.device)
+            v = self._values(self.engine, mb)
+            loss, m = value_loss(
+                v,
+                old_values[r, :t].to(self.device),
+                returns[r, :t].to(self.device),
+                mask,
+                clip=clip,
+                agg=agg,
+                norm_len=self.cfg.rollout.max_new_tokens,
+            )
+            ok = self.agree_finite(loss)
+            finite = finite and ok
+            boundary = i == len(micro) - 1
+            self.engine.set_gradient_accumulation_boundary(boundary)
+            if ok or delegated:  # DeepSpeed discards a non-finite step itself
+                self.engine.backward(loss * scale)
+            if delegated or (ok and not boundary):  # stage 0's boundary: ``_finish_step``
+                self.engine.step()
+            if ok:
+                stats["value_loss"].append(loss.item())
+                stats["vf_clipfrac"].append(float(m["vf_clipfrac"]))
+                stats["values_mean"].append(masked_mean(v.detach(), mask).item())
+        return self._count_skip(not self._finish_step(finite))
+
     def train_step(
         self,
         part: tuple[RolloutBatch, None],
@@ -59,29 +93,11 @@ class Critic(DeepSpeedRank):
     ) -> dict[str, float]:
         """One batch for this rank's rows: (n, T) returns and the values they came with."""
         batch, _ = part
-        clip, agg = self.cfg.critic.value_clip, self.cfg.algorithm.loss_agg
+        self.step = step
         stats: dict[str, list[float]] = defaultdict(list)
         self.engine.train()
+        skipped = 0
         for mini in self.mini_batches(len(batch), step):
-            micro = self.weighted_micro_batches(batch, mini)
-            for i, (r, scale) in enumerate(micro):
-                mb = batch.select(r).trimmed()
-                t = mb.response_ids.shape[1]
-                mask = mb.response_mask.to(self.device)
-                v = self._values(self.engine, mb)
-                loss, m = value_loss(
-                    v,
-                    old_values[r, :t].to(self.device),
-                    returns[r, :t].to(self.device),
-                    mask,
-                    clip=clip,
-                    agg=agg,
-                    norm_len=self.cfg.rollout.max_new_tokens,
-                )
-                self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
-                self.engine.backward(loss * scale)
-                self.engine.step()
-                stats["value_loss"].append(loss.item())
-                stats["vf_clipfrac"].append(float(m["vf_clipfrac"]))
-                stats["values_mean"].append(masked_mean(v.detach(), mask).item())
+            skipped += self._update(batch, mini, returns, old_values, stats)
+        stats["skipped_steps"].append(float(skipped))
         return self.reduce_stats(stats)

@@ -43,12 +43,15 @@ class Learner(DeepSpeedRank, WeightSource):
         advantages: (n,) one per row (outcome estimators) or (n, T), for this rank's rows.
         """
         batch, ref = part
+        self.step = step
         stats: dict[str, list[float]] = defaultdict(list)
         old = self._old_logprobs(batch, stats)
         adv = self._weighted(advantages, batch, old, stats)
         self.engine.train()
+        skipped = 0
         for mini in self.mini_batches(len(batch), step):
-            self._update(batch, mini, old, adv, ref, kl_coef, stats)
+            skipped += self._update(batch, mini, old, adv, ref, kl_coef, stats)
+        stats["skipped_steps"].append(float(skipped))
         return self.reduce_stats(stats)
 
     def _old_logprobs(self, batch, stats) -> torch.Tensor:
@@ -88,54 +91,75 @@ class Learner(DeepSpeedRank, WeightSource):
         stats["behaviour_is_weight"].append(masked_mean(w, batch.response_mask).item())
         return (adv[:, None] if adv.dim() == 1 else adv) * w
 
-    def _update(self, batch, rows, old, adv, ref, kl_coef, stats) -> None:
-        a = self.cfg.algorithm
-        norm_len = self.cfg.rollout.max_new_tokens  # Dr. GRPO: a constant, not the width
+    def _update(self, batch, rows, old, adv, ref, kl_coef, stats) -> bool:
+        """One optimizer step over the mini-batch ``rows``; False when it was skipped
+        because a micro-batch's loss (on any rank) or the gradient norm was not finite."""
         share = 0.0  # this rank's share of the mini-batch loss; the ranks' shares sum to it
         micro = self.weighted_micro_batches(batch, rows)
+        finite = True
         for i, (r, scale) in enumerate(micro):
-            mb = batch.select(r).trimmed()
-            t = mb.response_ids.shape[1]
-            mask = mb.response_mask.to(self.device)
-            logp, entropy = response_logprobs(
-                self.engine,
-                mb,
-                self.device,
-                self.cfg.rollout.temperature,
-                self.role.logprob_chunk_size,
-                entropy="loss" if a.entropy_coef else "metric",
-                agree=self.agree_chunks,
-            )
-            pg_loss, m = policy_loss(
-                logp,
-                old[r, :t].to(self.device),
-                (adv[r] if adv.dim() == 1 else adv[r, :t]).to(self.device),
-                mask,
-                clip_low=a.clip_low,
-                clip_high=a.clip_high,
-                dual_clip=a.dual_clip,
-                agg=a.loss_agg,
-                norm_len=norm_len,
-            )
-            loss = pg_loss
-            if a.entropy_coef:
-                loss = loss - a.entropy_coef * aggregate_loss(entropy, mask, a.loss_agg, norm_len)
-            if ref is not None:
-                kl = kl_penalty(logp, ref[r, :t].to(self.device), a.kl_estimator)
-                loss = loss + kl_coef * aggregate_loss(kl, mask, a.loss_agg, norm_len)
-                stats["kl"].append(masked_mean(kl.detach(), mask).item())
-            self.engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
-            self.engine.backward(loss * scale)
-            self.engine.step()
+            loss, pg_loss, logs = self.micro_loss(batch, r, old, adv, ref, kl_coef, i)
+            ok = self.agree_finite(loss)
+            finite = finite and ok
+            boundary = i == len(micro) - 1
+            self.engine.set_gradient_accumulation_boundary(boundary)
+            delegated = self.checks_grads  # DeepSpeed discards a non-finite step itself
+            if ok or delegated:
+                self.engine.backward(loss * scale)
+            if delegated or (ok and not boundary):  # stage 0's boundary: ``_finish_step``
+                self.engine.step()
+            if not ok:
+                continue
             stats["pg_loss"].append(pg_loss.item())
             share += loss.item() * scale / (self.grad_accumulation * self.world_size)
-            stats["entropy"].append(masked_mean(entropy.detach(), mask).item())
-            for key in ("clipfrac", "approx_kl"):
-                stats[key].append(float(m[key]))
-        stats["loss"].append(share * self.world_size)  # reduce_stats averages over ranks
-        norm = self.engine.get_global_grad_norm()
-        if norm is not None:
-            stats["grad_norm"].append(float(norm))
+            for key, value in logs.items():
+                stats[key].append(value)
+        applied = self._finish_step(finite)
+        if applied:
+            stats["loss"].append(share * self.world_size)  # reduce_stats averages over ranks
+            norm = self.engine.get_global_grad_norm()
+            if norm is not None:
+                stats["grad_norm"].append(float(norm))
+        return self._count_skip(not applied)
+
+    def micro_loss(self, batch, r, old, adv, ref, kl_coef, index):
+        """The loss of micro-batch ``index`` (rows ``r``): (loss, policy-gradient loss, a
+        dict of its statistics). Subclasses may wrap it (tests inject a NaN here)."""
+        a = self.cfg.algorithm
+        norm_len = self.cfg.rollout.max_new_tokens  # Dr. GRPO: a constant, not the width
+        mb = batch.select(r).trimmed()
+        t = mb.response_ids.shape[1]
+        mask = mb.response_mask.to(self.device)
+        logp, entropy = response_logprobs(
+            self.engine,
+            mb,
+            self.device,
+            self.cfg.rollout.temperature,
+            self.role.logprob_chunk_size,
+            entropy="loss" if a.entropy_coef else "metric",
+            agree=self.agree_chunks,
+        )
+        pg_loss, m = policy_loss(
+            logp,
+            old[r, :t].to(self.device),
+            (adv[r] if adv.dim() == 1 else adv[r, :t]).to(self.device),
+            mask,
+            clip_low=a.clip_low,
+            clip_high=a.clip_high,
+            dual_clip=a.dual_clip,
+            agg=a.loss_agg,
+            norm_len=norm_len,
+        )
+        loss = pg_loss
+        logs = {"entropy": masked_mean(entropy.detach(), mask).item()}
+        logs.update({key: float(m[key]) for key in ("clipfrac", "approx_kl")})
+        if a.entropy_coef:
+            loss = loss - a.entropy_coef * aggregate_loss(entropy, mask, a.loss_agg, norm_len)
+        if ref is not None:
+            kl = kl_penalty(logp, ref[r, :t].to(self.device), a.kl_estimator)
+            loss = loss + kl_coef * aggregate_loss(kl, mask, a.loss_agg, norm_len)
+            logs["kl"] = masked_mean(kl.detach(), mask).item()
+        return loss, pg_loss, logs
 
     # ---- weights out (WeightSource: weight_layout, open/join_weight_sync, publish_weights) --
     def named_weights(self):

@@ -91,6 +91,7 @@ class GeneratorPool(ActorPool):
         self.load: list[int] = []  # chunks in flight per actor
         self.idle_s: list[float] = []  # per actor: seconds with nothing in flight
         self._idle_since: list[float | None] = []
+        self._busy_since: dict[int, float] = {}  # actor -> when its current chunk started
         self._next_id = 0
 
     def started(self) -> None:
@@ -163,6 +164,8 @@ class GeneratorPool(ActorPool):
         )
         chunk.submitted_s = time.perf_counter()
         self.inflight[chunk.info_ref] = chunk
+        if self.load[actor] == 0:
+            self._busy_since[actor] = chunk.submitted_s
         if self.load[actor] == 0 and self._idle_since[actor] is not None:
             self.idle_s[actor] += chunk.submitted_s - self._idle_since[actor]
             self._idle_since[actor] = None
@@ -173,6 +176,7 @@ class GeneratorPool(ActorPool):
         the refs in ``also`` to be ready); their actors pull queued chunks at once."""
         import ray
 
+        self.check_overdue()
         pending = list(self.inflight) + list(also)
         if not pending:
             return []
@@ -193,10 +197,33 @@ class GeneratorPool(ActorPool):
             chunk.done, chunk.finished_s = True, now
             chunk.extra["info"] = info
             self.load[chunk.actor] -= 1
+            self._busy_since[chunk.actor] = now  # its next chunk (if any) starts now
             if self.load[chunk.actor] == 0:
                 self._idle_since[chunk.actor] = now
+                self._busy_since.pop(chunk.actor)
         self._dispatch()
         return finished
+
+    def check_overdue(self) -> None:
+        """Fail when a generator has run one chunk longer than ``rollout.timeout_s``,
+        naming the generator and the chunk (a hung engine ends the run in that time)."""
+        limit, now = self.cfg.rollout.timeout_s, time.perf_counter()
+        for actor, since in self._busy_since.items():
+            if now - since <= limit:
+                continue
+            mine = [c for c in self.inflight.values() if c.actor == actor]
+            chunk = min(mine, key=lambda c: c.id) if mine else None
+            what = (
+                f"chunk {chunk.id} (step {chunk.step}, {len(chunk.items)} prompts x {chunk.n}"
+                f" samples, first prompt {str(chunk.items[0].prompt)[:200]!r})"
+                if chunk
+                else "its chunk"
+            )
+            raise ActorFailure(
+                f"{self.name} {actor} did not finish {what} within {limit:g}s "
+                "(rollout.timeout_s); the generator may hang. Raise rollout.timeout_s for "
+                "long generations, or check the generator's log"
+            )
 
     def as_completed(self, chunks: Sequence[Chunk]) -> Iterator[Chunk]:
         """Yield ``chunks`` as they finish (submitting them first if they are not queued)."""

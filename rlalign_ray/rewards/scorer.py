@@ -1,14 +1,23 @@
 """The reward scorer: every configured reward on a rollout shard, summed with weights.
 
-A plain class; ``rlalign_ray.runtime.actors`` wraps it as a reward actor.
+A plain class; ``rlalign_ray.runtime.actors`` wraps it as a reward actor. Each reward
+call runs at most ``reward.timeout_s``; a NaN or infinite value is handled as
+``reward.on_nonfinite`` says: ``error`` stops the run naming the reward and the sample,
+``zero`` scores it 0, ``drop_group`` marks its row (total NaN) so that the driver leaves
+its prompt's whole group out of the step. In the last two modes the shard's breakdown
+carries a ``NONFINITE`` entry (1.0 where a reward was not finite) for the driver's count.
 """
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import torch
 
 from rlalign_ray.config import RewardConfig
-from rlalign_ray.data.batch import RolloutBatch, ScoredShard
+from rlalign_ray.data.batch import NONFINITE, RolloutBatch, ScoredShard
+from rlalign_ray.errors import RewardError
 from rlalign_ray.models.loading import default_device, set_threads
 from rlalign_ray.rewards.sources import load_reward
 
@@ -17,6 +26,7 @@ class RewardScorer:
     def __init__(self, cfg: RewardConfig):
         set_threads(cfg.resources.num_cpus)
         device = default_device()
+        self.cfg = cfg
         self.sources = [(load_reward(spec, device), spec.weight) for spec in cfg.rewards]
         names = [src.name for src, _ in self.sources]
         if len(set(names)) != len(names):
@@ -27,10 +37,20 @@ class RewardScorer:
     def score(self, batch: RolloutBatch) -> ScoredShard:
         breakdown: dict[str, torch.Tensor] = {}
         total = torch.zeros(len(batch))
+        bad_rows = torch.zeros(len(batch), dtype=torch.bool)
         for source, weight in self.sources:
-            values = torch.tensor(source(batch.prompts, batch.completions, batch.columns))
+            values = torch.tensor(self._call(source, batch), dtype=torch.float32)
+            bad = ~torch.isfinite(values)
+            if bad.any():
+                self._nonfinite(source.name, values, bad, batch)
+                values = values.masked_fill(bad, 0.0)
+                bad_rows |= bad
             breakdown[source.name] = values
             total += weight * values
+        if self.cfg.on_nonfinite != "error":
+            breakdown[NONFINITE] = bad_rows.float()
+            if self.cfg.on_nonfinite == "drop_group":
+                total = total.masked_fill(bad_rows, float("nan"))
         return ScoredShard(
             scores=total,
             breakdown=breakdown,
@@ -40,5 +60,50 @@ class RewardScorer:
             logprobs=batch.logprobs,
         )
 
+    def _call(self, source: Any, batch: RolloutBatch) -> list[float]:
+        """``source`` on the batch, in a thread that may run ``reward.timeout_s`` at most
+        (a hung reward function cannot be stopped, but the run ends with its name)."""
+        limit = self.cfg.timeout_s
+        args = (batch.prompts, batch.completions, batch.columns)
+        if not limit:
+            return source(*args)
+        out: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                out["values"] = source(*args)
+            except BaseException as e:  # re-raised in the caller's thread
+                out["error"] = e
+
+        worker = threading.Thread(target=run, name=f"reward-{source.name}", daemon=True)
+        worker.start()
+        worker.join(limit)
+        if worker.is_alive():
+            raise RewardError(
+                f"reward {source.name!r} did not return within {limit:g}s (reward.timeout_s) "
+                f"on a batch of {len(batch)}; first prompt {_short(batch.prompts[0])}, "
+                f"completion {_short(batch.completions[0])}. Make it faster or raise "
+                "reward.timeout_s"
+            )
+        if "error" in out:
+            raise out["error"]
+        return out["values"]
+
+    def _nonfinite(self, name: str, values: torch.Tensor, bad: torch.Tensor, batch) -> None:
+        """With ``on_nonfinite: error``: stop, naming the reward and the first bad sample."""
+        if self.cfg.on_nonfinite != "error":
+            return
+        i = int(bad.nonzero()[0])
+        raise RewardError(
+            f"reward {name!r} returned a non-finite value {float(values[i])} for sample {i} "
+            f"of a batch of {len(batch)} ({int(bad.sum())} non-finite in all; prompt "
+            f"{_short(batch.prompts[i])}, completion {_short(batch.completions[i])}). Fix "
+            "the reward, or set reward.on_nonfinite: zero or drop_group"
+        )
+
     def ping(self) -> int:
         return len(self.sources)
+
+
+def _short(text: str, n: int = 200) -> str:
+    return repr(text if len(text) <= n else text[:n] + "...")

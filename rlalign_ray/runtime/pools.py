@@ -160,25 +160,39 @@ def stop_pools(pools: dict[str, RolePool]) -> None:
 
 
 def lost_roles(pools: dict[str, RolePool], timeout_s: float = 10.0) -> str:
-    """Which roles lost actors, and which nodes are gone: for the message of a failed step."""
+    """Which roles lost actors, and which nodes are gone: for the message of a failed step.
+
+    Every actor is pinged at once and all answers are awaited together for ``timeout_s``
+    in all (seconds, not one timeout per actor); an actor that does not answer in time is
+    reported as not responding, one that died as lost."""
     import ray
     from ray.exceptions import RayActorError
 
-    lost = []
-    for name, pool in pools.items():
-        refs = [a.ping.remote() for a in pool.actors]
-        dead = 0
+    pings = {name: [a.ping.remote() for a in pool.actors] for name, pool in pools.items()}
+    every = [ref for refs in pings.values() for ref in refs]
+    done, _ = ray.wait(every, num_returns=len(every), timeout=timeout_s) if every else ([], [])
+    answered = set(done)
+    lost, silent = [], []
+    for name, refs in pings.items():
+        dead = hung = 0
         for ref in refs:
+            if ref not in answered:
+                hung += 1
+                continue
             try:
-                ray.get(ref, timeout=timeout_s)
+                ray.get(ref, timeout=0)
             except RayActorError:
                 dead += 1
-            except Exception:  # a hung or failing actor still counts as alive here
+            except Exception:  # a failing actor still counts as alive here
                 pass
         if dead:
             lost.append(f"{name} ({dead} of {len(refs)} actors)")
+        if hung:
+            silent.append(f"{name} ({hung} of {len(refs)} actors)")
     gone = [n["NodeManagerAddress"] + " " + n["NodeID"][:8] for n in ray.nodes() if not n["Alive"]]
     text = "Roles that lost actors: " + (", ".join(lost) if lost else "none")
+    if silent:
+        text += f". Not answering within {timeout_s:g}s: " + ", ".join(silent)
     if gone:
         text += ". Nodes no longer alive: " + ", ".join(gone)
     return text

@@ -151,8 +151,11 @@ class WeightSync:
         def node(actor: Any) -> Any:
             return actor.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id())
 
-        nodes = ray.get([node(a) for a in [self.sources[0], *self.generators]])
-        free = ray.get(self.sources[0].__ray_call__.remote(lambda _: shm_free_bytes()))
+        from rlalign_ray.runtime.pools import get
+
+        limit = self.cfg.timeout_s
+        nodes = get([node(a) for a in [self.sources[0], *self.generators]], "sync set-up", limit)
+        free = get(self.sources[0].__ray_call__.remote(lambda _: shm_free_bytes()), "sync", limit)
         room = free > 1.2 * SharedMemoryTransport.SLOTS * nbytes
         return "shared_memory" if len(set(nodes)) == 1 and room else "object_store"
 

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from rlalign_ray.config import Config
-from rlalign_ray.data.batch import PromptItem, ScoredShard
+from rlalign_ray.data.batch import NONFINITE, PromptItem, ScoredShard
 from rlalign_ray.data.prompts import PromptSampler
-from rlalign_ray.errors import ActorFailure
+from rlalign_ray.errors import ActorFailure, RewardError
 from rlalign_ray.pools import Chunk, Experience, Future, GeneratorPool, ReferencePool, RewardPool
 from rlalign_ray.runtime.pools import get
 
@@ -134,18 +134,25 @@ class Rollouts:
             scores = ScoredShard.concat(
                 get([s.scored[c.id] for c in s.chunks], "reward pool", self.cfg.run.call_timeout_s)
             )
-            if not a.dynamic_sampling:
+            finite = group_finite(scores.scores, n)  # all True unless on_nonfinite: drop_group
+            informative = (group_spread(scores.scores, n) > 0) & finite
+            if self._enough(finite, informative, s.rounds):
                 break
-            informative = group_spread(scores.scores, n) > 0
-            if int(informative.sum()) >= self._want or s.rounds > a.max_refills:
-                break
-            self._request(s, self.sampler.next(self._want))
+            missing = self._want - int(finite.sum())
+            self._request(s, self.sampler.next(self._want if a.dynamic_sampling else missing))
         rows, stats = None, {}
+        flags = scores.breakdown.pop(NONFINITE, None)
+        if flags is not None:
+            stats["reward/nonfinite"] = float(flags.sum())
+            stats["reward/dropped_groups"] = float((~finite).sum())
         if a.dynamic_sampling:
             stats["train/informative_groups"] = float(informative.float().mean())
             stats["train/refills"] = float(s.rounds - 1)
-            # informative groups first, then (if refills ran out) uninformative ones
-            order = torch.argsort((~informative).int(), stable=True)[: self._want]
+        if a.dynamic_sampling or not finite.all():
+            # dynamic sampling: informative groups first, then (if refills ran out)
+            # uninformative ones; groups with a non-finite reward never
+            rank = 2 * (~finite).int() + (~informative).int() * a.dynamic_sampling
+            order = torch.argsort(rank, stable=True)[: self._want]
             rows = (order.sort().values[:, None] * n + torch.arange(n)).flatten()
             scores = scores.select(rows)
         stats.update(self._timing(s, t0, t_gen))
@@ -154,6 +161,25 @@ class Rollouts:
         refs = [s.ref_lp[c.id] for c in s.chunks] if self.reference is not None else None
         del self.steps[step]
         return Experience([c.ref for c in s.chunks], rows, scores, refs, stats)
+
+    def _enough(self, finite: torch.Tensor, informative: torch.Tensor, rounds: int) -> bool:
+        """Whether the step has its groups: ``prompts_per_step`` with finite rewards (and,
+        with dynamic sampling, informative ones until the refills run out). Fails when
+        non-finite rewards (``reward.on_nonfinite: drop_group``) left too few groups after
+        ``algorithm.max_refills`` extra rounds."""
+        a = self.cfg.algorithm
+        have = int(finite.sum())
+        if a.dynamic_sampling and int(informative.sum()) >= self._want:
+            return True
+        if rounds <= a.max_refills:
+            return have >= self._want and not a.dynamic_sampling
+        if have < self._want:
+            raise RewardError(
+                f"only {have} of {self._want} prompt groups had finite rewards after "
+                f"{rounds} generation rounds (reward.on_nonfinite: drop_group, "
+                "algorithm.max_refills); fix the rewards that return NaN or inf"
+            )
+        return True
 
     def _timing(self, s: StepRollout, t0: float, t_gen: float) -> dict[str, float]:
         first = min(c.submitted_s for c in s.chunks)
@@ -202,7 +228,16 @@ class Rollouts:
         shards = get(
             [scored[c.id] for c in chunks], "reward pool (eval)", self.cfg.run.call_timeout_s
         )
-        return ScoredShard.concat(shards), t_gen
+        scores = ScoredShard.concat(shards)
+        flags = scores.breakdown.pop(NONFINITE, None)
+        if flags is not None and flags.any():  # drop_group: evaluate the finite samples
+            scores = scores.select(torch.isfinite(scores.scores).nonzero().squeeze(1))
+        return scores, t_gen
+
+
+def group_finite(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """(G,) whether every reward of each group of n adjacent samples is finite."""
+    return torch.isfinite(scores.view(-1, n)).all(dim=1)
 
 
 def group_spread(scores: torch.Tensor, n: int) -> torch.Tensor:

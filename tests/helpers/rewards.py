@@ -24,3 +24,29 @@ def dies(prompts, completions, **columns):
 
 def uses_answer(prompts, completions, answer, **columns):
     return [float(a in c) for c, a in zip(completions, answer)]
+
+
+def nan_on_first(prompts, completions, **columns):
+    """NaN for the first completion of every batch, else the digit fraction."""
+    values = digit_fraction(prompts, completions)
+    values[0] = float("nan")
+    return values
+
+
+def hangs(prompts, completions, **columns):
+    import time
+
+    time.sleep(600)
+    return [0.0] * len(completions)
+
+
+_CALLS = {"n": 0}
+
+
+def nan_once(prompts, completions, **columns):
+    """NaN for the first completion of this process's first batch, then the digit fraction."""
+    values = digit_fraction(prompts, completions)
+    _CALLS["n"] += 1
+    if _CALLS["n"] == 1:
+        values[0] = float("nan")
+    return values

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
+import pytest
+
 from rlalign_ray.config import Config
 from rlalign_ray.data.batch import PromptItem
+from rlalign_ray.errors import ActorFailure
 from rlalign_ray.pools import GeneratorPool
 
 
@@ -68,3 +73,18 @@ def test_front_submission_goes_before_waiting_chunks():
     evals = pool.chunks(_items(2), n=1, greedy=True, chunk_size=2)
     pool.submit(evals, front=True)
     assert list(pool.queue)[0] is evals[0]
+
+
+def test_a_chunk_past_rollout_timeout_names_the_generator_and_the_chunk():
+    pool = _pool(2, [])
+    pool.cfg.rollout.timeout_s = 5.0
+    chunks = pool.submit(pool.chunks(_items(4), n=2, step=3, chunk_size=2, seed=1))
+    for c in chunks:
+        pool.inflight[c.id] = c
+    pool.check_overdue()  # both just started
+    pool._busy_since[1] = time.perf_counter() - 6.0
+    with pytest.raises(ActorFailure) as err:
+        pool.check_overdue()
+    msg = str(err.value)
+    assert "generator 1 did not finish chunk 1 (step 3, 2 prompts x 2 samples" in msg
+    assert "'p2'" in msg and "5s (rollout.timeout_s)" in msg
