@@ -24,6 +24,10 @@ class RewardError(RlalignError):
     """A reward function or model failed on a batch."""
 
 
+class ClusterError(RlalignError):
+    """The Ray cluster to attach to cannot be reached."""
+
+
 class PlacementError(RlalignError):
     """The cluster cannot place the requested actors."""
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any
 
 from rlalign_ray.config import RunConfig
+from rlalign_ray.errors import ClusterError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,15 @@ def connect(run: RunConfig, cpus_needed: float) -> bool:
     if address:
         # The job's own runtime environment (ray job submit --working-dir ...) stays in force.
         log.info("attaching to the Ray cluster at %s", address)
-        ray.init(address=address, logging_level=logging.WARNING)
+        where = "run.ray_address" if run.ray_address else "RAY_ADDRESS"
+        check_reachable(address, where)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except ConnectionError as e:
+            raise ClusterError(
+                f"{where}: cannot attach to the Ray cluster at {address!r} ({e}); start it "
+                "(ray start --head) or fix the address"
+            ) from None
         return False
     # Worker processes import the user's reward modules from the working directory.
     pythonpath = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
@@ -63,6 +73,22 @@ def connect(run: RunConfig, cpus_needed: float) -> bool:
         configure_logging=True,
     )
     return True
+
+
+def check_reachable(address: str, where: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when ``host:port`` does not accept connections (``ray.init`` would retry
+    for minutes); other address forms (``auto``, ``local``) are left to Ray."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ClusterError(
+            f"{where}: no Ray cluster answers at {address!r} ({e.strerror or e}); start it "
+            "(ray start --head), fix the address, or leave run.ray_address null to start "
+            "an embedded local instance"
+        ) from None
 
 
 def describe_cluster() -> str:

@@ -24,3 +24,25 @@ def dies(prompts, completions, **columns):
 
 def uses_answer(prompts, completions, answer, **columns):
     return [float(a in c) for c, a in zip(completions, answer)]
+
+
+def returns_nan(prompts, completions, **columns):
+    return [float("nan")] * len(completions)
+
+
+def returns_strings(prompts, completions, **columns):
+    return ["good"] * len(completions)
+
+
+def hangs(prompts, completions, **columns):
+    import time
+
+    time.sleep(3600)
+    return [0.0] * len(completions)
+
+
+def completions_only(completions):
+    return [0.0] * len(completions)
+
+
+NOT_CALLABLE = [1.0, 2.0]
