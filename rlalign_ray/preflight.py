@@ -5,7 +5,8 @@ the tokenizer's chat template when prompts are message lists (or ``model.chat_te
 is on), and that every function reward imports and can be called as
 ``fn(prompts, completions, **columns)`` with the dataset's columns. Each problem is a
 ``RlalignError`` that names the key and the fix. Roles that run a custom ``actor_class``
-are not checked (their classes may not load the model or the rewards at all).
+are not checked (their classes may not load the model or the rewards at all), nor are
+local paths through Ray Client (``ray://``), where they are the cluster's.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ def preflight(cfg: Config, topology: Any, prompts: list[PromptItem]) -> None:
         if path:
             check_actor_class(f"{key}.actor_class", path)
     builtin = {role: pool.cls is None for role, pool in topology.pools.items()}
-    if builtin.get("generator") and builtin.get("learner"):
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or ""
+    remote = address.startswith("ray://")  # Ray Client: the paths are the cluster's, not ours
+    if builtin.get("generator") and builtin.get("learner") and not remote:
         check_model_path("model.path", cfg.model.path)
         if cfg.model.tokenizer:
             check_model_path("model.tokenizer", cfg.model.tokenizer, need_config=False)
@@ -40,7 +43,7 @@ def preflight(cfg: Config, topology: Any, prompts: list[PromptItem]) -> None:
         for i, spec in enumerate(cfg.reward.rewards):
             if spec.type == "function":
                 check_reward_function(f"reward.rewards[{i}].path", spec.path, columns)
-            else:
+            elif not remote:
                 check_model_path(f"reward.rewards[{i}].path", spec.path)
 
 
