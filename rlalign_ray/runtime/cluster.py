@@ -63,15 +63,24 @@ def connect(run: RunConfig, cpus_needed: float) -> bool:
     runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": pythonpath}}
     num_cpus = run.num_cpus or max(float(os.cpu_count() or 1), cpus_needed)
     log.info("starting an embedded local Ray instance (%g logical CPUs)", num_cpus)
-    ray.init(
-        address="local",
-        num_cpus=int(num_cpus + 0.999),
-        include_dashboard=False,
-        _node_ip_address=LOOPBACK,
-        runtime_env=runtime_env,
-        logging_level=logging.WARNING,
-        configure_logging=True,
-    )
+    try:
+        ray.init(
+            address="local",
+            num_cpus=int(num_cpus + 0.999),
+            include_dashboard=False,
+            _node_ip_address=LOOPBACK,
+            runtime_env=runtime_env,
+            logging_level=logging.WARNING,
+            configure_logging=True,
+        )
+    except Exception as e:  # Ray raises a bare Exception when its processes do not start
+        if ray.is_initialized():
+            ray.shutdown()
+        raise ClusterError(
+            f"the embedded Ray instance did not start ({type(e).__name__}: {e}); see the "
+            "logs under /tmp/ray/session_latest/logs, free some CPU or memory, or attach to "
+            "a running cluster with run.ray_address"
+        ) from None
     return True
 
 
