@@ -633,6 +633,13 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"learner.betas: needs two numbers, got {lr.betas}")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         e.append(f"model.dtype: use float32, bfloat16 or float16, got {cfg.model.dtype!r}")
+    for role in ("learner", "critic") if cfg.needs_critic else ("learner",):
+        if cfg.model.dtype != "float32" and not getattr(cfg, role).bf16:
+            e.append(
+                f"model.dtype: {cfg.model.dtype} weights with {role}.bf16: false would run "
+                f"the optimizer on {cfg.model.dtype} weights with no float32 master copy "
+                f"(updates lost to rounding); set {role}.bf16: true, or model.dtype: float32"
+            )
     _check_batches(cfg, e)
     _check_rewards(cfg, e)
     if not cfg.data.train:

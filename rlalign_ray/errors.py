@@ -29,6 +29,10 @@ class NonFiniteError(RlalignError):
     gradient norm (``learner.max_skipped_steps``)."""
 
 
+class ClusterError(RlalignError):
+    """The Ray cluster to attach to cannot be reached."""
+
+
 class PlacementError(RlalignError):
     """The cluster cannot place the requested actors."""
 

@@ -30,9 +30,22 @@ def import_function(path: str) -> RewardFn:
             f"reward {path!r}: cannot import module {module_name!r} ({e}); is it "
             "installed or on PYTHONPATH (the working directory of the job)?"
         ) from None
-    fn = getattr(module, attr, None)
-    if fn is None or not callable(fn):
-        raise RewardError(f"reward {path!r}: module {module_name!r} has no function {attr!r}")
+    except Exception as e:  # the user's module fails while importing
+        raise RewardError(
+            f"reward {path!r}: importing module {module_name!r} raised "
+            f"{type(e).__name__}: {e}; fix the module"
+        ) from None
+    if not hasattr(module, attr):
+        raise RewardError(
+            f"reward {path!r}: module {module_name!r} has no function {attr!r}; check the "
+            "name after the ':'"
+        )
+    fn = getattr(module, attr)
+    if not callable(fn):
+        raise RewardError(
+            f"reward {path!r}: {attr!r} in {module_name!r} is a {type(fn).__name__}, not a "
+            "function; point the path at a function fn(prompts, completions, **columns)"
+        )
     return fn
 
 
@@ -52,20 +65,33 @@ class FunctionReward:
         except Exception as e:  # a user's function: report which one, on what input
             raise RewardError(
                 f"reward function {self.path!r} raised {type(e).__name__}: {e} (on a batch of "
-                f"{len(completions)}; first prompt {prompts[0]!r}, completion {completions[0]!r})"
+                f"{len(completions)}; first prompt {prompts[0]!r}, completion {completions[0]!r}); "
+                "fix the function for such inputs"
             ) from e
         return check_values(self.path, values, len(completions))
 
 
 def check_values(name: str, values: Any, n: int) -> list[float]:
+    """One float per completion, or a ``RewardError`` naming the reward and the fix (NaN
+    and inf pass: ``RewardScorer`` applies ``reward.on_nonfinite`` to them)."""
+    fix = f"fix {name} to return one finite float per completion (a list of {n})"
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+        raise RewardError(
+            f"reward {name!r} returned {type(values).__name__} {values!r:.100}, not a list "
+            f"of numbers; {fix}"
+        )
+    if len(values) != n:
+        raise RewardError(
+            f"reward {name!r} returned {len(values)} values for {n} completions; {fix}"
+        )
     try:
+        if any(isinstance(v, (str, bytes)) for v in values):
+            raise TypeError
         out = [float(v) for v in values]
     except (TypeError, ValueError):
         raise RewardError(
-            f"reward {name!r} must return a list of numbers, got {values!r:.200}"
+            f"reward {name!r} must return a list of numbers, got {list(values)!r:.200}; {fix}"
         ) from None
-    if len(out) != n:
-        raise RewardError(f"reward {name!r} returned {len(out)} values for {n} completions")
     return out  # non-finite values: the scorer applies reward.on_nonfinite
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any
 
 from rlalign_ray.config import RunConfig
+from rlalign_ray.errors import ClusterError
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +48,56 @@ def connect(run: RunConfig, cpus_needed: float) -> bool:
     if address:
         # The job's own runtime environment (ray job submit --working-dir ...) stays in force.
         log.info("attaching to the Ray cluster at %s", address)
-        ray.init(address=address, logging_level=logging.WARNING)
+        where = "run.ray_address" if run.ray_address else "RAY_ADDRESS"
+        check_reachable(address, where)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except ConnectionError as e:
+            raise ClusterError(
+                f"{where}: cannot attach to the Ray cluster at {address!r} ({e}); start it "
+                "(ray start --head) or fix the address"
+            ) from None
         return False
     # Worker processes import the user's reward modules from the working directory.
     pythonpath = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
     runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": pythonpath}}
     num_cpus = run.num_cpus or max(float(os.cpu_count() or 1), cpus_needed)
     log.info("starting an embedded local Ray instance (%g logical CPUs)", num_cpus)
-    ray.init(
-        address="local",
-        num_cpus=int(num_cpus + 0.999),
-        include_dashboard=False,
-        _node_ip_address=LOOPBACK,
-        runtime_env=runtime_env,
-        logging_level=logging.WARNING,
-        configure_logging=True,
-    )
+    try:
+        ray.init(
+            address="local",
+            num_cpus=int(num_cpus + 0.999),
+            include_dashboard=False,
+            _node_ip_address=LOOPBACK,
+            runtime_env=runtime_env,
+            logging_level=logging.WARNING,
+            configure_logging=True,
+        )
+    except Exception as e:  # Ray raises a bare Exception when its processes do not start
+        if ray.is_initialized():
+            ray.shutdown()
+        raise ClusterError(
+            f"the embedded Ray instance did not start ({type(e).__name__}: {e}); see the "
+            "logs under /tmp/ray/session_latest/logs, free some CPU or memory, or attach to "
+            "a running cluster with run.ray_address"
+        ) from None
     return True
+
+
+def check_reachable(address: str, where: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when ``host:port`` does not accept connections (``ray.init`` would retry
+    for minutes); other address forms (``auto``, ``local``) are left to Ray."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ClusterError(
+            f"{where}: no Ray cluster answers at {address!r} ({e.strerror or e}); start it "
+            "(ray start --head), fix the address, or leave run.ray_address null to start "
+            "an embedded local instance"
+        ) from None
 
 
 def describe_cluster() -> str:

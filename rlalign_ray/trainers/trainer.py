@@ -41,9 +41,10 @@ from rlalign_ray.algorithms import (
 from rlalign_ray.config import Config
 from rlalign_ray.data.batch import PromptItem, ScoredShard, pad_responses
 from rlalign_ray.data.prompts import PromptSampler, load_prompts
-from rlalign_ray.errors import ActorFailure
+from rlalign_ray.errors import ActorFailure, DataError
 from rlalign_ray.logger import MetricsLogger
 from rlalign_ray.pools import ActorPool, Experience, WeightSync, start, stop
+from rlalign_ray.preflight import preflight
 from rlalign_ray.runtime.cluster import connect
 from rlalign_ray.runtime.pools import get, lost_roles
 from rlalign_ray.topology import Topology
@@ -72,12 +73,13 @@ class Trainer:
     # ---- the algorithm ----------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         cfg, k = self.cfg, self.cfg.trainer.max_staleness
-        train = load_prompts(cfg.data.train, cfg.data.prompt_key)
+        train = _prompts("data.train", cfg.data.train, cfg.data.prompt_key)
         evals = (
-            load_prompts(cfg.data.eval, cfg.data.prompt_key, cfg.data.eval_limit)
+            _prompts("data.eval", cfg.data.eval, cfg.data.prompt_key, cfg.data.eval_limit)
             if cfg.data.eval
             else []
         )
+        preflight(cfg, self.topology, train)
         logger = MetricsLogger(
             cfg.trainer.output_dir,
             cfg.trainer.steps,
@@ -253,6 +255,14 @@ class Trainer:
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
+
+
+def _prompts(key: str, path: str, prompt_key: str, limit: int = 0) -> list[PromptItem]:
+    """``load_prompts``, its errors prefixed with the config key that named the file."""
+    try:
+        return load_prompts(path, prompt_key, limit)
+    except DataError as e:
+        raise DataError(f"{key}: {e}") from None
 
 
 def rollout_metrics(scores: ScoredShard, prefix: str) -> dict[str, float]:

@@ -33,6 +33,14 @@ def nan_on_first(prompts, completions, **columns):
     return values
 
 
+def returns_nan(prompts, completions, **columns):
+    return [float("nan")] * len(completions)
+
+
+def returns_strings(prompts, completions, **columns):
+    return ["good"] * len(completions)
+
+
 def hangs(prompts, completions, **columns):
     import time
 
@@ -50,3 +58,11 @@ def nan_once(prompts, completions, **columns):
     if _CALLS["n"] == 1:
         values[0] = float("nan")
     return values
+
+
+
+def completions_only(completions):
+    return [0.0] * len(completions)
+
+
+NOT_CALLABLE = [1.0, 2.0]

@@ -169,3 +169,17 @@ def test_logprob_chunks_and_token_budgets():
         {"reward": {"rewards": REWARD}, "learner": {"max_tokens_per_micro_batch": 528}}
     )
     assert cfg.learner.max_tokens_per_micro_batch == 528
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_weights_need_bf16_training(dtype):
+    probs = _problems({"reward": {"rewards": REWARD}, "model": {"dtype": dtype}})
+    assert any(
+        p.startswith(f"model.dtype: {dtype} weights with learner.bf16: false")
+        and "set learner.bf16: true, or model.dtype: float32" in p
+        for p in probs
+    )
+    cfg = config_from_dict(
+        {"reward": {"rewards": REWARD}, "model": {"dtype": dtype}, "learner": {"bf16": True}}
+    )
+    assert cfg.learner.bf16

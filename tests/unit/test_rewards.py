@@ -9,7 +9,12 @@ from rlalign_ray.config import RewardConfig, RewardSpec
 from rlalign_ray.data.batch import RolloutBatch
 from rlalign_ray.errors import RewardError
 from rlalign_ray.rewards.scorer import RewardScorer
-from rlalign_ray.rewards.sources import FunctionReward, import_function, load_reward
+from rlalign_ray.rewards.sources import (
+    FunctionReward,
+    check_values,
+    import_function,
+    load_reward,
+)
 
 CPU = torch.device("cpu")
 
@@ -58,6 +63,26 @@ def test_function_errors_are_clear():
     fn = FunctionReward(RewardSpec(path="helpers.rewards:wrong_length"))
     with pytest.raises(RewardError, match="returned 1 values for 2 completions"):
         fn(["p", "q"], ["c", "d"], {})
+    with pytest.raises(RewardError, match="is a list, not a function"):
+        import_function("helpers.rewards:NOT_CALLABLE")
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        (["1.0", "2.0"], "must return a list of numbers"),
+        ("12", "returned str '12', not a list"),
+        (0.5, "returned float 0.5, not a list"),
+        ([float("nan"), 1.0], r"non-finite values \[nan\]"),
+        ([1.0], "returned 1 values for 2 completions"),
+        ([None, 1.0], "must return a list of numbers"),
+    ],
+)
+def test_reward_values_are_checked(values, match):
+    with pytest.raises(RewardError, match=match) as err:
+        check_values("m:fn", values, 2)
+    assert "'m:fn'" in str(err.value) and "one finite float per completion" in str(err.value)
+    assert check_values("m:fn", [1, 0.5], 2) == [1.0, 0.5]
 
 
 def test_sequence_classifier_reward_model(tmp_path, tiny_model):

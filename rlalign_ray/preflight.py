@@ -1,0 +1,140 @@
+"""Checks the driver runs before Ray starts: what an actor would only find out minutes later.
+
+``preflight(cfg, topology, prompts)`` checks the model path (a folder with a config.json),
+the tokenizer's chat template when prompts are message lists (or ``model.chat_template``
+is on), and that every function reward imports and can be called as
+``fn(prompts, completions, **columns)`` with the dataset's columns. Each problem is a
+``RlalignError`` that names the key and the fix. Roles that run a custom ``actor_class``
+are not checked (their classes may not load the model or the rewards at all), nor are
+local paths through Ray Client (``ray://``), where they are the cluster's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any
+
+from rlalign_ray.config import Config
+from rlalign_ray.data.batch import PromptItem
+from rlalign_ray.errors import ConfigError, RewardError
+
+
+def preflight(cfg: Config, topology: Any, prompts: list[PromptItem]) -> None:
+    for key in ("rollout", "reward", "reference", "learner", "critic"):
+        path = getattr(cfg, key).actor_class
+        if path:
+            check_actor_class(f"{key}.actor_class", path)
+    builtin = {role: pool.cls is None for role, pool in topology.pools.items()}
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or ""
+    remote = address.startswith("ray://")  # Ray Client: the paths are the cluster's, not ours
+    if builtin.get("generator") and builtin.get("learner") and not remote:
+        check_model_path("model.path", cfg.model.path)
+        if cfg.model.tokenizer:
+            check_model_path("model.tokenizer", cfg.model.tokenizer, need_config=False)
+        if cfg.model.reference:
+            check_model_path("model.reference", cfg.model.reference)
+        chat = cfg.model.chat_template or any(isinstance(p.prompt, list) for p in prompts)
+        if chat:
+            check_chat_template(cfg)
+    if builtin.get("reward"):
+        columns = sorted(prompts[0].columns) if prompts else []
+        for i, spec in enumerate(cfg.reward.rewards):
+            if spec.type == "function":
+                check_reward_function(f"reward.rewards[{i}].path", spec.path, columns)
+            elif not remote:
+                check_model_path(f"reward.rewards[{i}].path", spec.path)
+
+
+def _looks_local(path: str) -> bool:
+    """A filesystem path rather than a hub id (``name`` or ``org/name``)."""
+    return (
+        os.path.isabs(path)
+        or path.startswith((".", "~"))
+        or path.count("/") > 1
+        or os.path.exists(path)
+    )
+
+
+def check_model_path(key: str, path: str, need_config: bool = True) -> None:
+    if path.startswith("builtin:"):
+        return
+    if not _looks_local(path):
+        return  # a hub id: the actors download it
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(
+            [
+                f"{key}: {path!r} does not exist (relative paths start at {Path.cwd()}); "
+                "give a local model folder, a Hugging Face hub id, or builtin:tiny-arith"
+            ]
+        )
+    if not p.is_dir():
+        raise ConfigError([f"{key}: {path!r} is a file; give the model's folder"])
+    if need_config and not (p / "config.json").is_file():
+        raise ConfigError(
+            [
+                f"{key}: {path!r} has no config.json, so it is not a saved Hugging Face "
+                "model; point it at the folder save_pretrained() wrote"
+            ]
+        )
+
+
+def check_actor_class(key: str, path: str) -> None:
+    from rlalign_ray.topology import resolve_class
+
+    try:
+        cls = resolve_class(path)
+    except ConfigError as e:
+        raise ConfigError([f"{key}: {p}" for p in e.problems]) from None
+    if not isinstance(cls, type):
+        raise ConfigError([f"{key}: {path!r} is a {type(cls).__name__}, not a class"])
+
+
+def check_chat_template(cfg: Config) -> None:
+    from rlalign_ray.models.loading import load_tokenizer
+
+    path = cfg.model.tokenizer or cfg.model.path
+    key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
+    try:
+        tok = load_tokenizer(path, cfg.model.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - any loading failure is the user's input
+        raise ConfigError(
+            [f"{key}: cannot load a tokenizer from {path!r} ({type(e).__name__}: {e})"]
+        ) from None
+    if getattr(tok, "chat_template", None) is None:
+        why = (
+            "model.chat_template is on"
+            if cfg.model.chat_template
+            else f"the prompts in {cfg.data.train} are lists of messages"
+        )
+        raise ConfigError(
+            [
+                f"{key}: the tokenizer at {path!r} has no chat template, but {why}; use a "
+                "tokenizer with one (set model.tokenizer), or plain string prompts with "
+                "model.chat_template: false"
+            ]
+        )
+
+
+def check_reward_function(key: str, path: str, columns: list[str]) -> None:
+    from rlalign_ray.rewards.sources import import_function
+
+    try:
+        fn = import_function(path)
+    except RewardError as e:
+        raise RewardError(f"{key}: {e}") from None
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # a builtin or C function: nothing to check
+    try:
+        sig.bind(["prompt"], ["completion"], **{c: [None] for c in columns})
+    except TypeError as e:
+        raise RewardError(
+            f"{key}: reward function {path!r} cannot be called as "
+            f"fn(prompts, completions, **columns) with the dataset's columns {columns} "
+            f"({e}); define it as def {path.rpartition(':')[2]}(prompts, completions, "
+            "**columns) -> list[float]"
+        ) from None
