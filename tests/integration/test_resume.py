@@ -78,6 +78,30 @@ def test_resumed_run_logs_the_same_metrics_as_the_straight_run(ray_local, tiny_m
     assert (state.step, state.version) == (4, 4)
 
 
+def test_ppo_with_a_critic_and_two_zero2_ranks_resumes_exactly(ray_local, tiny_model, tmp_path):
+    ranks = {"world_size": 2, "zero_stage": 2, "micro_batch_size": 2}
+    sections = {
+        "algorithm": {"name": "ppo", "kl_coef": 0.05, "kl_in_reward": True, "lam": 0.95},
+        "rollout": {"n_samples": 1, "prompts_per_step": 4, "num_actors": 1},
+        "reward": {"num_actors": 1},
+        "learner": {**ranks, "lr": 1e-3, "resources": {"num_cpus": 0.5}},
+        "critic": {**ranks, "lr": 1e-3, "resources": {"num_cpus": 0.5}},
+    }
+
+    def config(out: Path, steps: int, **trainer) -> dict:
+        cfg = _config(tiny_model, out, steps, **trainer)
+        return {**cfg, **{k: {**cfg.get(k, {}), **v} for k, v in sections.items()}}
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    Trainer(config_from_dict(config(straight, 3))).fit()
+    Trainer(config_from_dict(config(resumed, 2))).fit()
+    assert (resumed / "checkpoints" / "step_2" / "critic").is_dir()
+    Trainer(config_from_dict(config(resumed, 3, resume="auto"))).fit()
+    a, b = _rows(straight), _rows(resumed)
+    _assert_same(a, b, [3])
+    assert b[3]["critic/value_loss"] == pytest.approx(a[3]["critic/value_loss"], rel=1e-6)
+
+
 def test_a_new_run_never_writes_into_an_old_one(tiny_model, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
