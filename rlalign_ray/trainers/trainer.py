@@ -15,6 +15,10 @@ advantage is weighted by min(pi_proximal / pi_behaviour, ``algorithm.behaviour_i
 -- the generator's recorded log-probs are the behaviour policy. It keeps the trust region
 around the current policy (a ratio against a policy k versions old would be clipped
 mostly on staleness, not on the update), and the cap bounds the variance.
+
+Every ``trainer.save_every`` steps the driver writes a resumable checkpoint (learner and
+critic ranks' DeepSpeed state, sampler, KL controller, random states: ``checkpoint.py``);
+``trainer.resume`` continues a run from one.
 """
 
 from __future__ import annotations
@@ -251,7 +255,7 @@ class Trainer:
         return checkpoint.commit(tmp, step, t.keep_checkpoints)
 
     def restore(self, path: Path, state: checkpoint.TrainerState) -> None:
-        """Load ``checkpoint``'s state into the started pools and the driver, and publish
+        """Load the checkpoint in ``path`` into the started pools and the driver, and publish
         the restored weights to every generator (as version ``state.version``)."""
         for role in ("learner", "critic"):
             if role in self.pools:
