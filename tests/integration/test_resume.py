@@ -86,6 +86,7 @@ def test_ppo_with_a_critic_and_two_zero2_ranks_resumes_exactly(ray_local, tiny_m
         "reward": {"num_actors": 1},
         "learner": {**ranks, "lr": 1e-3, "resources": {"num_cpus": 0.5}},
         "critic": {**ranks, "lr": 1e-3, "resources": {"num_cpus": 0.5}},
+        "run": {"call_timeout_s": 900},  # six ranks and actors starting on a busy machine
     }
 
     def config(out: Path, steps: int, **trainer) -> dict:
