@@ -300,7 +300,18 @@ class ReferenceConfig:
 class TrainerConfig:
     steps: int = doc(100, "training steps (one batch of prompts each)")
     eval_every: int = doc(10, "evaluate every N steps (0: only at start and end)")
-    save_every: int = doc(0, "save a checkpoint every N steps (0: only the final model)")
+    save_every: int = doc(
+        0,
+        "save a resumable checkpoint every N steps in output_dir/checkpoints/step_N "
+        "(0: only the final model)",
+    )
+    keep_checkpoints: int = doc(2, "keep the last N checkpoints (0: keep all)")
+    resume: str = doc(
+        "none",
+        "none: start a new run (output_dir must be empty or absent); auto: continue from "
+        "the latest checkpoint in output_dir (a fresh start if there is none); or the path "
+        "of a checkpoint (checkpoints/step_N) or of a run's output_dir",
+    )
     output_dir: str = doc("runs/demo", "metrics.jsonl, TensorBoard logs, checkpoints, final/")
     tensorboard: bool = doc(True, "write TensorBoard logs")
     progress_bar: bool = doc(True, "show a progress bar")
@@ -646,6 +657,12 @@ def validate(cfg: Config) -> list[str]:
         e.append("data.train: give a JSONL file of prompts")
     if t.eval_every < 0 or t.save_every < 0:
         e.append("trainer.eval_every / trainer.save_every: must be >= 0")
+    _positive(e, "trainer.keep_checkpoints", t.keep_checkpoints, allow_zero=True)
+    if t.resume not in ("none", "auto") and not Path(t.resume).exists():
+        e.append(
+            f"trainer.resume: {t.resume!r} is neither none, auto nor an existing checkpoint "
+            "or run folder"
+        )
     return e
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,20 @@ class MetricsLogger:
     """One JSON line per step in ``<output_dir>/metrics.jsonl``; TensorBoard beside it."""
 
     def __init__(
-        self, output_dir: str, total_steps: int, tensorboard: bool = True, progress_bar: bool = True
+        self,
+        output_dir: str,
+        total_steps: int,
+        tensorboard: bool = True,
+        progress_bar: bool = True,
+        keep_upto: int | None = None,
     ):
+        """``keep_upto``: keep only the rows of steps up to it already in the file (a resumed
+        run: the steps after its checkpoint are logged again; -1: none); None: append."""
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
+        if keep_upto is not None:
+            truncate(self.path, keep_upto)
         self._file = self.path.open("a", encoding="utf-8")
         self._tb = None
         if tensorboard:
@@ -52,9 +62,9 @@ class MetricsLogger:
                     self._shown[short] = f"{row[k]:.3f}"
             self._bar.set_postfix(self._shown, refresh=False)
 
-    def advance(self) -> None:
+    def advance(self, steps: int = 1) -> None:
         if self._bar is not None:
-            self._bar.update(1)
+            self._bar.update(steps)
 
     def close(self) -> None:
         self._file.close()
@@ -62,6 +72,24 @@ class MetricsLogger:
             self._tb.close()
         if self._bar is not None:
             self._bar.close()
+
+
+def truncate(path: Path, last_step: int) -> None:
+    """Keep the rows of ``path`` with ``step <= last_step`` (rewritten atomically); a row
+    cut short by a killed run goes too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", last_step + 1) <= last_step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _plain(v: Any) -> Any:

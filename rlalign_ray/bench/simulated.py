@@ -295,7 +295,7 @@ def simulated_topology(cfg: Any, work: Workload) -> Any:
 
 def simulated_config(output_dir: str, steps: int, overrides: Sequence[str] = ()) -> Any:
     """A config for ``steps`` simulated steps (``bench_overrides``: no evaluation or
-    checkpoints, metrics in ``output_dir``), synthetic prompts written to ``output_dir``,
+    checkpoints, metrics in ``output_dir/run``), synthetic prompts written to ``output_dir``,
     light actors (0.01 CPU each); the model and the reward function are never loaded.
     ``overrides`` come last."""
     from rlalign_ray.bench.common import bench_overrides
@@ -307,7 +307,7 @@ def simulated_config(output_dir: str, steps: int, overrides: Sequence[str] = ())
     return load_config(
         None,
         [
-            *bench_overrides(output_dir, steps),
+            *bench_overrides(str(Path(output_dir) / "run"), steps),  # an empty run folder
             f"data.train={prompts}",
             "reward.rewards=[{type: function, path: 'rlalign_ray.rewards.builtin:arithmetic_exact'}]",
             f"rollout.resources={light}",

@@ -270,6 +270,29 @@ class DeepSpeedRank:
         tok.save_pretrained(path)
         return path
 
+    # ---- resumable checkpoints ----------------------------------------------------------
+    def save_checkpoint(self, path: str, tag: str) -> None:
+        """All ranks call this: DeepSpeed writes the module, the optimizer and scheduler
+        states (each rank its ZeRO shard), and each rank its random states."""
+        from rlalign_ray.checkpoint import rng_state
+
+        self.engine.save_checkpoint(path, tag=tag, save_latest=False)
+        torch.save(rng_state(), os.path.join(path, tag, f"rng_rank{self.rank}.pt"))
+        self.all_reduce(torch.zeros(1))  # every rank's files are written when any returns
+
+    def load_checkpoint(self, path: str, tag: str) -> None:
+        """All ranks call this after ``setup``: the state ``save_checkpoint`` wrote."""
+        from rlalign_ray.checkpoint import set_rng_state
+
+        loaded, _ = self.engine.load_checkpoint(
+            path, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if loaded is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} in {path}")
+        rng = os.path.join(path, tag, f"rng_rank{self.rank}.pt")
+        if os.path.exists(rng):  # absent when resumed with more ranks
+            set_rng_state(torch.load(rng, weights_only=False))
+
 
 def count_for(mode: str, mask: torch.Tensor) -> float:
     """The normaliser of ``aggregate_loss(mode)`` for these rows: tokens or sequences

@@ -18,6 +18,7 @@ that sampled it; the actor reports it too and the two must agree.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -29,6 +30,8 @@ from rlalign_ray.data.batch import PromptItem
 from rlalign_ray.errors import ActorFailure
 from rlalign_ray.pools.base import ActorPool, Future
 from rlalign_ray.runtime.pools import get
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -257,6 +260,29 @@ class GeneratorPool(ActorPool):
         now = time.perf_counter()
         return sum(
             s + (now - t if t is not None else 0.0) for s, t in zip(self.idle_s, self._idle_since)
+        )
+
+    # ---- resumable checkpoints ------------------------------------------------------------
+    def rng_states(self) -> list[Any]:
+        """Every actor's random state, in actor order (between steps: nothing in flight)."""
+        return self.gather("get_rng_state")
+
+    def set_rng_states(self, states: Sequence[Any]) -> None:
+        """Restore ``rng_states``; with another number of actors, their streams differ
+        from the run that saved them (a warning)."""
+        if len(states) != len(self.actors):
+            log.warning(
+                "%s: the checkpoint holds %d generators' random states, the pool has %d; "
+                "unseeded samples differ from the run that saved it",
+                self.name,
+                len(states),
+                len(self.actors),
+            )
+            return
+        get(
+            [a.set_rng_state.remote(s) for a, s in zip(self.actors, states)],
+            f"{self.name} set_rng_state",
+            self.timeout_s,
         )
 
     # ---- weights and memory -------------------------------------------------------------

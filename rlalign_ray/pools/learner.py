@@ -69,6 +69,21 @@ class DeepSpeedGroup(ActorPool):
         """Every rank takes part (ZeRO-3 gathers); rank 0 writes a Hugging Face folder."""
         get(self.call("save_pretrained", str(path)), f"{self.name}: saving {path}", self.timeout_s)
 
+    def save_checkpoint(self, path: str, tag: str = "ds") -> None:
+        """DeepSpeed's checkpoint of every rank (optimizer state, ZeRO shards) in ``path``."""
+        get(
+            self.call("save_checkpoint", str(path), tag),
+            f"{self.name}: checkpointing to {path}",
+            self.timeout_s,
+        )
+
+    def load_checkpoint(self, path: str, tag: str = "ds") -> None:
+        get(
+            self.call("load_checkpoint", str(path), tag),
+            f"{self.name}: loading the checkpoint in {path}",
+            self.timeout_s,
+        )
+
 
 class LearnerGroup(DeepSpeedGroup):
     """The policy's ranks (``learner/learner.py``'s ``Learner`` by default); also the

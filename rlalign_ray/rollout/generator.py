@@ -163,6 +163,18 @@ class Generator:
         """Take the GPU memory back before the next weight load and generation."""
         self.backend.wake_up()
 
+    # ---- resumable checkpoints ----------------------------------------------------------
+    def get_rng_state(self) -> dict[str, Any]:
+        """This actor's random states (unseeded chunks sample from its own stream)."""
+        from rlalign_ray.checkpoint import rng_state
+
+        return rng_state()
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        from rlalign_ray.checkpoint import set_rng_state
+
+        set_rng_state(state)
+
     def get_version(self) -> int:
         return self.version
 

@@ -53,6 +53,18 @@ class Rollouts:
         self.steps: dict[int, StepRollout] = {}
         self.requested = 0  # the last step whose generation was requested
         self.totals = {"generated": 0, "trained": 0, "dropped_stale": 0}
+        self.sampler_before: dict[int, dict[str, int]] = {}  # step -> sampler state before it
+
+    def resume_state(self, step: int) -> dict[str, int]:
+        """The sampler state that draws step ``step + 1`` (a checkpoint after ``step``):
+        with pipelining, later steps' prompts may already be drawn."""
+        return dict(self.sampler_before.get(step + 1, self.sampler.state_dict()))
+
+    def resume_from(self, step: int, sampler: dict[str, int], totals: dict[str, int]) -> None:
+        """Continue after ``step`` (nothing is in flight): the next request is step + 1."""
+        self.sampler.load_state_dict(sampler)
+        self.requested = step
+        self.totals.update(totals)
 
     # ---- requesting and landing ---------------------------------------------------------
     def request_upto(self, step: int) -> None:
@@ -60,6 +72,7 @@ class Rollouts:
         while self.requested < step:
             self.requested += 1
             self.steps[self.requested] = StepRollout(self.requested)
+            self.sampler_before[self.requested] = self.sampler.state_dict()
             self._request(self.steps[self.requested], self.sampler.next(self._want))
 
     @property
@@ -160,6 +173,7 @@ class Rollouts:
         self.totals["trained"] += len(scores)
         refs = [s.ref_lp[c.id] for c in s.chunks] if self.reference is not None else None
         del self.steps[step]
+        self.sampler_before.pop(step, None)
         return Experience([c.ref for c in s.chunks], rows, scores, refs, stats)
 
     def _enough(self, finite: torch.Tensor, informative: torch.Tensor, rounds: int) -> bool:

@@ -15,6 +15,10 @@ advantage is weighted by min(pi_proximal / pi_behaviour, ``algorithm.behaviour_i
 -- the generator's recorded log-probs are the behaviour policy. It keeps the trust region
 around the current policy (a ratio against a policy k versions old would be clipped
 mostly on staleness, not on the update), and the cap bounds the variance.
+
+Every ``trainer.save_every`` steps the driver writes a resumable checkpoint (learner and
+critic ranks' DeepSpeed state, sampler, KL controller, random states: ``checkpoint.py``);
+``trainer.resume`` continues a run from one.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from rlalign_ray import checkpoint
 from rlalign_ray.algorithms import (
     ADVANTAGE_ESTIMATORS,
     AdaptiveKLController,
@@ -80,11 +85,14 @@ class Trainer:
             else []
         )
         preflight(cfg, self.topology, train)
+        ckpt = checkpoint.prepare_run(cfg.trainer.output_dir, cfg.trainer.resume)
+        state = checkpoint.TrainerState.read(ckpt) if ckpt else None
         logger = MetricsLogger(
             cfg.trainer.output_dir,
             cfg.trainer.steps,
             cfg.trainer.tensorboard,
             cfg.trainer.progress_bar,
+            keep_upto=state.step if state else -1,  # a fresh start drops an old run's rows
         )
         last: dict[str, float] = {}
         try:
@@ -96,10 +104,13 @@ class Trainer:
                 self.pools.get("reference"),
                 PromptSampler(train, cfg.run.seed),
             )
-            if evals:
+            if state is not None:
+                self.restore(ckpt, state)
+                logger.advance(state.step)
+            elif evals:
                 last = self.evaluate(evals)
                 logger.log(0, {**last, "weights/version": self.version})
-            for step in range(1, cfg.trainer.steps + 1):
+            for step in range((state.step if state else 0) + 1, cfg.trainer.steps + 1):
                 t0, cpu0 = time.perf_counter(), time.process_time()
                 idle0 = self.pools["generator"].idle_seconds()
                 # 1-3. generation for every step the staleness bound allows (k = 0: this one)
@@ -128,7 +139,7 @@ class Trainer:
                 ):
                     metrics.update(self.evaluate(evals))
                 if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
-                    self.save(Path(cfg.trainer.output_dir) / "checkpoints" / f"step_{step}")
+                    self.checkpoint(step)
                 gens = len(self.pools["generator"])
                 idle = self.pools["generator"].idle_seconds() - idle0
                 metrics["time/generator_idle_s"] = idle / gens
@@ -223,6 +234,41 @@ class Trainer:
 
     def save(self, path: Path) -> None:
         self.pools["learner"].save(str(path))
+
+    # ---- resumable checkpoints (rlalign_ray/checkpoint.py) ------------------------------
+    def checkpoint(self, step: int) -> Path:
+        """Everything a run needs to continue after ``step``, in
+        ``checkpoints/step_<step>`` (written aside, then renamed)."""
+        t = self.cfg.trainer
+        tmp = checkpoint.staging(t.output_dir, step)
+        self.save(tmp)  # the policy as a Hugging Face folder
+        for role in ("learner", "critic"):
+            if role in self.pools:
+                self.pools[role].save_checkpoint(str(tmp / role))
+        torch.save(self.pools["generator"].rng_states(), tmp / "generators_rng.pt")
+        torch.save(checkpoint.rng_state(), tmp / "driver_rng.pt")
+        checkpoint.TrainerState(
+            step=step,
+            version=self.version,
+            sampler=self.rollouts.resume_state(step),
+            kl_coef=self.kl_ctl.value,
+            totals=dict(self.rollouts.totals),
+        ).write(tmp)
+        return checkpoint.commit(tmp, step, t.keep_checkpoints)
+
+    def restore(self, path: Path, state: checkpoint.TrainerState) -> None:
+        """Load the checkpoint in ``path`` into the started pools and the driver, and publish
+        the restored weights to every generator (as version ``state.version``)."""
+        for role in ("learner", "critic"):
+            if role in self.pools:
+                self.pools[role].load_checkpoint(str(path / role))
+        self.weights.sync(state.version)
+        self.version = state.version
+        gens = torch.load(path / "generators_rng.pt", weights_only=False)
+        self.pools["generator"].set_rng_states(gens)
+        self.rollouts.resume_from(state.step, state.sampler, state.totals)
+        self.kl_ctl.value = state.kl_coef
+        checkpoint.set_rng_state(torch.load(path / "driver_rng.pt", weights_only=False))
 
     def generators_sleep(self, asleep: bool) -> None:
         """With ``rollout.enable_sleep_mode`` (synchronous only), the vLLM engines give

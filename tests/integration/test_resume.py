@@ -1,0 +1,207 @@
+"""Resumable checkpoints (``rlalign_ray/checkpoint.py``) and run folders.
+
+- a run resumed from a checkpoint logs the same metrics for every later step as the run
+  that never stopped (synchronous training, CPU, fixed seed);
+- the same after the driver and every process it started are killed with SIGKILL after
+  step 3 is logged, resumed with ``trainer.resume=auto`` from the command line;
+- a new run into a folder that already holds one is refused, naming both ways out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from conftest import REPO, small_config
+
+from rlalign_ray import checkpoint
+from rlalign_ray.config import config_from_dict
+from rlalign_ray.errors import ConfigError
+from rlalign_ray.trainer import Trainer
+
+pytestmark = pytest.mark.integration
+KEYS = ("train/reward_mean", "train/loss", "train/kl")
+
+
+def _config(model: str, out: Path, steps: int = 4, **trainer) -> dict:
+    return small_config(
+        model,
+        str(out),
+        data={"eval": None},
+        algorithm={"name": "grpo", "kl_coef": 0.01, "kl_target": 0.05, "kl_horizon": 100},
+        trainer={
+            "steps": steps,
+            "save_every": 2,
+            "eval_every": 0,
+            "output_dir": str(out),
+            "tensorboard": False,
+            "progress_bar": False,
+            **trainer,
+        },
+    )
+
+
+def _rows(out: Path) -> dict[int, dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in lines]
+    assert len({r["step"] for r in rows}) == len(rows), "a step is logged twice"
+    return {r["step"]: r for r in rows}
+
+
+def _assert_same(a: dict[int, dict], b: dict[int, dict], steps) -> None:
+    for step in steps:
+        for key in (*KEYS, "train/kl_coef", "weights/version"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-6, abs=1e-9), (step, key)
+
+
+def test_resumed_run_logs_the_same_metrics_as_the_straight_run(ray_local, tiny_model, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    Trainer(config_from_dict(_config(tiny_model, straight))).fit()
+    Trainer(config_from_dict(_config(tiny_model, resumed, steps=2))).fit()
+    assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_2"
+    Trainer(config_from_dict(_config(tiny_model, resumed, resume="auto"))).fit()
+    a, b = _rows(straight), _rows(resumed)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    _assert_same(a, b, [1, 2, 3, 4])
+    # the last trainer.keep_checkpoints (2) complete checkpoints are kept, nothing half-written
+    names = sorted(p.name for p in (resumed / "checkpoints").iterdir())
+    assert names == ["latest", "step_2", "step_4"]
+    state = checkpoint.TrainerState.read(resumed / "checkpoints" / "step_4")
+    assert (state.step, state.version) == (4, 4)
+
+
+def test_ppo_with_a_critic_and_two_zero2_ranks_resumes_exactly(ray_local, tiny_model, tmp_path):
+    ranks = {"world_size": 2, "zero_stage": 2, "micro_batch_size": 2}
+    sections = {
+        "algorithm": {"name": "ppo", "kl_coef": 0.05, "kl_in_reward": True, "lam": 0.95},
+        "rollout": {"n_samples": 1, "prompts_per_step": 4, "num_actors": 1},
+        "reward": {"num_actors": 1},
+        "learner": {**ranks, "lr": 1e-3, "resources": {"num_cpus": 0.5}},
+        "critic": {**ranks, "lr": 1e-3, "resources": {"num_cpus": 0.5}},
+        "run": {"call_timeout_s": 900},  # six ranks and actors starting on a busy machine
+    }
+
+    def config(out: Path, steps: int, **trainer) -> dict:
+        cfg = _config(tiny_model, out, steps, **trainer)
+        return {**cfg, **{k: {**cfg.get(k, {}), **v} for k, v in sections.items()}}
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    Trainer(config_from_dict(config(straight, 3))).fit()
+    Trainer(config_from_dict(config(resumed, 2))).fit()
+    assert (resumed / "checkpoints" / "step_2" / "critic").is_dir()
+    Trainer(config_from_dict(config(resumed, 3, resume="auto"))).fit()
+    a, b = _rows(straight), _rows(resumed)
+    _assert_same(a, b, [3])
+    assert b[3]["critic/value_loss"] == pytest.approx(a[3]["critic/value_loss"], rel=1e-6)
+
+
+def test_a_new_run_never_writes_into_an_old_one(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError, match="trainer.resume=auto or pick another"):
+        Trainer(config_from_dict(_config(tiny_model, out))).fit()
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    with pytest.raises(ConfigError, match="trainer.resume"):
+        config_from_dict(_config(tiny_model, out, resume=str(tmp_path / "nowhere")))
+    with pytest.raises(ConfigError, match="trainer.keep_checkpoints"):
+        config_from_dict(_config(tiny_model, out, keep_checkpoints=-1))
+
+
+# ---- killed with SIGKILL, resumed from the command line ------------------------------------
+def _train(config: Path, *overrides: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")])
+    cmd = [sys.executable, "-m", "rlalign_ray.cli", "train", str(config), *overrides]
+    return subprocess.Popen(
+        cmd,
+        cwd=config.parent,
+        env=env,
+        start_new_session=True,  # its own process group: the driver and what it starts
+        stdout=subprocess.DEVNULL,
+        stderr=open(config.parent / f"{config.stem}.{time.monotonic_ns()}.log", "w"),  # noqa: SIM115
+    )
+
+
+def _finish(proc: subprocess.Popen, timeout_s: float = 600) -> None:
+    try:
+        assert proc.wait(timeout_s) == 0, f"training exited with {proc.returncode}"
+    finally:
+        if proc.poll() is None:
+            _kill_all(proc)
+
+
+def _family(pid: int) -> list[psutil.Process]:
+    """The process and every descendant (Ray's GCS, raylet, workers ...)."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _kill_all(proc: subprocess.Popen) -> list[psutil.Process]:
+    """SIGKILL the driver's process group and every process it started (also any that
+    left the group), and wait until none is alive."""
+    family = _family(proc.pid)
+    sessions = {p.pid for p in family}
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(30)
+    _, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, f"still running after SIGKILL: {alive}"
+    # nothing else of the session survived either (a daemon that left the tree)
+    left = [p for p in psutil.process_iter(["pid"]) if p.pid in sessions or _sid(p) == proc.pid]
+    assert not left, f"still running after SIGKILL: {left}"
+    return family
+
+
+def _sid(p: psutil.Process) -> int | None:
+    try:
+        return os.getsid(p.pid)
+    except OSError:
+        return None
+
+
+def test_killed_run_resumes_with_the_same_metrics(tiny_model, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for out in (straight, killed):
+        (tmp_path / f"{out.name}.yaml").write_text(yaml.safe_dump(_config(tiny_model, out)))
+    t0 = time.monotonic()
+    _finish(_train(tmp_path / "straight.yaml"))
+    t_straight = time.monotonic() - t0
+
+    proc = _train(tmp_path / "killed.yaml")
+    metrics = killed / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 600
+        while not (metrics.exists() and '"step": 3' in metrics.read_text()):
+            assert proc.poll() is None, f"training exited early with {proc.returncode}"
+            assert time.monotonic() < deadline, "step 3 was never logged"
+            time.sleep(0.05)
+    finally:
+        family = _kill_all(proc)
+    assert len(family) > 3  # the driver, Ray's daemons and the actors' workers
+    assert sorted(_rows(killed)) == [1, 2, 3]
+    assert checkpoint.latest(killed / "checkpoints").name == "step_2"
+
+    _finish(_train(tmp_path / "killed.yaml", "trainer.resume=auto"))
+    a, b = _rows(straight), _rows(killed)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    _assert_same(a, b, [3, 4])
+    print(f"straight run {t_straight:.0f}s, whole test {time.monotonic() - t0:.0f}s")
