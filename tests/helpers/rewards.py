@@ -60,7 +60,6 @@ def nan_once(prompts, completions, **columns):
     return values
 
 
-
 def completions_only(completions):
     return [0.0] * len(completions)
 
