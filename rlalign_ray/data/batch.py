@@ -89,12 +89,12 @@ class RolloutBatch:
 
     @staticmethod
     def concat(batches: list[RolloutBatch]) -> RolloutBatch:
-        """Join shards: prompts re-padded on the left, responses on the right."""
+        """Join shards: prompts re-padded on the left, responses on the right. Shards may
+        come from different weight versions (pipelined training: a step's chunks can span a
+        weight load); the joined batch carries the oldest, and each token keeps its own
+        behaviour log-prob."""
         if len(batches) == 1:
             return batches[0]
-        versions = {b.version for b in batches}
-        if len(versions) != 1:
-            raise ValueError(f"cannot join shards from different weight versions {versions}")
         pad = batches[0].pad_id
         p = max(b.prompt_ids.shape[1] for b in batches)
         t = max(b.response_ids.shape[1] for b in batches)
@@ -107,7 +107,7 @@ class RolloutBatch:
             response_len=torch.cat([b.response_len for b in batches]),
             response_mask=torch.cat([_pad_right(b.response_mask, t, 0) for b in batches]),
             logprobs=torch.cat([_pad_right(b.logprobs, t, 0) for b in batches]),
-            version=batches[0].version,
+            version=min(b.version for b in batches),
             group_ids=torch.cat([b.group_ids for b in batches]),
             prompts=[x for b in batches for x in b.prompts],
             completions=[x for b in batches for x in b.completions],
