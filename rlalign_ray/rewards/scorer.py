@@ -42,7 +42,7 @@ class RewardScorer:
             values = torch.tensor(self._call(source, batch), dtype=torch.float32)
             bad = ~torch.isfinite(values)
             if bad.any():
-                self._nonfinite(source.name, values, bad, batch)
+                self._nonfinite(getattr(source, "path", "") or source.name, values, bad, batch)
                 values = values.masked_fill(bad, 0.0)
                 bad_rows |= bad
             breakdown[source.name] = values

@@ -100,7 +100,7 @@ CASES = [
     Case("ray_address_unreachable", ["run.ray_address=127.0.0.2:1"], ["run.ray_address", "127.0.0.2:1", "ray start --head"]),
     # ---- in the actors: the embedded Ray instance starts --------------------------------
     Case("reward_raises", [REWARD.format("helpers.rewards:raises")], ["helpers.rewards:raises", "ValueError: bad reward input", "fix the function"], ray=True),
-    Case("reward_nan", [REWARD.format("helpers.rewards:returns_nan")], ["helpers.rewards:returns_nan", "non-finite", "one finite float per completion"], ray=True),
+    Case("reward_nan", [REWARD.format("helpers.rewards:returns_nan")], ["helpers.rewards:returns_nan", "non-finite", "reward.on_nonfinite"], ray=True),
     Case("reward_wrong_length", [REWARD.format("helpers.rewards:wrong_length")], ["helpers.rewards:wrong_length", "returned 1 values for", "one finite float per completion"], ray=True),
     Case("reward_strings", [REWARD.format("helpers.rewards:returns_strings")], ["helpers.rewards:returns_strings", "list of numbers", "one finite float per completion"], ray=True),
     # A reward that hangs (helpers.rewards:hangs) is left out: run.call_timeout_s also bounds

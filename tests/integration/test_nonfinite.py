@@ -118,7 +118,7 @@ def test_nan_reward_drop_group_refills_the_step(ray_local, tiny_model, tmp_path)
 
 
 def test_nan_reward_error_names_the_reward(ray_local, tiny_model, tmp_path):
-    with pytest.raises(RewardError, match="reward 'nan_on_first' returned a non-finite value"):
+    with pytest.raises(RewardError, match="nan_on_first' returned a non-finite value"):
         Trainer(_cfg(tiny_model, tmp_path, reward=_reward("nan_on_first"))).fit()
 
 

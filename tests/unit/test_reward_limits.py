@@ -43,7 +43,7 @@ def test_nan_reward_error_names_the_reward_and_the_sample():
     with pytest.raises(RewardError) as err:
         _scorer("nan_on_first").score(_batch())
     msg = str(err.value)
-    assert "'nan_on_first'" in msg and "sample 0" in msg and "'p0'" in msg
+    assert "helpers.rewards:nan_on_first'" in msg and "sample 0" in msg and "'p0'" in msg
     assert "reward.on_nonfinite" in msg
 
 
