@@ -212,8 +212,6 @@ class WeightSync:
         still busy at the deadline) ends the sync with an error naming them."""
         import ray
 
-        from rlalign_ray.runtime.pools import get
-
         name = f"{self.plan.transport} weight sync" if self.plan else "weight sync"
         deadline = deadline or time.monotonic() + self.cfg.timeout_s
         pending = list(calls)
@@ -228,7 +226,24 @@ class WeightSync:
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=min(1.0, left))
             try:
                 ray.get(done)
-            except Exception:  # name the first call that failed
-                for r in done:
-                    get(r, f"{name} ({what}), {calls[r]}")
+            except Exception:  # name the failure: a dead actor first (it breaks the others)
+                self._raise_first(done, calls, f"{name} ({what})")
         return ray.get(list(calls))
+
+    @staticmethod
+    def _raise_first(done: list[Any], calls: dict[Any, str], what: str) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        from rlalign_ray.runtime.pools import get
+
+        failed = []
+        for r in done:
+            try:
+                ray.get(r)
+            except RayActorError:
+                get(r, f"{what}, {calls[r]}")
+            except Exception:
+                failed.append(r)
+        for r in failed:
+            get(r, f"{what}, {calls[r]}")
