@@ -50,12 +50,18 @@ class ActorPool:
         self.timeout_s = timeout_s
         self.actors: list[Any] = []
         self.placement_group: Any = None  # its own group (None when colocated)
+        self._turn = -1  # the actor ``next_actor`` gave last
 
     def __len__(self) -> int:
         return len(self.actors)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.spec.num_actors} x {self.spec.cls.__name__})"
+
+    def next_actor(self) -> Any:
+        """The actors in turn (round robin), for one call each."""
+        self._turn += 1
+        return self.actors[self._turn % len(self.actors)]
 
     def call(self, method: str, *args: Any) -> list[Any]:
         """``method(*args)`` on every actor; returns the refs."""

@@ -40,7 +40,15 @@ class DeepSpeedGroup(ActorPool):
 
     section = "learner"
 
-    def __init__(self, cfg, world_size, resources, placement, cls, name):
+    def __init__(
+        self,
+        cfg: Config,
+        world_size: int | None = None,
+        resources: Resources | None = None,
+        placement: Placement | None = None,
+        cls: type | str | None = None,
+        name: str | None = None,
+    ):
         from rlalign_ray.topology import BUILTIN_CLASSES, resolve_class
 
         sec = getattr(cfg, self.section)
@@ -92,17 +100,6 @@ class LearnerGroup(DeepSpeedGroup):
     role = "learner"
     section = "learner"
 
-    def __init__(
-        self,
-        cfg: Config,
-        world_size: int | None = None,
-        resources: Resources | None = None,
-        placement: Placement | None = None,
-        cls: type | str | None = None,
-        name: str | None = None,
-    ):
-        super().__init__(cfg, world_size, resources, placement, cls, name)
-
     def update(
         self,
         exp: Experience,
@@ -136,17 +133,6 @@ class CriticGroup(DeepSpeedGroup):
 
     role = "critic"
     section = "critic"
-
-    def __init__(
-        self,
-        cfg: Config,
-        world_size: int | None = None,
-        resources: Resources | None = None,
-        placement: Placement | None = None,
-        cls: type | str | None = None,
-        name: str | None = None,
-    ):
-        super().__init__(cfg, world_size, resources, placement, cls, name)
 
     def values(self, exp: Experience, step: int) -> Future:
         """(B, T) values of the step's rows; keeps each rank's part for ``update``."""

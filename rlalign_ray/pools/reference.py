@@ -32,10 +32,7 @@ class ReferencePool(ActorPool):
             name,
             cfg.run.call_timeout_s,
         )
-        self._turn = 0
 
     def logprobs(self, batch_ref: Any) -> Any:
         """(B, T) reference log-probs of a rollout batch's responses, as a ref."""
-        actor = self.actors[self._turn % len(self.actors)]
-        self._turn += 1
-        return actor.logprobs.remote(batch_ref)
+        return self.next_actor().logprobs.remote(batch_ref)

@@ -37,11 +37,8 @@ class RewardPool(ActorPool):
             name,
             cfg.run.call_timeout_s,
         )
-        self._turn = 0
 
     def score(self, batch_ref: Any) -> Any:
         """Score one rollout batch (a ref, fetched by the actor); returns the ScoredShard's
         ref. Actors take batches in turn."""
-        actor = self.actors[self._turn % len(self.actors)]
-        self._turn += 1
-        return actor.score.remote(batch_ref)
+        return self.next_actor().score.remote(batch_ref)
