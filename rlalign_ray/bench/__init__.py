@@ -8,6 +8,7 @@ printed as a ratio against a limit measured in the same run.
     rlalign-ray bench pipeline CONFIG [overrides] --max-staleness 0,1,2
     rlalign-ray bench pipeline --simulate gen=0.2,train=0.3[,tail=lognormal:1.0] [--max-staleness 0,1]
     rlalign-ray bench scale    --simulate --actors 64,128,256
+    rlalign-ray bench soak     CONFIG [overrides] --steps 500
 
 Every subcommand prints a table and, with ``--json FILE``, writes its results. Models are
 random-init Llamas built locally (``--params 100M`` or ``--hidden/--layers/--vocab``) or
@@ -28,6 +29,7 @@ SUBCOMMANDS = {
     "step": "rlalign_ray.bench.step",
     "pipeline": "rlalign_ray.bench.pipeline",
     "scale": "rlalign_ray.bench.scale",
+    "soak": "rlalign_ray.bench.soak",
 }
 
 
