@@ -3,7 +3,8 @@
 A checkpoint is a folder ``<output_dir>/checkpoints/step_N``:
 
     trainer_state.json   step, weight version, prompt sampler, KL controller, totals
-    driver_rng.pt        the driver's torch, Python and NumPy random states
+    driver_rng.pt        the driver's torch, Python and NumPy random states (tensors and
+                         plain values: read with ``torch.load(weights_only=True)``)
     generators_rng.pt    every generator's random state (rank order)
     learner/             DeepSpeed's checkpoint of every learner rank (optimizer, ZeRO shards)
     critic/              the same for the critic ranks (PPO)
@@ -65,12 +66,21 @@ class TrainerState:
 
 # ---- random states --------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    """This process's random states: torch (CPU and CUDA), Python's ``random`` and NumPy's."""
+    """This process's random states: torch (CPU and CUDA), Python's ``random`` and NumPy's,
+    as tensors, ints, floats and strings only, so ``load(path)`` reads them back with
+    ``torch.load(weights_only=True)`` (no pickled objects)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": list(random.getstate()[1]),  # (version 3, 625 ints, None)
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
     }
 
 
@@ -78,8 +88,66 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None:
         torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate((3, tuple(int(x) for x in state["python"]), None))
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["name"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+
+
+def load(path: str | Path) -> Any:
+    """A ``.pt`` file of tensors and plain values (random states), read with
+    ``torch.load(weights_only=True)``: a file that needs arbitrary unpickling is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(
+            [
+                f"{path}: not loadable with torch.load(weights_only=True) ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); checkpoints hold only tensors "
+                "and plain values -- one written by an older version must be written again"
+            ]
+        ) from None
+
+
+def safe_checkpoint_engine(engine: Any) -> None:
+    """Make DeepSpeed read ``engine``'s checkpoints with ``torch.load(weights_only=True)``
+    (its ``TorchCheckpointEngine`` unpickles arbitrary objects). DeepSpeed's own plain
+    classes its files hold are allow-listed (``SAFE_GLOBALS``)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
+        TorchCheckpointEngine,
+    )
+
+    current = getattr(engine, "checkpoint_engine", None)
+    if type(current) is not TorchCheckpointEngine:  # another engine (e.g. Nebula): leave it
+        return
+
+    class WeightsOnly(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            with torch.serialization.safe_globals(safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    safe = WeightsOnly.__new__(WeightsOnly)
+    safe.__dict__.update(current.__dict__)
+    engine.checkpoint_engine = safe
+
+
+def safe_globals() -> list[Any]:
+    """The non-tensor types DeepSpeed's checkpoint files hold (enums and plain records)."""
+    found: list[Any] = []
+    for module, name in SAFE_GLOBALS:
+        try:
+            found.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return found
+
+
+SAFE_GLOBALS = [
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+]
 
 
 # ---- folders ----------------------------------------------------------------------------

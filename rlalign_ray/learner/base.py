@@ -282,8 +282,9 @@ class DeepSpeedRank:
 
     def load_checkpoint(self, path: str, tag: str) -> None:
         """All ranks call this after ``setup``: the state ``save_checkpoint`` wrote."""
-        from rlalign_ray.checkpoint import set_rng_state
+        from rlalign_ray.checkpoint import load, safe_checkpoint_engine, set_rng_state
 
+        safe_checkpoint_engine(self.engine)  # torch.load(weights_only=True) for every file
         loaded, _ = self.engine.load_checkpoint(
             path, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
@@ -291,7 +292,7 @@ class DeepSpeedRank:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} in {path}")
         rng = os.path.join(path, tag, f"rng_rank{self.rank}.pt")
         if os.path.exists(rng):  # absent when resumed with more ranks
-            set_rng_state(torch.load(rng, weights_only=False))
+            set_rng_state(load(rng))
 
 
 def count_for(mode: str, mask: torch.Tensor) -> float:

@@ -264,11 +264,11 @@ class Trainer:
                 self.pools[role].load_checkpoint(str(path / role))
         self.weights.sync(state.version)
         self.version = state.version
-        gens = torch.load(path / "generators_rng.pt", weights_only=False)
+        gens = checkpoint.load(path / "generators_rng.pt")
         self.pools["generator"].set_rng_states(gens)
         self.rollouts.resume_from(state.step, state.sampler, state.totals)
         self.kl_ctl.value = state.kl_coef
-        checkpoint.set_rng_state(torch.load(path / "driver_rng.pt", weights_only=False))
+        checkpoint.set_rng_state(checkpoint.load(path / "driver_rng.pt"))
 
     def generators_sleep(self, asleep: bool) -> None:
         """With ``rollout.enable_sleep_mode`` (synchronous only), the vLLM engines give
