@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A multi-node Ray cluster on this one machine (node IPs and dashboard on 127.0.0.1) for trying
+# A multi-node Ray cluster on this one machine (node IPs on 127.0.0.2, dashboard on 127.0.0.1) for trying
 # `ray job submit` (launch/submit.sh) and node-targeted placement without a real cluster.
 #
 #   launch/local_cluster.sh start  [--workers N] [--temp-dir DIR] [--head-cpus N]
@@ -13,6 +13,12 @@
 # the custom resource {"node_head": 1}, worker k gets {"node_<letter k>": 1}
 # (node_a, node_b, ...), so configs can pin roles with e.g.
 # rollout.resources.custom={node_a: 0.01}.
+#
+# Loopback only: nodes advertise 127.0.0.2 (Ray rewrites 127.0.0.1 and localhost to the
+# machine's routable address, so another address of the loopback range is used, as in
+# rlalign_ray/runtime/cluster.py LOOPBACK; override with RLALIGN_LOOPBACK), and the
+# dashboard / job API listens on 127.0.0.1 only. Ray's gRPC ports themselves listen on all
+# interfaces (Ray's own choice); token auth guards them.
 #
 # Token authentication is on: the cluster gets its own token in DIR/auth_token
 # (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH=DIR/auth_token); ~/.ray/auth_token is
@@ -61,6 +67,8 @@ STATE="$TEMP_DIR/cluster.env"
 
 PY="${PYTHON:-python}"
 RAY="${RAY_CLI:-ray}"
+LOOPBACK="${RLALIGN_LOOPBACK:-127.0.0.2}"
+[[ "$LOOPBACK" == 127.* ]] || die "RLALIGN_LOOPBACK=$LOOPBACK is not a loopback address (127.x.y.z)"
 
 state_get() { [[ -f "$STATE" ]] && sed -n "s/^$1=//p" "$STATE" | tail -n 1; }
 
@@ -122,18 +130,18 @@ EOF
 # Start one node as a background `ray start --block` in its own session; echo its pid.
 launch_node() {
   local log="$1"; shift
-  setsid "$RAY" start --block --disable-usage-stats --node-ip-address 127.0.0.1 \
+  setsid "$RAY" start --block --disable-usage-stats --node-ip-address "$LOOPBACK" \
     --temp-dir "$TEMP_DIR" "$@" > "$log" 2>&1 < /dev/null &
   echo $!
 }
 
 # Number of alive nodes, or -1 when the cluster cannot be reached yet.
 count_nodes() {
-  timeout 60 "$PY" - "$1" <<'EOF' 2>/dev/null || echo -1
+  timeout 60 "$PY" - "$1" "$LOOPBACK" <<'EOF' 2>/dev/null || echo -1
 import logging, sys
 import ray
 ray.init(address=sys.argv[1], logging_level=logging.ERROR, log_to_driver=False,
-         _node_ip_address="127.0.0.1")
+         _node_ip_address=sys.argv[2])
 print(sum(1 for n in ray.nodes() if n.get("Alive")))
 EOF
 }
@@ -152,7 +160,7 @@ cmd_start() {
   {
     echo "# written by launch/local_cluster.sh start; source it or use \`local_cluster.sh env\`"
     echo "TEMP_DIR=$TEMP_DIR"
-    echo "RAY_ADDRESS=127.0.0.1:$gcs_port"
+    echo "RAY_ADDRESS=$LOOPBACK:$gcs_port"
     echo "RAY_API_SERVER_ADDRESS=http://127.0.0.1:$dash_port"
     echo "RAY_AUTH_MODE=token"
     echo "RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
@@ -181,7 +189,7 @@ cmd_start() {
   local k letter pid
   for ((k = 0; k < WORKERS; k++)); do
     letter="$(printf "\\x$(printf %x $((97 + k)))")"
-    pid="$(launch_node "$TEMP_DIR/worker_$letter.out" --address "127.0.0.1:$gcs_port" \
+    pid="$(launch_node "$TEMP_DIR/worker_$letter.out" --address "$LOOPBACK:$gcs_port" \
       --dashboard-agent-listen-port "${ports[i]}" --dashboard-agent-grpc-port "${ports[i+1]}" \
       --metrics-export-port "${ports[i+2]}" --runtime-env-agent-port "${ports[i+3]}" \
       --include-log-monitor false \
@@ -200,7 +208,7 @@ cmd_start() {
 
   local want=$((WORKERS + 1)) have=-1
   while :; do
-    have="$(count_nodes "127.0.0.1:$gcs_port")"
+    have="$(count_nodes "$LOOPBACK:$gcs_port")"
     [[ "$have" == "$want" ]] && break
     for pid in "$head_pid" "${pids[@]}"; do
       alive "$pid" || { tail -n 30 "$TEMP_DIR"/*.out >&2; cmd_stop >/dev/null 2>&1 || true; die "node pid $pid exited during start-up"; }
@@ -210,8 +218,8 @@ cmd_start() {
   done
   echo "STARTED=$(date +%s)" >> "$STATE"
 
-  echo "local_cluster.sh: $want nodes up on 127.0.0.1 (state: $STATE)"
-  echo "  RAY_ADDRESS=127.0.0.1:$gcs_port            (ray.init / rlalign-ray train run.ray_address)"
+  echo "local_cluster.sh: $want nodes up on $LOOPBACK (state: $STATE)"
+  echo "  RAY_ADDRESS=$LOOPBACK:$gcs_port            (ray.init / rlalign-ray train run.ray_address)"
   echo "  RAY_API_SERVER_ADDRESS=http://127.0.0.1:$dash_port  (dashboard, ray job submit --address)"
   echo "  token auth: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
   echo "  use it:  eval \"\$($0 env --temp-dir $TEMP_DIR)\"; launch/submit.sh configs/demo_cpu.yaml"

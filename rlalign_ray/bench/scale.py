@@ -4,7 +4,7 @@ cluster.
     rlalign-ray bench scale --simulate [SPEC] --actors 64,128,256 [--workers 2]
 
 Starts a multi-node cluster on this machine (``launch/local_cluster.sh``: a head and
-``--workers`` worker nodes, each a ``ray start`` on 127.0.0.1 with token auth, in a temp
+``--workers`` worker nodes, each a ``ray start`` on loopback (127.0.0.2) with token auth, in a temp
 folder of its own, stopped at the end). For each count N, a fresh driver process (Ray reads
 the cluster's token settings when it is imported) runs ``--steps`` steps of the real
 ``Trainer`` with N simulated generators and N simulated reward actors spread over the nodes

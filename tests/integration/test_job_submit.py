@@ -1,4 +1,4 @@
-"""`ray job submit` end to end on a real two-node Ray cluster on 127.0.0.1.
+"""`ray job submit` end to end on a real two-node Ray cluster on loopback (127.0.0.2).
 
 launch/local_cluster.sh starts a head and one worker node (`ray start`, token auth on,
 its own temp dir); launch/submit.sh uploads the repository as the job's working dir and
@@ -18,6 +18,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from rlalign_ray.runtime.cluster import LOOPBACK
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -96,7 +98,7 @@ def test_submit_demo_to_two_node_local_cluster(tmp_path):
         )
         assert r.returncode == 0, f"local_cluster.sh start failed:\n{r.stdout}\n{r.stderr}"
         state = _state(temp_dir)
-        assert state["RAY_ADDRESS"].startswith("127.0.0.1:")
+        assert state["RAY_ADDRESS"].startswith(f"{LOOPBACK}:")  # never the routable address
         assert state["RAY_API_SERVER_ADDRESS"].startswith("http://127.0.0.1:")
         assert Path(state["RAY_AUTH_TOKEN_PATH"]).is_file()
         t_cluster = time.monotonic() - t0

@@ -1,5 +1,5 @@
 """A multi-node cluster on one machine (launch/local_cluster.sh: three `ray start` nodes on
-127.0.0.1, token auth on, each with different custom resources): a topology spreads the
+127.0.0.2, token auth on, each with different custom resources): a topology spreads the
 generators over two nodes and puts the learner ranks on the third; Ray's own placement
 state says where each actor ran. A node that leaves mid-run ends the step naming the roles
 it took with it."""
