@@ -128,3 +128,32 @@ def test_trust_remote_code_is_off_unless_set_and_reaches_from_pretrained(monkeyp
             assert value in ("trust_remote_code", "False") or value.endswith(
                 ".trust_remote_code"
             ), f"{p.name}: trust_remote_code={value}"
+
+
+REPO = PACKAGE.parent
+
+
+def test_every_launch_path_turns_token_auth_on_and_keeps_dashboards_local():
+    import yaml
+
+    from rlalign_ray.runtime.cluster import LOOPBACK
+
+    local = (REPO / "launch/local_cluster.sh").read_text()
+    assert "export RAY_AUTH_MODE=token" in local and "RAY_AUTH_TOKEN_PATH=" in local
+    assert "--dashboard-host 127.0.0.1" in local
+    assert f'LOOPBACK="${{RLALIGN_LOOPBACK:-{LOOPBACK}}}"' in local
+    assert '--node-ip-address "$LOOPBACK"' in local and "--node-ip-address 127.0.0.1" not in local
+    submit = (REPO / "launch/submit.sh").read_text()
+    assert 'export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"' in submit
+    slurm = (REPO / "cluster/slurm/rlalign_ray.sbatch").read_text()
+    assert "export RAY_AUTH_MODE=token" in slurm and "--dashboard-host=127.0.0.1" in slurm
+    aws = yaml.safe_load((REPO / "cluster/aws_gpu.yaml").read_text())
+    starts = [c for k in ("head_start_ray_commands", "worker_start_ray_commands") for c in aws[k]]
+    starts = [c for c in starts if "ray start" in c]
+    assert starts and all("RAY_AUTH_MODE=token ray start" in c for c in starts)
+    assert any("--dashboard-host=127.0.0.1" in c for c in aws["head_start_ray_commands"])
+    assert any(k.endswith("/.ray/auth_token") for k in aws["file_mounts"])
+    for name in ("raycluster.yaml", "rayjob.yaml"):
+        spec = yaml.safe_load((REPO / "cluster/kuberay" / name).read_text())["spec"]
+        spec = spec.get("rayClusterSpec", spec)
+        assert spec["authOptions"]["mode"] == "token", name
