@@ -122,7 +122,8 @@ class Sampler:
     """One sample per call: RSS of every actor of every pool and of the driver, the object
     store, and the refs the driver holds."""
 
-    def __init__(self) -> None:
+    def __init__(self, every: int = 50) -> None:
+        self.every = every  # print a progress line every this many steps
         self.actors: list[dict[str, Any]] = []  # role, index, pid, local, handle
         self.samples: list[dict[str, Any]] = []
         self.embedded = False  # the driver started Ray: its processes are the driver's children
@@ -168,6 +169,15 @@ class Sampler:
                 "driver_refs": driver_refs(),
             }
         )
+        if step == 1 or step % self.every == 0:
+            s = self.samples[-1]
+            actors = sum(v for k, v in rss.items() if not k.startswith(("driver", "ray-")))
+            print(
+                f"soak step {step}: actors {actors / 2**20:.0f} MiB, driver "
+                f"{rss['driver/0'] / 2**20:.0f} MiB, store {s['store']['used'] / 2**20:.1f} MiB, "
+                f"driver refs {s['driver_refs']}",
+                flush=True,
+            )
 
 
 def soak_trainer(cfg: Any, sampler: Sampler) -> Any:
