@@ -97,6 +97,23 @@ def process_rss(pid: int, children: bool = True, skip: frozenset[int] = frozense
         return 0
 
 
+def system_rss(driver: int, actors: frozenset[int]) -> dict[str, int]:
+    """RSS of the driver's descendants outside the actors' process trees, summed by process
+    name (``raylet``, ``gcs_server``, ``ray::IDLE``, ...)."""
+    import psutil
+
+    out: dict[str, int] = {}
+    for child in psutil.Process(driver).children(recursive=True):
+        try:
+            if child.pid in actors or any(p.pid in actors for p in child.parents()):
+                continue
+            name = child.name()
+            out[name] = out.get(name, 0) + child.memory_info().rss
+        except psutil.Error:
+            pass
+    return out
+
+
 def object_store_used() -> dict[str, int]:
     """Used and primary-copy bytes of the object store and its object count, over the
     cluster (the raylet's global memory info, as ``ray memory --stats-only``)."""
@@ -157,9 +174,10 @@ class Sampler:
         }
         driver = os.getpid()
         rss["driver/0"] = process_rss(driver, children=False)
+        system: dict[str, int] = {}
         if self.embedded:  # the embedded instance's raylet, GCS, agents and idle workers
-            actors = frozenset(a["pid"] for a in self.actors)
-            rss["ray-system/0"] = process_rss(driver, skip=actors) - rss["driver/0"]
+            system = system_rss(driver, frozenset(a["pid"] for a in self.actors))
+            rss["ray-system/0"] = sum(system.values())
         self.samples.append(
             {
                 "step": step,
@@ -167,6 +185,7 @@ class Sampler:
                 "rss": rss,
                 "store": object_store_used(),
                 "driver_refs": driver_refs(),
+                "system": system,
             }
         )
         if step == 1 or step % self.every == 0:
@@ -262,7 +281,13 @@ def summarize(
             "pass": refs["end"] <= max(refs["base"] * (1 + limit), refs["base"] + 10),
         }
     )
+    names = sorted({n for s in samples for n in s.get("system", {})})
+    system = {
+        n: window_growth([float(s["system"].get(n, 0)) for s in samples], base_index, window)
+        for n in names
+    }
     return {
+        "system_processes": system,
         "base_step": steps[base_index],
         "end_steps": [steps[-min(window, len(steps))], steps[-1]],
         "window": window,
@@ -315,5 +340,13 @@ def report(out: dict[str, Any]) -> None:
         ],
         ["series", "base_mb", "end_mb", "growth", "worst_actor", "pass"],
     )
+    if s["system_processes"]:
+        print(
+            "ray-system by process (base -> end MiB): "
+            + ", ".join(
+                f"{n} {g['base'] / 2**20:.0f}->{g['end'] / 2**20:.0f}"
+                for n, g in s["system_processes"].items()
+            )
+        )
     verdict = "PASS" if s["pass"] else "FAIL"
     print(f"growth over steps {s['base_step']}-{out['steps']}: limit {s['limit']:.0%} ({verdict})")
