@@ -73,22 +73,15 @@ def _own_rss(_self: Any) -> int:
     return process_rss(os.getpid())
 
 
-def process_rss(pid: int, children: bool = True, skip: frozenset[int] = frozenset()) -> int:
-    """RSS of ``pid`` and (``children``) its descendants not in ``skip`` and not below one
-    in ``skip`` (0 once it is gone)."""
+def process_rss(pid: int, children: bool = True) -> int:
+    """RSS of ``pid`` and (``children``) its descendants (0 once it is gone)."""
     import psutil
 
     try:
         proc = psutil.Process(pid)
         total = proc.memory_info().rss
-        if not children:
-            return total
-        kids = proc.children(recursive=True)
-        skipped = set(skip)
-        for child in kids:
+        for child in proc.children(recursive=True) if children else []:
             try:
-                if child.pid in skipped or any(p.pid in skipped for p in child.parents()):
-                    continue
                 total += child.memory_info().rss
             except psutil.Error:
                 pass
