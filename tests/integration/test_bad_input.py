@@ -95,7 +95,7 @@ CASES = [
     Case("reward_module_broken", [REWARD.format("broken_reward:fn")], ["reward.rewards[0].path", "importing module 'broken_reward' raised RuntimeError: boom"], files={"broken_reward.py": "raise RuntimeError('boom')\n"}),
     Case("reward_function_missing", [REWARD.format("helpers.rewards:nope")], ["reward.rewards[0].path", "has no function 'nope'"]),
     Case("reward_not_callable", [REWARD.format("helpers.rewards:NOT_CALLABLE")], ["reward.rewards[0].path", "is a list, not a function"]),
-    Case("reward_bad_signature", [REWARD.format("helpers.rewards:completions_only")], ["reward.rewards[0].path", "helpers.rewards:completions_only", "def completions_only(prompts, completions, **columns)"]),
+    Case("reward_bad_signature", [REWARD.format("helpers.rewards:completions_only")], ["reward.rewards[0].path", "helpers.rewards:completions_only", "def completions_only(completions, **kwargs)", "completion_ids"]),
     # ---- cluster -----------------------------------------------------------------------
     Case("ray_address_unreachable", ["run.ray_address=127.0.0.2:1"], ["run.ray_address", "127.0.0.2:1", "ray start --head"]),
     # ---- in the actors: the embedded Ray instance starts --------------------------------
