@@ -70,9 +70,7 @@ NOT_CALLABLE = [1.0, 2.0]
 def odd_answers_only(completions, answer, **kwargs):
     """Applies to prompts with an odd answer only (None elsewhere, as TRL's multi-task
     rewards do): 1.0 when the completion contains the answer."""
-    return [
-        (float(str(a) in c) if int(a) % 2 else None) for c, a in zip(completions, answer)
-    ]
+    return [(float(str(a) in c) if int(a) % 2 else None) for c, a in zip(completions, answer)]
 
 
 def never_applies(completions, **kwargs):

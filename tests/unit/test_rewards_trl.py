@@ -144,9 +144,7 @@ def test_http_reward_batches_json_and_sends_the_token(monkeypatch):
     assert state["requests"] == 2  # batches of 2
     first = state["bodies"][0]
     assert first["completions"] == ["3", "3x"] and first["answer"] == ["3", "3"]
-    assert first["completion_ids"] == [[1], [1, 2]] and first["trainer_state"] == {
-        "global_step": 4
-    }
+    assert first["completion_ids"] == [[1], [1, 2]] and first["trainer_state"] == {"global_step": 4}
 
 
 def test_http_reward_retries_then_names_the_url():
