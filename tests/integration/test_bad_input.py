@@ -82,6 +82,7 @@ CASES = [
     Case("dataset_prompt_not_text", ["data.train={tmp}/t.jsonl"], ["t.jsonl:1", "non-empty string or a list"], files={"t.jsonl": '{"prompt": 5}\n'}),
     Case("dataset_line_not_object", ["data.train={tmp}/t.jsonl"], ["t.jsonl:1", "must be a JSON object"], files={"t.jsonl": "[1, 2]\n"}),
     Case("dataset_columns_differ", ["data.train={tmp}/t.jsonl"], ["t.jsonl:2", "every line needs the same keys"], files={"t.jsonl": GOOD + '{"prompt": "x"}\n'}),
+    Case("prompt_too_long", ["data.train={tmp}/t.jsonl", "data.max_prompt_tokens=4"], ["data.train", "t.jsonl:1", "longer than data.max_prompt_tokens = 4", "data.truncation: left"], files={"t.jsonl": GOOD}),
     Case("eval_dataset_bad", ["data.eval={tmp}/e.jsonl"], ["data.eval", "e.jsonl:1", "not valid JSON"], files={"e.jsonl": "{oops\n"}),
     # ---- model paths and tokenizers ------------------------------------------------------
     Case("model_missing", ["model.path={tmp}/no-model"], ["model.path", "no-model", "does not exist"]),
