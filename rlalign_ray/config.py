@@ -110,14 +110,27 @@ class ModelConfig:
     dtype: str = doc("float32", "parameter dtype: float32, bfloat16 or float16")
     trust_remote_code: bool = doc(False, "allow model code from the hub")
     chat_template: bool = doc(False, "wrap prompts with the tokenizer's chat template")
+    chat_template_kwargs: dict[str, Any] = doc(
+        {}, "extra variables for the chat template (e.g. {enable_thinking: false})"
+    )
 
 
 @dataclass
 class DataConfig:
-    train: str = doc("configs/data/arith_train.jsonl", "JSONL file of training prompts")
-    eval: str | None = doc("configs/data/arith_eval.jsonl", "JSONL file of held-out prompts")
+    train: str = doc(
+        "configs/data/arith_train.jsonl",
+        "training prompts: a JSONL or Parquet file, or a datasets save_to_disk folder",
+    )
+    eval: str | None = doc(
+        "configs/data/arith_eval.jsonl", "held-out prompts (same formats as data.train)"
+    )
     prompt_key: str = doc("prompt", "key holding the prompt (a string, or a list of messages)")
-    max_prompt_tokens: int = doc(512, "prompts longer than this are left-truncated")
+    max_prompt_tokens: int = doc(512, "longest prompt in tokens (see data.truncation)")
+    truncation: str = doc(
+        "error",
+        "a prompt over max_prompt_tokens: error (stop, naming file:line), left (keep its "
+        "last tokens, count data/truncated), drop (leave it out, count data/dropped)",
+    )
     eval_limit: int = doc(0, "evaluate on at most this many held-out prompts (0: all)")
 
 
@@ -183,7 +196,11 @@ class RewardSpec:
     path: str = doc("", "module:function, or a model path for model/embedding")
     weight: float = doc(1.0, "weight in the total reward")
     reference_key: str = doc("reference", "embedding reward: dataset column with the target")
-    batch_size: int = doc(32, "model rewards: sequences per forward pass")
+    batch_size: int = doc(32, "model rewards: sequences per forward pass; http: per request")
+    url: str = doc("", "http: the endpoint; POST {prompts, completions, ...} -> {rewards}")
+    timeout_s: float = doc(30.0, "http: seconds one request may take")
+    retries: int = doc(2, "http: further tries after a failed or timed-out request")
+    token_env: str = doc("", "http: environment variable holding a bearer token (empty: none)")
 
 
 @dataclass
@@ -654,7 +671,9 @@ def validate(cfg: Config) -> list[str]:
     _check_batches(cfg, e)
     _check_rewards(cfg, e)
     if not cfg.data.train:
-        e.append("data.train: give a JSONL file of prompts")
+        e.append("data.train: give a JSONL or Parquet file, or a save_to_disk folder, of prompts")
+    if cfg.data.truncation not in ("error", "left", "drop"):
+        e.append(f"data.truncation: use one of error, left, drop, got {cfg.data.truncation!r}")
     if t.eval_every < 0 or t.save_every < 0:
         e.append("trainer.eval_every / trainer.save_every: must be >= 0")
     _positive(e, "trainer.keep_checkpoints", t.keep_checkpoints, allow_zero=True)
@@ -744,8 +763,17 @@ def _check_rewards(cfg: Config, e: list[str]) -> None:
         )
     for i, spec in enumerate(cfg.reward.rewards):
         key = f"reward.rewards[{i}]"
-        if spec.type not in ("function", "model", "embedding"):
-            e.append(f"{key}.type: use function, model or embedding, got {spec.type!r}")
+        if spec.type not in ("function", "model", "embedding", "http"):
+            e.append(f"{key}.type: use function, model, embedding or http, got {spec.type!r}")
+        if spec.type == "http":
+            if not spec.url.startswith(("http://", "https://")):
+                e.append(
+                    f"{key}.url: an http reward needs an http:// or https:// URL, got {spec.url!r}"
+                )
+            _positive(e, f"{key}.timeout_s", spec.timeout_s)
+            _positive(e, f"{key}.retries", spec.retries, allow_zero=True)
+            _positive(e, f"{key}.batch_size", spec.batch_size)
+            continue
         if not spec.path:
             e.append(f"{key}.path: required (module:function or a model path)")
         elif spec.type == "function" and ":" not in spec.path:

@@ -2,8 +2,9 @@
 
 ``preflight(cfg, topology, prompts)`` checks the model path (a folder with a config.json),
 the tokenizer's chat template when prompts are message lists (or ``model.chat_template``
-is on), and that every function reward imports and can be called as
-``fn(prompts, completions, **columns)`` with the dataset's columns. Each problem is a
+is on), that every function reward imports and can be called as TRL calls one
+(keywords ``prompts``, ``completions``, ``completion_ids``, ``trainer_state`` and the
+dataset's columns), and that an http reward's token variable is set. Each problem is a
 ``RlalignError`` that names the key and the fix. Roles that run a custom ``actor_class``
 are not checked (their classes may not load the model or the rewards at all), nor are
 local paths through Ray Client (``ray://``), where they are the cluster's.
@@ -19,6 +20,7 @@ from typing import Any
 from rlalign_ray.config import Config
 from rlalign_ray.data.batch import PromptItem
 from rlalign_ray.errors import ConfigError, RewardError
+from rlalign_ray.rewards.sources import RESERVED
 
 
 def preflight(cfg: Config, topology: Any, prompts: list[PromptItem]) -> None:
@@ -40,9 +42,26 @@ def preflight(cfg: Config, topology: Any, prompts: list[PromptItem]) -> None:
             check_chat_template(cfg)
     if builtin.get("reward"):
         columns = sorted(prompts[0].columns) if prompts else []
+        clash = sorted(set(columns) & set(RESERVED))
+        if clash:
+            raise ConfigError(
+                [
+                    f"{cfg.data.train}: the dataset has columns named {clash}, which rewards "
+                    "receive as their own arguments; rename those columns"
+                ]
+            )
         for i, spec in enumerate(cfg.reward.rewards):
             if spec.type == "function":
                 check_reward_function(f"reward.rewards[{i}].path", spec.path, columns)
+            elif spec.type == "http":
+                if spec.token_env and not remote and not os.environ.get(spec.token_env):
+                    raise ConfigError(
+                        [
+                            f"reward.rewards[{i}].token_env: the environment variable "
+                            f"{spec.token_env!r} (the bearer token for {spec.url}) is not "
+                            "set; export it before starting the run, or set token_env: ''"
+                        ]
+                    )
             elif not remote:
                 check_model_path(f"reward.rewards[{i}].path", spec.path)
 
@@ -129,12 +148,36 @@ def check_reward_function(key: str, path: str, columns: list[str]) -> None:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return  # a builtin or C function: nothing to check
+    name = path.rpartition(":")[2]
     try:
-        sig.bind(["prompt"], ["completion"], **{c: [None] for c in columns})
+        sig.bind(**{k: None for k in RESERVED}, **{c: [None] for c in columns})
     except TypeError as e:
         raise RewardError(
-            f"{key}: reward function {path!r} cannot be called as "
-            f"fn(prompts, completions, **columns) with the dataset's columns {columns} "
-            f"({e}); define it as def {path.rpartition(':')[2]}(prompts, completions, "
-            "**columns) -> list[float]"
+            f"{key}: reward function {path!r} cannot be called as TRL calls reward functions, "
+            f"with the keywords {', '.join(RESERVED)} and the dataset's columns {columns} "
+            f"({e}); add **kwargs to take the ones it does not use, e.g. "
+            f"def {name}(completions, **kwargs) -> list[float]"
         ) from None
+
+
+def prepare_data(
+    cfg: Config, topology: Any, items: list[PromptItem], key: str = "data.train"
+) -> tuple[list[PromptItem], dict[str, float]]:
+    """Apply ``data.truncation`` to a dataset on the driver (``prepare_prompts``): every
+    prompt rendered (chat template, ``model.chat_template_kwargs``) and measured with the
+    policy's tokenizer. Skipped, returning the items unchanged, where the driver does not
+    load the policy's tokenizer (a custom generator class, Ray Client); the generators then
+    keep the last ``data.max_prompt_tokens`` tokens of a long prompt."""
+    from rlalign_ray.data.render import PromptRenderer, prepare_prompts
+    from rlalign_ray.models.loading import load_tokenizer
+
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or ""
+    pool = topology.pools.get("generator")
+    if address.startswith("ray://") or (pool is not None and pool.cls is not None):
+        return items, {}
+    m = cfg.model
+    tok = load_tokenizer(m.tokenizer or m.path, m.trust_remote_code)
+    renderer = PromptRenderer(
+        tok, m.chat_template, m.chat_template_kwargs, cfg.data.max_prompt_tokens
+    )
+    return prepare_prompts(items, renderer, cfg.data.truncation, key)

@@ -37,6 +37,7 @@ class RolloutBatch:
     columns: dict[str, list[Any]]  # extra dataset columns, one value per sequence
     pad_id: int = 0
     truncated: torch.Tensor | None = None  # (B,) bool, hit max_new_tokens without EOS
+    raw_prompts: list[Any] | None = None  # (B,) the dataset's prompts (text or messages)
 
     def __len__(self) -> int:
         return int(self.response_ids.shape[0])
@@ -70,6 +71,7 @@ class RolloutBatch:
             columns={k: [v[i] for i in pick] for k, v in self.columns.items()},
             pad_id=self.pad_id,
             truncated=None if self.truncated is None else self.truncated[idx],
+            raw_prompts=None if self.raw_prompts is None else [self.raw_prompts[i] for i in pick],
         )
 
     def trimmed(self) -> RolloutBatch:
@@ -100,6 +102,7 @@ class RolloutBatch:
         t = max(b.response_ids.shape[1] for b in batches)
         cols = {k: [x for b in batches for x in b.columns[k]] for k in batches[0].columns}
         trunc = [b.truncated for b in batches]
+        raw = [b.raw_prompts for b in batches]
         return RolloutBatch(
             prompt_ids=torch.cat([_pad_left(b.prompt_ids, p, pad) for b in batches]),
             prompt_mask=torch.cat([_pad_left(b.prompt_mask, p, 0) for b in batches]),
@@ -114,6 +117,7 @@ class RolloutBatch:
             columns=cols,
             pad_id=pad,
             truncated=None if any(x is None for x in trunc) else torch.cat(trunc),
+            raw_prompts=None if any(x is None for x in raw) else [p for r in raw for p in r],
         )
 
 

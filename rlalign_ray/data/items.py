@@ -16,3 +16,4 @@ class PromptItem:
     index: int  # position in the dataset; samples of one prompt share it as group id
     prompt: Any  # a string, or a list of chat messages
     columns: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # where it was read: "file:line" (JSONL) or "path row N" (for errors)

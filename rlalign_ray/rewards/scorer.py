@@ -6,6 +6,12 @@ call runs at most ``reward.timeout_s``; a NaN or infinite value is handled as
 ``zero`` scores it 0, ``drop_group`` marks its row (total NaN) so that the driver leaves
 its prompt's whole group out of the step. In the last two modes the shard's breakdown
 carries a ``NONFINITE`` entry (1.0 where a reward was not finite) for the driver's count.
+
+A reward may return ``None`` for a sample it does not apply to (TRL's convention): the
+sample's total is the weighted sum of the rewards that are not ``None`` (its breakdown
+entry is NaN, left out of the logged mean). A sample that no reward applies to is
+handled as a non-finite one, by ``reward.on_nonfinite`` (``zero`` scores it 0, as TRL's
+``nansum`` does).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from rlalign_ray.config import RewardConfig
 from rlalign_ray.data.batch import NONFINITE, RolloutBatch, ScoredShard
 from rlalign_ray.errors import RewardError
 from rlalign_ray.models.loading import default_device, set_threads
-from rlalign_ray.rewards.sources import load_reward
+from rlalign_ray.rewards.sources import RewardInputs, load_reward
 
 
 class RewardScorer:
@@ -38,15 +44,26 @@ class RewardScorer:
         breakdown: dict[str, torch.Tensor] = {}
         total = torch.zeros(len(batch))
         bad_rows = torch.zeros(len(batch), dtype=torch.bool)
+        applies = torch.zeros(len(batch), dtype=torch.bool)
+        inputs = RewardInputs.from_batch(batch)
         for source, weight in self.sources:
-            values = torch.tensor(self._call(source, batch), dtype=torch.float32)
-            bad = ~torch.isfinite(values)
+            raw = self._call(source, inputs, batch)
+            na = torch.tensor([v is None for v in raw], dtype=torch.bool)
+            values = torch.tensor(
+                [float("nan") if v is None else v for v in raw], dtype=torch.float32
+            )
+            bad = ~torch.isfinite(values) & ~na
             if bad.any():
                 self._nonfinite(getattr(source, "path", "") or source.name, values, bad, batch)
                 values = values.masked_fill(bad, 0.0)
                 bad_rows |= bad
+            applies |= ~na
             breakdown[source.name] = values
-            total += weight * values
+            total += weight * values.nan_to_num(0.0)
+        if not applies.all():
+            none = ~applies
+            self._none(none, batch)
+            bad_rows |= none
         if self.cfg.on_nonfinite != "error":
             breakdown[NONFINITE] = bad_rows.float()
             if self.cfg.on_nonfinite == "drop_group":
@@ -60,11 +77,11 @@ class RewardScorer:
             logprobs=batch.logprobs,
         )
 
-    def _call(self, source: Any, batch: RolloutBatch) -> list[float]:
+    def _call(self, source: Any, inputs: RewardInputs, batch: RolloutBatch) -> list[Any]:
         """``source`` on the batch, in a thread that may run ``reward.timeout_s`` at most
         (a hung reward function cannot be stopped, but the run ends with its name)."""
         limit = self.cfg.timeout_s
-        args = (batch.prompts, batch.completions, batch.columns)
+        args = (inputs,)
         if not limit:
             return source(*args)
         out: dict[str, Any] = {}
@@ -99,6 +116,21 @@ class RewardScorer:
             f"of a batch of {len(batch)} ({int(bad.sum())} non-finite in all; prompt "
             f"{_short(batch.prompts[i])}, completion {_short(batch.completions[i])}). Fix "
             "the reward, or set reward.on_nonfinite: zero or drop_group"
+        )
+
+    def _none(self, none: torch.Tensor, batch: RolloutBatch) -> None:
+        """With ``on_nonfinite: error``: stop when no reward applies to a sample."""
+        if self.cfg.on_nonfinite != "error":
+            return
+        i = int(none.nonzero()[0])
+        names = ", ".join(repr(getattr(s, "path", "") or s.name) for s, _ in self.sources)
+        raise RewardError(
+            f"every reward ({names}) returned None for sample {i} of a batch of {len(batch)} "
+            f"({int(none.sum())} such samples in all; prompt {_short(batch.prompts[i])}, "
+            f"completion {_short(batch.completions[i])}, columns "
+            f"{ {k: v[i] for k, v in batch.columns.items()} }), so it has no reward. Make "
+            "some reward apply to every sample, or set reward.on_nonfinite: zero (score it "
+            "0, as TRL does) or drop_group"
         )
 
     def ping(self) -> int:

@@ -12,6 +12,7 @@ import torch
 
 from rlalign_ray.config import ModelConfig, RolloutConfig
 from rlalign_ray.data.batch import PromptItem, RolloutBatch, pad_prompts
+from rlalign_ray.data.render import PromptRenderer
 from rlalign_ray.errors import ActorFailure
 from rlalign_ray.models.loading import load_tokenizer, set_threads
 from rlalign_ray.rollout.backend import SamplingParams, backend_class
@@ -38,6 +39,9 @@ class Generator:
         self.chat_template = model.chat_template
         self.max_prompt_tokens = max_prompt_tokens
         self.tok = load_tokenizer(model.tokenizer or model.path, model.trust_remote_code)
+        self.renderer = PromptRenderer(
+            self.tok, model.chat_template, model.chat_template_kwargs, max_prompt_tokens
+        )
         self.backend = backend_class(rollout.backend)(model, rollout, self.tok, max_prompt_tokens)
         self.transport: WeightTransport | None = None  # set by join_weight_sync
         self.version = 0
@@ -46,19 +50,12 @@ class Generator:
     # ---- prompts ----------------------------------------------------------------------
     def render(self, prompt: Any) -> str:
         """The text the model sees: the chat template for message lists (or when asked)."""
-        if isinstance(prompt, list) or self.chat_template:
-            msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            if getattr(self.tok, "chat_template", None) is None:
-                raise ValueError(
-                    "the prompt is a list of messages (or model.chat_template is on) "
-                    "but the tokenizer has no chat template"
-                )
-            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return prompt
+        return self.renderer.render(prompt)
 
     def encode(self, text: str) -> list[int]:
-        ids = self.tok(text, add_special_tokens=not self.chat_template)["input_ids"]
-        return ids[-self.max_prompt_tokens :]
+        """Its tokens: one BOS, at most ``max_prompt_tokens`` (the last ones; the driver has
+        already applied ``data.truncation`` to the dataset)."""
+        return self.renderer.encode(text)
 
     # ---- sampling ---------------------------------------------------------------------
     def generate(
@@ -138,6 +135,7 @@ class Generator:
             columns={k: [items[i].columns[k] for i, _ in rows] for k in items[0].columns},
             pad_id=pad,
             truncated=gen.truncated,
+            raw_prompts=[items[i].prompt for i, _ in rows],
         )
 
     # ---- weights ----------------------------------------------------------------------

@@ -49,7 +49,7 @@ from rlalign_ray.data.prompts import PromptSampler, load_prompts
 from rlalign_ray.errors import ActorFailure, DataError
 from rlalign_ray.logger import MetricsLogger
 from rlalign_ray.pools import ActorPool, Experience, WeightSync, start, stop
-from rlalign_ray.preflight import preflight
+from rlalign_ray.preflight import preflight, prepare_data
 from rlalign_ray.runtime.cluster import connect
 from rlalign_ray.runtime.pools import get, lost_roles
 from rlalign_ray.topology import Topology
@@ -85,6 +85,10 @@ class Trainer:
             else []
         )
         preflight(cfg, self.topology, train)
+        train, data_stats = prepare_data(cfg, self.topology, train, "data.train")
+        if evals:
+            evals, eval_stats = prepare_data(cfg, self.topology, evals, "data.eval")
+            data_stats.update({k.replace("/", "/eval_"): v for k, v in eval_stats.items()})
         ckpt = checkpoint.prepare_run(cfg.trainer.output_dir, cfg.trainer.resume)
         state = checkpoint.TrainerState.read(ckpt) if ckpt else None
         logger = MetricsLogger(
@@ -130,6 +134,7 @@ class Trainer:
                 metrics.update(exp.stats)
                 metrics.update(stats)
                 metrics["weights/version"] = self.version
+                metrics.update(data_stats)
                 metrics["train/kl_coef"] = self.kl_ctl.value
                 self.kl_ctl.update(metrics.get("train/kl", 0.0), cfg.batch_size)
                 if evals and (
@@ -318,5 +323,5 @@ def rollout_metrics(scores: ScoredShard, prefix: str) -> dict[str, float]:
         f"{prefix}/response_len": float(scores.response_len.float().mean()),
     }
     for name, values in scores.breakdown.items():
-        m[f"{prefix}/reward/{name}"] = float(values.mean())
+        m[f"{prefix}/reward/{name}"] = float(values.nanmean())  # NaN: reward not applicable
     return {k: v for k, v in m.items() if math.isfinite(v)}

@@ -65,3 +65,21 @@ def completions_only(completions):
 
 
 NOT_CALLABLE = [1.0, 2.0]
+
+
+def odd_answers_only(completions, answer, **kwargs):
+    """Applies to prompts with an odd answer only (None elsewhere, as TRL's multi-task
+    rewards do): 1.0 when the completion contains the answer."""
+    return [(float(str(a) in c) if int(a) % 2 else None) for c, a in zip(completions, answer)]
+
+
+def never_applies(completions, **kwargs):
+    return [None] * len(completions)
+
+
+def sees_everything(prompts, completions, completion_ids, trainer_state, **columns):
+    """Checks what TRL passes: keyword arguments, token ids per completion, the step."""
+    assert len(prompts) == len(completions) == len(completion_ids)
+    assert all(isinstance(ids, list) for ids in completion_ids)
+    assert isinstance(trainer_state.global_step, int)
+    return [float(trainer_state.global_step)] * len(completions)

@@ -82,6 +82,7 @@ CASES = [
     Case("dataset_prompt_not_text", ["data.train={tmp}/t.jsonl"], ["t.jsonl:1", "non-empty string or a list"], files={"t.jsonl": '{"prompt": 5}\n'}),
     Case("dataset_line_not_object", ["data.train={tmp}/t.jsonl"], ["t.jsonl:1", "must be a JSON object"], files={"t.jsonl": "[1, 2]\n"}),
     Case("dataset_columns_differ", ["data.train={tmp}/t.jsonl"], ["t.jsonl:2", "every line needs the same keys"], files={"t.jsonl": GOOD + '{"prompt": "x"}\n'}),
+    Case("prompt_too_long", ["data.train={tmp}/t.jsonl", "data.max_prompt_tokens=4"], ["data.train", "t.jsonl:1", "longer than data.max_prompt_tokens = 4", "data.truncation: left"], files={"t.jsonl": GOOD}),
     Case("eval_dataset_bad", ["data.eval={tmp}/e.jsonl"], ["data.eval", "e.jsonl:1", "not valid JSON"], files={"e.jsonl": "{oops\n"}),
     # ---- model paths and tokenizers ------------------------------------------------------
     Case("model_missing", ["model.path={tmp}/no-model"], ["model.path", "no-model", "does not exist"]),
@@ -95,7 +96,7 @@ CASES = [
     Case("reward_module_broken", [REWARD.format("broken_reward:fn")], ["reward.rewards[0].path", "importing module 'broken_reward' raised RuntimeError: boom"], files={"broken_reward.py": "raise RuntimeError('boom')\n"}),
     Case("reward_function_missing", [REWARD.format("helpers.rewards:nope")], ["reward.rewards[0].path", "has no function 'nope'"]),
     Case("reward_not_callable", [REWARD.format("helpers.rewards:NOT_CALLABLE")], ["reward.rewards[0].path", "is a list, not a function"]),
-    Case("reward_bad_signature", [REWARD.format("helpers.rewards:completions_only")], ["reward.rewards[0].path", "helpers.rewards:completions_only", "def completions_only(prompts, completions, **columns)"]),
+    Case("reward_bad_signature", [REWARD.format("helpers.rewards:completions_only")], ["reward.rewards[0].path", "helpers.rewards:completions_only", "def completions_only(completions, **kwargs)", "completion_ids"]),
     # ---- cluster -----------------------------------------------------------------------
     Case("ray_address_unreachable", ["run.ray_address=127.0.0.2:1"], ["run.ray_address", "127.0.0.2:1", "ray start --head"]),
     # ---- in the actors: the embedded Ray instance starts --------------------------------

@@ -131,7 +131,8 @@ def test_reward_spec_checks():
         for p in probs
     )
     assert any(
-        p.startswith("reward.rewards[1].type: use function, model or embedding") for p in probs
+        p.startswith("reward.rewards[1].type: use function, model, embedding or http")
+        for p in probs
     )
 
 

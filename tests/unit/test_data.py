@@ -123,3 +123,122 @@ def test_scored_shards_concat():
         [1, 1, 1],
         [1, 1, 1],
     ]
+
+
+# ---- formats: Parquet, save_to_disk folders -------------------------------------------
+ROWS = [
+    {"prompt": "1+2=", "answer": "3"},
+    {"prompt": [{"role": "user", "content": "2+2="}], "answer": "4"},
+]
+
+
+def test_parquet_and_save_to_disk_read_like_jsonl(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    plain = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "2+2=", "answer": "4"}]
+    ds = datasets.Dataset.from_list(plain)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "folder"))
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "dict"))
+    want = [(0, "1+2=", {"answer": "3"}), (1, "2+2=", {"answer": "4"})]
+    for path in ("d.parquet", "folder", "dict", "dict/train"):
+        items = load_prompts(str(tmp_path / path))
+        assert [(i.index, i.prompt, i.columns) for i in items] == want, path
+    assert items[1].source.endswith("dict/train row 2")
+    # conversational rows survive the round trip
+    chat = datasets.Dataset.from_list([ROWS[1], ROWS[1]])
+    chat.to_parquet(str(tmp_path / "chat.parquet"))
+    assert load_prompts(str(tmp_path / "chat.parquet"))[0].prompt == ROWS[1]["prompt"]
+
+
+def test_format_errors_name_the_row_and_the_fix(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list([{"prompt": "a"}, {"prompt": ""}]).to_parquet(
+        str(tmp_path / "bad.parquet")
+    )
+    with pytest.raises(DataError, match="bad.parquet row 2: 'prompt' must be a non-empty"):
+        load_prompts(str(tmp_path / "bad.parquet"))
+    ds = datasets.Dataset.from_list([{"prompt": "a"}])
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "two"))
+    with pytest.raises(DataError, match="holds the splits \\['test', 'train'\\]; give one"):
+        load_prompts(str(tmp_path / "two"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="not one written by datasets' save_to_disk"):
+        load_prompts(str(tmp_path / "empty"))
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(DataError, match="cannot read it as Parquet"):
+        load_prompts(str(tmp_path / "junk.parquet"))
+
+
+# ---- rendering: chat templates, one BOS, truncation -----------------------------------
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    from rlalign_ray.models.loading import load_tokenizer
+
+    return load_tokenizer(tiny_model)
+
+
+def test_conversational_prompts_render_with_template_kwargs(tok):
+    from rlalign_ray.data.render import PromptRenderer
+
+    tok = type(tok).from_pretrained(tok.name_or_path)
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% if not thinking %}[no-think] "
+        "{% endif %}{% endif %}"
+    )
+    msgs = [{"role": "user", "content": "1+2="}]
+    r = PromptRenderer(tok, chat_template_kwargs={"thinking": False})
+    assert r.render(msgs) == "user: 1+2=\nassistant: [no-think] "
+    assert PromptRenderer(tok, chat_template_kwargs={"thinking": True}).render(msgs) == (
+        "user: 1+2=\nassistant: "
+    )
+    assert r.render("1+2=") == "1+2="  # plain text unless model.chat_template
+    assert PromptRenderer(tok, chat_template=True).render("1+2=").startswith("user: 1+2=")
+
+
+def test_exactly_one_bos(tok):
+    from rlalign_ray.data.render import PromptRenderer
+
+    bos = tok.bos_token_id
+    r = PromptRenderer(tok)
+    for text in ("1+2=", tok.bos_token + "1+2=", tok.bos_token * 2 + "1+2="):
+        ids = r.encode(text)
+        assert ids[0] == bos and ids.count(bos) == 1, text
+    # a template that writes BOS itself, and one that does not
+    tok = type(tok).from_pretrained(tok.name_or_path)
+    msgs = [{"role": "user", "content": "1+2="}]
+    for template in ("{{ bos_token }}", ""):
+        tok.chat_template = template + "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        r = PromptRenderer(tok)
+        assert r.encode(r.render(msgs)).count(bos) == 1, template
+    assert r.encode(r.render(msgs)) == tok("1+2=")["input_ids"]
+
+
+def test_left_truncation_keeps_the_bos(tok):
+    from rlalign_ray.data.render import PromptRenderer
+
+    r = PromptRenderer(tok, max_tokens=4)
+    ids = r.encode("12345678")
+    assert len(ids) == 4 and ids[0] == tok.bos_token_id
+    assert tok.decode(ids[1:]) == "678"
+
+
+def test_truncation_modes(tmp_path, tok):
+    from rlalign_ray.data.render import PromptRenderer, prepare_prompts
+
+    path = _write(tmp_path, '{"prompt": "1+2="}\n{"prompt": "123456789+1="}\n{"prompt": "3="}\n')
+    items = load_prompts(path)
+    r = PromptRenderer(tok, max_tokens=6)  # BOS + 5 characters
+    with pytest.raises(DataError) as err:
+        prepare_prompts(items, r, "error")
+    msg = str(err.value)
+    assert f"data.train: {path}:2: the prompt is 13 tokens" in msg
+    assert "data.max_prompt_tokens = 6" in msg and "data.truncation: left" in msg
+    kept, stats = prepare_prompts(items, r, "left")
+    assert len(kept) == 3 and stats == {"data/truncated": 1.0}
+    kept, stats = prepare_prompts(items, r, "drop")
+    assert [i.index for i in kept] == [0, 2] and stats == {"data/dropped": 1.0}
+    kept, stats = prepare_prompts(items[:1], r, "drop")
+    assert stats == {"data/dropped": 0.0}
+    with pytest.raises(DataError, match="every prompt is longer"):
+        prepare_prompts(items[1:2], r, "drop")

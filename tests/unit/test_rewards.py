@@ -13,6 +13,7 @@ from rlalign_ray.errors import RewardError
 from rlalign_ray.rewards.scorer import RewardScorer
 from rlalign_ray.rewards.sources import (
     FunctionReward,
+    RewardInputs,
     check_values,
     import_function,
     load_reward,
@@ -61,10 +62,10 @@ def test_function_errors_are_clear():
         import_function("helpers.rewards:nope")
     fn = FunctionReward(RewardSpec(path="helpers.rewards:raises"))
     with pytest.raises(RewardError, match=r"raised ValueError: bad reward input \(on a batch of 1"):
-        fn(["p"], ["c"], {})
+        fn(RewardInputs.of(["p"], ["c"]))
     fn = FunctionReward(RewardSpec(path="helpers.rewards:wrong_length"))
     with pytest.raises(RewardError, match="returned 1 values for 2 completions"):
-        fn(["p", "q"], ["c", "d"], {})
+        fn(RewardInputs.of(["p", "q"], ["c", "d"]))
     with pytest.raises(RewardError, match="is a list, not a function"):
         import_function("helpers.rewards:NOT_CALLABLE")
 
@@ -76,7 +77,7 @@ def test_function_errors_are_clear():
         ("12", "returned str '12', not a list"),
         (0.5, "returned float 0.5, not a list"),
         ([1.0], "returned 1 values for 2 completions"),
-        ([None, 1.0], "must return a list of numbers"),
+        ([{}, 1.0], "must return a list of numbers"),
     ],
 )
 def test_reward_values_are_checked(values, match):
@@ -84,6 +85,7 @@ def test_reward_values_are_checked(values, match):
         check_values("m:fn", values, 2)
     assert "'m:fn'" in str(err.value) and "one finite float per completion" in str(err.value)
     assert check_values("m:fn", [1, 0.5], 2) == [1.0, 0.5]
+    assert check_values("m:fn", [None, 0.5], 2) == [None, 0.5]  # None: does not apply
     # NaN passes here: the scorer applies reward.on_nonfinite (tests/unit/test_reward_limits.py)
     assert math.isnan(check_values("m:fn", [float("nan"), 1.0], 2)[0])
 
@@ -104,10 +106,11 @@ def test_sequence_classifier_reward_model(tmp_path, tiny_model):
     AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     rm = load_reward(RewardSpec(type="model", path=str(tmp_path), batch_size=2), CPU)
-    values = rm(["1+2=", "1+2=", "9+9="], ["3", "33", "18"], {})
+    values = rm(RewardInputs.of(["1+2=", "1+2=", "9+9="], ["3", "33", "18"]))
     assert len(values) == 3 and all(isinstance(v, float) for v in values)
     # batching does not change the scores
-    single = [rm([p], [c], {})[0] for p, c in [("1+2=", "3"), ("1+2=", "33"), ("9+9=", "18")]]
+    pairs = [("1+2=", "3"), ("1+2=", "33"), ("9+9=", "18")]
+    single = [rm(RewardInputs.of([p], [c]))[0] for p, c in pairs]
     assert values == pytest.approx(single, abs=1e-5)
 
 
@@ -118,10 +121,12 @@ def test_embedding_reward_with_pretrained_minilm():
         CPU,
     )
     values = rm(
-        ["q", "q"],
-        ["a cat sat on the mat", "quarterly tax report"],
-        {"reference": ["a kitten sits on a rug", "a kitten sits on a rug"]},
+        RewardInputs.of(
+            ["q", "q"],
+            ["a cat sat on the mat", "quarterly tax report"],
+            {"reference": ["a kitten sits on a rug", "a kitten sits on a rug"]},
+        )
     )
     assert values[0] > values[1] + 0.2  # a real encoder: paraphrase beats an unrelated text
     with pytest.raises(RewardError, match="needs the dataset column 'reference'"):
-        rm(["q"], ["x"], {})
+        rm(RewardInputs.of(["q"], ["x"]))
