@@ -185,7 +185,6 @@ class HFBackend(GenerationBackend):
         width = int(lengths.max()) if n else 0
         return Generation(tokens[:, :width], lengths, logprobs[:, :width], (~done).cpu())
 
-
     def _stopped(self, tokens: torch.Tensor, done: torch.Tensor, stop: tuple[str, ...]):
         """(N,) whether a running row's text now holds a stop string. Only the last tokens
         are decoded (enough for the longest stop string): an earlier match would have
