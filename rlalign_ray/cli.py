@@ -4,6 +4,7 @@ rlalign-ray train CONFIG [key.path=value ...]
 rlalign-ray check-config CONFIG [key.path=value ...]
 rlalign-ray make-tiny-model DIR [--arch llama|qwen2] [--warmup arith|none] [--params 100M]
 rlalign-ray bench weights|generate|train|step|pipeline|scale ...
+rlalign-ray report RUN_DIR
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ from rlalign_ray.errors import RlalignError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlalign-ray", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    from rlalign_ray.config_doc import config_help
+
     p = sub.add_parser(
-        "train", help="train a policy (starts a local Ray instance if none is given)"
+        "train",
+        help="train a policy (starts a local Ray instance if none is given)",
+        epilog=config_help(),  # every config key: type, default, doc line
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", help="YAML run config, e.g. configs/demo_cpu.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.steps=20")
@@ -39,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--params", default=None, help="size, e.g. 100M (a random-init Llama)")
     p.add_argument("--vocab", type=int, default=32000, help="vocabulary size (with --params)")
+    p = sub.add_parser(
+        "report", help="plot a run's metrics.jsonl into RUN_DIR/report.png and report.html"
+    )
+    p.add_argument("run_dir", help="a run's trainer.output_dir (holding metrics.jsonl)")
     from rlalign_ray.bench import add_parser as add_bench
 
     add_bench(sub)
@@ -105,6 +115,14 @@ def _make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from rlalign_ray.report import write_report
+
+    png, html = write_report(args.run_dir)
+    print(f"rlalign-ray: wrote {png} and {html}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from rlalign_ray.bench import run
 
@@ -116,6 +134,7 @@ COMMANDS = {
     "check-config": _check,
     "make-tiny-model": _make_tiny,
     "bench": _bench,
+    "report": _report,
 }
 
 if __name__ == "__main__":

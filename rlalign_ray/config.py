@@ -170,6 +170,12 @@ class RolloutConfig:
     timeout_s: float = doc(
         1800.0, "fail if one generation call (a chunk on one generator) takes longer than this"
     )
+    stop: list[str] = doc(
+        [],
+        "stop strings (vLLM semantics): a response ends with the token that completes one; "
+        "its text (what rewards see) is cut before it",
+    )
+    include_stop_str_in_output: bool = doc(False, "keep the matched stop string in the text")
 
 
 @dataclass
@@ -285,12 +291,25 @@ class DeepSpeedRole:
 
 
 @dataclass
+class LoraSpec:
+    """LoRA adapters (peft) on the policy: only they are trained."""
+
+    rank: int = doc(0, "adapter rank r (0: off, full fine-tuning)")
+    alpha: float = doc(16.0, "scaling numerator: updates are scaled by alpha / rank")
+    dropout: float = doc(0.0, "dropout on the adapter's input")
+    target_modules: list[str] = doc(
+        [], "module names to adapt, e.g. [q_proj, v_proj] ([]: every linear layer but the head)"
+    )
+
+
+@dataclass
 class LearnerConfig(DeepSpeedRole):
     mini_batch_size: int = doc(0, "sequences per optimizer step, all ranks (0: the whole batch)")
     update_epochs: int = doc(1, "passes over each batch (the critic follows the same schedule)")
     max_skipped_steps: int = doc(
         3, "end the run after this many optimizer steps in a row skipped as non-finite (0: never)"
     )
+    lora: LoraSpec = doc(LoraSpec(), "LoRA adapters instead of full fine-tuning (rank > 0)")
 
 
 @dataclass
@@ -330,6 +349,9 @@ class TrainerConfig:
         "of a checkpoint (checkpoints/step_N) or of a run's output_dir",
     )
     output_dir: str = doc("runs/demo", "metrics.jsonl, TensorBoard logs, checkpoints, final/")
+    save_merged: bool = doc(
+        False, "with learner.lora: also write final/merged, the adapters merged into the model"
+    )
     tensorboard: bool = doc(True, "write TensorBoard logs")
     progress_bar: bool = doc(True, "show a progress bar")
     max_staleness: int = doc(
@@ -670,6 +692,9 @@ def validate(cfg: Config) -> list[str]:
             )
     _check_batches(cfg, e)
     _check_rewards(cfg, e)
+    _check_lora(cfg, e)
+    if any(not isinstance(s, str) or not s for s in r.stop):
+        e.append(f"rollout.stop: stop strings must be non-empty, got {r.stop}")
     if not cfg.data.train:
         e.append("data.train: give a JSONL or Parquet file, or a save_to_disk folder, of prompts")
     if cfg.data.truncation not in ("error", "left", "drop"):
@@ -744,6 +769,22 @@ def _check_batches(cfg: Config, e: list[str]) -> None:
             f"{lr.micro_batch_size}; {mini} is not divisible by {per_rank_unit}. "
             f"Make mini_batch_size a multiple of world_size * micro_batch_size"
         )
+
+
+def _check_lora(cfg: Config, e: list[str]) -> None:
+    import importlib.util
+
+    lo = cfg.learner.lora
+    _positive(e, "learner.lora.rank", lo.rank, allow_zero=True)
+    if cfg.trainer.save_merged and lo.rank == 0:
+        e.append("trainer.save_merged: only with LoRA (learner.lora.rank > 0); final/ is merged")
+    if lo.rank == 0:
+        return
+    _positive(e, "learner.lora.alpha", lo.alpha)
+    if not 0 <= lo.dropout < 1:
+        e.append(f"learner.lora.dropout: must be in [0, 1), got {lo.dropout}")
+    if importlib.util.find_spec("peft") is None:
+        e.append("learner.lora: needs peft; pip install -e '.[lora]' (or set learner.lora.rank: 0)")
 
 
 NONFINITE_MODES = ("error", "zero", "drop_group")

@@ -89,11 +89,12 @@ class DeepSpeedRank:
         model = self.build_model()
         if self.role.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        trained = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters
         if self.role.optimizer == "sgd":
-            optimizer = torch.optim.SGD(model.parameters(), lr=self.role.lr)
+            optimizer = torch.optim.SGD(trained, lr=self.role.lr)
         else:
             optimizer = torch.optim.AdamW(
-                model.parameters(),
+                trained,
                 lr=self.role.lr,
                 betas=tuple(self.role.betas),
                 weight_decay=self.role.weight_decay,
@@ -258,16 +259,24 @@ class DeepSpeedRank:
                 for n, p in self.engine.module.named_parameters()
             }
 
-    def save_pretrained(self, path: str) -> str | None:
-        """All ranks call this; rank 0 writes a folder ``from_pretrained`` loads."""
+    def save_pretrained(self, path: str, merged: bool = False) -> str | None:
+        """All ranks call this; rank 0 writes a folder ``from_pretrained`` loads (with LoRA:
+        the adapter, which ``PeftModel.from_pretrained`` loads, and with ``merged`` also
+        ``path/merged``, the adapters merged into the model)."""
         with self.gathered():
             if self.rank != 0:
                 return None
             self.engine.module.save_pretrained(path, safe_serialization=True)
+            if merged:
+                from rlalign_ray.learner.lora import save_merged
+
+                save_merged(self.engine.module, os.path.join(path, "merged"))
         tok = load_tokenizer(
             self.cfg.model.tokenizer or self.cfg.model.path, self.cfg.model.trust_remote_code
         )
         tok.save_pretrained(path)
+        if merged:
+            tok.save_pretrained(os.path.join(path, "merged"))
         return path
 
     # ---- resumable checkpoints ----------------------------------------------------------

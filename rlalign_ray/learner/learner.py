@@ -27,7 +27,17 @@ class Learner(DeepSpeedRank, WeightSource):
         m = self.cfg.model
         model = load_causal_lm(m.path, m.dtype, m.trust_remote_code)
         model.config.use_cache = False
+        if self.lora:
+            from rlalign_ray.learner.lora import apply_lora
+
+            model = apply_lora(model, self.cfg.learner.lora)
+            if self.role.gradient_checkpointing:  # frozen embeddings: inputs need a grad
+                model.enable_input_require_grads()
         return model
+
+    @property
+    def lora(self) -> bool:
+        return self.cfg.learner.lora.rank > 0
 
     def train_step(
         self,
@@ -163,4 +173,34 @@ class Learner(DeepSpeedRank, WeightSource):
 
     # ---- weights out (WeightSource: weight_layout, open/join_weight_sync, publish_weights) --
     def named_weights(self):
-        return self.engine.module.named_parameters()
+        """The parameters generators hold, by the base model's names (LoRA: the base
+        weights, whose merged values travel: ``weight_values``)."""
+        if not self.lora:
+            return self.engine.module.named_parameters()
+        from rlalign_ray.learner.lora import merged_sources
+
+        self._lora_layers = {id(p): layer for _, p, layer in merged_sources(self.engine.module)}
+        return [(n, p) for n, p, _ in merged_sources(self.engine.module)]
+
+    def weight_extras(self, params):
+        if not self.lora:
+            return []
+        from rlalign_ray.learner.lora import adapter_params
+
+        return [a for p in params for a in adapter_params(self._lora_layers.get(id(p)))]
+
+    def weight_values(self, params):
+        if not self.lora:
+            return params
+        from rlalign_ray.learner.lora import merged_value
+
+        return [merged_value(p, self._lora_layers.get(id(p))) for p in params]
+
+    def get_weights(self):
+        """Every weight generators hold (LoRA: merged), as numpy arrays (for tests)."""
+        if not self.lora:
+            return super().get_weights()
+        with self.gathered():
+            pairs = self.named_weights()
+            values = self.weight_values([p for _, p in pairs])
+            return {n: v.cpu().float().numpy().copy() for (n, _), v in zip(pairs, values)}

@@ -63,6 +63,13 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def hf_model(model: Any) -> Any:
+    """The Hugging Face model inside a DeepSpeed engine and/or a peft ``PeftModel`` (its
+    adapted layers in place)."""
+    hf = getattr(model, "module", model)
+    return hf.get_base_model() if hasattr(hf, "get_base_model") else hf
+
+
 def response_hidden(model: Any, batch: RolloutBatch, device: torch.device) -> torch.Tensor:
     """(B, T, H) final hidden states that predict each response token.
 
@@ -70,7 +77,7 @@ def response_hidden(model: Any, batch: RolloutBatch, device: torch.device) -> to
     ZeRO-3's hooks see an ordinary forward; the hidden states are taken from its base
     model's output and the output head runs on one position only (``logits_to_keep``).
     """
-    hf = getattr(model, "module", model)
+    hf = hf_model(model)
     if hf.base_model is hf:
         raise ValueError(f"{type(hf).__name__} has no base model to take hidden states from")
     ids = batch.input_ids().to(device)
@@ -174,7 +181,7 @@ def response_logprobs(
     hidden = response_hidden(model, batch, device)
     mask = batch.response_mask.to(device) != 0
     h, tokens = hidden[mask], batch.response_ids.to(device)[mask]
-    hf = getattr(model, "module", model)
+    hf = hf_model(model)
     head, transform = hf.get_output_embeddings(), logit_transform(hf.config)
     chunks = max(-(-len(h) // chunk_size) if chunk_size else 1, 1)
     chunks = agree(chunks) if agree is not None else chunks

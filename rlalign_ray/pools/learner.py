@@ -73,9 +73,11 @@ class DeepSpeedGroup(ActorPool):
         rows = rank_rows(len(exp.scores), len(self.actors), self.cfg.run.seed, step)
         return rows, split_for_ranks(self.actors[0], exp.shards, exp.rows, ref_logprobs, rows)
 
-    def save(self, path: str) -> None:
-        """Every rank takes part (ZeRO-3 gathers); rank 0 writes a Hugging Face folder."""
-        get(self.call("save_pretrained", str(path)), f"{self.name}: saving {path}", self.timeout_s)
+    def save(self, path: str, merged: bool = False) -> None:
+        """Every rank takes part (ZeRO-3 gathers); rank 0 writes a Hugging Face folder
+        (with LoRA the adapter, and with ``merged`` also ``path/merged``)."""
+        args = (str(path), True) if merged else (str(path),)
+        get(self.call("save_pretrained", *args), f"{self.name}: saving {path}", self.timeout_s)
 
     def save_checkpoint(self, path: str, tag: str = "ds") -> None:
         """DeepSpeed's checkpoint of every rank (optimizer state, ZeRO shards) in ``path``."""

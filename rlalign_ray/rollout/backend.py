@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,8 @@ class SamplingParams:
     top_k: int = 0
     ignore_eos: bool = False  # sample max_new_tokens whatever is emitted (benchmarks)
     seed: int | None = None  # sample from this seed (None: the backend's own random stream)
+    # stop strings (vLLM semantics): a row ends with the token whose text completes one
+    stop: tuple[str, ...] = ()
 
 
 @dataclass
@@ -173,6 +175,8 @@ class HFBackend(GenerationBackend):
             logprobs[:, t] = lp.masked_fill(done, 0.0).float().cpu()
             if not params.ignore_eos:
                 done |= torch.isin(tok, eos)
+            if params.stop:
+                done |= self._stopped(tokens[:, : t + 1], done, params.stop).to(self.device)
             if bool(done.all()):
                 break
             inputs = tok[:, None]
@@ -180,6 +184,30 @@ class HFBackend(GenerationBackend):
             pos = pos[:, -1:] + 1
         width = int(lengths.max()) if n else 0
         return Generation(tokens[:, :width], lengths, logprobs[:, :width], (~done).cpu())
+
+    def _stopped(self, tokens: torch.Tensor, done: torch.Tensor, stop: tuple[str, ...]):
+        """(N,) whether a running row's text now holds a stop string. Only the last tokens
+        are decoded (enough for the longest stop string): an earlier match would have
+        stopped the row at an earlier step."""
+        window = max(len(s) for s in stop) + 4
+        out = torch.zeros(len(tokens), dtype=torch.bool)
+        for i in (~done).cpu().nonzero().flatten().tolist():
+            text = self.tok.decode(tokens[i, -window:], skip_special_tokens=True)
+            out[i] = any(s in text for s in stop)
+        return out
+
+
+def cut_at_stop(text: str, stop: Sequence[str], include: bool = False) -> str:
+    """``text`` cut before the stop string that ends first in it (or after it with
+    ``include``), as vLLM cuts its output text; unchanged without a match."""
+    best: tuple[int, int] | None = None  # (end, start) of the match that ends first
+    for s in stop:
+        i = text.find(s)
+        if i >= 0 and (best is None or i + len(s) < best[0]):
+            best = (i + len(s), i)
+    if best is None:
+        return text
+    return text[: best[0]] if include else text[: best[1]]
 
 
 def sample_step(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ from rlalign_ray.data.batch import PromptItem, RolloutBatch, pad_prompts
 from rlalign_ray.data.render import PromptRenderer
 from rlalign_ray.errors import ActorFailure
 from rlalign_ray.models.loading import load_tokenizer, set_threads
-from rlalign_ray.rollout.backend import SamplingParams, backend_class
+from rlalign_ray.rollout.backend import SamplingParams, backend_class, cut_at_stop
 from rlalign_ray.sync.buckets import SyncPlan
 from rlalign_ray.sync.weights import WeightHandle, WeightTransport, make_transport
 
@@ -85,6 +85,7 @@ class Generator:
             top_k=c.top_k,
             ignore_eos=c.ignore_eos,
             seed=seed,
+            stop=tuple(c.stop),
         )
         texts = [self.render(it.prompt) for it in items]
         encoded = [self.encode(t) for t in texts]
@@ -121,6 +122,11 @@ class Generator:
         t = tokens.shape[1]
         mask = (torch.arange(t)[None, :] < lengths[:, None]).float()
         completions = self.tok.batch_decode(tokens, skip_special_tokens=True)
+        if self.cfg.stop:  # the tokens keep the stop string (trained on); the text does not
+            completions = [
+                cut_at_stop(t, self.cfg.stop, self.cfg.include_stop_str_in_output)
+                for t in completions
+            ]
         return RolloutBatch(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,

@@ -69,7 +69,9 @@ class VLLMBackend(GenerationBackend):
             seed=torch.initial_seed() % 2**31,
             generation_config="vllm",
             logprobs_mode="processed_logprobs",
-            skip_tokenizer_init=True,  # token ids in and out: the generator decodes
+            # token ids in and out, the generator decodes; stop strings need vLLM's detokenizer
+            skip_tokenizer_init=not rollout_cfg.stop,
+            tokenizer=resolve(model_cfg.tokenizer or model_cfg.path),
             **memory,
         )
         self._pending: list[tuple[str, torch.Tensor]] = []
@@ -88,7 +90,10 @@ class VLLMBackend(GenerationBackend):
             stop_token_ids=self.eos_ids,  # vLLM keeps a stop token in the output, as HF does
             ignore_eos=params.ignore_eos,
             logprobs=0,  # the sampled token's log-prob only
-            detokenize=False,
+            # stop strings: vLLM keeps the tokens up to the one completing the match (the
+            # generator cuts the text, as for the HF backend)
+            stop=list(params.stop) or None,
+            detokenize=bool(params.stop),
         )
         if params.seed is not None:  # one seeded request per prompt
             sampling = [sampling.clone() for _ in prompts]

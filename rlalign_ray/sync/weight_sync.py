@@ -44,6 +44,16 @@ class WeightSource:
     def gathered(self, params: Sequence[torch.nn.Parameter] | None = None) -> Any:
         raise NotImplementedError
 
+    def weight_extras(self, params: Sequence[Any]) -> list[torch.nn.Parameter]:
+        """More parameters the values of ``params`` are computed from (gathered with them
+        under ZeRO-3); none by default."""
+        return []
+
+    def weight_values(self, params: Sequence[Any]) -> Sequence[torch.Tensor]:
+        """What travels for ``params`` (by default the parameters themselves; LoRA: the
+        merged weights)."""
+        return params
+
     def weight_layout(self) -> list[tuple[str, tuple[int, ...]]]:
         """(name, full shape) of every parameter, in order (ZeRO-3 keeps it in ds_shape)."""
         return [(n, tuple(getattr(p, "ds_shape", p.shape))) for n, p in self.named_weights()]
@@ -69,8 +79,8 @@ class WeightSource:
     def publish_weights(self, bucket: int) -> Any:
         """All ranks call this per bucket; rank 0 sends it and returns the payload."""
         params = self._sync_params[bucket]
-        with self.gathered(params):
-            return self._sync.send(bucket, params) if self._sync else None
+        with self.gathered([*params, *self.weight_extras(params)]):
+            return self._sync.send(bucket, self.weight_values(params)) if self._sync else None
 
 
 class WeightSync:

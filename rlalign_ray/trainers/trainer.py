@@ -155,7 +155,7 @@ class Trainer:
                 logger.advance()
                 last = metrics
             self.weights.pending and self.weights.pending.result()
-            self.save(Path(cfg.trainer.output_dir) / "final")
+            self.save(Path(cfg.trainer.output_dir) / "final", merged=cfg.trainer.save_merged)
         except ActorFailure as e:
             e.args = (f"{e}\n{lost_roles(self.pools)}",)
             raise
@@ -237,8 +237,8 @@ class Trainer:
         scores, seconds = self.rollouts.evaluate(evals)
         return {**rollout_metrics(scores, "eval"), "time/eval_s": seconds}
 
-    def save(self, path: Path) -> None:
-        self.pools["learner"].save(str(path))
+    def save(self, path: Path, merged: bool = False) -> None:
+        self.pools["learner"].save(str(path), merged)
 
     # ---- resumable checkpoints (rlalign_ray/checkpoint.py) ------------------------------
     def checkpoint(self, step: int) -> Path:

@@ -1,0 +1,72 @@
+"""Every config key with its type, default and doc line, read from the dataclass tree in
+``rlalign_ray/config.py`` (``rlalign-ray train --help`` prints it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any
+
+from rlalign_ray.config import Config
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    if origin is dict:
+        return f"dict[{_type_name(args[0])}, {_type_name(args[1])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _show(value: Any) -> str:
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    return json.dumps(value)
+
+
+def config_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """``(key, type, default, doc)`` of every leaf key, depth first in declaration order.
+    A list of sections (``reward.rewards``) is listed, then its items' keys as
+    ``reward.rewards[].KEY``."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp, key, doc = hints[f.name], prefix + f.name, f.metadata.get("doc", "")
+        args = typing.get_args(tp)
+        if dataclasses.is_dataclass(tp):
+            out += config_keys(tp, key + ".")
+            continue
+        out.append((key, _type_name(tp), _show(_default(f)), doc))
+        if typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]):
+            out += config_keys(args[0], key + "[].")
+    return out
+
+
+def config_help(width: int = 100) -> str:
+    """The keys as text: a section header per top-level section, one line per key."""
+    import textwrap
+
+    lines = ["config keys (set in the YAML file, or on the command line as key.path=value):"]
+    section = None
+    for key, tp, default, doc in config_keys():
+        top = key.split(".")[0]
+        if top != section:
+            section = top
+            lines += ["", f"{top}:"]
+        head = f"  {key} ({tp}, default {default})"
+        lines.append(head)
+        lines += textwrap.wrap(doc, width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
