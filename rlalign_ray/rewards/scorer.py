@@ -21,6 +21,9 @@ from rlalign_ray.errors import RewardError
 from rlalign_ray.models.loading import default_device, set_threads
 from rlalign_ray.rewards.sources import load_reward
 
+ENV_REWARD = "env_reward"  # columns a multi-turn generator adds (rollout/generator.py)
+ENV_COLUMNS = (ENV_REWARD, "env_turns")
+
 
 class RewardScorer:
     def __init__(self, cfg: RewardConfig):
@@ -38,6 +41,10 @@ class RewardScorer:
         breakdown: dict[str, torch.Tensor] = {}
         total = torch.zeros(len(batch))
         bad_rows = torch.zeros(len(batch), dtype=torch.bool)
+        env = batch.columns.get(ENV_REWARD)
+        if env is not None:  # multi-turn: the environment's rewards (env.reward), weight 1
+            breakdown["env"] = torch.tensor(env, dtype=torch.float32)
+            total += breakdown["env"]
         for source, weight in self.sources:
             values = torch.tensor(self._call(source, batch), dtype=torch.float32)
             bad = ~torch.isfinite(values)
@@ -64,7 +71,8 @@ class RewardScorer:
         """``source`` on the batch, in a thread that may run ``reward.timeout_s`` at most
         (a hung reward function cannot be stopped, but the run ends with its name)."""
         limit = self.cfg.timeout_s
-        args = (batch.prompts, batch.completions, batch.columns)
+        columns = {k: v for k, v in batch.columns.items() if k not in ENV_COLUMNS}
+        args = (batch.prompts, batch.completions, columns)
         if not limit:
             return source(*args)
         out: dict[str, Any] = {}
