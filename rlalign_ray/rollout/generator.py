@@ -60,6 +60,7 @@ class Generator:
         context = max_prompt_tokens if self.env is None else 1 << 30
         self.backend = backend_class(rollout.backend)(model, rollout, self.tok, context)
         self.multiturn = None  # built on first use (rollout/multiturn.py)
+        self._env_client = None  # an environment pool's client (set_env_actors)
         self.transport: WeightTransport | None = None  # set by join_weight_sync
         self.version = 0
         self.rank = rank
@@ -167,7 +168,7 @@ class Generator:
     def set_env_actors(self, actors: list[Any]) -> None:
         """Step episodes in an environment pool's actors (``pools/env.py``) instead of
         in this process."""
-        from rlalign_ray.pools.env import RemoteEnvs
+        from rlalign_ray.envs.host import RemoteEnvs
 
         self.multiturn = None
         self._env_client = RemoteEnvs(self.env, actors, self.rank)
@@ -188,7 +189,7 @@ class Generator:
                 self.render,
                 self.backend.eos_ids,
                 max_context(self.backend, self.tok),
-                getattr(self, "_env_client", None),
+                self._env_client,
             )
         episodes = self.multiturn.run(items, n, params)
         pad = self.tok.pad_token_id

@@ -24,7 +24,8 @@ import torch
 
 from rlalign_ray.config import EnvConfig
 from rlalign_ray.data.batch import PromptItem
-from rlalign_ray.envs.base import Env, EnvError, StepResult, call_all, env_class
+from rlalign_ray.envs.base import EnvError, StepResult
+from rlalign_ray.envs.host import LocalEnvs
 from rlalign_ray.rollout.backend import GenerationBackend, SamplingParams
 
 
@@ -51,47 +52,6 @@ class Episode:
 
     def name(self) -> str:
         return f"episode (prompt {self.item.index}, sample {self.sample})"
-
-
-class LocalEnvs:
-    """Environments in this process: one instance per episode, called in threads."""
-
-    def __init__(self, cfg: EnvConfig):
-        self.cfg = cfg
-        self.cls = env_class(cfg.path)
-        self.envs: dict[int, Env] = {}
-
-    def reset(self, episodes: list[Episode]) -> list[Any]:
-        for ep in episodes:
-            try:
-                self.envs[ep.row] = self.cls(**self.cfg.kwargs)
-            except Exception as e:
-                raise EnvError(
-                    f"{self.cls.__name__}(**env.kwargs) failed for {ep.name()}: "
-                    f"{type(e).__name__}: {e}"
-                ) from e
-        return call_all(
-            [(self.envs[ep.row].reset, (ep.item,), self._what(ep, "reset")) for ep in episodes],
-            self.cfg.timeout_s,
-        )
-
-    def step(self, episodes: list[Episode], actions: list[str]) -> list[Any]:
-        return call_all(
-            [
-                (self.envs[ep.row].step, (a,), self._what(ep, f"step (turn {ep.turns})"))
-                for ep, a in zip(episodes, actions)
-            ],
-            self.cfg.timeout_s,
-        )
-
-    def close(self, episodes: list[Episode]) -> None:
-        for ep in episodes:
-            env = self.envs.pop(ep.row, None)
-            if env is not None and hasattr(env, "close"):
-                env.close()
-
-    def _what(self, ep: Episode, call: str) -> str:
-        return f"environment {self.cfg.path} {call} of {ep.name()}"
 
 
 class MultiTurnRollout:

@@ -91,8 +91,8 @@ def test_calculator_episode_terminates(tiny_model):
     [
         (
             "helpers.envs:RaisesEnv",
-            r"RaisesEnv step \(turn 1\) of episode \(prompt 3, sample 0\)"
-            r" raised RuntimeError: the simulator crashed",
+            r"environment helpers.envs:RaisesEnv step of episode \(prompt 3, sample 0\), "
+            r"turn 1 raised RuntimeError: the simulator crashed",
         ),
         (
             "helpers.envs:BadReturnEnv",
@@ -112,8 +112,8 @@ def test_hanging_environment_times_out(tiny_model):
     t0 = time.monotonic()
     with pytest.raises(
         EnvError,
-        match=r"HangsEnv step \(turn 1\) of episode \(prompt 3, "
-        r"sample 0\) did not return within 0.5s \(env.timeout_s\)",
+        match=r"HangsEnv step of episode \(prompt 3, sample 0\), turn 1 did not return "
+        r"within 0.5s \(env.timeout_s\)",
     ):
         gen.generate(ITEMS, n_samples=1)
     assert time.monotonic() - t0 < 5

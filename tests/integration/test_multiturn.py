@@ -1,0 +1,39 @@
+"""Multi-turn training through the whole loop (real local Ray, tiny model): environments
+inside the generators, and an environment actor pool."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import small_config
+
+from rlalign_ray.config import config_from_dict
+from rlalign_ray.trainer import Trainer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("num_env_actors", [0, 2])
+def test_two_multiturn_steps(ray_local, tiny_model, tmp_path, num_env_actors):
+    cfg = config_from_dict(
+        small_config(
+            tiny_model,
+            str(tmp_path),
+            env={
+                "path": "rlalign_ray.envs.builtin:CalculatorEnv",
+                "kwargs": {"max_calls": 2},
+                "max_turns": 3,
+                "stop": [">"],
+                "reward": "last",
+                "num_actors": num_env_actors,
+            },
+            reward={"rewards": [], "num_actors": 1},
+            trainer={"steps": 2, "eval_every": 0},
+        )
+    )
+    last = Trainer(cfg).fit()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert "eval/reward/env" in rows[0] and "train/reward/env" in last
+    assert last["weights/version"] == 2
