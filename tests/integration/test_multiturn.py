@@ -37,3 +37,28 @@ def test_two_multiturn_steps(ray_local, tiny_model, tmp_path, num_env_actors):
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert "eval/reward/env" in rows[0] and "train/reward/env" in last
     assert last["weights/version"] == 2
+
+
+def test_pool_api_runs_an_environment_pool(ray_local, tiny_model, tmp_path):
+    """A user's loop: a generator pool stepping its episodes in an environment pool."""
+    import ray
+
+    from rlalign_ray.data.batch import PromptItem
+    from rlalign_ray.pools import EnvPool, GeneratorPool, launch
+
+    cfg = config_from_dict(
+        small_config(
+            tiny_model,
+            str(tmp_path),
+            env={"path": "helpers.envs:EchoEnv", "max_turns": 2, "num_actors": 2},
+            rollout={"num_actors": 1, "max_new_tokens": 3, "ignore_eos": True},
+        )
+    )
+    gen, envs = GeneratorPool(cfg), EnvPool(cfg)
+    with launch(cfg.run, gen, envs):
+        envs.attach(gen)
+        items = [PromptItem(i, f"{i}+1=") for i in range(3)]
+        (ref,) = gen.generate(items, n=2)
+        batch = ray.get(ref, timeout=120)
+    assert batch.columns["env_reward"] == [0.5] * 6  # 2 turns x 0.25 (env.reward: sum)
+    assert batch.truncated.all() and (batch.response_mask.sum(1) == 6).all()

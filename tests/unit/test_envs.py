@@ -149,3 +149,41 @@ def test_builtin_environments():
     assert game.step("9").observation == " lower\n"
     assert game.step("x").observation == " a number please\n"
     assert game.step("7").terminated
+
+
+def test_env_config_is_validated():
+    from rlalign_ray.config import config_from_dict
+    from rlalign_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(
+            {
+                "env": {"path": "nocolon", "reward": "max", "max_turns": 0},
+                "reward": {"rewards": []},
+                "algorithm": {"overlong_buffer": 2},
+            }
+        )
+    text = str(e.value)
+    assert "env.path: write it as module:Class" in text
+    assert "env.reward: use one of sum, last, rewards-only" in text
+    assert "env.max_turns: must be > 0" in text
+    assert "algorithm.overlong_buffer: counts a whole multi-turn trajectory" in text
+    with pytest.raises(ConfigError, match="reward.rewards: give at least one reward"):
+        config_from_dict(
+            {"env": {"path": "a:B", "reward": "rewards-only"}, "reward": {"rewards": []}}
+        )
+
+
+def test_advantages_on_multiturn_masks():
+    """Action, observation, action: outcome advantages and GAE live on generated tokens
+    only; the trajectory's reward sits on its last generated token."""
+    from rlalign_ray.algorithms import compute_token_rewards, gae, outcome_advantages
+
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]])
+    scores = torch.tensor([1.0, 0.0])
+    rewards = compute_token_rewards(scores, mask)
+    assert rewards[0].tolist() == [0, 0, 0, 0, 0, 1.0, 0] and rewards[1].abs().sum() == 0
+    adv, _ = gae(rewards, torch.zeros_like(mask), mask, gamma=1.0, lam=1.0)
+    assert adv[0].tolist() == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+    out = outcome_advantages("grpo", scores, torch.tensor([0, 0]), mask)
+    assert torch.all(out[mask == 0] == 0) and torch.all(out[0][mask[0] == 1] > 0)
