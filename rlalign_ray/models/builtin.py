@@ -55,9 +55,16 @@ BUILTIN_RECIPES: dict[str, dict] = {
         "model": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 320},
         "seed": 0,
         "task": "calc",
-        "warmup": {"steps": 300, "lr": 2e-3, "batch_size": 64, "p_tool": 0.25, "seed": 0},
-        "num_threads": 1,
-        "approx_seconds": 60,
+        "warmup": {
+            "steps": 700,
+            "lr": 2e-3,
+            "batch_size": 64,
+            "p_tool": 0.6,
+            "p_first": 0.2,
+            "seed": 0,
+        },
+        "num_threads": 2,
+        "approx_seconds": 300,
     },
 }
 

@@ -7,8 +7,9 @@ answer. A tiny model cannot add three numbers in its head, but it can copy digit
 reward (a right final answer) rewards calling the tool.
 
 ``warmup_sft`` teaches the interaction format on demonstrations: a share ``p_tool`` of them
-call the tool twice, the others answer directly. The warmed-up model calls the tool in
-about ``p_tool`` of its samples and answers directly (mostly wrong) when greedy: RL has to
+call the tool twice, the others answer directly, and the first action token is labelled so
+that the tool is chosen in a share ``p_first`` of them. The warmed-up model calls the tool in
+about ``p_first`` of its samples and answers directly (mostly wrong) when greedy: RL has to
 find out that the tool pays.
 """
 
@@ -76,19 +77,23 @@ def demonstration(problem: dict, use_tool: bool) -> list[tuple[str, bool]]:
     ]
 
 
-def _sft_batch(tok: Any, problems: list[dict], tools: list[bool]):
+def _sft_batch(tok: Any, problems: list[dict], tools: list[bool], firsts: list[bool]):
     """Right-padded ``<s> prompt turns </s>`` batch with labels on the action tokens (and
-    the final EOS) only; every piece is tokenised on its own, as rollouts do."""
+    the final EOS) only; every piece is tokenised on its own, as rollouts do. Where
+    ``firsts`` is False the first action token (the choice: tool or answer) has no label."""
     import torch
 
     seqs, labels = [], []
-    for p, use_tool in zip(problems, tools):
+    for p, use_tool, first in zip(problems, tools, firsts):
         ids = tok(p["prompt"])["input_ids"]
         lab = [-100] * len(ids)
+        start = len(ids)
         for text, is_action in demonstration(p, use_tool):
             piece = tok(text, add_special_tokens=False)["input_ids"]
             ids += piece
             lab += piece if is_action else [-100] * len(piece)
+        if not first:
+            lab[start] = -100
         ids.append(tok.eos_token_id)
         lab.append(tok.eos_token_id)
         seqs.append(ids)
@@ -113,15 +118,23 @@ def warmup_sft(
     batch_size: int = 64,
     p_tool: float = 0.25,
     seed: int = 0,
+    p_first: float | None = None,
 ) -> dict:
     """Supervised warm-up on demonstrations (``p_tool`` of them with tool calls): AdamW,
-    linear warm-up then cosine decay; returns ``{"steps", "final_loss", "seconds"}``."""
+    linear warm-up then cosine decay; returns ``{"steps", "final_loss", "seconds"}``.
+
+    ``p_first``: the share of tool calls among the labelled first action tokens (default
+    ``p_tool``). With ``p_tool`` high and ``p_first`` low, the model learns to use the tool
+    well from many demonstrations but chooses it rarely: some tool demonstrations leave
+    their first token unlabelled."""
     import math
     import time
 
     import torch
 
     t0, losses = time.time(), []
+    q = p_tool if p_first is None else p_first
+    keep = 1.0 if p_tool in (0.0, 1.0) else min(1.0, q * (1 - p_tool) / (p_tool * (1 - q)))
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98))
     warm = max(1, steps // 20)
@@ -129,9 +142,12 @@ def warmup_sft(
     for step in range(steps):
         batch = [problems[rng.randrange(len(problems))] for _ in range(batch_size)]
         tools = [rng.random() < p_tool for _ in batch]
-        ids, attn, labels = _sft_batch(tok, batch, tools)
-        frac = (step + 1) / warm if step < warm else 0.1 + 0.45 * (
-            1 + math.cos(math.pi * (step - warm) / max(1, steps - warm))
+        firsts = [not t or rng.random() < keep for t in tools]
+        ids, attn, labels = _sft_batch(tok, batch, tools, firsts)
+        frac = (
+            (step + 1) / warm
+            if step < warm
+            else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
         )
         for g in opt.param_groups:
             g["lr"] = lr * min(frac, 1.0)
