@@ -187,3 +187,18 @@ def test_advantages_on_multiturn_masks():
     assert adv[0].tolist() == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
     out = outcome_advantages("grpo", scores, torch.tensor([0, 0]), mask)
     assert torch.all(out[mask == 0] == 0) and torch.all(out[0][mask[0] == 1] > 0)
+
+
+def test_scorer_adds_the_environment_reward(tiny_model):
+    """The environment's reward is ``reward/env`` and adds to the reward functions, which
+    do not see the generator's env_* columns."""
+    from rlalign_ray.config import RewardConfig, RewardSpec
+    from rlalign_ray.rewards.scorer import RewardScorer
+
+    b = _gen(tiny_model, max_turns=2).generate(ITEMS, n_samples=1)
+    spec = RewardSpec(type="function", path="helpers.rewards:uses_answer")
+    shard = RewardScorer(RewardConfig(rewards=[spec])).score(b)
+    assert shard.breakdown["env"].tolist() == [0.5, 0.5]
+    assert torch.allclose(shard.scores, 0.5 + shard.breakdown["uses_answer"])
+    only_env = RewardScorer(RewardConfig(rewards=[])).score(b)
+    assert only_env.scores.tolist() == [0.5, 0.5]
