@@ -121,8 +121,9 @@ class RemoteEnvs:
                     f"{names[parts[a][0]]}"
                 ) from None
             except ray.exceptions.RayTaskError as e:
-                cause = e.as_instanceof_cause()
-                raise EnvError(str(cause).strip().splitlines()[-1]) from None
+                cause = getattr(e, "cause", None)
+                text = str(cause) if cause is not None else str(e).strip().splitlines()[-1]
+                raise EnvError(text) from None
             except ray.exceptions.RayActorError as e:
                 raise EnvError(
                     f"environment actor {a} ({self.cfg.path}) died during {method} of "

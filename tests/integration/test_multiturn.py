@@ -62,3 +62,24 @@ def test_pool_api_runs_an_environment_pool(ray_local, tiny_model, tmp_path):
         batch = ray.get(ref, timeout=120)
     assert batch.columns["env_reward"] == [0.5] * 6  # 2 turns x 0.25 (env.reward: sum)
     assert batch.truncated.all() and (batch.response_mask.sum(1) == 6).all()
+
+
+def test_environment_actor_errors_name_the_environment_and_episode(ray_local, tiny_model, tmp_path):
+    from rlalign_ray.data.batch import PromptItem
+    from rlalign_ray.envs import EnvError
+    from rlalign_ray.envs.host import EnvHost
+    from rlalign_ray.rollout.generator import Generator
+
+    cfg = config_from_dict(
+        small_config(tiny_model, str(tmp_path), env={"path": "helpers.envs:RaisesEnv"})
+    )
+    host = ray_local.remote(EnvHost).options(num_cpus=0).remote(cfg.env, 0)
+    gen = Generator(cfg.model, cfg.rollout, 0, env=cfg.env)
+    gen.set_env_actors([host])
+    with pytest.raises(
+        EnvError,
+        match=r"helpers.envs:RaisesEnv \(environment actor 0\) step of episode \(prompt 3, "
+        r"sample 0\), turn 1 raised RuntimeError: the simulator crashed",
+    ):
+        gen.generate([PromptItem(3, "1+2=")], n_samples=1)
+    ray_local.kill(host)
