@@ -362,6 +362,26 @@ class TrainerConfig:
 
 
 @dataclass
+class EnvConfig:
+    """Multi-turn rollouts: each sample is an episode of an environment (``rlalign_ray.envs``)."""
+
+    path: str | None = doc(None, "module:Class of an envs.Env subclass (null: single-turn)")
+    kwargs: dict[str, Any] = doc({}, "keyword arguments for the environment class")
+    max_turns: int = doc(4, "actions per episode at most; episodes cut there are truncated")
+    stop: list[str] = doc([], "strings that end an action (besides EOS), kept in the action")
+    reward: str = doc(
+        "sum", "per-turn env rewards: sum, last, or rewards-only (only reward.rewards count)"
+    )
+    timeout_s: float = doc(60.0, "fail if one reset/step call takes longer (0: no limit)")
+    max_context_tokens: int = doc(
+        0, "end an episode (truncated) before its context exceeds this (0: the model's limit)"
+    )
+    num_actors: int = doc(0, "0: environments run inside the generators; >0: a pool of actors")
+    resources: Resources = doc(Resources(num_cpus=0.5), "per environment actor")
+    placement: Placement = doc(Placement(), "where the environment actors go")
+
+
+@dataclass
 class Config:
     run: RunConfig = doc(RunConfig(), "cluster and seeds")
     model: ModelConfig = doc(ModelConfig(), "policy and reference models")
@@ -374,6 +394,7 @@ class Config:
     critic: CriticConfig = doc(CriticConfig(), "value model group (ppo only)")
     sync: SyncConfig = doc(SyncConfig(), "weight sync from the learner to the generators")
     trainer: TrainerConfig = doc(TrainerConfig(), "the driver loop")
+    env: EnvConfig = doc(EnvConfig(), "environments for multi-turn rollouts (env.path)")
 
     # ---- derived values, computed once -------------------------------------------------
     @property
@@ -797,7 +818,9 @@ def _check_rewards(cfg: Config, e: list[str]) -> None:
             f"reward.on_nonfinite: use one of {', '.join(NONFINITE_MODES)}, "
             f"got {cfg.reward.on_nonfinite!r}"
         )
-    if not cfg.reward.rewards:
+    if cfg.env.path:
+        _check_env(cfg, e)
+    if not cfg.reward.rewards and not (cfg.env.path and cfg.env.reward != "rewards-only"):
         e.append(
             "reward.rewards: give at least one reward, e.g. "
             "[{type: function, path: 'rlalign_ray.rewards.builtin:arithmetic_exact'}]"
@@ -819,3 +842,23 @@ def _check_rewards(cfg: Config, e: list[str]) -> None:
             e.append(f"{key}.path: required (module:function or a model path)")
         elif spec.type == "function" and ":" not in spec.path:
             e.append(f"{key}.path: a function reward is 'module:function', got {spec.path!r}")
+
+
+ENV_REWARD_MODES = ("sum", "last", "rewards-only")
+
+
+def _check_env(cfg: Config, e: list[str]) -> None:
+    v = cfg.env
+    if ":" not in v.path:
+        e.append(f"env.path: write it as module:Class, got {v.path!r}")
+    _positive(e, "env.max_turns", v.max_turns)
+    _positive(e, "env.timeout_s", v.timeout_s, allow_zero=True)
+    _positive(e, "env.num_actors", v.num_actors, allow_zero=True)
+    _positive(e, "env.max_context_tokens", v.max_context_tokens, allow_zero=True)
+    if v.reward not in ENV_REWARD_MODES:
+        e.append(f"env.reward: use one of {', '.join(ENV_REWARD_MODES)}, got {v.reward!r}")
+    if cfg.algorithm.overlong_buffer:
+        e.append(
+            "algorithm.overlong_buffer: counts a whole multi-turn trajectory against "
+            "rollout.max_new_tokens (a per-turn limit with env.path); set it to 0"
+        )

@@ -40,6 +40,13 @@ def preflight(cfg: Config, topology: Any, prompts: list[PromptItem]) -> None:
         chat = cfg.model.chat_template or any(isinstance(p.prompt, list) for p in prompts)
         if chat:
             check_chat_template(cfg)
+    if cfg.env.path and not remote:
+        from rlalign_ray.envs.base import EnvError, env_class
+
+        try:
+            env_class(cfg.env.path)
+        except EnvError as e:
+            raise ConfigError([str(e)]) from None
     if builtin.get("reward"):
         columns = sorted(prompts[0].columns) if prompts else []
         clash = sorted(set(columns) & set(RESERVED))

@@ -48,6 +48,24 @@ BUILTIN_RECIPES: dict[str, dict] = {
         "num_threads": 1,
         "approx_seconds": 30,
     },
+    # the multi-turn demo: sums of three numbers with a calculator tool (tasks/calculator.py)
+    "tiny-calc": {
+        "version": RECIPE_VERSION,
+        "arch": "llama",
+        "model": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 320},
+        "seed": 0,
+        "task": "calc",
+        "warmup": {
+            "steps": 700,
+            "lr": 2e-3,
+            "batch_size": 64,
+            "p_tool": 0.6,
+            "p_first": 0.2,
+            "seed": 0,
+        },
+        "num_threads": 2,
+        "approx_seconds": 300,
+    },
 }
 
 
@@ -112,6 +130,13 @@ def _build(name: str, recipe: dict, out_dir: str) -> dict:
                 tokenizer=tok,
                 **recipe.get("warmup", {}),
             )
+        elif recipe.get("task") == "calc":
+            from rlalign_ray.tasks.calculator import make_split
+            from rlalign_ray.tasks.calculator import warmup_sft as calc_warmup
+
+            train, _ = make_split()
+            info["warmup"] = calc_warmup(model, tok, train, **recipe.get("warmup", {}))
+            model.save_pretrained(out_dir, safe_serialization=True)
         elif recipe.get("task") is not None:
             raise ValueError(f"unknown warm-up task {recipe['task']!r}")
     return info

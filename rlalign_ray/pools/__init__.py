@@ -8,6 +8,7 @@ See ``launch/examples/custom_loop.py`` for a complete loop.
 """
 
 from rlalign_ray.pools.base import ActorPool, Future, launch, start, stop
+from rlalign_ray.pools.env import EnvPool
 from rlalign_ray.pools.generator import Chunk, GeneratorPool
 from rlalign_ray.pools.learner import CriticGroup, Experience, LearnerGroup
 from rlalign_ray.pools.reference import ReferencePool
@@ -19,6 +20,7 @@ __all__ = [
     "ActorPool",
     "Chunk",
     "CriticGroup",
+    "EnvPool",
     "Experience",
     "Future",
     "GeneratorPool",

@@ -27,6 +27,9 @@ from rlalign_ray.errors import RewardError
 from rlalign_ray.models.loading import default_device, set_threads
 from rlalign_ray.rewards.sources import RewardInputs, load_reward
 
+ENV_REWARD = "env_reward"  # columns a multi-turn generator adds (rollout/generator.py)
+ENV_COLUMNS = (ENV_REWARD, "env_turns")
+
 
 class RewardScorer:
     def __init__(self, cfg: RewardConfig):
@@ -46,6 +49,12 @@ class RewardScorer:
         bad_rows = torch.zeros(len(batch), dtype=torch.bool)
         applies = torch.zeros(len(batch), dtype=torch.bool)
         inputs = RewardInputs.from_batch(batch)
+        inputs.columns = {k: v for k, v in inputs.columns.items() if k not in ENV_COLUMNS}
+        env = batch.columns.get(ENV_REWARD)
+        if env is not None:  # multi-turn: the environment's rewards (env.reward), weight 1
+            breakdown["env"] = torch.tensor(env, dtype=torch.float32)
+            total += breakdown["env"]
+            applies[:] = True
         for source, weight in self.sources:
             raw = self._call(source, inputs, batch)
             na = torch.tensor([v is None for v in raw], dtype=torch.bool)

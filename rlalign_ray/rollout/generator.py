@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlalign_ray.config import ModelConfig, RolloutConfig
+from rlalign_ray.config import EnvConfig, ModelConfig, RolloutConfig
 from rlalign_ray.data.batch import PromptItem, RolloutBatch, pad_prompts
 from rlalign_ray.data.render import PromptRenderer
 from rlalign_ray.errors import ActorFailure
@@ -18,6 +18,22 @@ from rlalign_ray.models.loading import load_tokenizer, set_threads
 from rlalign_ray.rollout.backend import SamplingParams, backend_class, cut_at_stop
 from rlalign_ray.sync.buckets import SyncPlan
 from rlalign_ray.sync.weights import WeightHandle, WeightTransport, make_transport
+
+ENV_REWARD = "env_reward"  # RolloutBatch column: the environment's part of the reward
+
+
+def max_context(backend: Any, tok: Any) -> int:
+    """The longest context the backend's model takes (position embeddings, or vLLM's
+    ``max_model_len``)."""
+    llm = getattr(backend, "llm", None)
+    if llm is not None:
+        try:
+            return int(llm.llm_engine.model_config.max_model_len)
+        except AttributeError:
+            pass
+    config = getattr(getattr(backend, "_model", None), "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    return int(limit or min(getattr(tok, "model_max_length", 1 << 20), 1 << 20))
 
 
 class StaleWeightsError(ActorFailure):
@@ -32,6 +48,7 @@ class Generator:
         seed: int,
         rank: int = 0,
         max_prompt_tokens: int = 512,
+        env: EnvConfig | None = None,
     ):
         set_threads(rollout.resources.num_cpus)
         torch.manual_seed(seed * 1000 + rank)
@@ -42,7 +59,12 @@ class Generator:
         self.renderer = PromptRenderer(
             self.tok, model.chat_template, model.chat_template_kwargs, max_prompt_tokens
         )
-        self.backend = backend_class(rollout.backend)(model, rollout, self.tok, max_prompt_tokens)
+        self.env = env if env is not None and env.path else None
+        # multi-turn contexts grow past the prompt: let the engine take the model's length
+        context = max_prompt_tokens if self.env is None else 1 << 30
+        self.backend = backend_class(rollout.backend)(model, rollout, self.tok, context)
+        self.multiturn = None  # built on first use (rollout/multiturn.py)
+        self._env_client = None  # an environment pool's client (set_env_actors)
         self.transport: WeightTransport | None = None  # set by join_weight_sync
         self.version = 0
         self.rank = rank
@@ -87,6 +109,8 @@ class Generator:
             seed=seed,
             stop=tuple(c.stop),
         )
+        if self.env is not None:
+            return self._episodes(items, n_samples, params)
         texts = [self.render(it.prompt) for it in items]
         encoded = [self.encode(t) for t in texts]
         rows = [(i, s) for i in range(len(items)) for s in range(n_samples)]
@@ -142,6 +166,52 @@ class Generator:
             pad_id=pad,
             truncated=gen.truncated,
             raw_prompts=[items[i].prompt for i, _ in rows],
+        )
+
+    # ---- multi-turn (env.path) -----------------------------------------------------------
+    def set_env_actors(self, actors: list[Any]) -> None:
+        """Step episodes in an environment pool's actors (``pools/env.py``) instead of
+        in this process."""
+        from rlalign_ray.envs.host import RemoteEnvs
+
+        self.multiturn = None
+        self._env_client = RemoteEnvs(self.env, actors, self.rank)
+
+    def _episodes(self, items: list[PromptItem], n: int, params: SamplingParams) -> RolloutBatch:
+        from rlalign_ray.rollout.multiturn import (
+            MultiTurnRollout,
+            episode_return,
+            episodes_tensors,
+        )
+
+        if self.multiturn is None:
+            self.multiturn = MultiTurnRollout(
+                self.env,
+                self.backend,
+                self.tok,
+                self.encode,
+                self.render,
+                self.backend.eos_ids,
+                max_context(self.backend, self.tok),
+                self._env_client,
+            )
+        episodes = self.multiturn.run(items, n, params)
+        pad = self.tok.pad_token_id
+        prompt_ids, prompt_mask = pad_prompts([ep.prompt_ids for ep in episodes], pad)
+        t = episodes_tensors(episodes, pad)
+        columns = {k: [ep.item.columns[k] for ep in episodes] for k in items[0].columns}
+        columns[ENV_REWARD] = [episode_return(ep.rewards, self.env.reward) for ep in episodes]
+        columns["env_turns"] = [ep.turns for ep in episodes]
+        return RolloutBatch(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            version=self.version,
+            group_ids=torch.tensor([ep.item.index for ep in episodes], dtype=torch.long),
+            prompts=self.tok.batch_decode(prompt_ids, skip_special_tokens=True),
+            completions=self.tok.batch_decode(t["response_ids"], skip_special_tokens=True),
+            columns=columns,
+            pad_id=pad,
+            **t,
         )
 
     # ---- weights ----------------------------------------------------------------------

@@ -48,7 +48,7 @@ from rlalign_ray.data.batch import PromptItem, ScoredShard, pad_responses
 from rlalign_ray.data.prompts import PromptSampler, load_prompts
 from rlalign_ray.errors import ActorFailure, DataError
 from rlalign_ray.logger import MetricsLogger
-from rlalign_ray.pools import ActorPool, Experience, WeightSync, start, stop
+from rlalign_ray.pools import ActorPool, EnvPool, Experience, WeightSync, start, stop
 from rlalign_ray.preflight import preflight, prepare_data
 from rlalign_ray.runtime.cluster import connect
 from rlalign_ray.runtime.pools import get, lost_roles
@@ -284,9 +284,13 @@ class Trainer:
     # ---- actors -------------------------------------------------------------------------
     def start(self) -> None:
         self.pools = self.topology.build_pools(self.cfg)
+        if self.cfg.env.path and self.cfg.env.num_actors:
+            self.pools["env"] = EnvPool(self.cfg)
         cpus = sum(p.spec.num_actors * p.spec.resources.num_cpus for p in self.pools.values())
         self._started_ray = connect(self.cfg.run, cpus)
         start(list(self.pools.values()), self.cfg.run.placement_timeout_s)
+        if "env" in self.pools:
+            self.pools["env"].attach(self.pools["generator"])
         gpus = [self.topology.pools[r].resources.num_gpus for r in ("learner", "generator")]
         self.weights = WeightSync(
             self.cfg.sync,

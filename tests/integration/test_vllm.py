@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import small_config
 
-from rlalign_ray.config import ModelConfig, RolloutConfig, config_from_dict
+from rlalign_ray.config import EnvConfig, ModelConfig, RolloutConfig, config_from_dict
 from rlalign_ray.data.batch import PromptItem
 from rlalign_ray.models.loading import batch_logprobs, load_causal_lm, position_ids
 from rlalign_ray.rollout.backend import truncate
@@ -83,6 +83,29 @@ def test_logprobs_equal_the_learners(gen, tiny_model):
     b = gen.generate(ITEMS, n_samples=8)
     diff = (_learner_logprobs(load_causal_lm(tiny_model), b) - b.logprobs).abs()
     print(f"max |generator - learner| log-prob: {diff.max():.2e}")
+    assert diff.max() < 1e-4
+
+
+def test_multiturn_episodes(gen, tiny_model):
+    """Multi-turn rollouts run unchanged on vLLM (each turn's context as token ids): the
+    generated tokens keep their log-probs (the learner's), observations are masked out."""
+    from helpers.envs import EchoEnv
+
+    EchoEnv.log.clear()
+    gen.env, gen.multiturn = EnvConfig(path="helpers.envs:EchoEnv", max_turns=3), None
+    try:
+        b = gen.generate(ITEMS[:3], n_samples=2)
+    finally:
+        gen.env, gen.multiturn = None, None
+    for row, (_, actions, observations) in enumerate(EchoEnv.log):
+        n = int(b.response_len[row])
+        ids, mask = b.response_ids[row, :n], b.response_mask[row, :n]
+        obs = [gen.tok(o, add_special_tokens=False)["input_ids"] for o in observations]
+        assert ids[mask == 0].tolist() == [t for o in obs[: len(actions) - 1] for t in o]
+        assert gen.tok.decode(ids[mask == 1], skip_special_tokens=True) == "".join(actions)
+    assert torch.all(b.logprobs[b.response_mask == 1] < 0)
+    diff = (_learner_logprobs(load_causal_lm(tiny_model), b) - b.logprobs).abs()
+    print(f"multi-turn: max |generator - learner| log-prob: {diff.max():.2e}")
     assert diff.max() < 1e-4
 
 
