@@ -441,7 +441,7 @@ def _accuracy(completions: Sequence[str], answers: Sequence[str]) -> float:
 
     if not completions:
         return 0.0
-    rewards = arithmetic_exact(None, list(completions), answer=list(answers))
+    rewards = arithmetic_exact(completions=list(completions), answer=list(answers))
     return sum(rewards) / len(rewards)
 
 

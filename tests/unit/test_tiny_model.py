@@ -84,11 +84,11 @@ def test_model_loads_and_generates(small_model_dir):
 def test_reward_function():
     prompts = ["2+3="] * 6
     comps = ["5", "5</s>", " 5 \n7", "55", "", "6"]
-    assert arithmetic_exact(prompts, comps, answer=["5"] * 6) == [1, 1, 1, 0, 0, 0]
-    assert arithmetic_exact(["9+9="], ["18<pad>"], answer=[18], extra_col=[1]) == [1.0]
-    assert arithmetic_exact(["9+9="], ["18</s><pad>"], answer=[18]) == [1.0]
+    assert arithmetic_exact(prompts=prompts, completions=comps, answer=["5"] * 6) == [1, 1, 1] + [0] * 3
+    assert arithmetic_exact(completions=["18<pad>"], answer=[18], extra_col=[1]) == [1.0]
+    assert arithmetic_exact(completions=["18</s><pad>"], answer=[18]) == [1.0]
     with pytest.raises(ValueError):
-        arithmetic_exact(["1+1="], ["2", "2"], answer=["2"])
+        arithmetic_exact(completions=["2", "2"], answer=["2"])
 
 
 def test_dataset_files_parse_and_are_disjoint(tmp_path):
