@@ -300,6 +300,9 @@ class DeepSpeedRank:
         )
         if loaded is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} in {path}")
+        sched = self.engine.lr_scheduler
+        if sched is not None:  # the optimizer's lr as the restored schedule has it
+            sched.step(sched.last_batch_iteration)
         rng = os.path.join(path, tag, f"rng_rank{self.rank}.pt")
         if os.path.exists(rng):  # absent when resumed with more ranks
             set_rng_state(torch.load(rng, weights_only=False))
