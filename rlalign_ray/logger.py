@@ -47,6 +47,9 @@ class MetricsLogger:
         if keep_upto is not None:
             truncate(self.path, keep_upto)
             truncate(self.completions_path, keep_upto)
+            if keep_upto < 0:  # a new run: not the old run's W&B / MLflow run either
+                for f in ("wandb_run_id", "mlflow_run_id"):
+                    (self.dir / f).unlink(missing_ok=True)
         names = list(loggers) if loggers is not None else ["jsonl", "tensorboard"]
         if not tensorboard and "tensorboard" in names:
             names.remove("tensorboard")

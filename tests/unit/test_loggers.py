@@ -62,6 +62,8 @@ def test_wandb_offline_writes_a_run_and_resumes_it(tmp_path, monkeypatch):
     assert (runs[0] / f"run-{run_id}.wandb").stat().st_size > 0
     _run(tmp_path, ["wandb"], keep_upto=1, steps=(2,))  # resumed: the same run id
     assert all(r.name.endswith(run_id) for r in (tmp_path / "wandb").glob("offline-run-*"))
+    _run(tmp_path, ["wandb"], keep_upto=-1, steps=(1,))  # a fresh start: a new run
+    assert (tmp_path / "wandb_run_id").read_text() != run_id
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason="pip install mlflow")
