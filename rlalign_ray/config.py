@@ -707,8 +707,13 @@ def validate(cfg: Config) -> list[str]:
     return e
 
 
-LOGGERS = {"jsonl": None, "tensorboard": "tensorboard", "console": None, "wandb": "wandb",
-           "mlflow": "mlflow"}  # logger -> the module it imports
+LOGGERS = {
+    "jsonl": None,
+    "tensorboard": "tensorboard",
+    "console": None,
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+}  # logger -> the module it imports
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 
 

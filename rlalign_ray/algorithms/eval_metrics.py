@@ -41,7 +41,9 @@ def group_counts(
     """Per prompt (group id): (samples n, correct c with ``score >= threshold``, mean score)."""
     _, inverse = torch.unique(group_ids, return_inverse=True)
     g = int(inverse.max()) + 1 if len(inverse) else 0
-    n = torch.zeros(g, dtype=torch.float64).index_add_(0, inverse, torch.ones_like(scores, dtype=torch.float64))
+    n = torch.zeros(g, dtype=torch.float64).index_add_(
+        0, inverse, torch.ones_like(scores, dtype=torch.float64)
+    )
     correct = (scores >= threshold).to(torch.float64)
     c = torch.zeros(g, dtype=torch.float64).index_add_(0, inverse, correct)
     total = torch.zeros(g, dtype=torch.float64).index_add_(0, inverse, scores.to(torch.float64))

@@ -221,9 +221,7 @@ class Trainer:
             return sync.result()
         return self.weights.plan.num_bytes
 
-    def evaluate(
-        self, evals: list[PromptItem] | dict[str, list[PromptItem]]
-    ) -> dict[str, float]:
+    def evaluate(self, evals: list[PromptItem] | dict[str, list[PromptItem]]) -> dict[str, float]:
         """``trainer.eval_n_samples`` samples (at ``rollout.eval_temperature``; 0: greedy) of
         the held-out prompts with the latest weights. ``evals``: one set (metrics ``eval/``) or
         named sets (``eval_sets``; the name "" is ``eval/``, others ``eval/<name>/``)."""

@@ -28,8 +28,11 @@ def test_loggers_completions_eval_sets_and_lr_schedule(
     raw = small_config(
         tiny_model,
         str(out),
-        data={"train": str(REPO / "configs/data/arith_train.jsonl"),
-              "eval": {"sums": evals, "again": evals}, "eval_limit": 3},
+        data={
+            "train": str(REPO / "configs/data/arith_train.jsonl"),
+            "eval": {"sums": evals, "again": evals},
+            "eval_limit": 3,
+        },
         reward={
             "rewards": [
                 {"type": "function", "path": "helpers.rewards:digit_fraction", "weight": 0.5},
@@ -39,10 +42,19 @@ def test_loggers_completions_eval_sets_and_lr_schedule(
             "resources": {"num_cpus": 0.5},
         },
         rollout={"eval_temperature": 1.0},
-        learner={"micro_batch_size": 4, "lr": 1e-3, "lr_scheduler": "linear",
-                 "resources": {"num_cpus": 0.5}},
-        trainer={"loggers": ["jsonl", "tensorboard", "console", *OPTIONAL], "tensorboard": True,
-                 "log_completions": 3, "eval_n_samples": 2, "eval_pass_threshold": 0.25},
+        learner={
+            "micro_batch_size": 4,
+            "lr": 1e-3,
+            "lr_scheduler": "linear",
+            "resources": {"num_cpus": 0.5},
+        },
+        trainer={
+            "loggers": ["jsonl", "tensorboard", "console", *OPTIONAL],
+            "tensorboard": True,
+            "log_completions": 3,
+            "eval_n_samples": 2,
+            "eval_pass_threshold": 0.25,
+        },
     )
     Trainer(config_from_dict(raw)).fit()
 

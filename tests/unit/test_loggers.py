@@ -17,7 +17,11 @@ SAMPLES = [
 
 def _run(tmp_path, loggers, keep_upto=-1, steps=(1, 2)):
     logger = MetricsLogger(
-        str(tmp_path), 3, progress_bar=False, keep_upto=keep_upto, loggers=loggers,
+        str(tmp_path),
+        3,
+        progress_bar=False,
+        keep_upto=keep_upto,
+        loggers=loggers,
         run_config={"trainer": {"steps": 3}},
     )
     for s in steps:
@@ -35,7 +39,10 @@ def test_jsonl_tensorboard_console_and_completions(tmp_path, capsys):
     assert [r["step"] for r in _rows(tmp_path / "metrics.jsonl")] == [1, 2]
     done = _rows(tmp_path / "completions.jsonl")
     assert [(r["step"], r["completion"], r["reward/exact"]) for r in done] == [
-        (1, "3", 1.0), (1, "5|x", 0.0), (2, "3", 1.0), (2, "5|x", 0.0)
+        (1, "3", 1.0),
+        (1, "5|x", 0.0),
+        (2, "3", 1.0),
+        (2, "5|x", 0.0),
     ]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert "step 2: train/reward_mean=1" in capsys.readouterr().out
@@ -81,7 +88,9 @@ def test_mlflow_file_store(tmp_path, monkeypatch):
 
 
 def test_loggers_config(tmp_path):
-    cfg = load_config("configs/demo_cpu.yaml", ["trainer.loggers=[jsonl,console]", "trainer.log_completions=4"])
+    cfg = load_config(
+        "configs/demo_cpu.yaml", ["trainer.loggers=[jsonl,console]", "trainer.log_completions=4"]
+    )
     assert cfg.trainer.loggers == ["jsonl", "console"] and cfg.trainer.log_completions == 4
     with pytest.raises(ConfigError, match="unknown logger 'neptune'"):
         load_config("configs/demo_cpu.yaml", ["trainer.loggers=[jsonl,neptune]"])
@@ -92,5 +101,7 @@ def test_missing_logger_package_names_the_extra(monkeypatch):
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
     )
-    with pytest.raises(ConfigError, match=r"wandb is not installed; pip install 'rlalign-ray\[wandb\]'"):
+    with pytest.raises(
+        ConfigError, match=r"wandb is not installed; pip install 'rlalign-ray\[wandb\]'"
+    ):
         load_config("configs/demo_cpu.yaml", ["trainer.loggers=[wandb]"])

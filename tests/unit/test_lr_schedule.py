@@ -59,8 +59,9 @@ def test_linear_without_warmup_starts_at_the_full_lr():
 
 
 def test_cosine_with_warmup_to_min_ratio():
-    got = _lrs(_cfg("learner.lr_scheduler=cosine", "learner.lr_warmup_steps=2",
-                    "learner.lr_min_ratio=0.1"))
+    got = _lrs(
+        _cfg("learner.lr_scheduler=cosine", "learner.lr_warmup_steps=2", "learner.lr_min_ratio=0.1")
+    )
     t, w = 10, 2
     want = []
     for s in range(1, t + 1):
