@@ -121,8 +121,10 @@ class DataConfig:
         "configs/data/arith_train.jsonl",
         "training prompts: a JSONL or Parquet file, or a datasets save_to_disk folder",
     )
-    eval: str | None = doc(
-        "configs/data/arith_eval.jsonl", "held-out prompts (same formats as data.train)"
+    eval: str | dict[str, str] | None = doc(
+        "configs/data/arith_eval.jsonl",
+        "held-out prompts (same formats as data.train): one file or folder (metrics eval/...), "
+        "or a mapping name -> path, one eval set each (metrics eval/<name>/...)",
     )
     prompt_key: str = doc("prompt", "key holding the prompt (a string, or a list of messages)")
     max_prompt_tokens: int = doc(512, "longest prompt in tokens (see data.truncation)")
@@ -288,6 +290,15 @@ class DeepSpeedRole:
         "tokens each, instead of micro_batch_size rows (0: off)",
     )
     gradient_checkpointing: bool = doc(False, "recompute activations in backward")
+    lr_scheduler: str = doc(
+        "constant",
+        "learning-rate schedule (DeepSpeed's scheduler) over all optimizer steps of the run: "
+        "constant, linear (decay to 0) or cosine (decay to lr * lr_min_ratio)",
+    )
+    lr_warmup_steps: int = doc(
+        0, "optimizer steps of linear warm-up from 0 to lr before the schedule (0: none)"
+    )
+    lr_min_ratio: float = doc(0.0, "cosine: the lr at the end of the run, as a share of lr")
 
 
 @dataclass
@@ -352,7 +363,30 @@ class TrainerConfig:
     save_merged: bool = doc(
         False, "with learner.lora: also write final/merged, the adapters merged into the model"
     )
-    tensorboard: bool = doc(True, "write TensorBoard logs")
+    loggers: list[str] = doc(
+        ["jsonl", "tensorboard"],
+        "where metrics go: jsonl (metrics.jsonl), tensorboard, wandb, mlflow, console "
+        "(a line per step); on the command line trainer.loggers=[jsonl,wandb]",
+    )
+    tensorboard: bool = doc(True, "deprecated: false drops tensorboard from trainer.loggers")
+    log_completions: int = doc(
+        0,
+        "write this many of each step's samples (prompt, completion, rewards) to "
+        "completions.jsonl and to the tensorboard / wandb / mlflow loggers (0: none)",
+    )
+    project: str = doc("rlalign-ray", "wandb project / mlflow experiment name")
+    run_name: str | None = doc(None, "wandb / mlflow run name; null: output_dir's folder name")
+    mlflow_tracking_uri: str | None = doc(
+        None, "mlflow tracking URI; null: MLFLOW_TRACKING_URI, else output_dir/mlruns (files)"
+    )
+    eval_n_samples: int = doc(
+        1,
+        "samples per eval prompt at rollout.eval_temperature: eval/pass@k (unbiased) for k = "
+        "1, 2, 4, ... n and eval/mean@n",
+    )
+    eval_pass_threshold: float = doc(
+        1.0, "an eval sample counts as correct (pass@k) when its total reward is >= this"
+    )
     progress_bar: bool = doc(True, "show a progress bar")
     max_staleness: int = doc(
         0,
@@ -540,6 +574,10 @@ def _coerce(tp: Any, value: Any, key: str, errors: list[str]) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
+        for a in inner:  # e.g. str | dict[str, str]: a mapping goes to the dict member
+            kind = typing.get_origin(a) or a
+            if isinstance(kind, type) and kind in (dict, list) and isinstance(value, kind):
+                return _coerce(a, value, key, errors)
         return _coerce(inner[0], value, key, errors)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key + ".", errors)
@@ -720,6 +758,7 @@ def validate(cfg: Config) -> list[str]:
         e.append("data.train: give a JSONL or Parquet file, or a save_to_disk folder, of prompts")
     if cfg.data.truncation not in ("error", "left", "drop"):
         e.append(f"data.truncation: use one of error, left, drop, got {cfg.data.truncation!r}")
+    _check_ecosystem(cfg, e)
     if t.eval_every < 0 or t.save_every < 0:
         e.append("trainer.eval_every / trainer.save_every: must be >= 0")
     _positive(e, "trainer.keep_checkpoints", t.keep_checkpoints, allow_zero=True)
@@ -729,6 +768,53 @@ def validate(cfg: Config) -> list[str]:
             "or run folder"
         )
     return e
+
+
+LOGGERS = {
+    "jsonl": None,
+    "tensorboard": "tensorboard",
+    "console": None,
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+}  # logger -> the module it imports
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+
+
+def _check_ecosystem(cfg: Config, e: list[str]) -> None:
+    """Loggers, completion logging, evaluation sampling and learning-rate schedules."""
+    import importlib.util
+
+    t = cfg.trainer
+    for name in t.loggers:
+        if name not in LOGGERS:
+            e.append(f"trainer.loggers: unknown logger {name!r}; use any of {', '.join(LOGGERS)}")
+        elif LOGGERS[name] and importlib.util.find_spec(LOGGERS[name]) is None:
+            e.append(
+                f"trainer.loggers: {name} is not installed; pip install 'rlalign-ray[{name}]' "
+                f"(or leave {name} out of trainer.loggers)"
+            )
+    _positive(e, "trainer.log_completions", t.log_completions, allow_zero=True)
+    _positive(e, "trainer.eval_n_samples", t.eval_n_samples)
+    if t.eval_n_samples > 1 and cfg.rollout.eval_temperature <= 0:
+        e.append(
+            f"rollout.eval_temperature: trainer.eval_n_samples={t.eval_n_samples} samples per "
+            "prompt at temperature 0 (greedy) are all the same; set eval_temperature > 0 "
+            "(e.g. 1.0) or eval_n_samples: 1"
+        )
+    if isinstance(cfg.data.eval, dict):
+        for name in cfg.data.eval:
+            if not name or "/" in name:
+                e.append(f"data.eval.{name}: an eval set's name must be non-empty without '/'")
+    for role in ("learner", "critic"):
+        sec = getattr(cfg, role)
+        if sec.lr_scheduler not in LR_SCHEDULERS:
+            e.append(
+                f"{role}.lr_scheduler: use one of {', '.join(LR_SCHEDULERS)}, "
+                f"got {sec.lr_scheduler!r}"
+            )
+        _positive(e, f"{role}.lr_warmup_steps", sec.lr_warmup_steps, allow_zero=True)
+        if not 0 <= sec.lr_min_ratio <= 1:
+            e.append(f"{role}.lr_min_ratio: must be in [0, 1], got {sec.lr_min_ratio}")
 
 
 def _positive(e: list[str], key: str, value: float, allow_zero: bool = False) -> None:

@@ -1,9 +1,9 @@
-"""Run output a person can read: metrics.jsonl, TensorBoard, and a progress bar."""
+"""Run output a person can read: metrics.jsonl, TensorBoard (and wandb, mlflow, the console),
+completions.jsonl, and a progress bar."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,9 @@ BAR_KEYS = {
 
 
 class MetricsLogger:
-    """One JSON line per step in ``<output_dir>/metrics.jsonl``; TensorBoard beside it."""
+    """Each step's metrics to the ``trainer.loggers`` backends (``rlalign_ray/loggers.py``):
+    ``metrics.jsonl`` and TensorBoard by default; sampled completions to
+    ``completions.jsonl``; and a progress bar."""
 
     def __init__(
         self,
@@ -26,52 +28,110 @@ class MetricsLogger:
         tensorboard: bool = True,
         progress_bar: bool = True,
         keep_upto: int | None = None,
+        loggers: list[str] | None = None,
+        project: str = "rlalign-ray",
+        run_name: str | None = None,
+        mlflow_tracking_uri: str | None = None,
+        run_config: dict[str, Any] | None = None,
     ):
-        """``keep_upto``: keep only the rows of steps up to it already in the file (a resumed
-        run: the steps after its checkpoint are logged again; -1: none); None: append."""
+        """``keep_upto``: keep only the rows of steps up to it already in ``metrics.jsonl``
+        and ``completions.jsonl`` (a resumed run: the steps after its checkpoint are logged
+        again; -1: none); None: append. ``loggers``: backend names (None: jsonl, plus
+        tensorboard when ``tensorboard``)."""
+        from rlalign_ray import loggers as lg
+
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
+        self.completions_path = self.dir / "completions.jsonl"
         if keep_upto is not None:
             truncate(self.path, keep_upto)
-        self._file = self.path.open("a", encoding="utf-8")
-        self._tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
+            truncate(self.completions_path, keep_upto)
+            if keep_upto < 0:  # a new run: not the old run's W&B / MLflow run either
+                for f in ("wandb_run_id", "mlflow_run_id"):
+                    (self.dir / f).unlink(missing_ok=True)
+        names = list(loggers) if loggers is not None else ["jsonl", "tensorboard"]
+        if not tensorboard and "tensorboard" in names:
+            names.remove("tensorboard")
+        name = run_name or self.dir.resolve().name
+        config = run_config or {}
+        make = {
+            "jsonl": lambda: lg.JsonlBackend(self.path),
+            "tensorboard": lambda: lg.TensorBoardBackend(self.dir / "tensorboard"),
+            "console": lambda: lg.ConsoleBackend(),
+            "wandb": lambda: lg.WandbBackend(self.dir, project, name, config),
+            "mlflow": lambda: lg.MlflowBackend(
+                self.dir, mlflow_tracking_uri, project, name, config
+            ),
+        }
+        self.backends: list[lg.Backend] = []
+        self._completions = None
         self._bar = None
+        try:
+            for n in dict.fromkeys(names):  # each once, in order
+                self.backends.append(make[n]())
+        except Exception:
+            self.close()
+            raise
         if progress_bar:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total_steps, desc="rlalign-ray", unit="step", dynamic_ncols=True)
         self._shown: dict[str, str] = {}
 
+    @classmethod
+    def from_config(cls, cfg: Any, keep_upto: int | None) -> MetricsLogger:
+        t = cfg.trainer
+        return cls(
+            t.output_dir,
+            t.steps,
+            t.tensorboard,
+            t.progress_bar,
+            keep_upto=keep_upto,
+            loggers=t.loggers,
+            project=t.project,
+            run_name=t.run_name,
+            mlflow_tracking_uri=t.mlflow_tracking_uri,
+            run_config=cfg.to_dict(),
+        )
+
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
-            self._tb.flush()
+        for b in self.backends:
+            b.log(step, row)
         if self._bar is not None:
             for k, short in BAR_KEYS.items():
                 if k in row:
                     self._shown[short] = f"{row[k]:.3f}"
             self._bar.set_postfix(self._shown, refresh=False)
 
+    def log_completions(self, step: int, samples: list[dict[str, Any]]) -> None:
+        """Sample rows (prompt, completion, rewards) to ``completions.jsonl`` (one line each,
+        with its step) and to the backends that show tables."""
+        if not samples:
+            return
+        if self._completions is None:
+            self._completions = self.completions_path.open("a", encoding="utf-8")
+        for s in samples:
+            self._completions.write(json.dumps({"step": step, **s}) + "\n")
+        self._completions.flush()
+        for b in self.backends:
+            b.log_completions(step, samples)
+
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(steps)
 
     def close(self) -> None:
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
-        if self._bar is not None:
+        for b in self.backends:
+            b.close()
+        self.backends = []
+        if self._completions is not None:
+            self._completions.close()
+            self._completions = None
+        if getattr(self, "_bar", None) is not None:
             self._bar.close()
+            self._bar = None
 
 
 def truncate(path: Path, last_step: int) -> None:

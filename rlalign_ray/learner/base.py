@@ -102,7 +102,13 @@ class DeepSpeedRank:
         self.engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config()
         )
+        if self.engine.lr_scheduler is not None:  # see ``lr_schedule``: skip the zero-lr start
+            self.engine.lr_scheduler.step(lr_schedule(self.role, self.cfg)[1])
         return self.rank
+
+    def current_lr(self) -> float:
+        """The learning rate the next optimizer step uses (DeepSpeed's scheduler sets it)."""
+        return float(self.engine.get_lr()[0])
 
     @property
     def grad_accumulation(self) -> int:
@@ -120,7 +126,12 @@ class DeepSpeedRank:
             "bf16": {"enabled": self.role.bf16},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
+            **({"scheduler": lr_schedule(self.role, self.cfg)[0]} if self._scheduled else {}),
         }
+
+    @property
+    def _scheduled(self) -> bool:
+        return self.role.lr_scheduler != "constant" or self.role.lr_warmup_steps > 1
 
     # ---- data ----------------------------------------------------------------------------
     def mini_batches(self, n: int, step: int):
@@ -299,9 +310,48 @@ class DeepSpeedRank:
         )
         if loaded is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} in {path}")
+        sched = self.engine.lr_scheduler
+        if sched is not None:  # the optimizer's lr as the restored schedule has it
+            sched.step(sched.last_batch_iteration)
         rng = os.path.join(path, tag, f"rng_rank{self.rank}.pt")
         if os.path.exists(rng):  # absent when resumed with more ranks
             set_rng_state(load(rng))
+
+
+def optimizer_steps(cfg: Config) -> int:
+    """Optimizer steps in the whole run: ``trainer.steps`` x ``learner.update_epochs`` x
+    mini-batches per batch (the critic follows the learner's schedule)."""
+    return cfg.trainer.steps * cfg.learner.update_epochs * (cfg.batch_size // cfg.mini_batch_size)
+
+
+def lr_schedule(role: DeepSpeedRole, cfg: Config) -> tuple[dict[str, Any], int]:
+    """DeepSpeed's ``scheduler`` block for ``role.lr_scheduler`` and the scheduler iteration
+    the first optimizer step starts from.
+
+    Optimizer step s (1-based) uses the scheduler's value at iteration s - 1 + start: with
+    warm-up W >= 2 steps (linear) the first step already trains at lr / W and step W at the full
+    lr (DeepSpeed's iteration 0 would be a step at lr 0); with no warm-up (W <= 1; DeepSpeed
+    warms up over at least 2 iterations) the schedule starts past its warm-up. The decay ends
+    one iteration after the last step, so no step trains at lr 0: ``linear`` decays towards 0,
+    ``cosine`` towards ``lr * lr_min_ratio``; ``constant`` with warm-up holds the lr after it
+    (``constant`` without warm-up has no scheduler).
+    """
+    warm = role.lr_warmup_steps
+    start = 1 if warm >= 2 else 2
+    total = optimizer_steps(cfg) + start
+    common = {"warmup_num_steps": max(warm, 2), "warmup_type": "linear"}
+    if role.lr_scheduler == "cosine":
+        params = {
+            **common,
+            "total_num_steps": total,
+            "warmup_min_ratio": 0.0,
+            "cos_min_ratio": role.lr_min_ratio,
+        }
+        return {"type": "WarmupCosineLR", "params": params}, start
+    params = {**common, "warmup_min_lr": 0.0, "warmup_max_lr": role.lr}
+    if role.lr_scheduler == "linear":
+        return {"type": "WarmupDecayLR", "params": {**params, "total_num_steps": total}}, start
+    return {"type": "WarmupLR", "params": params}, start
 
 
 def count_for(mode: str, mask: torch.Tensor) -> float:

@@ -95,6 +95,7 @@ class Critic(DeepSpeedRank):
         batch, _ = part
         self.step = step
         stats: dict[str, list[float]] = defaultdict(list)
+        stats["lr"].append(self.current_lr())  # the lr of this step's first optimizer step
         self.engine.train()
         skipped = 0
         for mini in self.mini_batches(len(batch), step):

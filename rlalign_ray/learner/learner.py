@@ -55,6 +55,7 @@ class Learner(DeepSpeedRank, WeightSource):
         batch, ref = part
         self.step = step
         stats: dict[str, list[float]] = defaultdict(list)
+        stats["lr"].append(self.current_lr())  # the lr of this step's first optimizer step
         old = self._old_logprobs(batch, stats)
         adv = self._weighted(advantages, batch, old, stats)
         self.engine.train()

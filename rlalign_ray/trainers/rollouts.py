@@ -217,13 +217,26 @@ class Rollouts:
         }
 
     # ---- evaluation -------------------------------------------------------------------------
-    def evaluate(self, items: list[PromptItem]) -> tuple[ScoredShard, float]:
-        """Greedy samples of ``items`` (queued ahead of training chunks), scored."""
+    def evaluate(self, items: list[PromptItem], n_samples: int = 1) -> tuple[ScoredShard, float]:
+        """``n_samples`` samples per prompt of ``items`` at ``rollout.eval_temperature`` (0:
+        greedy), queued ahead of training chunks, scored."""
+        scores, seconds = self.evaluate_sets({"": items}, n_samples)
+        return scores[""], seconds
+
+    def evaluate_sets(
+        self, sets: dict[str, list[PromptItem]], n_samples: int = 1
+    ) -> tuple[dict[str, ScoredShard], float]:
+        """``evaluate`` for several eval sets at once (all their chunks queued together):
+        each set's scores, and the seconds until the last chunk landed."""
         t0 = time.perf_counter()
-        chunks = self.gen.submit(
-            self.gen.chunks(items, 1, greedy=True, chunk_size=self.cfg.rollout.chunk_size),
-            front=True,
-        )
+        size = self.cfg.rollout.chunk_size
+        owner: dict[int, str] = {}
+        chunks = []
+        for name, items in sets.items():
+            for c in self.gen.chunks(items, n_samples, greedy=True, chunk_size=size):
+                owner[c.id] = name
+                chunks.append(c)
+        self.gen.submit(chunks, front=True)
         scored: dict[int, Any] = {}
         deadline = time.monotonic() + self.cfg.run.call_timeout_s
         while True:
@@ -242,11 +255,14 @@ class Rollouts:
         shards = get(
             [scored[c.id] for c in chunks], "reward pool (eval)", self.cfg.run.call_timeout_s
         )
-        scores = ScoredShard.concat(shards)
-        flags = scores.breakdown.pop(NONFINITE, None)
-        if flags is not None and flags.any():  # drop_group: evaluate the finite samples
-            scores = scores.select(torch.isfinite(scores.scores).nonzero().squeeze(1))
-        return scores, t_gen
+        out = {}
+        for name in sets:
+            scores = ScoredShard.concat([x for c, x in zip(chunks, shards) if owner[c.id] == name])
+            flags = scores.breakdown.pop(NONFINITE, None)
+            if flags is not None and flags.any():  # drop_group: evaluate the finite samples
+                scores = scores.select(torch.isfinite(scores.scores).nonzero().squeeze(1))
+            out[name] = scores
+        return out, t_gen
 
 
 def group_finite(scores: torch.Tensor, n: int) -> torch.Tensor:

@@ -43,6 +43,7 @@ from rlalign_ray.algorithms import (
     outcome_advantages,
     overlong_penalty,
 )
+from rlalign_ray.algorithms.eval_metrics import sample_metrics
 from rlalign_ray.config import Config
 from rlalign_ray.data.batch import PromptItem, ScoredShard, pad_responses
 from rlalign_ray.data.prompts import PromptSampler, load_prompts
@@ -54,6 +55,7 @@ from rlalign_ray.runtime.cluster import connect
 from rlalign_ray.runtime.pools import get, lost_roles
 from rlalign_ray.topology import Topology
 from rlalign_ray.trainers.rollouts import Rollouts
+from rlalign_ray.trainers.samples import completion_rows
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +81,7 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         cfg, k = self.cfg, self.cfg.trainer.max_staleness
         train = _prompts("data.train", cfg.data.train, cfg.data.prompt_key)
-        evals = (
-            _prompts("data.eval", cfg.data.eval, cfg.data.prompt_key, cfg.data.eval_limit)
-            if cfg.data.eval
-            else []
-        )
+        evals = eval_sets(cfg)
         preflight(cfg, self.topology, train)
         train, data_stats = prepare_data(cfg, self.topology, train, "data.train")
         if evals:
@@ -91,13 +89,8 @@ class Trainer:
             data_stats.update({k.replace("/", "/eval_"): v for k, v in eval_stats.items()})
         ckpt = checkpoint.prepare_run(cfg.trainer.output_dir, cfg.trainer.resume)
         state = checkpoint.TrainerState.read(ckpt) if ckpt else None
-        logger = MetricsLogger(
-            cfg.trainer.output_dir,
-            cfg.trainer.steps,
-            cfg.trainer.tensorboard,
-            cfg.trainer.progress_bar,
-            keep_upto=state.step if state else -1,  # a fresh start drops an old run's rows
-        )
+        # a fresh start drops an old run's rows
+        logger = MetricsLogger.from_config(cfg, keep_upto=state.step if state else -1)
         last: dict[str, float] = {}
         try:
             self.start()
@@ -120,6 +113,9 @@ class Trainer:
                 # 1-3. generation for every step the staleness bound allows (k = 0: this one)
                 rollouts.request_upto(min(cfg.trainer.steps, self.version + 1 + k))
                 exp = rollouts.collect(step, self.version)
+                if cfg.trainer.log_completions:
+                    rows = completion_rows(exp, cfg.trainer.log_completions, cfg.run.call_timeout_s)
+                    logger.log_completions(step, rows)
                 # 4. advantages (and the critic's returns)
                 adv, returns, values, stats = self.advantages(exp, step)
                 # 5. update the policy (and the critic); generation goes on meanwhile
@@ -230,12 +226,22 @@ class Trainer:
             return sync.result()
         return self.weights.plan.num_bytes
 
-    def evaluate(self, evals: list[PromptItem]) -> dict[str, float]:
-        """Greedy samples of the held-out prompts with the latest weights."""
+    def evaluate(self, evals: list[PromptItem] | dict[str, list[PromptItem]]) -> dict[str, float]:
+        """``trainer.eval_n_samples`` samples (at ``rollout.eval_temperature``; 0: greedy) of
+        the held-out prompts with the latest weights. ``evals``: one set (metrics ``eval/``) or
+        named sets (``eval_sets``; the name "" is ``eval/``, others ``eval/<name>/``)."""
         if self.weights.pending is not None:
             self.rollouts.wait(self.weights.pending)
-        scores, seconds = self.rollouts.evaluate(evals)
-        return {**rollout_metrics(scores, "eval"), "time/eval_s": seconds}
+        t = self.cfg.trainer
+        sets = evals if isinstance(evals, dict) else {"": evals}
+        scores, seconds = self.rollouts.evaluate_sets(sets, t.eval_n_samples)
+        out: dict[str, float] = {}
+        for name, s in scores.items():
+            prefix = f"eval/{name}" if name else "eval"
+            out.update(rollout_metrics(s, prefix))
+            m = sample_metrics(s.scores, s.group_ids, t.eval_n_samples, t.eval_pass_threshold)
+            out.update({f"{prefix}/{k}": v for k, v in m.items()})
+        return {**out, "time/eval_s": seconds}
 
     def save(self, path: Path, merged: bool = False) -> None:
         self.pools["learner"].save(str(path), merged)
@@ -310,6 +316,20 @@ class Trainer:
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
+
+
+def eval_sets(cfg: Config) -> dict[str, list[PromptItem]]:
+    """``data.eval`` loaded: a single file as the set "" (metrics ``eval/...``), a mapping
+    name -> file as named sets (``eval/<name>/...``); {} without evaluation."""
+    d = cfg.data
+    if not d.eval:
+        return {}
+    if isinstance(d.eval, str):
+        return {"": _prompts("data.eval", d.eval, d.prompt_key, d.eval_limit)}
+    return {
+        name: _prompts(f"data.eval.{name}", path, d.prompt_key, d.eval_limit)
+        for name, path in d.eval.items()
+    }
 
 
 def _prompts(key: str, path: str, prompt_key: str, limit: int = 0) -> list[PromptItem]:

@@ -37,6 +37,7 @@ def _config(model: str, out: Path, steps: int = 4, **trainer) -> dict:
         str(out),
         data={"eval": None},
         algorithm={"name": "grpo", "kl_coef": 0.01, "kl_target": 0.05, "kl_horizon": 100},
+        learner={"lr_warmup_steps": 4},  # DeepSpeed's scheduler: its state must resume too
         trainer={
             "steps": steps,
             "save_every": 2,
@@ -58,7 +59,7 @@ def _rows(out: Path) -> dict[int, dict]:
 
 def _assert_same(a: dict[int, dict], b: dict[int, dict], steps) -> None:
     for step in steps:
-        for key in (*KEYS, "train/kl_coef", "weights/version"):
+        for key in (*KEYS, "train/kl_coef", "weights/version", "train/lr"):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-6, abs=1e-9), (step, key)
 
 
@@ -71,6 +72,7 @@ def test_resumed_run_logs_the_same_metrics_as_the_straight_run(ray_local, tiny_m
     a, b = _rows(straight), _rows(resumed)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     _assert_same(a, b, [1, 2, 3, 4])
+    assert [b[s]["train/lr"] for s in a] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     # the last trainer.keep_checkpoints (2) complete checkpoints are kept, nothing half-written
     names = sorted(p.name for p in (resumed / "checkpoints").iterdir())
     assert names == ["latest", "step_2", "step_4"]
