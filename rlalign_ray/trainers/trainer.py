@@ -84,9 +84,11 @@ class Trainer:
         evals = eval_sets(cfg)
         preflight(cfg, self.topology, train)
         train, data_stats = prepare_data(cfg, self.topology, train, "data.train")
-        if evals:
-            evals, eval_stats = prepare_data(cfg, self.topology, evals, "data.eval")
-            data_stats.update({k.replace("/", "/eval_"): v for k, v in eval_stats.items()})
+        for name in list(evals):
+            key = f"data.eval.{name}" if name else "data.eval"
+            evals[name], eval_stats = prepare_data(cfg, self.topology, evals[name], key)
+            infix = f"/eval_{name}_" if name else "/eval_"
+            data_stats.update({k.replace("/", infix): v for k, v in eval_stats.items()})
         ckpt = checkpoint.prepare_run(cfg.trainer.output_dir, cfg.trainer.resume)
         state = checkpoint.TrainerState.read(ckpt) if ckpt else None
         # a fresh start drops an old run's rows
