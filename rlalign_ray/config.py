@@ -157,6 +157,12 @@ class RolloutConfig:
     timeout_s: float = doc(
         1800.0, "fail if one generation call (a chunk on one generator) takes longer than this"
     )
+    dispatch_group: int = doc(
+        0,
+        "generators per dispatcher actor, which pulls chunks for its group, has each scored "
+        "and loads new weights, so the driver calls each group once (0: the driver calls "
+        "every generator itself)",
+    )
 
 
 @dataclass
@@ -547,6 +553,7 @@ def validate(cfg: Config) -> list[str]:
     _positive(e, "trainer.steps", t.steps, allow_zero=True)
     _positive(e, "trainer.max_staleness", t.max_staleness, allow_zero=True)
     _positive(e, "rollout.chunk_size", r.chunk_size, allow_zero=True)
+    _positive(e, "rollout.dispatch_group", r.dispatch_group, allow_zero=True)
     if t.max_staleness > 0:
         if a.use_behaviour_logprobs:
             e.append(

@@ -54,6 +54,7 @@ class Rollouts:
         self.requested = 0  # the last step whose generation was requested
         self.totals = {"generated": 0, "trained": 0, "dropped_stale": 0}
         self.sampler_before: dict[int, dict[str, int]] = {}  # step -> sampler state before it
+        generators.score_with(rewards)  # dispatchers (rollout.dispatch_group) score chunks
 
     def resume_state(self, step: int) -> dict[str, int]:
         """The sampler state that draws step ``step + 1`` (a checkpoint after ``step``):
@@ -97,7 +98,8 @@ class Rollouts:
             if s is None or chunk.greedy:
                 continue  # evaluation (or a caller's own chunk): scored by its owner
             self.totals["generated"] += chunk.rows
-            s.scored[chunk.id] = self.rewards.score(chunk.ref)
+            scored = chunk.extra.pop("scored", None)  # scored by a dispatcher
+            s.scored[chunk.id] = self.rewards.score(chunk.ref) if scored is None else scored
             if self.reference is not None:
                 s.ref_lp[chunk.id] = self.reference.logprobs(chunk.ref)
 
