@@ -143,7 +143,16 @@ def report(args: argparse.Namespace, runs: list[dict], infeasible: list[dict]) -
             f"{args.skip}; N actors = N/2 generators + N/2 reward actors; driver time = the driver "
             "process's CPU per step",
             runs,
-            ["actors", "generators", "driver_s_per_step", "step_s", "generate_s", "nodes", "memory_gb", "run_s"],
+            [
+                "actors",
+                "generators",
+                "driver_s_per_step",
+                "step_s",
+                "generate_s",
+                "nodes",
+                "memory_gb",
+                "run_s",
+            ],
         )
     for r in infeasible:
         print(f"{r['actors']} actors: not run: {r['reason']}")
