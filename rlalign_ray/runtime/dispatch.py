@@ -113,3 +113,28 @@ def start_dispatchers(gens: list[Any], group: int, name: str, timeout_s: float) 
     out = [cls.remote(gens[i : i + group], i, name, timeout_s) for i in range(0, len(gens), group)]
     get([d.ping.remote() for d in out], f"{name} dispatchers", 600.0)
     return out
+
+
+GATHER = 32  # scored chunks one reward actor joins for the driver (bigger steps only)
+
+
+def concat_scores(actor: Any, *shards: Any) -> Any:
+    """Run on a reward actor (``__ray_call__``): ``shards`` joined into one ScoredShard."""
+    from rlalign_ray.data.batch import ScoredShard
+
+    return ScoredShard.concat(list(shards))
+
+
+def gather_scores(refs: list[Any], rewards: Any, what: str, timeout_s: float) -> Any:
+    """The ScoredShards of ``refs``, joined in order. Above ``GATHER`` refs the reward
+    actors join them ``GATHER`` at a time first, so the driver unpickles a few objects
+    instead of one per chunk (~1.6 ms each for a real ScoredShard)."""
+    from rlalign_ray.data.batch import ScoredShard
+    from rlalign_ray.runtime.pools import get
+
+    if len(refs) > GATHER and getattr(rewards, "actors", None):
+        refs = [
+            rewards.next_actor().__ray_call__.remote(concat_scores, *refs[i : i + GATHER])
+            for i in range(0, len(refs), GATHER)
+        ]
+    return ScoredShard.concat(get(refs, what, timeout_s))

@@ -23,6 +23,7 @@ from rlalign_ray.data.batch import NONFINITE, PromptItem, ScoredShard
 from rlalign_ray.data.prompts import PromptSampler
 from rlalign_ray.errors import ActorFailure, RewardError
 from rlalign_ray.pools import Chunk, Experience, Future, GeneratorPool, ReferencePool, RewardPool
+from rlalign_ray.runtime.dispatch import gather_scores
 from rlalign_ray.runtime.pools import get
 
 
@@ -146,8 +147,11 @@ class Rollouts:
                 self._request(s, [it for c in stale for it in c.items])
                 continue
             t_gen = time.perf_counter() - t0
-            scores = ScoredShard.concat(
-                get([s.scored[c.id] for c in s.chunks], "reward pool", self.cfg.run.call_timeout_s)
+            scores = gather_scores(
+                [s.scored[c.id] for c in s.chunks],
+                self.rewards,
+                "reward pool",
+                self.cfg.run.call_timeout_s,
             )
             finite = group_finite(scores.scores, n)  # all True unless on_nonfinite: drop_group
             informative = (group_spread(scores.scores, n) > 0) & finite
