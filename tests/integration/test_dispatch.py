@@ -13,11 +13,6 @@ from rlalign_ray.runtime import dispatch
 pytestmark = pytest.mark.integration
 
 
-class Light:
-    def ping(self) -> int:
-        return 1
-
-
 class LightPool:  # what gather_scores reads of a RewardPool
     def __init__(self, actors):
         self.actors, self._turn = actors, -1
@@ -39,7 +34,8 @@ def test_reward_actors_join_scores_in_order(ray_local):
 
     shards = [_shard(i) for i in range(dispatch.GATHER * 2 + 5)]
     refs = [ray.put(s) for s in shards]
-    actors = [ray.remote(Light).remote() for _ in range(2)]
+    # any actor will do (the package's own class: Ray workers cannot import test modules)
+    actors = [ray.remote(dispatch.Dispatcher).remote([], 0, "g", 1.0) for _ in range(2)]
     joined = dispatch.gather_scores(refs, LightPool(actors), "reward pool", 60.0)
     want = ScoredShard.concat(shards)
     for name in ("scores", "group_ids", "response_len", "response_mask", "logprobs"):
