@@ -174,8 +174,9 @@ class WeightSync:
         calls: dict[Any, str] = {}
         # a pool with dispatchers (rollout.dispatch_group) loads through them: one call
         # per group, queued after the chunks sent to it; each returns its group's versions
-        loaders = getattr(self._generators, "dispatchers", None) or self.generators
-        kind = "generator" if loaders is self.generators else "dispatcher of generators"
+        grouped = bool(getattr(self._generators, "dispatchers", None))
+        loaders = self._generators.dispatchers if grouped else self.generators
+        kind = "dispatcher of generators" if grouped else "generator"
         for b in range(len(self.plan.buckets)):
             sent = self._labelled("publish_weights", b)
             handle = WeightHandle(version, b, [next(iter(sent))])
@@ -192,7 +193,7 @@ class WeightSync:
 
         def finish(values: list[Any]) -> int:
             versions = values[-len(loads) :]
-            if loaders is not self.generators:
+            if grouped:
                 versions = [v for group in versions for v in group]
             if any(v != version for v in versions):
                 raise WeightSyncError(
