@@ -178,6 +178,12 @@ class RolloutConfig:
         "its text (what rewards see) is cut before it",
     )
     include_stop_str_in_output: bool = doc(False, "keep the matched stop string in the text")
+    dispatch_group: int = doc(
+        0,
+        "generators per dispatcher actor, which pulls chunks for its group, has each scored "
+        "and loads new weights, so the driver calls each group once (0: the driver calls "
+        "every generator itself)",
+    )
 
 
 @dataclass
@@ -645,6 +651,7 @@ def validate(cfg: Config) -> list[str]:
     _positive(e, "trainer.steps", t.steps, allow_zero=True)
     _positive(e, "trainer.max_staleness", t.max_staleness, allow_zero=True)
     _positive(e, "rollout.chunk_size", r.chunk_size, allow_zero=True)
+    _positive(e, "rollout.dispatch_group", r.dispatch_group, allow_zero=True)
     if t.max_staleness > 0:
         if a.use_behaviour_logprobs:
             e.append(

@@ -1,16 +1,21 @@
 """Driver time per step with many simulated generator and reward actors on a multi-node
 cluster.
 
-    rlalign-ray bench scale --simulate [SPEC] --actors 64,128,256 [--workers 2]
+    rlalign-ray bench scale --simulate [SPEC] --actors 64,128,256 [--workers 2] [--dispatch-group 32]
 
 Starts a multi-node cluster on this machine (``launch/local_cluster.sh``: a head and
 ``--workers`` worker nodes, each a ``ray start`` on loopback (127.0.0.2) with token auth, in a temp
 folder of its own, stopped at the end). For each count N, a fresh driver process (Ray reads
 the cluster's token settings when it is imported) runs ``--steps`` steps of the real
-``Trainer`` with N simulated generators and N simulated reward actors spread over the nodes
-and one simulated learner rank (``bench/simulated.py``; work times from SPEC, by default
-none): each step is N one-prompt chunks, pulled by the generators, each scored by a reward
-actor as it lands, then a weight sync to N generators.
+``Trainer`` with N simulated actors in total, N/2 generators and N/2 reward actors, spread
+over the nodes, and one simulated learner rank (``bench/simulated.py``; work times from SPEC,
+by default none): each step is N/2 one-prompt chunks, pulled by the generators, each scored
+by a reward actor as it lands, then a weight sync to the N/2 generators. (N actors of each
+kind would not fit here: a Ray worker process takes about 65 MB of private memory even
+without torch, so 2 x 256 would need 33 GB.) With ``--dispatch-group G`` (the default, 32;
+``rollout.dispatch_group``) dispatcher actors run the generators in groups of G, so the
+driver makes one call per group per step and per weight bucket; 0 measures the driver
+calling every generator itself.
 
 Driver time per step is the median ``time/driver_cpu_s``: the CPU time of the driver process
 (its Python and Ray's threads in it) during a step. On a machine shared with hundreds of
@@ -57,19 +62,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help="simulated actors (the only kind here): gen=S,train=S[,tail=...] (default: no work)",
     )
-    p.add_argument("--actors", default="64,128,256", help="generator (and reward) actor counts")
+    p.add_argument(
+        "--actors",
+        default="64,128,256",
+        help="actor counts: each N is N/2 generators and N/2 reward actors",
+    )
+    p.add_argument(
+        "--dispatch-group",
+        type=int,
+        default=32,
+        help="rollout.dispatch_group: generators per dispatcher actor (0: none)",
+    )
     p.add_argument("--steps", type=int, default=8, help="training steps per count")
     p.add_argument("--skip", type=int, default=2, help="first steps left out (warm-up)")
     p.add_argument("--max-staleness", type=int, default=0, help="trainer.max_staleness")
     p.add_argument("--workers", type=int, default=2, help="worker nodes besides the head")
     p.add_argument("--node-cpus", type=int, default=4, help="logical CPUs each node declares")
     p.add_argument(
-        "--mb-per-actor", type=float, default=60.0, help="memory one actor process takes (MB)"
+        "--mb-per-actor", type=float, default=65.0, help="memory one actor process takes (MB)"
     )
     p.add_argument(
         "--memory-fraction",
         type=float,
-        default=0.75,
+        default=0.9,
         help="skip a count whose actors need more than this share of the available memory",
     )
     p.add_argument(
@@ -91,13 +106,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runs, infeasible = [], []
     with local_cluster(args.workers, args.node_cpus) as state:
         for n in parse_list(args.actors, int):
-            need = (2 * n + 1) * args.mb_per_actor * 2**20
+            procs = n + 1 + (-(-(n // 2) // args.dispatch_group) if args.dispatch_group else 0)
+            need = procs * args.mb_per_actor * 2**20
             free = mem_available()
             if need > args.memory_fraction * free:
                 infeasible.append(
                     {
                         "actors": n,
-                        "reason": f"{2 * n + 1} actor processes need about {need / 2**30:.1f} "
+                        "reason": f"{procs} actor processes need about {need / 2**30:.1f} "
                         f"GiB, {free / 2**30:.1f} GiB available (--memory-fraction "
                         f"{args.memory_fraction})",
                     }
@@ -123,10 +139,20 @@ def report(args: argparse.Namespace, runs: list[dict], infeasible: list[dict]) -
     if runs:
         print_table(
             f"scale: --simulate {args.simulate}, {args.workers + 1} nodes, "
-            f"k={args.max_staleness}, median of steps > {args.skip}; driver time = the driver "
+            f"k={args.max_staleness}, dispatch group {args.dispatch_group}, median of steps > "
+            f"{args.skip}; N actors = N/2 generators + N/2 reward actors; driver time = the driver "
             "process's CPU per step",
             runs,
-            ["actors", "driver_s_per_step", "step_s", "generate_s", "nodes", "memory_gb", "run_s"],
+            [
+                "actors",
+                "generators",
+                "driver_s_per_step",
+                "step_s",
+                "generate_s",
+                "nodes",
+                "memory_gb",
+                "run_s",
+            ],
         )
     for r in infeasible:
         print(f"{r['actors']} actors: not run: {r['reason']}")
@@ -182,7 +208,7 @@ def driver_process(args: argparse.Namespace, n: int, state: dict[str, str]) -> d
         sys.executable, "-m", "rlalign_ray.cli", "bench", "scale", "--driver",
         json.dumps(state), "--actors", str(n), "--simulate", args.simulate,
         "--steps", str(args.steps), "--skip", str(args.skip),
-        "--max-staleness", str(args.max_staleness),
+        "--max-staleness", str(args.max_staleness), "--dispatch-group", str(args.dispatch_group),
     ]  # fmt: skip
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -218,6 +244,7 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
     from rlalign_ray.config import Placement
 
     state, n = json.loads(args.driver), int(args.actors)
+    gens = max(1, n // 2)
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     ray.init(
         address=state["RAY_ADDRESS"],
@@ -231,18 +258,19 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
                 tmp,
                 args.steps,
                 [
-                    f"rollout.prompts_per_step={n}",
+                    f"rollout.prompts_per_step={gens}",
                     "rollout.n_samples=2",
-                    f"rollout.num_actors={n}",
+                    f"rollout.num_actors={gens}",
                     "rollout.chunk_size=1",
-                    f"reward.num_actors={n}",
+                    f"rollout.dispatch_group={args.dispatch_group}",
+                    f"reward.num_actors={max(1, n - gens)}",
                     "learner.micro_batch_size=2",
                     f"trainer.max_staleness={args.max_staleness}",
                     "run.placement_timeout_s=1800",
                     "run.call_timeout_s=1800",
                 ],
             )
-            topo = simulated_topology(cfg, Workload.parse(args.simulate, cfg.batch_size, n))
+            topo = simulated_topology(cfg, Workload.parse(args.simulate, cfg.batch_size, gens))
             for role in ("generator", "reward"):
                 topo.pools[role].placement = Placement(strategy="SPREAD")
             rows = train_rows(cfg, topo, args.skip)
@@ -251,6 +279,8 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
     med = medians(rows, ("time/driver_cpu_s", "time/step_s", "time/generate_s"))
     result = {
         "actors": n,
+        "generators": gens,
+        "dispatch_group": args.dispatch_group,
         "driver_s_per_step": med["time/driver_cpu_s"],
         "step_s": med["time/step_s"],
         "generate_s": med["time/generate_s"],

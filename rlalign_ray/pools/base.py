@@ -102,7 +102,7 @@ def stop(pools: Sequence[ActorPool]) -> None:
     from ray.util.placement_group import remove_placement_group
 
     for pool in pools:
-        for actor in pool.actors:
+        for actor in [*pool.actors, *getattr(pool, "helpers", [])]:
             ray.kill(actor, no_restart=True)
         if pool.placement_group is not None:
             remove_placement_group(pool.placement_group)

@@ -96,12 +96,44 @@ class GeneratorPool(ActorPool):
         self._idle_since: list[float | None] = []
         self._busy_since: dict[int, float] = {}  # actor -> when its current chunk started
         self._next_id = 0
+        # rollout.dispatch_group > 0: dispatcher actors run the generators in groups
+        self.group = cfg.rollout.dispatch_group
+        self.dispatchers: list[Any] = []
+        self._runs: dict[Any, tuple[int, list[Chunk]]] = {}  # run ref -> (group, chunks)
+        self._group_load: list[int] = []  # chunks sent to each dispatcher, not landed
+        self._busy_total, self._started_s = 0.0, 0.0
 
     def started(self) -> None:
         super().started()
         n = len(self.actors)
         self.versions, self.load = [0] * n, [0] * n
         self.idle_s, self._idle_since = [0.0] * n, [time.perf_counter()] * n
+        if self.group > 0:
+            from rlalign_ray.runtime.dispatch import start_dispatchers
+
+            self.dispatchers = start_dispatchers(
+                self.actors, self.group, self.name, self.cfg.rollout.timeout_s
+            )
+            self._group_load = [0] * len(self.dispatchers)
+            self._started_s = time.perf_counter()
+
+    @property
+    def helpers(self) -> list[Any]:
+        """Actors the pool started besides its generators (dispatchers); stopped with it."""
+        return self.dispatchers
+
+    def score_with(self, rewards: Any) -> bool:
+        """With dispatchers: have them hand every sampled (non-greedy) chunk to ``rewards``'
+        actors as it lands; each chunk's score ref is then in ``chunk.extra["scored"]``.
+        Returns whether they will (without dispatchers the caller scores)."""
+        if not self.dispatchers:
+            return False
+        get(
+            [d.score_with.remote(list(rewards.actors)) for d in self.dispatchers],
+            f"{self.name} dispatchers",
+            self.timeout_s,
+        )
+        return True
 
     # ---- work -------------------------------------------------------------------------
     def chunks(
@@ -130,12 +162,84 @@ class GeneratorPool(ActorPool):
     def submit(self, chunks: Sequence[Chunk], front: bool = False) -> list[Chunk]:
         """Queue chunks (``front``: before those already waiting) and start what idle actors
         can take."""
+        if self.dispatchers:
+            self._dispatch_groups(list(chunks))
+            return list(chunks)
         if front:
             self.queue.extendleft(reversed(list(chunks)))
         else:
             self.queue.extend(chunks)
         self._dispatch()
         return list(chunks)
+
+    def _dispatch_groups(self, chunks: list[Chunk]) -> None:
+        """One ``run`` call per dispatcher with its share of ``chunks`` (the least loaded
+        group, per generator, takes the next; pinned chunks go to their generator's group).
+        A chunk samples with the version its group's generators hold once the loads queued
+        so far are done (runs and loads reach a dispatcher in order)."""
+        sizes = [
+            len(self.actors[i : i + self.group]) for i in range(0, len(self.actors), self.group)
+        ]
+        per: list[list[Chunk]] = [[] for _ in self.dispatchers]
+        for c in chunks:
+            if c.pinned is not None:
+                g = c.pinned // self.group
+            else:
+                g = min(range(len(sizes)), key=lambda i: self._group_load[i] / sizes[i])
+            self._group_load[g] += 1
+            per[g].append(c)
+        now = time.perf_counter()
+        for g, mine in enumerate(per):
+            if not mine:
+                continue
+            specs = []
+            for c in mine:
+                c.version = self.versions[g * self.group]
+                specs.append(
+                    {"id": c.id, "items": c.items, "n": c.n, "greedy": c.greedy,
+                     "strict": None if c.greedy else c.version, "seed": c.seed,
+                     "pinned": None if c.pinned is None else c.pinned % self.group}
+                )  # fmt: skip
+                c.submitted_s = now
+            ref = self.dispatchers[g].run.remote(specs)
+            for c in mine:
+                c.info_ref = ref
+            self._runs[ref] = (g, mine)
+
+    def _poll_groups(self, timeout_s: float, also: Sequence[Any]) -> list[Chunk]:
+        """``poll`` with dispatchers: the chunks of every ``run`` that finished."""
+        import ray
+
+        pending = list(self._runs) + list(also)
+        if not pending:
+            return []
+        ready, _ = ray.wait(pending, num_returns=1, timeout=timeout_s)
+        if ready:
+            ready, _ = ray.wait(list(self._runs), num_returns=len(self._runs), timeout=0)
+        done = [r for r in ready if r in self._runs]
+        if not done:
+            return []
+        results = get(done, f"{self.name} dispatchers", self.timeout_s)
+        now, finished = time.perf_counter(), []
+        for ref, landed in zip(done, results):
+            g, mine = self._runs.pop(ref)
+            self._group_load[g] -= len(mine)
+            by_id = {c.id: c for c in mine}
+            for r in landed:
+                chunk, info = by_id[r["id"]], r["info"]
+                if not chunk.greedy and info["version"] != chunk.version:
+                    raise ActorFailure(
+                        f"{self.name} {r['actor']} sampled chunk {chunk.id} with weight "
+                        f"version {info['version']}, the pool expected {chunk.version}"
+                    )
+                chunk.actor, chunk.ref, chunk.done = r["actor"], r["ref"], True
+                chunk.finished_s = now
+                chunk.extra["info"] = info
+                if r["scored"] is not None:
+                    chunk.extra["scored"] = r["scored"]
+                self._busy_total += info.get("seconds", 0.0)
+                finished.append(chunk)
+        return finished
 
     def _dispatch(self) -> None:
         waiting = deque()
@@ -179,6 +283,8 @@ class GeneratorPool(ActorPool):
         the refs in ``also`` to be ready); their actors pull queued chunks at once."""
         import ray
 
+        if self.dispatchers:  # they check rollout.timeout_s themselves
+            return self._poll_groups(timeout_s, also)
         self.check_overdue()
         pending = list(self.inflight) + list(also)
         if not pending:
@@ -258,6 +364,8 @@ class GeneratorPool(ActorPool):
     def idle_seconds(self) -> float:
         """Seconds actors spent with nothing to do so far, summed over actors."""
         now = time.perf_counter()
+        if self.dispatchers:  # from the chunks' own times (in flight counts as idle)
+            return len(self.actors) * (now - self._started_s) - self._busy_total
         return sum(
             s + (now - t if t is not None else 0.0) for s, t in zip(self.idle_s, self._idle_since)
         )

@@ -182,13 +182,15 @@ class WeightSync:
         if self.pending is not None:
             self.pending.result()
         calls: dict[Any, str] = {}
+        # a pool with dispatchers (rollout.dispatch_group) loads through them: one call
+        # per group, queued after the chunks sent to it; each returns its group's versions
+        grouped = bool(getattr(self._generators, "dispatchers", None))
+        loaders = self._generators.dispatchers if grouped else self.generators
+        kind = "dispatcher of generators" if grouped else "generator"
         for b in range(len(self.plan.buckets)):
             sent = self._labelled("publish_weights", b)
             handle = WeightHandle(version, b, [next(iter(sent))])
-            loads = {
-                g.load_weights.remote(handle): f"generator {i}"
-                for i, g in enumerate(self.generators)
-            }
+            loads = {g.load_weights.remote(handle): f"{kind} {i}" for i, g in enumerate(loaders)}
             calls.update(sent)
             calls.update(loads)
         if hasattr(self._generators, "versions"):
@@ -201,6 +203,8 @@ class WeightSync:
 
         def finish(values: list[Any]) -> int:
             versions = values[-len(loads) :]
+            if grouped:
+                versions = [v for group in versions for v in group]
             if any(v != version for v in versions):
                 raise WeightSyncError(
                     f"{self.plan.transport} weight sync: generators report versions "

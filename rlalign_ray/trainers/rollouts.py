@@ -23,6 +23,7 @@ from rlalign_ray.data.batch import NONFINITE, PromptItem, ScoredShard
 from rlalign_ray.data.prompts import PromptSampler
 from rlalign_ray.errors import ActorFailure, RewardError
 from rlalign_ray.pools import Chunk, Experience, Future, GeneratorPool, ReferencePool, RewardPool
+from rlalign_ray.runtime.dispatch import gather_scores
 from rlalign_ray.runtime.pools import get
 
 
@@ -54,6 +55,7 @@ class Rollouts:
         self.requested = 0  # the last step whose generation was requested
         self.totals = {"generated": 0, "trained": 0, "dropped_stale": 0}
         self.sampler_before: dict[int, dict[str, int]] = {}  # step -> sampler state before it
+        generators.score_with(rewards)  # dispatchers (rollout.dispatch_group) score chunks
 
     def resume_state(self, step: int) -> dict[str, int]:
         """The sampler state that draws step ``step + 1`` (a checkpoint after ``step``):
@@ -97,7 +99,8 @@ class Rollouts:
             if s is None or chunk.greedy:
                 continue  # evaluation (or a caller's own chunk): scored by its owner
             self.totals["generated"] += chunk.rows
-            s.scored[chunk.id] = self.rewards.score(chunk.ref)
+            scored = chunk.extra.pop("scored", None)  # scored by a dispatcher
+            s.scored[chunk.id] = self.rewards.score(chunk.ref) if scored is None else scored
             if self.reference is not None:
                 s.ref_lp[chunk.id] = self.reference.logprobs(chunk.ref)
 
@@ -144,8 +147,11 @@ class Rollouts:
                 self._request(s, [it for c in stale for it in c.items])
                 continue
             t_gen = time.perf_counter() - t0
-            scores = ScoredShard.concat(
-                get([s.scored[c.id] for c in s.chunks], "reward pool", self.cfg.run.call_timeout_s)
+            scores = gather_scores(
+                [s.scored[c.id] for c in s.chunks],
+                self.rewards,
+                "reward pool",
+                self.cfg.run.call_timeout_s,
             )
             finite = group_finite(scores.scores, n)  # all True unless on_nonfinite: drop_group
             informative = (group_spread(scores.scores, n) > 0) & finite

@@ -57,9 +57,15 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_synchronous_training_reproduces_the_recorded_metrics(ray_local, tiny_model, tmp_path):
+@pytest.mark.parametrize("dispatch_group", [0, 1])
+def test_synchronous_training_reproduces_the_recorded_metrics(
+    ray_local, tiny_model, tmp_path, dispatch_group
+):
+    """Also with dispatchers (rollout.dispatch_group: 1, one per generator): they sample,
+    score and load weights for the driver, and the run's numbers are the same."""
     out = tmp_path / "run"
-    Trainer(config_from_dict(_config(tiny_model, str(out)))).fit()
+    rollout = {"dispatch_group": dispatch_group}
+    Trainer(config_from_dict(_config(tiny_model, str(out), rollout=rollout))).fit()
     rows, golden = _rows(out), json.loads(GOLDEN.read_text())
     assert [r["step"] for r in rows] == [g["step"] for g in golden] == [0, 1, 2, 3]
     for row, want in zip(rows, golden):

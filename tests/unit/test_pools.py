@@ -88,3 +88,37 @@ def test_a_chunk_past_rollout_timeout_names_the_generator_and_the_chunk():
     msg = str(err.value)
     assert "generator 1 did not finish chunk 1 (step 3, 2 prompts x 2 samples" in msg
     assert "'p2'" in msg and "5s (rollout.timeout_s)" in msg
+
+
+class FakeRun:
+    def __init__(self, log, g):
+        self.log, self.g = log, g
+
+    def remote(self, specs):
+        self.log.append((self.g, specs))
+        return object()
+
+
+def test_dispatch_groups_send_one_run_per_group_with_balanced_chunks():
+    """rollout.dispatch_group: one call per dispatcher per submission; pulled chunks spread by
+    count, pinned ones to their generator's group (as a group index)."""
+    log: list = []
+    pool = _pool(5, [])
+    pool.group = 2  # groups: generators [0, 1], [2, 3], [4]
+    pool.dispatchers = [type("D", (), {"run": FakeRun(log, g)})() for g in range(3)]
+    pool._group_load = [0, 0, 0]
+    pool.versions = [3] * 5
+    pulled = pool.chunks(_items(10), n=2, chunk_size=1, seed=1)
+    pool.submit(pulled)
+    assert [g for g, _ in log] == [0, 1, 2]
+    assert [len(specs) for _, specs in log] == [4, 4, 2]  # per generator: 2 each
+    assert all(s["strict"] == 3 and s["pinned"] is None for _, specs in log for s in specs)
+    assert {c.info_ref for c in pulled} == set(pool._runs) and not pool.queue
+    log.clear()
+    pinned = pool.chunks(_items(5), n=1)
+    pool.submit(pinned)
+    assert [(g, [s["pinned"] for s in specs]) for g, specs in log] == [
+        (0, [0, 1]),
+        (1, [0, 1]),
+        (2, [0]),
+    ]

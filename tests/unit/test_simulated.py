@@ -78,7 +78,7 @@ def test_generator_and_reward_processes_need_no_torch():
     batch, _ = gen.generate_chunk([PromptItem(0, "p")], 1)
     payload = pickle.dumps([PromptItem(0, "p"), plan, WeightHandle(1, 0), batch])
     code = (
-        "import pickle, sys; import rlalign_ray.bench.simulated; "
+        "import pickle, sys; import rlalign_ray.bench.simulated, rlalign_ray.runtime.dispatch; "
         f"pickle.loads({payload!r}); print('torch' in sys.modules)"
     )
     repo = Path(__file__).resolve().parents[2]
