@@ -66,6 +66,15 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.update(steps)
 
+    def rewind(self, step: int) -> None:
+        """Keep the rows up to ``step`` (training continues from its checkpoint)."""
+        self._file.close()
+        truncate(self.path, step)
+        self._file = self.path.open("a", encoding="utf-8")
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
+
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
