@@ -13,11 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from helpers.rewards import digit_fraction
 from rlalign_ray.learner.learner import Learner
 from rlalign_ray.learner.reference import Reference
 from rlalign_ray.rollout.generator import Generator
-
-from helpers.rewards import digit_fraction
 
 CLAIMS = Path(tempfile.gettempdir()) / "rlalign-test-dead-actors"
 

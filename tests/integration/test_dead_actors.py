@@ -137,7 +137,10 @@ def test_dead_generator_reward_and_reference_are_replaced(ray_local, tiny_model,
     assert metrics[3]["run/actor_restarts"] == 3
     assert metrics[3]["weights/version"] == 3
     _check_ledger(out, 3)
-    print(f"run with three actors killed: {took:.1f}s", [round(m["time/step_s"], 1) for m in metrics.values()])
+    print(
+        f"run with three actors killed: {took:.1f}s",
+        [round(m["time/step_s"], 1) for m in metrics.values()],
+    )
 
 
 def test_dead_learner_rank_restarts_from_the_checkpoint(ray_local, tiny_model, tmp_path, claims):
