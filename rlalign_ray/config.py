@@ -100,6 +100,17 @@ class RunConfig:
     )
     placement_timeout_s: float = doc(120.0, "fail if the actors cannot be placed within this")
     call_timeout_s: float = doc(1800.0, "fail if one actor call takes longer than this")
+    max_actor_restarts: int = doc(
+        3,
+        "per role (generator, reward, reference): actors that die are replaced in their "
+        "placement bundle and their unfinished work re-issued, at most this many times a run "
+        "(0: an actor that dies ends the run)",
+    )
+    max_learner_restarts: int = doc(
+        0,
+        "a learner (or critic) rank that dies: restart the group from the last checkpoint "
+        "inside the same run, at most this many times (0: the run ends, naming the checkpoint)",
+    )
 
 
 @dataclass
@@ -399,6 +410,11 @@ class TrainerConfig:
         "pipelining: generation runs up to this many weight versions ahead of the learner "
         "(0: synchronous)",
     )
+    sample_log: bool = doc(
+        False,
+        "write output_dir/samples.jsonl: one line per trained sample (step, prompt_index, "
+        "sample_index, version, generator), an exactly-once ledger",
+    )
 
 
 @dataclass
@@ -652,6 +668,8 @@ def validate(cfg: Config) -> list[str]:
     _positive(e, "trainer.max_staleness", t.max_staleness, allow_zero=True)
     _positive(e, "rollout.chunk_size", r.chunk_size, allow_zero=True)
     _positive(e, "rollout.dispatch_group", r.dispatch_group, allow_zero=True)
+    _positive(e, "run.max_actor_restarts", cfg.run.max_actor_restarts, allow_zero=True)
+    _positive(e, "run.max_learner_restarts", cfg.run.max_learner_restarts, allow_zero=True)
     if t.max_staleness > 0:
         if a.use_behaviour_logprobs:
             e.append(

@@ -122,6 +122,23 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.update(steps)
 
+    def rewind(self, step: int) -> None:
+        """Keep the rows up to ``step`` (training continues from its checkpoint)."""
+        from rlalign_ray.loggers import JsonlBackend
+
+        for b in self.backends:
+            if isinstance(b, JsonlBackend):
+                b.close()
+                truncate(self.path, step)
+                b._file = self.path.open("a", encoding="utf-8")
+        if self._completions is not None:
+            self._completions.close()
+            self._completions = None
+        truncate(self.completions_path, step)
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
+
     def close(self) -> None:
         for b in self.backends:
             b.close()

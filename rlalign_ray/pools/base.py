@@ -13,13 +13,17 @@ another) and starts them:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
 from rlalign_ray.config import Placement, Resources, RunConfig
+from rlalign_ray.errors import ActorFailure
 from rlalign_ray.runtime.pools import Future, RoleSpec, get  # noqa: F401 (part of the API)
+
+log = logging.getLogger(__name__)
 
 
 class ActorPool:
@@ -50,7 +54,12 @@ class ActorPool:
         self.timeout_s = timeout_s
         self.actors: list[Any] = []
         self.placement_group: Any = None  # its own group (None when colocated)
+        self.slots: list[Any] = []  # actor i's placement bundle (``runtime.pools.Slot``)
         self._turn = -1  # the actor ``next_actor`` gave last
+        self.max_restarts = 0  # dead actors replaced per run (``run.max_actor_restarts``)
+        self.restarts = 0
+        self.failures: list[str] = []  # "role i on node" of every actor that died
+        self.on_replace: list[Callable[[int], None]] = []  # called with i once replaced
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -76,6 +85,83 @@ class ActorPool:
         happens here); by default waits until every actor answers."""
         self.gather("ping")
 
+    # ---- dead actors --------------------------------------------------------------------
+    def replace(self, index: int) -> Any:
+        """Replace actor ``index``, which died, by a new one of the same class and options
+        in the same placement bundle; then ``on_replace`` hooks run (a generator is given
+        the current weights). Past ``max_restarts`` replacements the run stops with an
+        error naming the role, the actors and the nodes that failed."""
+        import ray
+
+        from rlalign_ray.runtime.pools import make_actor, slot_node
+
+        node = slot_node(self.slots[index]) if index < len(self.slots) else "an unknown node"
+        self.failures.append(f"{self.name} {index} on {node}")
+        if self.restarts >= self.max_restarts or index >= len(self.slots):
+            raise ActorFailure(
+                f"{self.name} pool: an actor died ({self.name} {index} on {node}) after "
+                f"{self.restarts} restarts of this role (run.max_actor_restarts="
+                f"{self.max_restarts}); the run stops here. Actors that died: "
+                f"{', '.join(self.failures)}. Check the actors' logs above for the cause (out "
+                "of memory, a lost node, a crash)."
+            )
+        try:
+            ray.kill(self.actors[index], no_restart=True)
+        except Exception:  # already gone
+            pass
+        log.warning(
+            "%s %d on %s died; starting a replacement (%d of run.max_actor_restarts=%d)",
+            self.name,
+            index,
+            node,
+            self.restarts + 1,
+            self.max_restarts,
+        )
+        actor = make_actor(self.spec, self.slots[index], index)
+        get(actor.ping.remote(), f"{self.name} {index} (replacement)", self.timeout_s)
+        self.actors[index] = actor
+        self.restarts += 1
+        self.replaced(index)
+        for hook in self.on_replace:
+            hook(index)
+        return actor
+
+    def replaced(self, index: int) -> None:
+        """A subclass's own bookkeeping for a new actor ``index`` (before the hooks)."""
+
+    def heal(self, timeout_s: float = 5.0) -> list[int]:
+        """Ping every actor and replace those that died; returns their indices. An actor
+        still busy after ``timeout_s`` counts as alive (a dead one answers at once)."""
+        dead = self.dead_actors(timeout_s)
+        for i in dead:
+            self.replace(i)
+        return dead
+
+    def dead_actors(self, timeout_s: float = 5.0) -> list[int]:
+        """The indices of the actors that died (a ping each, all awaited together)."""
+        import ray
+
+        from rlalign_ray.runtime.pools import actor_died
+
+        refs = [a.ping.remote() for a in self.actors]
+        ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        return [i for i, r in enumerate(refs) if actor_died(r)]
+
+    def restart_all(self) -> None:
+        """Kill every actor and start new ones in the same bundles, then ``started``
+        (a group's rendezvous): a learner group that lost a rank starts again."""
+        import ray
+
+        from rlalign_ray.runtime.pools import make_actor
+
+        for a in self.actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # already gone
+                pass
+        self.actors = [make_actor(self.spec, slot, i) for i, slot in enumerate(self.slots)]
+        self.started()
+
 
 def start(pools: Sequence[ActorPool], placement_timeout_s: float) -> None:
     """Place every pool (colocated ones share their host's bundles), start the actors, and
@@ -92,6 +178,7 @@ def start(pools: Sequence[ActorPool], placement_timeout_s: float) -> None:
     for p in pools:
         p.actors = started[p.name].actors
         p.placement_group = started[p.name].placement_group
+        p.slots = started[p.name].slots
     for p in pools:
         p.started()
 
@@ -106,7 +193,7 @@ def stop(pools: Sequence[ActorPool]) -> None:
             ray.kill(actor, no_restart=True)
         if pool.placement_group is not None:
             remove_placement_group(pool.placement_group)
-        pool.actors, pool.placement_group = [], None
+        pool.actors, pool.placement_group, pool.slots = [], None, []
 
 
 @contextmanager

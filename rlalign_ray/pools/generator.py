@@ -87,6 +87,7 @@ class GeneratorPool(ActorPool):
             cfg.run.call_timeout_s,
         )
         self.cfg = cfg
+        self.max_restarts = cfg.run.max_actor_restarts
         self.max_inflight = max_inflight
         self.versions: list[int] = []  # per actor: the version its next queued call sees
         self.queue: deque[Chunk] = deque()
@@ -295,7 +296,14 @@ class GeneratorPool(ActorPool):
         finished = [self.inflight.pop(r) for r in ready if r in self.inflight]
         if not finished:
             return []
-        infos = get([c.info_ref for c in finished], f"{self.name} pool", self.timeout_s)
+        try:
+            infos = get([c.info_ref for c in finished], f"{self.name} pool", self.timeout_s)
+        except ActorFailure:  # a generator died: replace it, sample its chunks again
+            rest = self._recover(finished)
+            if rest is None:
+                raise
+            finished = rest
+            infos = get([c.info_ref for c in finished], f"{self.name} pool", self.timeout_s)
         now = time.perf_counter()
         for chunk, info in zip(finished, infos):
             if not chunk.greedy and info["version"] != chunk.version:
@@ -312,6 +320,46 @@ class GeneratorPool(ActorPool):
                 self._busy_since.pop(chunk.actor)
         self._dispatch()
         return finished
+
+    # ---- dead generators --------------------------------------------------------------
+    def _recover(self, finished: list[Chunk]) -> list[Chunk] | None:
+        """Replace the generators whose chunks in ``finished`` failed because they died
+        (``run.max_actor_restarts``) and queue those chunks again, first: the same prompts,
+        sample indices and seed, sampled with the current weights. Returns the others (None:
+        no chunk failed by a death, or restarts are off)."""
+        from rlalign_ray.runtime.pools import actor_died
+
+        dead = [c for c in finished if actor_died(c.info_ref)]
+        if not dead or not self.max_restarts:
+            return None
+        for actor in sorted({c.actor for c in dead}):
+            self.replace(actor, [c for c in dead if c.actor == actor])
+        return [c for c in finished if c not in dead]
+
+    def replace(self, index: int, chunks: Sequence[Chunk] = ()) -> Any:
+        """``ActorPool.replace``; the dead actor's chunks (those in flight, and ``chunks``
+        taken from it already) are queued again, ahead of the others."""
+        lost = [c for c in self.inflight.values() if c.actor == index]
+        for c in lost:
+            self.inflight.pop(c.info_ref)
+        lost = sorted({c.id: c for c in [*lost, *chunks]}.values(), key=lambda c: c.id)
+        self.load[index] -= len(lost)  # chunks it finished before dying still count
+        actor = super().replace(index)
+        for c in lost:
+            c.ref = c.info_ref = c.actor = None
+            c.version, c.done = -1, False
+        self.queue.extendleft(reversed(lost))
+        self._dispatch()
+        return actor
+
+    def replaced(self, index: int) -> None:
+        """A new generator holds the initial weights (version 0) until the hooks (the
+        ``WeightSync``) give it the current ones."""
+        self.versions[index] = 0
+        if self.load[index] == 0:
+            self._busy_since.pop(index, None)
+            if self._idle_since[index] is None:
+                self._idle_since[index] = time.perf_counter()
 
     def check_overdue(self) -> None:
         """Fail when a generator has run one chunk longer than ``rollout.timeout_s``,

@@ -32,6 +32,7 @@ class ReferencePool(ActorPool):
             name,
             cfg.run.call_timeout_s,
         )
+        self.max_restarts = cfg.run.max_actor_restarts
 
     def logprobs(self, batch_ref: Any) -> Any:
         """(B, T) reference log-probs of a rollout batch's responses, as a ref."""

@@ -37,6 +37,7 @@ class RewardPool(ActorPool):
             name,
             cfg.run.call_timeout_s,
         )
+        self.max_restarts = cfg.run.max_actor_restarts
 
     def score(self, batch_ref: Any) -> Any:
         """Score one rollout batch (a ref, fetched by the actor); returns the ScoredShard's

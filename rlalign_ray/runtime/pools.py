@@ -31,22 +31,23 @@ class RoleSpec:
 
 
 @dataclass
-class RolePool:
-    spec: RoleSpec
-    actors: list[Any] = field(default_factory=list)
-    placement_group: Any = None  # this role's own group (None when colocated)
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-
-@dataclass
 class Slot:
     """Where actor ``i`` of a role goes: a placement group and a bundle in it."""
 
     group: Any
     bundle: int
+
+
+@dataclass
+class RolePool:
+    spec: RoleSpec
+    actors: list[Any] = field(default_factory=list)
+    placement_group: Any = None  # this role's own group (None when colocated)
+    slots: list[Slot] = field(default_factory=list)  # actor i's bundle (to replace it there)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
 
 def plan_bundles(specs: Sequence[RoleSpec]) -> dict[str, list[dict[str, float]]]:
@@ -126,26 +127,59 @@ def _is_ready(group: Any) -> bool:
 
 def start_pools(specs: Sequence[RoleSpec], timeout_s: float) -> dict[str, RolePool]:
     """Place every role, then start its actors in their bundles."""
-    import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
     slots = place(specs, timeout_s)
     pools: dict[str, RolePool] = {}
     for spec in specs:
-        remote_cls = ray.remote(spec.cls)
         own = None if spec.placement.colocate_with else slots[spec.name][0].group
-        pool = RolePool(spec=spec, placement_group=own)
+        pool = RolePool(spec=spec, placement_group=own, slots=slots[spec.name])
         for i, slot in enumerate(slots[spec.name]):
-            actor = remote_cls.options(
-                **spec.resources.ray_options(),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    slot.group, placement_group_bundle_index=slot.bundle
-                ),
-                runtime_env={"env_vars": worker_env(cpu_only=spec.resources.num_gpus == 0)},
-            ).remote(*spec.args(i))
-            pool.actors.append(actor)
+            pool.actors.append(make_actor(spec, slot, i))
         pools[spec.name] = pool
     return pools
+
+
+def make_actor(spec: RoleSpec, slot: Slot, i: int) -> Any:
+    """Actor ``i`` of ``spec`` in ``slot`` (also how a dead actor's replacement starts)."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return (
+        ray.remote(spec.cls)
+        .options(
+            **spec.resources.ray_options(),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                slot.group, placement_group_bundle_index=slot.bundle
+            ),
+            runtime_env={"env_vars": worker_env(cpu_only=spec.resources.num_gpus == 0)},
+        )
+        .remote(*spec.args(i))
+    )
+
+
+def slot_node(slot: Slot) -> str:
+    """The address of the node holding ``slot``'s bundle (even when its actor is dead)."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    try:
+        node = placement_group_table(slot.group)["bundles_to_node_id"][slot.bundle]
+        return next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node)
+    except Exception:  # a removed group or a lost node: the address is unknown
+        return "an unknown node"
+
+
+def actor_died(ref: Any) -> bool:
+    """Whether a finished ref failed because its actor died (or became unreachable)."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    try:
+        ray.get(ref, timeout=0)
+    except RayActorError:
+        return True
+    except Exception:
+        return False
+    return False
 
 
 def stop_pools(pools: dict[str, RolePool]) -> None:
@@ -224,6 +258,11 @@ class Future:
             return True
         done, _ = ray.wait(self.refs, num_returns=len(self.refs), timeout=0)
         return len(done) == len(self.refs)
+
+    def resolve(self, value: Any) -> None:
+        """Settle the future with ``value`` without waiting on its refs (they were
+        replaced: a weight sync redone after a generator died)."""
+        self._value, self._done = value, True
 
     def result(self, timeout_s: float | None = None) -> Any:
         if not self._done:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from rlalign_ray.config import SyncConfig
-from rlalign_ray.errors import WeightSyncError
+from rlalign_ray.errors import ActorFailure, WeightSyncError
 from rlalign_ray.runtime.pools import Future
 from rlalign_ray.sync.buckets import SyncPlan, plan_buckets
 from rlalign_ray.sync.weights import WeightHandle, make_transport
@@ -108,6 +108,8 @@ class WeightSync:
         self._sources, self._generators = sources, generators
         self.plan: SyncPlan | None = None
         self.pending: Future | None = None
+        self.version = 0  # the version last sent (a replaced generator is given it)
+        self._rejoining = False
 
     @property
     def sources(self) -> list[Any]:
@@ -144,7 +146,32 @@ class WeightSync:
             calls[g.join_weight_sync.remote(self.plan, address, i + 1)] = f"generator {i}"
         self._wait(calls, "joining")
         self._wait(self._labelled("seal_weight_sync"), "set-up")
+        hooks = getattr(self._generators, "on_replace", None)
+        if hooks is not None and self.rejoin not in hooks:
+            hooks.append(self.rejoin)  # a pool's replaced generator joins and loads
         return self.plan
+
+    def rejoin(self, index: int) -> None:
+        """Generator ``index`` was replaced by a new actor (``GeneratorPool.replace``): set
+        the transport up again for every generator and send them the current version, so
+        the new one samples with the same weights as the others. A sync in flight (which
+        the dead generator broke) is settled by this one."""
+        if self.plan is None:
+            return
+        broken, self.pending = self.pending, None
+        self._rejoining = True
+        try:
+            if broken is not None:
+                try:
+                    broken.result()
+                except (ActorFailure, WeightSyncError):
+                    pass  # the dead generator's loads; the others finished theirs
+            self.setup()
+            nbytes = self.sync(self.version) if self.version else 0
+        finally:
+            self._rejoining = False
+        if broken is not None:
+            broken.resolve(nbytes or self.plan.num_bytes)
 
     def _auto_transport(self, nbytes: int) -> str:
         """On GPUs NCCL moves buckets device to device. On CPU, with every generator on learner
@@ -195,11 +222,25 @@ class WeightSync:
             calls.update(loads)
         if hasattr(self._generators, "versions"):
             self._generators.versions = [version] * len(self.generators)
+        self.version = version
         deadline = time.monotonic() + self.cfg.timeout_s
 
         def fetch() -> list[Any]:
             self.pending = None
-            return self._wait(calls, f"version {version}", deadline)
+            try:
+                return self._wait(calls, f"version {version}", deadline)
+            except (ActorFailure, WeightSyncError):
+                # a generator that died is replaced, and given this version (``rejoin``)
+                heal = getattr(self._generators, "heal", None)
+                if (
+                    self._rejoining
+                    or heal is None
+                    or not getattr(self._generators, "max_restarts", 0)
+                ):
+                    raise
+                if not heal():
+                    raise
+                return [version] * len(calls)
 
         def finish(values: list[Any]) -> int:
             versions = values[-len(loads) :]

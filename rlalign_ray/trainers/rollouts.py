@@ -24,7 +24,7 @@ from rlalign_ray.data.prompts import PromptSampler
 from rlalign_ray.errors import ActorFailure, RewardError
 from rlalign_ray.pools import Chunk, Experience, Future, GeneratorPool, ReferencePool, RewardPool
 from rlalign_ray.runtime.dispatch import gather_scores
-from rlalign_ray.runtime.pools import get
+from rlalign_ray.runtime.pools import actor_died, get
 
 
 @dataclass
@@ -35,6 +35,7 @@ class StepRollout:
     chunks: list[Chunk] = field(default_factory=list)
     scored: dict[int, Any] = field(default_factory=dict)  # chunk id -> ScoredShard ref
     ref_lp: dict[int, Any] = field(default_factory=dict)  # chunk id -> reference log-probs
+    ref_epoch: dict[int, int] = field(default_factory=dict)  # chunk id -> reference restarts
     rounds: int = 0  # generation rounds (dynamic sampling refills)
     dropped_stale: int = 0  # samples dropped (and regenerated) as too stale
 
@@ -56,6 +57,7 @@ class Rollouts:
         self.totals = {"generated": 0, "trained": 0, "dropped_stale": 0}
         self.sampler_before: dict[int, dict[str, int]] = {}  # step -> sampler state before it
         generators.score_with(rewards)  # dispatchers (rollout.dispatch_group) score chunks
+        self.samples: dict[int, list[dict[str, int]]] = {}  # trainer.sample_log: step -> rows
 
     def resume_state(self, step: int) -> dict[str, int]:
         """The sampler state that draws step ``step + 1`` (a checkpoint after ``step``):
@@ -63,7 +65,9 @@ class Rollouts:
         return dict(self.sampler_before.get(step + 1, self.sampler.state_dict()))
 
     def resume_from(self, step: int, sampler: dict[str, int], totals: dict[str, int]) -> None:
-        """Continue after ``step`` (nothing is in flight): the next request is step + 1."""
+        """Continue after ``step`` (what was in flight is dropped): the next request is
+        step + 1."""
+        self.steps.clear(), self.sampler_before.clear(), self.samples.clear()
         self.sampler.load_state_dict(sampler)
         self.requested = step
         self.totals.update(totals)
@@ -103,6 +107,7 @@ class Rollouts:
             s.scored[chunk.id] = self.rewards.score(chunk.ref) if scored is None else scored
             if self.reference is not None:
                 s.ref_lp[chunk.id] = self.reference.logprobs(chunk.ref)
+                s.ref_epoch[chunk.id] = self.reference.restarts
 
     def wait(self, fut: Future) -> Any:
         """``fut.result()``, landing chunks meanwhile (generation goes on while we wait)."""
@@ -147,12 +152,15 @@ class Rollouts:
                 self._request(s, [it for c in stale for it in c.items])
                 continue
             t_gen = time.perf_counter() - t0
-            scores = gather_scores(
-                [s.scored[c.id] for c in s.chunks],
-                self.rewards,
-                "reward pool",
-                self.cfg.run.call_timeout_s,
-            )
+            if self.cfg.rollout.dispatch_group:  # joined by the reward actors
+                scores = gather_scores(
+                    [s.scored[c.id] for c in s.chunks],
+                    self.rewards,
+                    "reward pool",
+                    self.cfg.run.call_timeout_s,
+                )
+            else:  # chunk by chunk: one whose reward actor died is scored again
+                scores = ScoredShard.concat(self._scores(s.chunks, s.scored, "reward pool"))
             finite = group_finite(scores.scores, n)  # all True unless on_nonfinite: drop_group
             informative = (group_spread(scores.scores, n) > 0) & finite
             if self._enough(finite, informative, s.rounds):
@@ -177,7 +185,11 @@ class Rollouts:
         stats.update(self._timing(s, t0, t_gen))
         stats.update(self._staleness(s, learner_version, rows))
         self.totals["trained"] += len(scores)
+        if self.reference is not None and self.reference.max_restarts:
+            self._check_reference(s)
         refs = [s.ref_lp[c.id] for c in s.chunks] if self.reference is not None else None
+        if self.cfg.trainer.sample_log:
+            self.samples[step] = sample_rows(s.chunks, rows)
         del self.steps[step]
         self.sampler_before.pop(step, None)
         return Experience([c.ref for c in s.chunks], rows, scores, refs, stats)
@@ -222,6 +234,43 @@ class Rollouts:
             "rollout/versions": float(len({c.version for c in s.chunks})),
         }
 
+    # ---- dead reward and reference actors ---------------------------------------------------
+    def _scores(self, chunks: list[Chunk], scored: dict[int, Any], what: str) -> list[Any]:
+        """Each chunk's ScoredShard. A chunk whose reward actor died is scored again once
+        the pool has replaced it (``run.max_actor_restarts``)."""
+        import ray
+
+        timeout = self.cfg.run.call_timeout_s
+        for attempt in range(self.rewards.max_restarts + 2):
+            refs = [scored[c.id] for c in chunks]
+            try:
+                return get(refs, what, timeout)
+            except ActorFailure:
+                if not self.rewards.max_restarts or attempt > self.rewards.max_restarts:
+                    raise
+                ray.wait(refs, num_returns=len(refs), timeout=timeout)
+                dead = [c for c in chunks if actor_died(scored[c.id])]
+                if not dead:
+                    raise
+                self.rewards.heal()  # an actor that died is replaced (or the run stops)
+                for c in dead:
+                    scored[c.id] = self.rewards.score(c.ref)
+        raise AssertionError("unreachable")
+
+    def _check_reference(self, s: StepRollout) -> None:
+        """Reference log-probs requested before a reference actor died (and was replaced)
+        are requested again. A ping queues behind an actor's calls and fails at once when
+        the actor is dead, so a live busy actor costs at most a short wait."""
+        import ray
+
+        refs = [s.ref_lp[c.id] for c in s.chunks]
+        ray.wait(refs, num_returns=len(refs), timeout=self.cfg.run.call_timeout_s)
+        self.reference.heal(timeout_s=0.1)
+        now = self.reference.restarts
+        for c in s.chunks:
+            if s.ref_epoch.get(c.id, now) < now:
+                s.ref_lp[c.id], s.ref_epoch[c.id] = self.reference.logprobs(c.ref), now
+
     # ---- evaluation -------------------------------------------------------------------------
     def evaluate(self, items: list[PromptItem], n_samples: int = 1) -> tuple[ScoredShard, float]:
         """``n_samples`` samples per prompt of ``items`` at ``rollout.eval_temperature`` (0:
@@ -258,9 +307,7 @@ class Rollouts:
                 )
             self.pump(1.0)
         t_gen = time.perf_counter() - t0
-        shards = get(
-            [scored[c.id] for c in chunks], "reward pool (eval)", self.cfg.run.call_timeout_s
-        )
+        shards = self._scores(chunks, scored, "reward pool (eval)")
         out = {}
         for name in sets:
             scores = ScoredShard.concat([x for c, x in zip(chunks, shards) if owner[c.id] == name])
@@ -280,3 +327,21 @@ def group_spread(scores: torch.Tensor, n: int) -> torch.Tensor:
     """(G,) max - min reward within each group of n adjacent samples."""
     g = scores.view(-1, n)
     return g.max(dim=1).values - g.min(dim=1).values
+
+
+def sample_rows(chunks: Sequence[Chunk], rows: torch.Tensor | None) -> list[dict[str, int]]:
+    """The ledger of a step's trained samples (``trainer.sample_log``): per row of the
+    joined chunks (those in ``rows``), its prompt's dataset index, its sample index within
+    the prompt's group, the weight version and the generator that sampled it."""
+    out = [
+        {
+            "prompt_index": it.index,
+            "sample_index": k,
+            "version": c.version,
+            "generator": c.actor,
+        }
+        for c in chunks
+        for it in c.items
+        for k in range(c.n)
+    ]
+    return out if rows is None else [out[i] for i in rows.tolist()]

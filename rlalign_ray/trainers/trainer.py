@@ -48,6 +48,7 @@ from rlalign_ray.config import Config
 from rlalign_ray.data.batch import PromptItem, ScoredShard, pad_responses
 from rlalign_ray.data.prompts import PromptSampler, load_prompts
 from rlalign_ray.errors import ActorFailure, DataError
+from rlalign_ray.ledger import SampleLog
 from rlalign_ray.logger import MetricsLogger
 from rlalign_ray.pools import ActorPool, EnvPool, Experience, WeightSync, start, stop
 from rlalign_ray.preflight import preflight, prepare_data
@@ -70,6 +71,7 @@ class Trainer:
         self.weights: WeightSync | None = None  # set up once the pools start
         self.rollouts: Rollouts | None = None
         self._started_ray = False
+        self.learner_restarts = 0
         a = cfg.algorithm
         self.kl_ctl = (
             AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon)
@@ -79,7 +81,7 @@ class Trainer:
 
     # ---- the algorithm ----------------------------------------------------------------
     def fit(self) -> dict[str, float]:
-        cfg, k = self.cfg, self.cfg.trainer.max_staleness
+        cfg = self.cfg
         train = _prompts("data.train", cfg.data.train, cfg.data.prompt_key)
         evals = eval_sets(cfg)
         preflight(cfg, self.topology, train)
@@ -93,10 +95,15 @@ class Trainer:
         state = checkpoint.TrainerState.read(ckpt) if ckpt else None
         # a fresh start drops an old run's rows
         logger = MetricsLogger.from_config(cfg, keep_upto=state.step if state else -1)
+        ledger = (
+            SampleLog(cfg.trainer.output_dir, state.step if state else -1)
+            if cfg.trainer.sample_log
+            else None
+        )
         last: dict[str, float] = {}
         try:
             self.start()
-            self.rollouts = rollouts = Rollouts(
+            self.rollouts = Rollouts(
                 cfg,
                 self.pools["generator"],
                 self.pools["reward"],
@@ -109,49 +116,15 @@ class Trainer:
             elif evals:
                 last = self.evaluate(evals)
                 logger.log(0, {**last, "weights/version": self.version})
-            for step in range((state.step if state else 0) + 1, cfg.trainer.steps + 1):
-                t0, cpu0 = time.perf_counter(), time.process_time()
-                idle0 = self.pools["generator"].idle_seconds()
-                # 1-3. generation for every step the staleness bound allows (k = 0: this one)
-                rollouts.request_upto(min(cfg.trainer.steps, self.version + 1 + k))
-                exp = rollouts.collect(step, self.version)
-                if cfg.trainer.log_completions:
-                    rows = completion_rows(exp, cfg.trainer.log_completions, cfg.run.call_timeout_s)
-                    logger.log_completions(step, rows)
-                # 4. advantages (and the critic's returns)
-                adv, returns, values, stats = self.advantages(exp, step)
-                # 5. update the policy (and the critic); generation goes on meanwhile
-                t = time.perf_counter()
-                metrics = self.learn(exp, adv, returns, values, step)
-                metrics["time/train_s"] = time.perf_counter() - t
-                # 6. publish the new weights (k = 0: every generator loads them now)
-                t = time.perf_counter()
-                metrics["weights/bytes"] = self.broadcast(self.version + 1)
-                metrics["time/sync_s"] = time.perf_counter() - t
-                metrics.update(rollout_metrics(exp.scores, "train"))
-                metrics.update(exp.stats)
-                metrics.update(stats)
-                metrics["weights/version"] = self.version
-                metrics.update(data_stats)
-                metrics["train/kl_coef"] = self.kl_ctl.value
-                self.kl_ctl.update(metrics.get("train/kl", 0.0), cfg.batch_size)
-                if evals and (
-                    step == cfg.trainer.steps
-                    or cfg.trainer.eval_every
-                    and step % cfg.trainer.eval_every == 0
-                ):
-                    metrics.update(self.evaluate(evals))
-                if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
-                    self.checkpoint(step)
-                gens = len(self.pools["generator"])
-                idle = self.pools["generator"].idle_seconds() - idle0
-                metrics["time/generator_idle_s"] = idle / gens
-                metrics["time/step_s"] = time.perf_counter() - t0
-                # the driver's own work: CPU of this process (Python and Ray's threads in it)
-                metrics["time/driver_cpu_s"] = time.process_time() - cpu0
-                logger.log(step, metrics)
-                logger.advance()
-                last = metrics
+            self.data_stats = data_stats
+            step = (state.step if state else 0) + 1
+            while step <= cfg.trainer.steps:
+                try:
+                    last = self.train_step(step, evals, logger, ledger)
+                except ActorFailure as e:  # a learner rank that died: from the checkpoint
+                    step = self.restart_learners(e, logger, ledger) + 1
+                    continue
+                step += 1
             self.weights.pending and self.weights.pending.result()
             self.save(Path(cfg.trainer.output_dir) / "final", merged=cfg.trainer.save_merged)
         except ActorFailure as e:
@@ -159,8 +132,112 @@ class Trainer:
             raise
         finally:
             logger.close()
+            ledger and ledger.close()
             self.stop()
         return last
+
+    def train_step(
+        self,
+        step: int,
+        evals: dict[str, list[PromptItem]],
+        logger: MetricsLogger,
+        ledger: SampleLog | None,
+    ) -> dict[str, float]:
+        """One training step (1-6 above), logged; returns its metrics."""
+        cfg, rollouts, k = self.cfg, self.rollouts, self.cfg.trainer.max_staleness
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        idle0 = self.pools["generator"].idle_seconds()
+        # 1-3. generation for every step the staleness bound allows (k = 0: this one)
+        rollouts.request_upto(min(cfg.trainer.steps, self.version + 1 + k))
+        exp = rollouts.collect(step, self.version)
+        if cfg.trainer.log_completions:
+            rows = completion_rows(exp, cfg.trainer.log_completions, cfg.run.call_timeout_s)
+            logger.log_completions(step, rows)
+        # 4. advantages (and the critic's returns)
+        adv, returns, values, stats = self.advantages(exp, step)
+        # 5. update the policy (and the critic); generation goes on meanwhile
+        t = time.perf_counter()
+        metrics = self.learn(exp, adv, returns, values, step)
+        metrics["time/train_s"] = time.perf_counter() - t
+        # 6. publish the new weights (k = 0: every generator loads them now)
+        t = time.perf_counter()
+        metrics["weights/bytes"] = self.broadcast(self.version + 1)
+        metrics["time/sync_s"] = time.perf_counter() - t
+        metrics.update(rollout_metrics(exp.scores, "train"))
+        metrics.update(exp.stats)
+        metrics.update(stats)
+        metrics["weights/version"] = self.version
+        metrics.update(self.data_stats)
+        metrics["train/kl_coef"] = self.kl_ctl.value
+        self.kl_ctl.update(metrics.get("train/kl", 0.0), cfg.batch_size)
+        if evals and (
+            step == cfg.trainer.steps
+            or cfg.trainer.eval_every
+            and step % cfg.trainer.eval_every == 0
+        ):
+            metrics.update(self.evaluate(evals))
+        if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
+            self.checkpoint(step)
+        gens = len(self.pools["generator"])
+        idle = self.pools["generator"].idle_seconds() - idle0
+        metrics["time/generator_idle_s"] = idle / gens
+        metrics["time/step_s"] = time.perf_counter() - t0
+        # the driver's own work: CPU of this process (Python and Ray's threads in it)
+        metrics["time/driver_cpu_s"] = time.process_time() - cpu0
+        metrics["run/actor_restarts"] = sum(p.restarts for p in self.pools.values())
+        logger.log(step, metrics)
+        if ledger is not None:
+            ledger.write(step, rollouts.samples.pop(step, []))
+        logger.advance()
+        return metrics
+
+    # ---- a learner rank that died ----------------------------------------------------------
+    def restart_learners(
+        self, error: ActorFailure, logger: MetricsLogger, ledger: SampleLog | None
+    ) -> int:
+        """After ``error``: if a learner (or critic) rank died, start the groups again from
+        the last checkpoint (``run.max_learner_restarts`` times a run) and return its step;
+        otherwise, or past the limit, stop with an error naming the checkpoint to resume
+        from. Generation in flight is dropped: it was sampled with later weights."""
+        groups = [r for r in ("learner", "critic") if r in self.pools]
+        dead = [f"{r} rank {i}" for r in groups for i in self.pools[r].dead_actors(10.0)]
+        if not dead:
+            raise error
+        ckpt = checkpoint.latest(checkpoint.checkpoints_dir(self.cfg.trainer.output_dir))
+        limit = self.cfg.run.max_learner_restarts
+        if self.learner_restarts >= limit or ckpt is None:
+            raise ActorFailure(
+                f"{error}\n{', '.join(dead)} died"
+                + (
+                    f" after {self.learner_restarts} restarts (run.max_learner_restarts={limit})"
+                    if limit
+                    else ""
+                )
+                + f". {resume_hint(ckpt)}"
+            ) from None
+        self.learner_restarts += 1
+        state = checkpoint.TrainerState.read(ckpt)
+        log.warning(
+            "%s died; restarting the %s from %s (%d of run.max_learner_restarts=%d)",
+            ", ".join(dead),
+            " and ".join(groups),
+            ckpt,
+            self.learner_restarts,
+            limit,
+        )
+        for r in groups:
+            self.pools[r].restart_all()
+        gen = self.pools["generator"]
+        for c in [*gen.queue, *gen.inflight.values()]:
+            c.step = -1  # not trained: the rollouts ignore it when it lands
+        gen.queue.clear()
+        self.weights.pending = None  # broken by the dead rank; the restore syncs again
+        self.weights.setup()
+        self.restore(ckpt, state)
+        logger.rewind(state.step)
+        if ledger is not None:
+            ledger.rewind(state.step)
+        return state.step
 
     # ---- 4. advantages ------------------------------------------------------------------
     def advantages(self, exp: Experience, step: int):
@@ -332,6 +409,21 @@ def eval_sets(cfg: Config) -> dict[str, list[PromptItem]]:
         name: _prompts(f"data.eval.{name}", path, d.prompt_key, d.eval_limit)
         for name, path in d.eval.items()
     }
+
+
+def resume_hint(ckpt: Path | None) -> str:
+    """How to continue a run that stopped, for its error message."""
+    if ckpt is None:
+        return (
+            "No checkpoint was written yet (trainer.save_every), so the run starts again "
+            "from the beginning."
+        )
+    step = checkpoint.TrainerState.read(ckpt).step
+    return (
+        f"The last checkpoint, {ckpt} (step {step}), is intact: continue the run from it "
+        "with trainer.resume=auto (the same trainer.output_dir), or set "
+        "run.max_learner_restarts to restart the learner group inside the run."
+    )
 
 
 def _prompts(key: str, path: str, prompt_key: str, limit: int = 0) -> list[PromptItem]:

@@ -9,6 +9,7 @@ from conftest import small_config
 
 from rlalign_ray.config import config_from_dict
 from rlalign_ray.errors import ActorFailure, PlacementError, RewardError
+from rlalign_ray.runtime.cluster import LOOPBACK
 from rlalign_ray.trainer import Trainer
 
 pytestmark = pytest.mark.integration
@@ -73,9 +74,16 @@ def test_reward_module_that_does_not_import(ray_local, tiny_model, tmp_path):
 
 
 def test_dead_actor_ends_the_run_naming_the_role(ray_local, tiny_model, tmp_path):
-    with pytest.raises(ActorFailure, match="reward pool.*actor died"):
+    """A reward actor that dies on every batch is replaced run.max_actor_restarts times,
+    then the run stops naming the role, the actors and their node."""
+    with pytest.raises(ActorFailure, match="reward pool.*actor died") as err:
         _run(
             tiny_model,
             tmp_path,
             reward={"rewards": [{"type": "function", "path": "helpers.rewards:dies"}]},
+            run={"max_actor_restarts": 1},
         )
+    msg = str(err.value)
+    assert "after 1 restarts of this role (run.max_actor_restarts=1)" in msg, msg
+    assert f"Actors that died: reward 0 on {LOOPBACK}, reward 0 on {LOOPBACK}" in msg, msg
+    assert "Roles that lost actors: reward (1 of 1 actors)" in msg, msg

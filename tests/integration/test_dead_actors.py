@@ -1,0 +1,180 @@
+"""Actors that die mid-step (SIGKILL, by PID) in a real run.
+
+- a generator, a reward actor and the reference actor killed in the middle of step 2 are
+  replaced in their bundles; the generator's chunk is sampled again with the current
+  weights, the reward's and the reference's chunk computed again: every step completes,
+  and the ledger (``samples.jsonl``) holds each step's prompts x samples exactly once;
+- a learner rank killed in step 3 restarts the group from step 2's checkpoint inside the
+  run (``run.max_learner_restarts``); without restarts left the run stops, naming the
+  checkpoint and ``trainer.resume=auto``.
+(``test_failures.py`` checks ``run.max_actor_restarts`` running out.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import small_config
+from helpers.stalls import CLAIMS
+
+from rlalign_ray.config import config_from_dict
+from rlalign_ray.errors import ActorFailure
+from rlalign_ray.ledger import read
+from rlalign_ray.trainer import Trainer
+
+pytestmark = pytest.mark.integration
+
+
+class Killer(threading.Thread):
+    """Arms the stalls in ``plan`` (rounds of names, armed together), and SIGKILLs each
+    process that stalls in one, then arms the next round."""
+
+    def __init__(self, plan: list[list[str]]):
+        super().__init__(daemon=True)
+        self.plan, self.killed, self.done = plan, {}, threading.Event()
+
+    def run(self) -> None:
+        for names in self.plan:
+            for name in names:
+                (CLAIMS / f"{name}.arm").touch()
+            left = set(names)
+            while left and not self.done.is_set():
+                for name in list(left):
+                    found = [p for p in CLAIMS.glob(f"{name}.*") if p.suffix[1:].isdigit()]
+                    if found:
+                        pid = int(found[0].suffix[1:])
+                        os.kill(pid, signal.SIGKILL)
+                        self.killed[name] = pid
+                        left.discard(name)
+                time.sleep(0.05)
+
+
+@pytest.fixture
+def claims():
+    shutil.rmtree(CLAIMS, ignore_errors=True)
+    CLAIMS.mkdir(parents=True)
+    yield CLAIMS
+    shutil.rmtree(CLAIMS, ignore_errors=True)
+
+
+def _config(model: str, out: Path, steps: int, **sections) -> dict:
+    sections.setdefault("trainer", {})
+    sections["trainer"] = {
+        "steps": steps,
+        "eval_every": 0,
+        "output_dir": str(out),
+        "tensorboard": False,
+        "progress_bar": False,
+        "sample_log": True,
+        **sections["trainer"],
+    }
+    return small_config(model, str(out), data={"eval": None}, **sections)
+
+
+def _check_ledger(out: Path, steps: int, prompts: int = 4, n: int = 2) -> list[dict]:
+    rows = read(out)
+    per_step = Counter(r["step"] for r in rows)
+    assert per_step == {s: prompts * n for s in range(1, steps + 1)}, per_step
+    keys = [(r["step"], r["prompt_index"], r["sample_index"]) for r in rows]
+    assert len(set(keys)) == len(keys), "a sample is trained twice"
+    for s in range(1, steps + 1):
+        mine = [r for r in rows if r["step"] == s]
+        assert len({r["prompt_index"] for r in mine}) == prompts
+        assert Counter(r["sample_index"] for r in mine) == {k: prompts for k in range(n)}
+        assert {r["version"] for r in mine} == {s - 1}  # synchronous: the latest weights
+    return rows
+
+
+def _metrics(out: Path) -> dict[int, dict]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len({r["step"] for r in rows}) == len(rows), "a step is logged twice"
+    return {r["step"]: r for r in rows}
+
+
+def test_dead_generator_reward_and_reference_are_replaced(ray_local, tiny_model, tmp_path, claims):
+    out = tmp_path / "run"
+    cfg = _config(
+        tiny_model,
+        out,
+        3,
+        rollout={
+            "prompts_per_step": 4,
+            "n_samples": 2,
+            "max_new_tokens": 4,
+            "num_actors": 2,
+            "resources": {"num_cpus": 0.5},
+            "actor_class": "helpers.stalls:StallingGenerator",
+        },
+        reward={
+            "rewards": [{"type": "function", "path": "helpers.stalls:stalling_reward"}],
+            "num_actors": 2,
+            "resources": {"num_cpus": 0.5},
+        },
+        reference={
+            "resources": {"num_cpus": 0.5},
+            "actor_class": "helpers.stalls:StallingReference",
+        },
+    )
+    killer = Killer([["generator"], ["reward", "reference"]])
+    killer.start()
+    start = time.monotonic()
+    try:
+        Trainer(config_from_dict(cfg)).fit()
+    finally:
+        killer.done.set()
+    took = time.monotonic() - start
+    assert set(killer.killed) == {"generator", "reward", "reference"}, killer.killed
+    metrics = _metrics(out)
+    assert sorted(metrics) == [1, 2, 3]
+    assert metrics[3]["run/actor_restarts"] == 3
+    assert metrics[3]["weights/version"] == 3
+    _check_ledger(out, 3)
+    print(
+        f"run with three actors killed: {took:.1f}s",
+        [round(m["time/step_s"], 1) for m in metrics.values()],
+    )
+
+
+def test_dead_learner_rank_restarts_from_the_checkpoint(ray_local, tiny_model, tmp_path, claims):
+    out = tmp_path / "run"
+    sections = {
+        "algorithm": {"kl_coef": 0.0},  # no reference: fewer actors
+        "learner": {
+            "world_size": 1,
+            "micro_batch_size": 4,
+            "lr": 1e-3,
+            "resources": {"num_cpus": 0.5},
+            "actor_class": "helpers.stalls:StallingLearner",
+        },
+        "trainer": {"save_every": 2},
+    }
+    # no restarts: the run stops naming the checkpoint and how to resume
+    killer = Killer([["learner"]])
+    killer.start()
+    with pytest.raises(ActorFailure) as err:
+        Trainer(config_from_dict(_config(tiny_model, out, 4, **sections))).fit()
+    killer.done.set()
+    msg = str(err.value)
+    assert "learner rank 0 died" in msg and "trainer.resume=auto" in msg, msg
+    assert str(out / "checkpoints" / "step_2") in msg and "(step 2)" in msg, msg
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_2"
+    # with a restart: the group starts again from step 2's checkpoint and the run completes
+    out2 = tmp_path / "run2"
+    sections["run"] = {"max_learner_restarts": 1}
+    killer = Killer([["learner"]])
+    killer.start()
+    try:
+        Trainer(config_from_dict(_config(tiny_model, out2, 4, **sections))).fit()
+    finally:
+        killer.done.set()
+    assert "learner" in killer.killed
+    assert sorted(_metrics(out2)) == [1, 2, 3, 4]
+    _check_ledger(out2, 4)
