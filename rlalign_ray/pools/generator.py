@@ -79,7 +79,9 @@ class GeneratorPool(ActorPool):
         r = cfg.rollout
         super().__init__(
             resolve_class(cls or r.actor_class or BUILTIN_CLASSES["generator"]),
-            lambda i: (cfg.model, r, cfg.run.seed, i, cfg.data.max_prompt_tokens, cfg.env),
+            # the environment only for multi-turn runs, so custom classes keep their signature
+            lambda i: (cfg.model, r, cfg.run.seed, i, cfg.data.max_prompt_tokens)
+            + ((cfg.env,) if cfg.env.path else ()),
             num_actors or r.num_actors,
             resources or r.resources,
             placement or r.placement,

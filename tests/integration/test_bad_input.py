@@ -63,7 +63,7 @@ CASES = [
     Case("mini_batch_not_divisor", ["learner.mini_batch_size=6"], ["learner.mini_batch_size", "divisor of 8"]),
     Case("micro_batch_split", ["learner.micro_batch_size=3"], ["learner.micro_batch_size", "multiple of world_size * micro_batch_size"]),
     Case("zero_stage", ["learner.zero_stage=4"], ["learner.zero_stage", "0, 1, 2 or 3"]),
-    Case("no_train_data", ["data.train="], ["data.train", "give a JSONL file"]),
+    Case("no_train_data", ["data.train="], ["data.train", "give a JSONL or Parquet file"]),
     Case("no_rewards", ["reward.rewards=[]"], ["reward.rewards", "give at least one reward"]),
     Case("reward_path_no_colon", [REWARD.format("helpers.rewards")], ["reward.rewards[0].path", "'module:function'"]),
     # ---- precision ---------------------------------------------------------------------
