@@ -24,6 +24,21 @@ def tiny_model(tmp_path_factory) -> str:
     return str(path)
 
 
+FULL = os.environ.get("RLALIGN_FULL_TESTS", "") not in ("", "0")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Two tiers: the default one (CI's, under 45 min on 2 cores) covers every feature once;
+    ``RLALIGN_FULL_TESTS=1`` adds the tests marked ``full`` (more splits, transports and
+    table rows of the same features)."""
+    if FULL:
+        return
+    skip = pytest.mark.skip(reason="extended tier: RLALIGN_FULL_TESTS=1 runs it")
+    for item in items:
+        if item.get_closest_marker("full"):
+            item.add_marker(skip)
+
+
 TEST_ENV = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}}
 _LOCAL: dict = {}
 

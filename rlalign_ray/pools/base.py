@@ -57,6 +57,7 @@ class ActorPool:
         self.slots: list[Any] = []  # actor i's placement bundle (``runtime.pools.Slot``)
         self._turn = -1  # the actor ``next_actor`` gave last
         self.max_restarts = 0  # dead actors replaced per run (``run.max_actor_restarts``)
+        self.placement_timeout_s = 120.0  # a replacement's bundle must be placed by then
         self.restarts = 0
         self.failures: list[str] = []  # "role i on node" of every actor that died
         self.on_replace: list[Callable[[int], None]] = []  # called with i once replaced
@@ -93,7 +94,7 @@ class ActorPool:
         error naming the role, the actors and the nodes that failed."""
         import ray
 
-        from rlalign_ray.runtime.pools import make_actor, slot_node
+        from rlalign_ray.runtime.pools import make_actor, slot_node, wait_placed
 
         node = slot_node(self.slots[index]) if index < len(self.slots) else "an unknown node"
         self.failures.append(f"{self.name} {index} on {node}")
@@ -117,7 +118,19 @@ class ActorPool:
             self.restarts + 1,
             self.max_restarts,
         )
-        actor = make_actor(self.spec, self.slots[index], index)
+        slot = self.slots[index]
+        if not wait_placed(slot, self.placement_timeout_s):
+            from rlalign_ray.runtime.cluster import describe_cluster
+
+            raise ActorFailure(
+                f"{self.name} pool: an actor died ({self.name} {index} on {node}) and its "
+                f"placement bundle {self.spec.resources.bundle()} could not be placed again "
+                f"within {self.placement_timeout_s:g}s (run.placement_timeout_s): its node is "
+                f"gone and no live node has room for it. The cluster has:\n"
+                f"{describe_cluster()}\nAdd a node with those resources and resume from the "
+                "last checkpoint (trainer.resume=auto)."
+            )
+        actor = make_actor(self.spec, slot, index)
         get(actor.ping.remote(), f"{self.name} {index} (replacement)", self.timeout_s)
         self.actors[index] = actor
         self.restarts += 1

@@ -90,6 +90,7 @@ class GeneratorPool(ActorPool):
         )
         self.cfg = cfg
         self.max_restarts = cfg.run.max_actor_restarts
+        self.placement_timeout_s = cfg.run.placement_timeout_s
         self.max_inflight = max_inflight
         self.versions: list[int] = []  # per actor: the version its next queued call sees
         self.queue: deque[Chunk] = deque()

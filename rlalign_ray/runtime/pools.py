@@ -168,6 +168,26 @@ def slot_node(slot: Slot) -> str:
         return "an unknown node"
 
 
+def wait_placed(slot: Slot, timeout_s: float) -> bool:
+    """Wait until ``slot``'s bundle is on a live node (Ray places the bundles of a lost node
+    again where there is room); False if it is not by ``timeout_s``."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            node = placement_group_table(slot.group)["bundles_to_node_id"].get(slot.bundle)
+            alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        except Exception:  # a removed group: let the actor's own start report it
+            return True
+        if node in alive:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+
+
 def actor_died(ref: Any) -> bool:
     """Whether a finished ref failed because its actor died (or became unreachable)."""
     import ray

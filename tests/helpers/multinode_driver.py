@@ -83,6 +83,8 @@ def main() -> None:
             algorithm={"kl_coef": 0.0},
             learner={"world_size": 2, "micro_batch_size": 2},
             trainer={"steps": 2 if mode == "spread" else 4},
+            # a lost node's generator bundle has nowhere to go: the replacement gives up soon
+            run={"placement_timeout_s": 60 if mode == "spread" else 20},
         )
     )
     topo = Topology.from_config(cfg)

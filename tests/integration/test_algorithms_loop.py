@@ -42,7 +42,14 @@ def test_ppo_with_critic(ray_local, tiny_model, tmp_path):
     assert rows[-1]["weights/version"] == 2
 
 
-@pytest.mark.parametrize("name", ["rloo", "reinforce_pp_baseline", "dr_grpo"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "rloo",
+        pytest.param("reinforce_pp_baseline", marks=pytest.mark.full),
+        pytest.param("dr_grpo", marks=pytest.mark.full),
+    ],
+)
 def test_group_estimators(ray_local, tiny_model, tmp_path, name):
     cfg = config_from_dict(
         small_config(

@@ -37,6 +37,7 @@ class Case:
     files: dict[str, str] = field(default_factory=dict)  # written to the run's folder
     config: str = "config.yaml"  # the config file given to the command
     ray: bool = False  # fails in an actor, after the embedded Ray instance starts
+    full: bool = False  # only in the extended tier (RLALIGN_FULL_TESTS=1)
 
 
 GOOD = '{"prompt": "1+2=", "answer": "3"}\n'
@@ -101,9 +102,9 @@ CASES = [
     Case("ray_address_unreachable", ["run.ray_address=127.0.0.2:1"], ["run.ray_address", "127.0.0.2:1", "ray start --head"]),
     # ---- in the actors: the embedded Ray instance starts --------------------------------
     Case("reward_raises", [REWARD.format("helpers.rewards:raises")], ["helpers.rewards:raises", "ValueError: bad reward input", "fix the function"], ray=True),
-    Case("reward_nan", [REWARD.format("helpers.rewards:returns_nan")], ["helpers.rewards:returns_nan", "non-finite", "reward.on_nonfinite"], ray=True),
-    Case("reward_wrong_length", [REWARD.format("helpers.rewards:wrong_length")], ["helpers.rewards:wrong_length", "returned 1 values for", "one finite float per completion"], ray=True),
-    Case("reward_strings", [REWARD.format("helpers.rewards:returns_strings")], ["helpers.rewards:returns_strings", "list of numbers", "one finite float per completion"], ray=True),
+    Case("reward_nan", [REWARD.format("helpers.rewards:returns_nan")], ["helpers.rewards:returns_nan", "non-finite", "reward.on_nonfinite"], ray=True, full=True),
+    Case("reward_wrong_length", [REWARD.format("helpers.rewards:wrong_length")], ["helpers.rewards:wrong_length", "returned 1 values for", "one finite float per completion"], ray=True, full=True),
+    Case("reward_strings", [REWARD.format("helpers.rewards:returns_strings")], ["helpers.rewards:returns_strings", "list of numbers", "one finite float per completion"], ray=True, full=True),
     # A reward that hangs (helpers.rewards:hangs) is left out: run.call_timeout_s also bounds
     # the actors' start-up, so no value both lets them start and ends the run within 60 s;
     # it needs a per-call reward.timeout_s.
@@ -156,7 +157,9 @@ def _marked(marker: str) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, id=c.id, marks=[pytest.mark.full] if c.full else []) for c in CASES]
+)
 def test_bad_input_exits_2_with_one_clear_message(case, tiny_model, no_chat_model, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -44,6 +44,7 @@ def test_unsatisfiable_resources_fail_fast_with_what_was_asked(ray_local, tiny_m
     )
 
 
+@pytest.mark.full  # the bad-input table's reward_raises row runs it through the CLI
 def test_reward_function_that_raises_names_the_function(ray_local, tiny_model, tmp_path):
     with pytest.raises(RewardError) as err:
         _run(

@@ -75,17 +75,18 @@ def _update(ray, tiny_model, batch_ref, world, micro, agg, chunk=0, budget=0, ze
 
 
 # (ranks, micro-batch rows, log-prob chunk, token budget, ZeRO stage or None: the default)
+_FULL = pytest.mark.full
 SPLITS = [
-    ("token-mean", 1, 4, 0, 0, None),
-    ("token-mean", 1, 2, 3, 0, None),
-    ("token-mean", 2, 4, 5, 0, None),
-    ("token-mean", 2, 2, 0, 0, None),
-    ("token-mean", 1, 8, 4, 40, None),
-    ("token-mean", 2, 4, 0, 24, None),
-    ("token-mean", 2, 4, 7, 0, 3),
-    ("seq-mean-token-mean", 1, 2, 0, 0, None),
-    ("seq-mean-token-mean", 2, 2, 2, 0, None),
-    ("seq-mean-token-mean", 2, 4, 0, 24, None),
+    pytest.param("token-mean", 1, 4, 0, 0, None),
+    pytest.param("token-mean", 1, 2, 3, 0, None, marks=_FULL),
+    pytest.param("token-mean", 2, 4, 5, 0, None, marks=_FULL),
+    pytest.param("token-mean", 2, 2, 0, 0, None, marks=_FULL),
+    pytest.param("token-mean", 1, 8, 4, 40, None, marks=_FULL),
+    pytest.param("token-mean", 2, 4, 0, 24, None, marks=_FULL),
+    pytest.param("token-mean", 2, 4, 7, 0, 3),  # two ranks, ZeRO-3, log-prob chunks
+    pytest.param("seq-mean-token-mean", 1, 2, 0, 0, None, marks=_FULL),
+    pytest.param("seq-mean-token-mean", 2, 2, 2, 0, None, marks=_FULL),
+    pytest.param("seq-mean-token-mean", 2, 4, 0, 24, None),  # two ranks, token budget
 ]
 _BASE: dict = {}
 
@@ -93,7 +94,7 @@ _BASE: dict = {}
 @pytest.mark.parametrize(
     "agg, world, micro, chunk, budget, zero",
     SPLITS,
-    ids=[f"{s[0]}-w{s[1]}-m{s[2]}-c{s[3]}-b{s[4]}-z{s[5]}" for s in SPLITS],
+    ids=[f"{s[0]}-w{s[1]}-m{s[2]}-c{s[3]}-b{s[4]}-z{s[5]}" for s in (p.values for p in SPLITS)],
 )
 def test_same_loss_and_gradient_for_any_split(
     ray_local, tiny_model, batch_ref, agg, world, micro, chunk, budget, zero

@@ -108,7 +108,6 @@ def test_generators_spread_over_two_nodes_learners_on_the_third(three_nodes, tin
     assert rows[-1]["step"] == 2 and rows[-1]["weights/version"] == 2
 
 
-@pytest.mark.xfail(reason='since dead-actor replacement, a generator lost with its node is replaced into a bundle on the dead node and the step waits run.call_timeout_s before the error (open: re-place on a live node or fail fast)', strict=False)
 def test_a_node_that_leaves_ends_the_step_naming_the_lost_roles(three_nodes, tiny_model, tmp_path):
     msg = _drive("node_loss", three_nodes, tiny_model, tmp_path)["error"]
     assert "generator pool" in msg and "an actor died" in msg

@@ -57,7 +57,7 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("dispatch_group", [0, 1])
+@pytest.mark.parametrize("dispatch_group", [0, pytest.param(1, marks=pytest.mark.full)])
 def test_synchronous_training_reproduces_the_recorded_metrics(
     ray_local, tiny_model, tmp_path, dispatch_group
 ):
@@ -89,7 +89,7 @@ class LedgerTrainer(Trainer):
         return super().fit()
 
 
-@pytest.mark.parametrize("lookahead", [0, 1])
+@pytest.mark.parametrize("lookahead", [pytest.param(0, marks=pytest.mark.full), 1])
 def test_pipelined_samples_are_at_most_k_versions_old_and_each_is_trained_once(
     ray_local, tiny_model, tmp_path, lookahead
 ):

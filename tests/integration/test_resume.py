@@ -63,6 +63,7 @@ def _assert_same(a: dict[int, dict], b: dict[int, dict], steps) -> None:
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-6, abs=1e-9), (step, key)
 
 
+@pytest.mark.full
 def test_resumed_run_logs_the_same_metrics_as_the_straight_run(ray_local, tiny_model, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     Trainer(config_from_dict(_config(tiny_model, straight))).fit()
@@ -80,6 +81,7 @@ def test_resumed_run_logs_the_same_metrics_as_the_straight_run(ray_local, tiny_m
     assert (state.step, state.version) == (4, 4)
 
 
+@pytest.mark.full
 def test_ppo_with_a_critic_and_two_zero2_ranks_resumes_exactly(ray_local, tiny_model, tmp_path):
     ranks = {"world_size": 2, "zero_stage": 2, "micro_batch_size": 2}
     sections = {

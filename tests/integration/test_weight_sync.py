@@ -28,7 +28,14 @@ def _actors(ray, tiny_model, n):
     return source, gens
 
 
-@pytest.mark.parametrize("transport", ["object_store", "collective", "shared_memory"])
+@pytest.mark.parametrize(
+    "transport",
+    [
+        pytest.param("object_store", marks=pytest.mark.full),
+        "collective",
+        pytest.param("shared_memory", marks=pytest.mark.full),
+    ],
+)
 def test_generator_that_missed_a_version_catches_up_in_bf16(ray_local, tiny_model, transport):
     ray = ray_local
     source, gens = _actors(ray, tiny_model, 2)
