@@ -59,7 +59,7 @@ def test_without_jsonl_no_metrics_file(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="pip install wandb")
-@pytest.mark.xfail(reason='failed in the last clean-clone CI run (wandb resume assertion; not yet diagnosed)', strict=False)
+@pytest.mark.xfail(reason='failed once in a full clean-clone run (a resumed run folder with another id), passes alone and after the ecosystem test; kept visible until understood', strict=False)
 def test_wandb_offline_writes_a_run_and_resumes_it(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -69,7 +69,8 @@ def test_wandb_offline_writes_a_run_and_resumes_it(tmp_path, monkeypatch):
     assert len(runs) == 1 and runs[0].name.endswith(run_id)
     assert (runs[0] / f"run-{run_id}.wandb").stat().st_size > 0
     _run(tmp_path, ["wandb"], keep_upto=1, steps=(2,))  # resumed: the same run id
-    assert all(r.name.endswith(run_id) for r in (tmp_path / "wandb").glob("offline-run-*"))
+    names = sorted(r.name for r in (tmp_path / "wandb").glob("offline-run-*"))
+    assert all(n.endswith(run_id) for n in names), (run_id, names)
     _run(tmp_path, ["wandb"], keep_upto=-1, steps=(1,))  # a fresh start: a new run
     assert (tmp_path / "wandb_run_id").read_text() != run_id
 
