@@ -77,6 +77,23 @@ def no_ray():
         ray.shutdown()
 
 
+def run_example(script: str, output_dir: Path, cwd: Path, steps: int = 2):
+    """``launch/examples/<script> --steps N --output-dir DIR`` in a process of its own (the
+    examples start their own Ray instance); returns the finished process."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch/examples" / script), "--steps", str(steps),
+         "--output-dir", str(output_dir)],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+
+
 def small_config(model: str, output_dir: str, **sections) -> dict:
     """A small, fast config dict; ``sections`` override whole keys per section."""
     cfg = {

@@ -5,35 +5,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import run_example
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_custom_loop_example(tmp_path, no_ray):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "launch/examples/custom_loop.py"),
-            "--steps",
-            "2",
-            "--output-dir",
-            str(out),
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_example("custom_loop.py", out, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "custom loop: 2 steps" in proc.stdout
     # each pool's class and the placement groups its actors run in, as Ray reports them

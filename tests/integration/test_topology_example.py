@@ -4,34 +4,16 @@ a colocated reference, spread generators, two learner ranks)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import run_example
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_custom_topology_example(tmp_path, no_ray):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "launch/examples/custom_topology.py"),
-            "--steps",
-            "2",
-            "--output-dir",
-            str(out),
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_example("custom_topology.py", out, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "custom topology: reward" in proc.stdout
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -1,8 +1,8 @@
 """The vLLM backend: as a plain class (HF backend's conventions, log-probs equal to the
 learner's, in-place weight reload), then inside the whole loop on a real local Ray instance.
 
-vLLM engines take ~20 s each to start on CPU: this module starts three (one here, two
-generator actors in the loop test).
+vLLM engines take ~20 s each to start on CPU: this module starts four (one here, one with
+stop strings in an actor, two generator actors in the loop test).
 """
 
 from __future__ import annotations
@@ -124,6 +124,44 @@ def test_top_k_top_p_logprobs_are_of_the_truncated_distribution(gen, tiny_model,
     expected = torch.log_softmax(scores, -1).gather(-1, b.response_ids.view(-1, 1))
     expected = expected.view_as(b.logprobs) * b.response_mask
     assert (expected - b.logprobs).abs().max() < 1e-4
+
+
+def test_stop_strings_end_rows_as_on_the_hf_backend(gen, ray_local, tiny_model):
+    """``rollout.stop`` on vLLM (an engine with vLLM's detokenizer, in an actor of its own):
+    with the same seeds, each row is the stop-free row cut after the token that completes a
+    stop string; the text is cut before it; the log-probs are the learner's."""
+    from rlalign_ray.runtime.cluster import worker_env
+
+    ray = ray_local
+    free = gen.generate(ITEMS, n_samples=4, seed=3)
+    texts = free.completions
+    # a stop string: a character sampled mid-response in some rows (random-init model)
+    stop = max({c for t in texts for c in t[1:6]}, key=lambda c: sum(c in t for t in texts))
+    cfg = RolloutConfig(max_new_tokens=8, temperature=TEMPERATURE, stop=[stop, "@@"], **ENGINE)
+    actor = (
+        ray.remote(Generator)
+        .options(num_cpus=0.5, runtime_env={"env_vars": worker_env(cpu_only=True)})
+        .remote(ModelConfig(path=tiny_model), cfg, seed=0)
+    )
+    try:
+        b = ray.get(actor.generate.remote(ITEMS, 4, seed=3), timeout=600)
+    finally:
+        ray.kill(actor)
+    hit = 0
+    for i in range(len(b)):
+        n, full = int(b.response_len[i]), int(free.response_len[i])
+        tokens = b.response_ids[i, :n]
+        assert torch.equal(tokens, free.response_ids[i, :n])  # the same samples up to the stop
+        text = gen.tok.decode(tokens, skip_special_tokens=True)
+        if stop in texts[i]:
+            hit += 1
+            assert text.endswith(stop) and stop not in text[:-1]
+            assert b.completions[i] == text[: -len(stop)] and not bool(b.truncated[i])
+        else:
+            assert n == full and b.completions[i] == texts[i]
+        assert torch.all(b.response_mask[i, n:] == 0)
+    assert hit >= 2
+    assert (_learner_logprobs(load_causal_lm(tiny_model), b) - b.logprobs).abs().max() < 1e-4
 
 
 def test_load_weights_in_buckets_switches_to_the_new_weights(gen, tiny_model, tmp_path):

@@ -91,20 +91,11 @@ def test_reward_values_are_checked(values, match):
 
 
 def test_sequence_classifier_reward_model(tmp_path, tiny_model):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
+    from helpers.models import save_tiny_reward_model
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_labels=1,
-        pad_token_id=tok.pad_token_id,
-    )
-    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
+    save_tiny_reward_model(tok, str(tmp_path))
     rm = load_reward(RewardSpec(type="model", path=str(tmp_path), batch_size=2), CPU)
     values = rm(RewardInputs.of(["1+2=", "1+2=", "9+9="], ["3", "33", "18"]))
     assert len(values) == 3 and all(isinstance(v, float) for v in values)

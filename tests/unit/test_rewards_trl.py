@@ -186,23 +186,14 @@ def test_http_reward_errors_are_clear(monkeypatch):
 
 
 def test_reward_model_uses_its_own_chat_template(tmp_path, tiny_model):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
+    from helpers.models import save_tiny_reward_model
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     tok.chat_template = (
         "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
     )
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_labels=1,
-        pad_token_id=tok.pad_token_id,
-    )
-    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
+    save_tiny_reward_model(tok, str(tmp_path))
     rm = load_reward(RewardSpec(type="model", path=str(tmp_path)), CPU)
     msgs = [{"role": "user", "content": "1+2="}]
     chat = RewardInputs.of([msgs], ["3"], texts=["policy: 1+2="])
