@@ -31,8 +31,8 @@ def _actors(ray, tiny_model, n):
 @pytest.mark.parametrize(
     "transport",
     [
-        pytest.param("object_store", marks=pytest.mark.full),
-        "collective",
+        "object_store",  # collective: test_collective_sync_with_a_dead_generator_fails_naming_it
+        pytest.param("collective", marks=pytest.mark.full),
         pytest.param("shared_memory", marks=pytest.mark.full),
     ],
 )
