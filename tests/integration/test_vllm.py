@@ -130,13 +130,13 @@ def test_stop_strings_end_rows_as_on_the_hf_backend(gen, ray_local, tiny_model):
     """``rollout.stop`` on vLLM (an engine with vLLM's detokenizer, in an actor of its own):
     with the same seeds, each row is the stop-free row cut after the token that completes a
     stop string; the text is cut before it; the log-probs are the learner's."""
+    from helpers.stops import check_stopped_rows, pick_stop
+
     from rlalign_ray.runtime.cluster import worker_env
 
     ray = ray_local
     free = gen.generate(ITEMS, n_samples=4, seed=3)
-    texts = free.completions
-    # a stop string: a character sampled mid-response in some rows (random-init model)
-    stop = max({c for t in texts for c in t[1:6]}, key=lambda c: sum(c in t for t in texts))
+    stop = pick_stop(free.completions)
     cfg = RolloutConfig(max_new_tokens=8, temperature=TEMPERATURE, stop=[stop, "@@"], **ENGINE)
     actor = (
         ray.remote(Generator)
@@ -147,20 +147,7 @@ def test_stop_strings_end_rows_as_on_the_hf_backend(gen, ray_local, tiny_model):
         b = ray.get(actor.generate.remote(ITEMS, 4, seed=3), timeout=600)
     finally:
         ray.kill(actor)
-    hit = 0
-    for i in range(len(b)):
-        n, full = int(b.response_len[i]), int(free.response_len[i])
-        tokens = b.response_ids[i, :n]
-        assert torch.equal(tokens, free.response_ids[i, :n])  # the same samples up to the stop
-        text = gen.tok.decode(tokens, skip_special_tokens=True)
-        if stop in texts[i]:
-            hit += 1
-            assert text.endswith(stop) and stop not in text[:-1]
-            assert b.completions[i] == text[: -len(stop)] and not bool(b.truncated[i])
-        else:
-            assert n == full and b.completions[i] == texts[i]
-        assert torch.all(b.response_mask[i, n:] == 0)
-    assert hit >= 2
+    check_stopped_rows(b, free, stop, gen.tok)
     assert (_learner_logprobs(load_causal_lm(tiny_model), b) - b.logprobs).abs().max() < 1e-4
 
 

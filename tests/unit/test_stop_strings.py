@@ -4,6 +4,7 @@ its log-probs are those of exactly the kept tokens, and the text is cut as vLLM 
 from __future__ import annotations
 
 import torch
+from helpers.stops import check_stopped_rows, pick_stop
 
 from rlalign_ray.config import ModelConfig, RolloutConfig
 from rlalign_ray.data.batch import PromptItem
@@ -26,27 +27,16 @@ def test_hf_backend_stops_at_stop_strings(tiny_model):
     free = Generator(ModelConfig(path=tiny_model), cfg, seed=0).generate(items, 4, seed=3)
     # a stop string: a character sampled mid-response in some rows (random-init model)
     texts = free.completions
-    stop = max({c for t in texts for c in t[1:6]}, key=lambda c: sum(c in t for t in texts))
+    stop = pick_stop(texts)
     cfg = RolloutConfig(max_new_tokens=12, temperature=1.0, stop=[stop, "@@"])
     gen = Generator(ModelConfig(path=tiny_model), cfg, seed=0)
     b = gen.generate(items, 4, seed=3)
-    hit = 0
+    check_stopped_rows(b, free, stop, gen.tok)
+    # behaviour log-probs cover exactly the kept tokens
     for i in range(len(b)):
-        n, full = int(b.response_len[i]), int(free.response_len[i])
-        tokens = b.response_ids[i, :n]
-        assert torch.equal(tokens, free.response_ids[i, :n])  # same samples up to the stop
-        text = gen.tok.decode(tokens, skip_special_tokens=True)
-        if stop in texts[i]:
-            hit += 1
-            # the row ends with the token completing the stop string, nothing after it
-            assert text.endswith(stop) and stop not in text[:-1]
-            assert b.completions[i] == text[: -len(stop)] and not bool(b.truncated[i])
-        else:
-            assert n == full and b.completions[i] == texts[i]
-        # behaviour log-probs cover exactly the kept tokens
+        n = int(b.response_len[i])
         assert torch.equal(b.logprobs[i, :n], free.logprobs[i, :n])
-        assert torch.all(b.logprobs[i, n:] == 0) and torch.all(b.response_mask[i, n:] == 0)
-    assert hit >= 2
+        assert torch.all(b.logprobs[i, n:] == 0)
     again = batch_logprobs(gen.backend._model, b, 1.0, 8, torch.device("cpu"))
     assert torch.allclose(again, b.logprobs, atol=1e-5)
     # include_stop_str_in_output keeps the stop string in the text
