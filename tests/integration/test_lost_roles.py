@@ -21,7 +21,14 @@ def test_lost_roles_pings_in_parallel(ray_local):
     hung = [remote.remote(True) for _ in range(3)]
     dead = remote.remote()
     ray.get([a.ping.remote() for a in ok + [dead]])
-    ray.kill(dead, no_restart=True)
+    ray.kill(dead, no_restart=True)  # asynchronous: a ping sent now may still be answered
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            ray.get(dead.ping.remote(), timeout=10)
+            time.sleep(0.2)
+        except ray.exceptions.RayActorError:
+            break
     pools = {
         "generator": SimpleNamespace(actors=ok),
         "reward": SimpleNamespace(actors=hung),
