@@ -68,6 +68,11 @@ class ActorPool:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.spec.num_actors} x {self.spec.cls.__name__})"
 
+    def replace_as(self, run: RunConfig) -> None:
+        """Replace dead actors as ``run`` says (``max_actor_restarts``, ``placement_timeout_s``)."""
+        self.max_restarts = run.max_actor_restarts
+        self.placement_timeout_s = run.placement_timeout_s
+
     def next_actor(self) -> Any:
         """The actors in turn (round robin), for one call each."""
         self._turn += 1

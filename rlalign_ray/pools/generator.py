@@ -89,8 +89,7 @@ class GeneratorPool(ActorPool):
             cfg.run.call_timeout_s,
         )
         self.cfg = cfg
-        self.max_restarts = cfg.run.max_actor_restarts
-        self.placement_timeout_s = cfg.run.placement_timeout_s
+        self.replace_as(cfg.run)
         self.max_inflight = max_inflight
         self.versions: list[int] = []  # per actor: the version its next queued call sees
         self.queue: deque[Chunk] = deque()

@@ -32,8 +32,7 @@ class ReferencePool(ActorPool):
             name,
             cfg.run.call_timeout_s,
         )
-        self.max_restarts = cfg.run.max_actor_restarts
-        self.placement_timeout_s = cfg.run.placement_timeout_s
+        self.replace_as(cfg.run)
 
     def logprobs(self, batch_ref: Any) -> Any:
         """(B, T) reference log-probs of a rollout batch's responses, as a ref."""

@@ -37,8 +37,7 @@ class RewardPool(ActorPool):
             name,
             cfg.run.call_timeout_s,
         )
-        self.max_restarts = cfg.run.max_actor_restarts
-        self.placement_timeout_s = cfg.run.placement_timeout_s
+        self.replace_as(cfg.run)
 
     def score(self, batch_ref: Any) -> Any:
         """Score one rollout batch (a ref, fetched by the actor); returns the ScoredShard's
