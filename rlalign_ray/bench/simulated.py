@@ -240,6 +240,9 @@ class SimulatedLearner:
 
     def split_batches(self, parts: list[Any], rows: Any, n_shards: int, *objs: Any) -> Any:
         """One small part per rank: its row count and the weight versions of the shards."""
+        from rlalign_ray.runtime.dispatch import shard_objects
+
+        n_shards, objs = shard_objects(n_shards, objs)
         versions = sorted({o.version for o in objs[:n_shards]})
         out = [{"rows": len(p), "versions": versions} for p in parts]
         return out if len(out) > 1 else out[0]

@@ -148,6 +148,17 @@ class ScoredShard:
             self.logprobs[rows],
         )
 
+    def narrow(self, width: int) -> ScoredShard:
+        """The same rows with responses cut (or right-padded) to ``width`` tokens."""
+        return ScoredShard(
+            self.scores,
+            self.breakdown,
+            self.group_ids,
+            self.response_len,
+            _pad_right(self.response_mask[:, :width], width, 0),
+            _pad_right(self.logprobs[:, :width], width, 0),
+        )
+
     @staticmethod
     def concat(shards: list[ScoredShard]) -> ScoredShard:
         t = max(s.response_mask.shape[1] for s in shards)

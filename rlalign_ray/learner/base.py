@@ -22,6 +22,7 @@ from rlalign_ray.config import Config, DeepSpeedRole
 from rlalign_ray.data.batch import RolloutBatch, pad_responses
 from rlalign_ray.errors import NonFiniteError
 from rlalign_ray.models.loading import default_device, load_tokenizer, set_threads
+from rlalign_ray.runtime.dispatch import shard_objects
 
 
 class DeepSpeedRank:
@@ -377,6 +378,7 @@ def rank_batches(parts: list[torch.Tensor], rows: torch.Tensor | None, n_shards:
     """Join the step's shards (``objs[:n_shards]``) and their reference log-probs (the rest,
     if any), keep ``rows``, and cut one ``(RolloutBatch, (n, T) ref log-probs or None)`` per
     rank; a single part is returned bare (a Ray task with one return)."""
+    n_shards, objs = shard_objects(n_shards, objs)  # dispatchers' runs: fetch the batches
     full = RolloutBatch.concat(list(objs[:n_shards]))
     ref = pad_responses(list(objs[n_shards:])) if len(objs) > n_shards else None
     if rows is not None:
@@ -391,12 +393,14 @@ def split_for_ranks(
     rows: torch.Tensor | None,
     ref_logprobs: list[Any] | None,
     parts: list[torch.Tensor],
+    picks: Any = None,
 ) -> list[Any]:
     """One object ref per rank, cut by ``actor`` (the group's rank 0) from the shards' refs:
     token batches never pass through the driver and no other rank receives another rank's
     rows. An actor already running does it: a Ray task would often wait seconds for a
-    fresh worker process to import torch."""
+    fresh worker process to import torch. With ``picks`` (``runtime.dispatch.Picks``) the
+    shards are dispatcher runs' lists of batch refs, opened by that actor."""
     out = actor.split_batches.options(num_returns=len(parts)).remote(
-        parts, rows, len(shards), *shards, *(ref_logprobs or [])
+        parts, rows, picks or len(shards), *shards, *(ref_logprobs or [])
     )
     return out if len(parts) > 1 else [out]

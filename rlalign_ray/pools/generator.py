@@ -46,17 +46,51 @@ class Chunk:
     seed: int | None = None  # sampling seed (None: the actor's own random stream)
     pinned: int | None = None  # the actor it must run on (static split)
     actor: int | None = None  # the actor that ran it
-    ref: Any = None  # ObjectRef of its RolloutBatch
     info_ref: Any = None  # ObjectRef of the small summary the actor returns with it
     version: int = -1  # weight version that sampled it
     submitted_s: float = 0.0
     finished_s: float = 0.0
     done: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # a caller's own bookkeeping
+    # sampled by a dispatcher (rollout.dispatch_group): its run, its place in the run's list
+    # of batches, and the first of its rows in the run's joined scores (None: not scored)
+    run: DispatchRun | None = None
+    position: int = -1
+    score_row: int | None = None
+    _ref: Any = field(default=None, repr=False)
 
     @property
     def rows(self) -> int:
         return len(self.items) * self.n
+
+    @property
+    def ref(self) -> Any:
+        """ObjectRef of its RolloutBatch (a dispatcher's chunk: fetched from its run's list
+        on first use; the trainer's own path never needs it)."""
+        if self._ref is None and self.run is not None:
+            self._ref = self.run.batch_refs()[self.position]
+        return self._ref
+
+    @ref.setter
+    def ref(self, value: Any) -> None:
+        self._ref = value
+
+
+@dataclass
+class DispatchRun:
+    """What one dispatcher run returned: the ref of its batches' refs (owned by the driver:
+    the dispatcher's second return value) and the ref of its joined scores."""
+
+    batches: Any
+    scores: Any
+    timeout_s: float
+    score_index: dict[int, int] = field(default_factory=dict)  # chunk id -> its scored shard
+    _refs: list[Any] | None = None
+
+    def batch_refs(self) -> list[Any]:
+        if self._refs is None:
+            self._refs = get(self.batches, "dispatcher run's batches", self.timeout_s)
+        return self._refs
 
 
 class GeneratorPool(ActorPool):
@@ -102,7 +136,8 @@ class GeneratorPool(ActorPool):
         # rollout.dispatch_group > 0: dispatcher actors run the generators in groups
         self.group = cfg.rollout.dispatch_group
         self.dispatchers: list[Any] = []
-        self._runs: dict[Any, tuple[int, list[Chunk]]] = {}  # run ref -> (group, chunks)
+        # run ref -> (group, its chunks, the ref of its batches' refs)
+        self._runs: dict[Any, tuple[int, list[Chunk], Any]] = {}
         self._group_load: list[int] = []  # chunks sent to each dispatcher, not landed
         self._busy_total, self._started_s = 0.0, 0.0
 
@@ -204,10 +239,10 @@ class GeneratorPool(ActorPool):
                      "pinned": None if c.pinned is None else c.pinned % self.group}
                 )  # fmt: skip
                 c.submitted_s = now
-            ref = self.dispatchers[g].run.remote(specs)
+            ref, batches = self.dispatchers[g].run.options(num_returns=2).remote(specs)
             for c in mine:
                 c.info_ref = ref
-            self._runs[ref] = (g, mine)
+            self._runs[ref] = (g, mine, batches)
 
     def _poll_groups(self, timeout_s: float, also: Sequence[Any]) -> list[Chunk]:
         """``poll`` with dispatchers: the chunks of every ``run`` that finished."""
@@ -225,21 +260,23 @@ class GeneratorPool(ActorPool):
         results = get(done, f"{self.name} dispatchers", self.timeout_s)
         now, finished = time.perf_counter(), []
         for ref, landed in zip(done, results):
-            g, mine = self._runs.pop(ref)
+            g, mine, batches = self._runs.pop(ref)
             self._group_load[g] -= len(mine)
             by_id = {c.id: c for c in mine}
-            for r in landed:
+            run, row = DispatchRun(batches, landed["scores"], self.timeout_s), 0
+            for r in landed["chunks"]:
                 chunk, info = by_id[r["id"]], r["info"]
                 if not chunk.greedy and info["version"] != chunk.version:
                     raise ActorFailure(
                         f"{self.name} {r['actor']} sampled chunk {chunk.id} with weight "
                         f"version {info['version']}, the pool expected {chunk.version}"
                     )
-                chunk.actor, chunk.ref, chunk.done = r["actor"], r["ref"], True
-                chunk.finished_s = now
+                chunk.actor, chunk.done, chunk.finished_s = r["actor"], True, now
+                chunk.run, chunk.position = run, r["position"]
+                if run.scores is not None and not chunk.greedy:  # rows of the joined scores
+                    run.score_index[chunk.id] = len(run.score_index)
+                    chunk.score_row, row = row, row + chunk.rows
                 chunk.extra["info"] = info
-                if r["scored"] is not None:
-                    chunk.extra["scored"] = r["scored"]
                 self._busy_total += info.get("seconds", 0.0)
                 finished.append(chunk)
         return finished
@@ -348,7 +385,7 @@ class GeneratorPool(ActorPool):
         self.load[index] -= len(lost)  # chunks it finished before dying still count
         actor = super().replace(index)
         for c in lost:
-            c.ref = c.info_ref = c.actor = None
+            c.ref = c.info_ref = c.actor = c.run = c.score_row = None
             c.version, c.done = -1, False
         self.queue.extendleft(reversed(lost))
         self._dispatch()

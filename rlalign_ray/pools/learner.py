@@ -20,6 +20,7 @@ from rlalign_ray.config import Config, Placement, Resources
 from rlalign_ray.data.batch import ScoredShard
 from rlalign_ray.learner.base import rank_rows, split_for_ranks
 from rlalign_ray.pools.base import ActorPool, Future
+from rlalign_ray.runtime.dispatch import Picks
 from rlalign_ray.runtime.pools import get
 
 
@@ -27,12 +28,22 @@ from rlalign_ray.runtime.pools import get
 class Experience:
     """One step's samples as the driver holds them: refs to token batches, small scores."""
 
-    shards: list[Any]  # ObjectRefs of RolloutBatch, in a fixed order
+    shards: list[Any]  # ObjectRefs of RolloutBatch, in a fixed order (with picks: see there)
     rows: torch.Tensor | None  # rows of the joined shards that form the batch (None: all)
     scores: ScoredShard  # outcome of those rows
     ref_logprobs: list[Any] | None  # ObjectRefs of (B_i, T_i) reference log-probs per shard
     stats: dict[str, float] = field(default_factory=dict)
     critic_parts: list[Any] | None = None  # ObjectRefs of the critic ranks' rows (ppo)
+    # from dispatchers: ``shards`` are the runs' lists of batch refs, and the batch's i-th
+    # shard is ``shards[r]``'s list at position p, (r, p) = picks.picks[i]
+    picks: Picks | None = None
+
+    def batch_refs(self, timeout_s: float) -> list[Any]:
+        """ObjectRefs of the shards' RolloutBatches, in order (fetching runs' lists)."""
+        if self.picks is None:
+            return list(self.shards)
+        lists = get(list(self.shards), "dispatcher runs' batches", timeout_s)
+        return [lists[r][p] for r, p in self.picks.picks]
 
 
 class DeepSpeedGroup(ActorPool):
@@ -71,7 +82,9 @@ class DeepSpeedGroup(ActorPool):
     def parts(self, exp: Experience, step: int, ref_logprobs: list[Any] | None):
         """This step's rows per rank and each rank's batch ref (cut by rank 0)."""
         rows = rank_rows(len(exp.scores), len(self.actors), self.cfg.run.seed, step)
-        return rows, split_for_ranks(self.actors[0], exp.shards, exp.rows, ref_logprobs, rows)
+        return rows, split_for_ranks(
+            self.actors[0], exp.shards, exp.rows, ref_logprobs, rows, exp.picks
+        )
 
     def save(self, path: str, merged: bool = False) -> None:
         """Every rank takes part (ZeRO-3 gathers); rank 0 writes a Hugging Face folder

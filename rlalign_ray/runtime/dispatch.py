@@ -7,7 +7,11 @@ off the driver: per step the driver makes one ``run`` call per group carrying al
 group's chunks, and one ``load_weights`` call per group per weight bucket. Inside the group
 the dispatcher keeps the pull balance (an idle generator takes the next chunk), hands each
 sampled batch to a reward actor as it lands (actor to actor: the batch never passes the
-driver), and reports, per chunk, the summary, the batch's ref and its score's ref.
+driver), and has a reward actor join the run's scores. What the driver gets back per run is
+O(1) in Ray objects: plain summaries per chunk, one ref to the joined scores, and (a second
+return value, owned by the driver) the list of the run's batch refs, which only learner rank
+0 opens (``Picks``). Handling a borrowed ref costs the driver as much CPU as a call: per-chunk
+refs were what still grew with the number of generators.
 
 A dispatcher is a synchronous actor: the calls the driver sends it run in order, so a
 weight load queued after a ``run`` reaches the group's generators after that run's chunks
@@ -46,16 +50,20 @@ class Dispatcher:
 
         return ray.get([g.load_weights.remote(handle) for g in self.gens])
 
-    def run(self, chunks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def run(self, chunks: list[dict[str, Any]]) -> tuple[dict[str, Any], list[Any]]:
         """Sample ``chunks`` (dicts: id, items, n, greedy, strict, seed, pinned: a group
-        index or None) on the group's generators, pulled by idle ones; per chunk: id, actor
-        (pool index), info (the generator's summary), ref (the batch), scored (its score's
-        ref, or None)."""
+        index or None) on the group's generators, pulled by idle ones. Returns (a summary, the
+        batches' refs by position). The summary: ``chunks``, per chunk in landing order its id,
+        actor (pool index), info (the generator's summary) and position; ``scores``, the ref
+        of ``(joined ScoredShard, widths)`` of the sampled (non-greedy) chunks in that order
+        (``join_scores``; None: no scorers or only greedy chunks)."""
         import ray
 
         queue, free = deque(chunks), list(range(len(self.gens)))
         inflight: dict[Any, tuple[dict[str, Any], int, Any, float]] = {}
-        out = []
+        out: list[dict[str, Any]] = []
+        batches: list[Any] = []
+        scored: list[Any] = []
         while queue or inflight:
             waiting: deque = deque()
             while queue and free:
@@ -79,14 +87,14 @@ class Dispatcher:
             for ref, info in zip(ready, ray.get(ready)):
                 c, local, batch, _ = inflight.pop(ref)
                 free.append(local)
-                scored = None
                 if self.scorers and not c["greedy"]:
                     self._turn += 1
-                    scored = self.scorers[self._turn % len(self.scorers)].score.remote(batch)
+                    scored.append(self.scorers[self._turn % len(self.scorers)].score.remote(batch))
                 out.append(
-                    {"id": c["id"], "actor": self.first + local, "info": info, "ref": batch,
-                     "scored": scored}
+                    {"id": c["id"], "actor": self.first + local, "info": info,
+                     "position": len(batches)}
                 )  # fmt: skip
+                batches.append(batch)
             now = time.monotonic()
             for c, local, _, since in inflight.values():
                 if now - since > self.timeout_s:
@@ -96,7 +104,12 @@ class Dispatcher:
                         f"{self.timeout_s:g}s (rollout.timeout_s); the generator may hang. "
                         "Raise rollout.timeout_s for long generations, or check its log"
                     )
-        return out
+        joined = None
+        if scored:  # joined where they lie: the driver fetches one object per run
+            self._turn += 1
+            joiner = self.scorers[self._turn % len(self.scorers)]
+            joined = joiner.__ray_call__.remote(join_scores, *scored)
+        return {"chunks": out, "scores": joined}, batches
 
 
 def start_dispatchers(gens: list[Any], group: int, name: str, timeout_s: float) -> list[Any]:
@@ -115,26 +128,31 @@ def start_dispatchers(gens: list[Any], group: int, name: str, timeout_s: float) 
     return out
 
 
-GATHER = 32  # scored chunks one reward actor joins for the driver (bigger steps only)
-
-
-def concat_scores(actor: Any, *shards: Any) -> Any:
-    """Run on a reward actor (``__ray_call__``): ``shards`` joined into one ScoredShard."""
+def join_scores(actor: Any, *shards: Any) -> tuple[Any, list[int]]:
+    """Run on a reward actor (``__ray_call__``): ``shards`` joined into one ScoredShard, and
+    each shard's response width (the driver narrows a selection of them to its own)."""
     from rlalign_ray.data.batch import ScoredShard
 
-    return ScoredShard.concat(list(shards))
+    return ScoredShard.concat(list(shards)), [s.response_mask.shape[1] for s in shards]
 
 
-def gather_scores(refs: list[Any], rewards: Any, what: str, timeout_s: float) -> Any:
-    """The ScoredShards of ``refs``, joined in order. Above ``GATHER`` refs the reward
-    actors join them ``GATHER`` at a time first, so the driver unpickles a few objects
-    instead of one per chunk (~1.6 ms each for a real ScoredShard)."""
-    from rlalign_ray.data.batch import ScoredShard
-    from rlalign_ray.runtime.pools import get
+class Picks:
+    """Which batches a step trains on, when they come as dispatcher runs' lists of refs:
+    ``picks[i] = (run, position)`` is the step's i-th shard. Passed as ``n_shards`` to the
+    learner's ``split_batches`` (``shard_objects`` turns it back into shards)."""
 
-    if len(refs) > GATHER and getattr(rewards, "actors", None):
-        refs = [
-            rewards.next_actor().__ray_call__.remote(concat_scores, *refs[i : i + GATHER])
-            for i in range(0, len(refs), GATHER)
-        ]
-    return ScoredShard.concat(get(refs, what, timeout_s))
+    def __init__(self, picks: list[tuple[int, int]], runs: int):
+        self.picks, self.runs = picks, runs
+
+
+def shard_objects(n_shards: Any, objs: tuple[Any, ...]) -> tuple[int, list[Any]]:
+    """``split_batches``' shards as values: with ``Picks`` the first ``runs`` objects are the
+    runs' lists of batch refs, fetched here (learner rank 0), in the step's order; the rest
+    (reference log-probs) follow unchanged."""
+    if not isinstance(n_shards, Picks):
+        return n_shards, list(objs)
+    import ray
+
+    lists, rest = objs[: n_shards.runs], list(objs[n_shards.runs :])
+    batches = ray.get([lists[r][p] for r, p in n_shards.picks])
+    return len(batches), [*batches, *rest]

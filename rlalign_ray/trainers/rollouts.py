@@ -23,7 +23,7 @@ from rlalign_ray.data.batch import NONFINITE, PromptItem, ScoredShard
 from rlalign_ray.data.prompts import PromptSampler
 from rlalign_ray.errors import ActorFailure, RewardError
 from rlalign_ray.pools import Chunk, Experience, Future, GeneratorPool, ReferencePool, RewardPool
-from rlalign_ray.runtime.dispatch import gather_scores
+from rlalign_ray.runtime.dispatch import Picks
 from rlalign_ray.runtime.pools import actor_died, get
 
 
@@ -103,8 +103,10 @@ class Rollouts:
             if s is None or chunk.greedy:
                 continue  # evaluation (or a caller's own chunk): scored by its owner
             self.totals["generated"] += chunk.rows
-            scored = chunk.extra.pop("scored", None)  # scored by a dispatcher
-            s.scored[chunk.id] = self.rewards.score(chunk.ref) if scored is None else scored
+            if chunk.score_row is None:
+                s.scored[chunk.id] = self.rewards.score(chunk.ref)
+            else:  # scored by its dispatcher: rows of its run's joined scores
+                s.scored[chunk.id] = chunk.run
             if self.reference is not None:
                 s.ref_lp[chunk.id] = self.reference.logprobs(chunk.ref)
                 s.ref_epoch[chunk.id] = self.reference.restarts
@@ -152,13 +154,8 @@ class Rollouts:
                 self._request(s, [it for c in stale for it in c.items])
                 continue
             t_gen = time.perf_counter() - t0
-            if self.cfg.rollout.dispatch_group:  # joined by the reward actors
-                scores = gather_scores(
-                    [s.scored[c.id] for c in s.chunks],
-                    self.rewards,
-                    "reward pool",
-                    self.cfg.run.call_timeout_s,
-                )
+            if all(c.score_row is not None for c in s.chunks):  # dispatchers' runs
+                scores = run_scores(s.chunks, "reward pool", self.cfg.run.call_timeout_s)
             else:  # chunk by chunk: one whose reward actor died is scored again
                 scores = ScoredShard.concat(self._scores(s.chunks, s.scored, "reward pool"))
             finite = group_finite(scores.scores, n)  # all True unless on_nonfinite: drop_group
@@ -192,6 +189,11 @@ class Rollouts:
             self.samples[step] = sample_rows(s.chunks, rows)
         del self.steps[step]
         self.sampler_before.pop(step, None)
+        if refs is None and all(c.run is not None for c in s.chunks):
+            # dispatchers' runs: the learner opens their lists of batches (O(runs) refs here)
+            runs, index = dispatch_runs(s.chunks)
+            picks = Picks([(index[id(c.run)], c.position) for c in s.chunks], len(runs))
+            return Experience([r.batches for r in runs], rows, scores, None, stats, picks=picks)
         return Experience([c.ref for c in s.chunks], rows, scores, refs, stats)
 
     def _enough(self, finite: torch.Tensor, informative: torch.Tensor, rounds: int) -> bool:
@@ -316,6 +318,32 @@ class Rollouts:
                 scores = scores.select(torch.isfinite(scores.scores).nonzero().squeeze(1))
             out[name] = scores
         return out, t_gen
+
+
+def dispatch_runs(chunks: Sequence[Chunk]) -> tuple[list[Any], dict[int, int]]:
+    """The dispatcher runs of ``chunks``, each once in order of first use, and id(run) ->
+    its index in that list."""
+    index: dict[int, int] = {}
+    runs = []
+    for c in chunks:
+        if id(c.run) not in index:
+            index[id(c.run)] = len(runs)
+            runs.append(c.run)
+    return runs, index
+
+
+def run_scores(chunks: Sequence[Chunk], what: str, timeout_s: float) -> ScoredShard:
+    """The ScoredShards of ``chunks`` (each scored by its dispatcher), joined in order: one
+    object per run is fetched (its joined scores) and the rows are picked from them. Equal
+    to joining the chunks' own shards: narrowed to the widest of them."""
+    runs, index = dispatch_runs(chunks)
+    got = get([r.scores for r in runs], what, timeout_s)  # per run: (ScoredShard, widths)
+    starts = torch.tensor([0] + [len(shard) for shard, _ in got]).cumsum(0).tolist()
+    rows = torch.cat(
+        [torch.arange(c.rows) + starts[index[id(c.run)]] + c.score_row for c in chunks]
+    )
+    width = max(got[index[id(c.run)]][1][c.run.score_index[c.id]] for c in chunks)
+    return ScoredShard.concat([shard for shard, _ in got]).select(rows).narrow(width)
 
 
 def group_finite(scores: torch.Tensor, n: int) -> torch.Tensor:

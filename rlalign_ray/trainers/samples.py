@@ -23,7 +23,7 @@ def completion_rows(exp: Experience, n: int, timeout_s: float) -> list[dict[str,
         return []
     where = [int(exp.rows[j]) if exp.rows is not None else j for j in range(n)]
     need, texts, offset = max(where), {}, 0
-    for ref in exp.shards:  # shards in order; rows index their concatenation
+    for ref in exp.batch_refs(timeout_s):  # shards in order; rows index their concatenation
         if offset > need:
             break
         batch = get(ref, "completions (log_completions)", timeout_s)

@@ -1,45 +1,87 @@
-"""Dispatchers (``rollout.dispatch_group``) and joined scores: what the driver gets is what it
-would get calling every actor itself. (A full run with dispatchers reproducing the recorded
-metrics is in test_pipeline.py.)"""
+"""Dispatchers (``rollout.dispatch_group``): what the driver gets from a run is what it would
+get calling every actor itself, in O(1) Ray objects per run. (A full run with dispatchers
+reproducing the recorded metrics is in test_pipeline.py.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rlalign_ray.data.batch import ScoredShard
+from rlalign_ray.bench.simulated import SimulatedGenerator, SimulatedRewardScorer
+from rlalign_ray.data.batch import PromptItem, ScoredShard
 from rlalign_ray.runtime import dispatch
 
 pytestmark = pytest.mark.integration
 
 
-class LightPool:  # what gather_scores reads of a RewardPool
-    def __init__(self, actors):
-        self.actors, self._turn = actors, -1
-
-    def next_actor(self):
-        self._turn += 1
-        return self.actors[self._turn % len(self.actors)]
+def _spec(i: int, n: int, greedy: bool = False) -> dict:
+    items = [PromptItem(index=10 * i + j, prompt=f"p{i}.{j}") for j in range(1 + i % 2)]
+    return {"id": i, "items": items, "n": n, "greedy": greedy, "strict": 0, "seed": i,
+            "pinned": None}  # fmt: skip
 
 
-def _shard(i: int) -> ScoredShard:
-    t = 1 + i % 3  # ragged response widths: joining pads them
-    mask = torch.ones(2, t)
-    s = torch.tensor([float(i), -float(i)])
-    return ScoredShard(s, {"r": s * 2}, torch.tensor([i, i]), torch.tensor([t, t]), mask, mask)
-
-
-def test_reward_actors_join_scores_in_order(ray_local):
+def test_a_run_returns_summaries_one_scores_ref_and_its_batches(ray_local):
+    """Two simulated generators, two reward actors: a run's joined scores hold the sampled
+    chunks' rows in landing order (greedy chunks are not scored), the second return value
+    lists every chunk's batch by position, and ``Picks`` reopens them on the learner side."""
     import ray
 
-    shards = [_shard(i) for i in range(dispatch.GATHER * 2 + 5)]
-    refs = [ray.put(s) for s in shards]
-    # any actor will do (the package's own class: Ray workers cannot import test modules)
-    actors = [ray.remote(dispatch.Dispatcher).remote([], 0, "g", 1.0) for _ in range(2)]
-    joined = dispatch.gather_scores(refs, LightPool(actors), "reward pool", 60.0)
-    want = ScoredShard.concat(shards)
-    for name in ("scores", "group_ids", "response_len", "response_mask", "logprobs"):
+    gens = [ray.remote(SimulatedGenerator).remote(None, None, 0, i) for i in range(2)]
+    scorers = [ray.remote(SimulatedRewardScorer).remote(None) for _ in range(2)]
+    d = ray.remote(dispatch.Dispatcher).remote(gens, 0, "generator", 60.0)
+    ray.get(d.score_with.remote(scorers))
+    specs = [_spec(0, 2), _spec(1, 2), _spec(2, 2, greedy=True), _spec(3, 2)]
+    summary_ref, batches_ref = d.run.options(num_returns=2).remote(specs)
+    summary, batches = ray.get(summary_ref), ray.get(batches_ref)
+    landed = summary["chunks"]
+    assert sorted(r["id"] for r in landed) == [0, 1, 2, 3]
+    assert [r["position"] for r in landed] == [0, 1, 2, 3]
+    assert len(batches) == 4 and all(isinstance(b, ray.ObjectRef) for b in batches)
+    sampled = [r for r in landed if r["id"] != 2]
+    built = [SimulatedRewardScorer(None).score(ray.get(batches[r["position"]])) for r in sampled]
+    want = ScoredShard.concat([b.fn(*b.args) for b in built])
+    joined, widths = ray.get(summary["scores"])
+    for name in ("scores", "group_ids", "response_len", "response_mask"):
         assert torch.equal(getattr(joined, name), getattr(want, name)), name
-    assert torch.equal(joined.breakdown["r"], want.breakdown["r"])
-    for a in actors:
+    assert len(widths) == len(sampled)
+    # the learner's side: picks in the step's order (here: chunk 3, then chunk 0)
+    pos = {r["id"]: r["position"] for r in landed}
+    picks = dispatch.Picks([(0, pos[3]), (0, pos[0])], runs=1)
+    n, objs = dispatch.shard_objects(picks, (batches, "ref-logprobs"))
+    assert n == 2 and objs[2] == "ref-logprobs"
+    assert [o.group_ids for o in objs[:2]] == [
+        ray.get(batches[pos[3]]).group_ids,
+        ray.get(batches[pos[0]]).group_ids,
+    ]
+    for a in [d, *gens, *scorers]:
         ray.kill(a)
+
+
+def test_run_scores_pick_rows_as_joining_each_chunks_shard_would(ray_local):
+    """The driver's side: rows picked from two runs' joined scores, in the step's order,
+    equal the chunks' own shards joined (ragged widths: narrowed to the widest picked)."""
+    import ray
+
+    from rlalign_ray.pools.generator import Chunk, DispatchRun
+    from rlalign_ray.trainers.rollouts import run_scores
+
+    def shard(i: int) -> ScoredShard:
+        t = 1 + i % 3
+        mask, s = torch.ones(2, t), torch.tensor([float(i), -float(i)])
+        return ScoredShard(s, {"r": s * 2}, torch.tensor([i, i]), torch.tensor([t, t]), mask, mask)
+
+    own = {i: shard(i) for i in range(6)}
+    runs, chunks = [], {}
+    for ids in ([0, 1, 2], [3, 4, 5]):
+        scores = ray.put(dispatch.join_scores(None, *[own[i] for i in ids]))
+        run = DispatchRun(None, scores, 60.0)
+        for k, i in enumerate(ids):
+            run.score_index[i] = k
+            chunks[i] = Chunk(i, [PromptItem(index=i, prompt="p")], 2, run=run, score_row=2 * k)
+        runs.append(run)
+    order = [4, 0, 3, 1]  # request order across runs; chunks 2 and 5 dropped (stale)
+    got = run_scores([chunks[i] for i in order], "reward pool", 60.0)
+    want = ScoredShard.concat([own[i] for i in order])
+    for name in ("scores", "group_ids", "response_len", "response_mask", "logprobs"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert torch.equal(got.breakdown["r"], want.breakdown["r"])

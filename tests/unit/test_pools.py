@@ -94,9 +94,13 @@ class FakeRun:
     def __init__(self, log, g):
         self.log, self.g = log, g
 
+    def options(self, num_returns):
+        assert num_returns == 2  # the run's summary, and its list of batch refs
+        return self
+
     def remote(self, specs):
         self.log.append((self.g, specs))
-        return object()
+        return object(), object()
 
 
 def test_dispatch_groups_send_one_run_per_group_with_balanced_chunks():
