@@ -181,6 +181,9 @@ def local_cluster(workers: int, cpus: int):
         raise RlalignError(f"bench scale starts its cluster with {script}, which is missing")
     temp = tempfile.mkdtemp(prefix="rlsc", dir="/tmp")  # short: Ray's socket paths
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # hundreds of workers starting on a few cores take longer than Ray's 60 s to register;
+    # a raylet that gives up on them starts them again, and the start never settles
+    env["RAY_worker_register_timeout_seconds"] = "900"
     try:
         start = subprocess.run(
             ["bash", str(script), "start", "--workers", str(workers), "--temp-dir", temp,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from rlalign_ray.config import Config, DeepSpeedRole
-from rlalign_ray.data.batch import RolloutBatch, pad_responses
+from rlalign_ray.data.batch import RolloutBatch, packed, pad_responses
 from rlalign_ray.errors import NonFiniteError
 from rlalign_ray.models.loading import default_device, load_tokenizer, set_threads
 from rlalign_ray.runtime.dispatch import shard_objects
@@ -401,6 +401,7 @@ def split_for_ranks(
     fresh worker process to import torch. With ``picks`` (``runtime.dispatch.Picks``) the
     shards are dispatcher runs' lists of batch refs, opened by that actor."""
     out = actor.split_batches.options(num_returns=len(parts)).remote(
-        parts, rows, picks or len(shards), *shards, *(ref_logprobs or [])
+        [packed(p) for p in parts], packed(rows), picks or len(shards), *shards,
+        *(ref_logprobs or []),
     )
     return out if len(parts) > 1 else [out]

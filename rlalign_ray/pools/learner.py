@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from rlalign_ray.config import Config, Placement, Resources
-from rlalign_ray.data.batch import ScoredShard
+from rlalign_ray.data.batch import ScoredShard, packed
 from rlalign_ray.learner.base import rank_rows, split_for_ranks
 from rlalign_ray.pools.base import ActorPool, Future
 from rlalign_ray.runtime.dispatch import Picks
@@ -135,7 +135,7 @@ class LearnerGroup(DeepSpeedGroup):
             first = exp.scores.response_mask.argmax(1, keepdim=True)  # a token of each row
             advantages = advantages.gather(1, first).squeeze(1)
         calls = [
-            r.train_step.remote(p, advantages[k], kl_coef, step)
+            r.train_step.remote(p, packed(advantages[k]), kl_coef, step)
             for r, p, k in zip(self.actors, parts, rows)
         ]
         return Future(
@@ -167,7 +167,7 @@ class CriticGroup(DeepSpeedGroup):
     ) -> Future:
         rows = rank_rows(len(exp.scores), len(self.actors), self.cfg.run.seed, step)
         calls = [
-            c.train_step.remote(p, returns[k], values[k], step)
+            c.train_step.remote(p, packed(returns[k]), packed(values[k]), step)
             for c, p, k in zip(self.actors, exp.critic_parts, rows)
         ]
         return Future(

@@ -43,6 +43,9 @@ class Dispatcher:
     def score_with(self, scorers: list[Any]) -> None:
         """Reward actors to hand each sampled (non-greedy) batch to, in turn ([]: none)."""
         self.scorers = list(scorers)
+        # the one that joins this group's scores: the same each run (a simulated reward
+        # actor imports torch for it), spread over the groups
+        self._joiner = (self.first // max(1, len(self.gens))) % max(1, len(self.scorers))
 
     def load_weights(self, handle: Any) -> list[int]:
         """One bucket on every generator of the group; the versions they now hold."""
@@ -106,9 +109,7 @@ class Dispatcher:
                     )
         joined = None
         if scored:  # joined where they lie: the driver fetches one object per run
-            self._turn += 1
-            joiner = self.scorers[self._turn % len(self.scorers)]
-            joined = joiner.__ray_call__.remote(join_scores, *scored)
+            joined = self.scorers[self._joiner].__ray_call__.remote(join_scores, *scored)
         return {"chunks": out, "scores": joined}, batches
 
 
