@@ -80,12 +80,15 @@ def bench_overrides(output_dir: str, steps: int) -> list[str]:
     ]
 
 
-def train_rows(cfg: Any, topology: Any = None, skip: int = 0) -> list[dict[str, Any]]:
-    """Run the real ``Trainer`` on ``cfg`` (with ``topology``) and return the metrics it
-    logged for each step after the first ``skip`` (warm-up; all of them if none is left)."""
+def train_rows(
+    cfg: Any, topology: Any = None, skip: int = 0, trainer: type | None = None
+) -> list[dict[str, Any]]:
+    """Run the real ``Trainer`` (or ``trainer``, a subclass) on ``cfg`` (with ``topology``)
+    and return the metrics it logged for each step after the first ``skip`` (warm-up; all
+    of them if none is left)."""
     from rlalign_ray.trainers import Trainer
 
-    Trainer(cfg, topology=topology).fit()
+    (trainer or Trainer)(cfg, topology=topology).fit()
     path = os.path.join(cfg.trainer.output_dir, "metrics.jsonl")
     with open(path) as f:
         rows = [json.loads(x) for x in f]

@@ -152,6 +152,9 @@ def report(args: argparse.Namespace, runs: list[dict], infeasible: list[dict]) -
                 "nodes",
                 "memory_gb",
                 "run_s",
+                "call_quiet_s",
+                "call_loaded_s",
+                "calls_per_step",
             ],
         )
     for r in infeasible:
@@ -168,6 +171,14 @@ def report(args: argparse.Namespace, runs: list[dict], infeasible: list[dict]) -
         print(
             f"256 actors not measured; a line through the counts measured ({slope * 1e3:.2f} "
             f"ms per actor) puts it near {guess * 1e3:.0f} ms/step (target <= 50 ms)"
+        )
+    for r in runs:  # the same work at a quiet machine's cost of a call (an estimate)
+        scaled = r["driver_s_per_step"] * r["call_quiet_s"] / r["call_loaded_s"]
+        print(
+            f"{r['actors']} actors: a no-op call cost the driver {r['call_loaded_s'] * 1e3:.2f}"
+            f" ms of CPU under the run's load, {r['call_quiet_s'] * 1e3:.2f} ms before its "
+            f"actors started; a step's work is {r['calls_per_step']:.0f} such calls, "
+            f"{scaled * 1e3:.1f} ms at the quiet cost (estimate)"
         )
 
 
@@ -276,7 +287,11 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
             topo = simulated_topology(cfg, Workload.parse(args.simulate, cfg.batch_size, gens))
             for role in ("generator", "reward"):
                 topo.pools[role].placement = Placement(strategy="SPREAD")
-            rows = train_rows(cfg, topo, args.skip)
+            probe = ray.remote(Probe).options(num_cpus=0).remote()
+            quiet = call_cpu_s(probe)  # before the actors start
+            seen: dict[str, float] = {}
+            rows = train_rows(cfg, topo, args.skip, trainer=probed_trainer(probe, seen))
+            loaded = seen["call_cpu_s"]
     finally:
         ray.shutdown()
     med = medians(rows, ("time/driver_cpu_s", "time/step_s", "time/generate_s"))
@@ -289,9 +304,48 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
         "generate_s": med["time/generate_s"],
         "nodes": nodes,
         "steps_measured": len(rows),
+        # one no-op actor call's driver CPU, before the actors start and after the last step
+        "call_quiet_s": quiet,
+        "call_loaded_s": loaded,
+        "calls_per_step": med["time/driver_cpu_s"] / loaded,
     }
     print("RESULT " + json.dumps(result), flush=True)
     return result
+
+
+# ---- what one call costs the driver, in the same run ------------------------------------
+class Probe:
+    """A no-op actor: the driver's CPU per call to it is the unit of ``calls_per_step``."""
+
+    def ping(self) -> int:
+        return 0
+
+
+def call_cpu_s(actor: Any, calls: int = 200) -> float:
+    """The driver's CPU (all its threads) per no-op call to ``actor``, one at a time: on a
+    machine whose cores hundreds of actor processes share, every CPU-time figure is inflated
+    (cache and scheduler churn), and this shows by how much."""
+    import ray
+
+    ray.get(actor.ping.remote())
+    t0 = time.process_time()
+    for _ in range(calls):
+        ray.get(actor.ping.remote())
+    return (time.process_time() - t0) / calls
+
+
+def probed_trainer(probe: Any, seen: dict[str, float]) -> type:
+    """The real ``Trainer``, which before its last step (every actor up, outside the step's
+    own CPU count) puts ``call_cpu_s(probe)`` under the run's load in ``seen``."""
+    from rlalign_ray.trainers import Trainer
+
+    class ProbedTrainer(Trainer):
+        def train_step(self, step, evals, logger, ledger):
+            if step == self.cfg.trainer.steps:
+                seen["call_cpu_s"] = call_cpu_s(probe)
+            return super().train_step(step, evals, logger, ledger)
+
+    return ProbedTrainer
 
 
 # ---- memory -----------------------------------------------------------------------------------
