@@ -84,7 +84,6 @@ class DispatchRun:
     batches: Any
     scores: Any
     timeout_s: float
-    score_index: dict[int, int] = field(default_factory=dict)  # chunk id -> its scored shard
     _refs: list[Any] | None = None
 
     def batch_refs(self) -> list[Any]:
@@ -274,7 +273,6 @@ class GeneratorPool(ActorPool):
                 chunk.actor, chunk.done, chunk.finished_s = r["actor"], True, now
                 chunk.run, chunk.position = run, r["position"]
                 if run.scores is not None and not chunk.greedy:  # rows of the joined scores
-                    run.score_index[chunk.id] = len(run.score_index)
                     chunk.score_row, row = row, row + chunk.rows
                 chunk.extra["info"] = info
                 self._busy_total += info.get("seconds", 0.0)

@@ -43,7 +43,7 @@ class Experience:
         if self.picks is None:
             return list(self.shards)
         lists = get(list(self.shards), "dispatcher runs' batches", timeout_s)
-        return [lists[r][p] for r, p in self.picks.picks]
+        return self.picks.select(lists)
 
 
 class DeepSpeedGroup(ActorPool):

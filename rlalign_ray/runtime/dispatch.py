@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 from rlalign_ray.errors import ActorFailure
@@ -58,7 +59,7 @@ class Dispatcher:
         index or None) on the group's generators, pulled by idle ones. Returns (a summary, the
         batches' refs by position). The summary: ``chunks``, per chunk in landing order its id,
         actor (pool index), info (the generator's summary) and position; ``scores``, the ref
-        of ``(joined ScoredShard, widths)`` of the sampled (non-greedy) chunks in that order
+        of ``(joined ScoredShard, each row's own width)`` of the sampled (non-greedy) chunks in that order
         (``join_scores``; None: no scorers or only greedy chunks)."""
         import ray
 
@@ -131,10 +132,12 @@ def start_dispatchers(gens: list[Any], group: int, name: str, timeout_s: float) 
 
 def join_scores(actor: Any, *shards: Any) -> tuple[Any, list[int]]:
     """Run on a reward actor (``__ray_call__``): ``shards`` joined into one ScoredShard, and
-    each shard's response width (the driver narrows a selection of them to its own)."""
+    per row the response width of its own shard (the driver narrows the rows it picks to the
+    widest of theirs)."""
     from rlalign_ray.data.batch import ScoredShard
 
-    return ScoredShard.concat(list(shards)), [s.response_mask.shape[1] for s in shards]
+    widths = [s.response_mask.shape[1] for s in shards for _ in range(len(s))]
+    return ScoredShard.concat(list(shards)), widths
 
 
 class Picks:
@@ -144,6 +147,10 @@ class Picks:
 
     def __init__(self, picks: list[tuple[int, int]], runs: int):
         self.picks, self.runs = picks, runs
+
+    def select(self, lists: Sequence[Sequence[Any]]) -> list[Any]:
+        """The picked batch refs, in the step's order, from the runs' lists."""
+        return [lists[r][p] for r, p in self.picks]
 
 
 def shard_objects(n_shards: Any, objs: tuple[Any, ...]) -> tuple[int, list[Any]]:
@@ -155,5 +162,5 @@ def shard_objects(n_shards: Any, objs: tuple[Any, ...]) -> tuple[int, list[Any]]
     import ray
 
     lists, rest = objs[: n_shards.runs], list(objs[n_shards.runs :])
-    batches = ray.get([lists[r][p] for r, p in n_shards.picks])
+    batches = ray.get(n_shards.select(lists))
     return len(batches), [*batches, *rest]

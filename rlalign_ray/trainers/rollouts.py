@@ -338,12 +338,13 @@ def run_scores(chunks: Sequence[Chunk], what: str, timeout_s: float) -> ScoredSh
     to joining the chunks' own shards: narrowed to the widest of them."""
     runs, index = dispatch_runs(chunks)
     got = get([r.scores for r in runs], what, timeout_s)  # per run: (ScoredShard, widths)
+    widths = torch.tensor([w for _, run_widths in got for w in run_widths])
     starts = torch.tensor([0] + [len(shard) for shard, _ in got]).cumsum(0).tolist()
     first = torch.tensor([starts[index[id(c.run)]] + c.score_row for c in chunks])
     sizes = torch.tensor([c.rows for c in chunks])
     offsets = torch.arange(int(sizes.sum())) - (sizes.cumsum(0) - sizes).repeat_interleave(sizes)
     rows = first.repeat_interleave(sizes) + offsets  # each chunk's rows, chunks in order
-    width = max(got[index[id(c.run)]][1][c.run.score_index[c.id]] for c in chunks)
+    width = int(widths[rows].max())
     return ScoredShard.concat([shard for shard, _ in got]).select(rows).narrow(width)
 
 

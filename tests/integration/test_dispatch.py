@@ -43,7 +43,7 @@ def test_a_run_returns_summaries_one_scores_ref_and_its_batches(ray_local):
     joined, widths = ray.get(summary["scores"])
     for name in ("scores", "group_ids", "response_len", "response_mask"):
         assert torch.equal(getattr(joined, name), getattr(want, name)), name
-    assert len(widths) == len(sampled)
+    assert len(widths) == len(joined)
     # the learner's side: picks in the step's order (here: chunk 3, then chunk 0)
     pos = {r["id"]: r["position"] for r in landed}
     picks = dispatch.Picks([(0, pos[3]), (0, pos[0])], runs=1)
@@ -76,7 +76,6 @@ def test_run_scores_pick_rows_as_joining_each_chunks_shard_would(ray_local):
         scores = ray.put(dispatch.join_scores(None, *[own[i] for i in ids]))
         run = DispatchRun(None, scores, 60.0)
         for k, i in enumerate(ids):
-            run.score_index[i] = k
             chunks[i] = Chunk(i, [PromptItem(index=i, prompt="p")], 2, run=run, score_row=2 * k)
         runs.append(run)
     order = [4, 0, 3, 1]  # request order across runs; chunks 2 and 5 dropped (stale)
