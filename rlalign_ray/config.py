@@ -111,6 +111,12 @@ class RunConfig:
         "a learner (or critic) rank that dies: restart the group from the last checkpoint "
         "inside the same run, at most this many times (0: the run ends, naming the checkpoint)",
     )
+    driver_threads: int = doc(
+        1,
+        "torch threads of the driver process while it trains (its tensor work is a batch's "
+        "advantages and scores; on cores shared with actors, idle OpenMP threads spin-wait "
+        "and cost the driver ~50x more CPU per small op); 0: leave torch's setting",
+    )
 
 
 @dataclass
@@ -670,6 +676,7 @@ def validate(cfg: Config) -> list[str]:
     _positive(e, "rollout.dispatch_group", r.dispatch_group, allow_zero=True)
     _positive(e, "run.max_actor_restarts", cfg.run.max_actor_restarts, allow_zero=True)
     _positive(e, "run.max_learner_restarts", cfg.run.max_learner_restarts, allow_zero=True)
+    _positive(e, "run.driver_threads", cfg.run.driver_threads, allow_zero=True)
     if t.max_staleness > 0:
         if a.use_behaviour_logprobs:
             e.append(

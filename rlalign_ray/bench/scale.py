@@ -12,7 +12,7 @@ over the nodes, and one simulated learner rank (``bench/simulated.py``; work tim
 by default none): each step is N/2 one-prompt chunks, pulled by the generators, each scored
 by a reward actor as it lands, then a weight sync to the N/2 generators. (N actors of each
 kind would not fit here: a Ray worker process takes about 65 MB of private memory even
-without torch, so 2 x 256 would need 33 GB.) With ``--dispatch-group G`` (the default, 32;
+without torch, so 2 x 256 would need 33 GB.) With ``--dispatch-group G`` (the default, 64;
 ``rollout.dispatch_group``) dispatcher actors run the generators in groups of G, so the
 driver makes one call per group per step and per weight bucket; 0 measures the driver
 calling every generator itself.
@@ -21,6 +21,13 @@ Driver time per step is the median ``time/driver_cpu_s``: the CPU time of the dr
 (its Python and Ray's threads in it) during a step. On a machine shared with hundreds of
 actor processes, wall time minus the driver's waits would also count the time it waits for
 a CPU; its CPU time is what it does itself. Target: <= 50 ms at 256 actors.
+
+Two same-run units come with it, both taken before the last step: the driver's CPU for one
+no-op actor call (``calls_per_step``: a step's work in such calls), and its CPU per second
+with nothing in flight (Ray's own threads in the process: ``idle_s_per_step`` is that rate
+over a step's wall time, a share that grows with the step's length, not with the driver's
+work). The nodes run at ``--node-nice`` (10): on a real cluster the driver does not share
+its cores with hundreds of actor processes.
 
 Every actor is a process (the simulated ones do not import torch: about 60 MB each); a
 count whose actors would not fit in the memory available now (``--mb-per-actor``) is
@@ -70,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dispatch-group",
         type=int,
-        default=32,
+        default=64,
         help="rollout.dispatch_group: generators per dispatcher actor (0: none)",
     )
     p.add_argument("--steps", type=int, default=8, help="training steps per count")
@@ -78,6 +85,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-staleness", type=int, default=0, help="trainer.max_staleness")
     p.add_argument("--workers", type=int, default=2, help="worker nodes besides the head")
     p.add_argument("--node-cpus", type=int, default=4, help="logical CPUs each node declares")
+    p.add_argument(
+        "--node-nice",
+        type=int,
+        default=10,
+        help="niceness of the cluster's nodes and their actors (the driver keeps 0): on a real "
+        "cluster the driver does not share its cores with the actors (0: share equally)",
+    )
     p.add_argument(
         "--mb-per-actor", type=float, default=65.0, help="memory one actor process takes (MB)"
     )
@@ -104,7 +118,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.driver:
         return drive(args)
     runs, infeasible = [], []
-    with local_cluster(args.workers, args.node_cpus) as state:
+    with local_cluster(args.workers, args.node_cpus, args.node_nice) as state:
         for n in parse_list(args.actors, int):
             procs = n + 1 + (-(-(n // 2) // args.dispatch_group) if args.dispatch_group else 0)
             need = procs * args.mb_per_actor * 2**20
@@ -155,6 +169,7 @@ def report(args: argparse.Namespace, runs: list[dict], infeasible: list[dict]) -
                 "call_quiet_s",
                 "call_loaded_s",
                 "calls_per_step",
+                "idle_s_per_step",
             ],
         )
     for r in infeasible:
@@ -180,13 +195,20 @@ def report(args: argparse.Namespace, runs: list[dict], infeasible: list[dict]) -
             f"actors started; a step's work is {r['calls_per_step']:.0f} such calls, "
             f"{scaled * 1e3:.1f} ms at the quiet cost (estimate)"
         )
+        print(
+            f"{r['actors']} actors: with nothing in flight the driver's process used "
+            f"{r['idle_cpu_per_s'] * 1e3:.1f} ms of CPU per second (Ray's threads); over a "
+            f"{r['step_s']:.2f} s step that is {r['idle_s_per_step'] * 1e3:.1f} ms of its "
+            f"{r['driver_s_per_step'] * 1e3:.1f} ms"
+        )
 
 
 # ---- the cluster ----------------------------------------------------------------------------
 @contextmanager
-def local_cluster(workers: int, cpus: int):
-    """``launch/local_cluster.sh`` nodes in a temp folder of their own; yields the cluster's
-    state (``cluster.env``: address, token path) and stops exactly these nodes on exit."""
+def local_cluster(workers: int, cpus: int, nice: int = 0):
+    """``launch/local_cluster.sh`` nodes in a temp folder of their own, at niceness ``nice``
+    (their actors inherit it); yields the cluster's state (``cluster.env``: address, token
+    path) and stops exactly these nodes on exit."""
     script = REPO / "launch" / "local_cluster.sh"
     if not script.is_file():
         raise RlalignError(f"bench scale starts its cluster with {script}, which is missing")
@@ -197,7 +219,7 @@ def local_cluster(workers: int, cpus: int):
     env["RAY_worker_register_timeout_seconds"] = "900"
     try:
         start = subprocess.run(
-            ["bash", str(script), "start", "--workers", str(workers), "--temp-dir", temp,
+            ["nice", "-n", str(nice), "bash", str(script), "start", "--workers", str(workers), "--temp-dir", temp,
              "--head-cpus", str(cpus), "--worker-cpus", str(cpus), "--object-store-mb", "256",
              "--timeout", "300"],
             env=env, capture_output=True, text=True, timeout=900,
@@ -291,7 +313,7 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
             quiet = call_cpu_s(probe)  # before the actors start
             seen: dict[str, float] = {}
             rows = train_rows(cfg, topo, args.skip, trainer=probed_trainer(probe, seen))
-            loaded = seen["call_cpu_s"]
+            loaded, idle = seen["call_cpu_s"], seen["idle_cpu_per_s"]
     finally:
         ray.shutdown()
     med = medians(rows, ("time/driver_cpu_s", "time/step_s", "time/generate_s"))
@@ -308,6 +330,9 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
         "call_quiet_s": quiet,
         "call_loaded_s": loaded,
         "calls_per_step": med["time/driver_cpu_s"] / loaded,
+        # the driver's CPU per second with nothing in flight, and that rate over a step
+        "idle_cpu_per_s": idle,
+        "idle_s_per_step": idle * med["time/step_s"],
     }
     print("RESULT " + json.dumps(result), flush=True)
     return result
@@ -334,15 +359,26 @@ def call_cpu_s(actor: Any, calls: int = 200) -> float:
     return (time.process_time() - t0) / calls
 
 
+def idle_cpu_per_s(seconds: float = 3.0) -> float:
+    """The driver's CPU per second while it waits with nothing in flight: Ray's own threads
+    in the process (gRPC pollers, timers, the task-event buffer), whose cost grows with a
+    step's wall time, not with the driver's work."""
+    t0 = time.process_time()
+    time.sleep(seconds)
+    return (time.process_time() - t0) / seconds
+
+
 def probed_trainer(probe: Any, seen: dict[str, float]) -> type:
     """The real ``Trainer``, which before its last step (every actor up, outside the step's
-    own CPU count) puts ``call_cpu_s(probe)`` under the run's load in ``seen``."""
+    own CPU count) puts ``call_cpu_s(probe)`` and ``idle_cpu_per_s()`` under the run's load
+    in ``seen``."""
     from rlalign_ray.trainers import Trainer
 
     class ProbedTrainer(Trainer):
         def train_step(self, step, evals, logger, ledger):
             if step == self.cfg.trainer.steps:
                 seen["call_cpu_s"] = call_cpu_s(probe)
+                seen["idle_cpu_per_s"] = idle_cpu_per_s()
             return super().train_step(step, evals, logger, ledger)
 
     return ProbedTrainer

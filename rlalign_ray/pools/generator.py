@@ -251,7 +251,7 @@ class GeneratorPool(ActorPool):
         if not pending:
             return []
         ready, _ = ray.wait(pending, num_returns=1, timeout=timeout_s)
-        if ready:
+        if ready and self._runs and (len(self._runs) > 1 or ready[0] not in self._runs):
             ready, _ = ray.wait(list(self._runs), num_returns=len(self._runs), timeout=0)
         done = [r for r in ready if r in self._runs]
         if not done:

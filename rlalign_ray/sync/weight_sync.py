@@ -269,7 +269,7 @@ class WeightSync:
 
         name = f"{self.plan.transport} weight sync" if self.plan else "weight sync"
         deadline = deadline or time.monotonic() + self.cfg.timeout_s
-        pending = list(calls)
+        pending, values = list(calls), {}
         while pending:  # in waves (one wait per second, not per call: many generators)
             left = deadline - time.monotonic()
             if left <= 0:
@@ -280,10 +280,10 @@ class WeightSync:
                 )
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=min(1.0, left))
             try:
-                ray.get(done)
+                values.update(zip(done, ray.get(done)))
             except Exception:  # name the failure: a dead actor first (it breaks the others)
                 self._raise_first(done, calls, f"{name} ({what})")
-        return ray.get(list(calls))
+        return [values[r] for r in calls]
 
     @staticmethod
     def _raise_first(done: list[Any], calls: dict[Any, str], what: str) -> None:

@@ -101,6 +101,9 @@ class Trainer:
             else None
         )
         last: dict[str, float] = {}
+        threads = torch.get_num_threads()
+        if cfg.run.driver_threads:  # restored below: a Python API caller keeps its own
+            torch.set_num_threads(cfg.run.driver_threads)
         try:
             self.start()
             self.rollouts = Rollouts(
@@ -131,6 +134,7 @@ class Trainer:
             e.args = (f"{e}\n{lost_roles(self.pools)}",)
             raise
         finally:
+            torch.set_num_threads(threads)
             logger.close()
             ledger and ledger.close()
             self.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from rlalign_ray.cli import main
 
@@ -18,7 +19,9 @@ def test_bench_pipeline_simulate_writes_its_results(ray_local, tmp_path):
     argv = ["bench", "pipeline", "--simulate", "gen=0.05,train=0.05,tail=lognormal:1.0",
             "--max-staleness", "0,1", "--steps", "4", "--skip", "1", "--generators", "2",
             "--rewards", "1", "--prompts", "8", "--n-samples", "2", "--json", str(out)]  # fmt: skip
+    torch.set_num_threads(2)  # the driver trains with run.driver_threads (1), then restores
     assert main(argv) == 0
+    assert torch.get_num_threads() == 2
     result = json.loads(out.read_text())
     assert [r["max_staleness"] for r in result["results"]] == [0, 1]
     for r in result["results"]:

@@ -160,9 +160,11 @@ def test_logprob_chunks_and_token_budgets():
             "rollout": {"max_new_tokens": 28},
             "learner": {"logprob_chunk_size": -1, "max_tokens_per_micro_batch": 127},
             "critic": {"max_tokens_per_micro_batch": -5},
+            "run": {"driver_threads": -1},
         }
     )
     assert "learner.logprob_chunk_size: must be >= 0, got -1" in probs
+    assert "run.driver_threads: must be >= 0, got -1" in probs
     budget = [p for p in probs if "max_tokens_per_micro_batch" in p]
     assert budget[0].startswith("learner.max_tokens_per_micro_batch: must be 0 (off) or hold")
     assert "= 128 tokens, got 127" in budget[0] and budget[1].startswith("critic.")
