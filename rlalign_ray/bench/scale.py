@@ -219,9 +219,9 @@ def local_cluster(workers: int, cpus: int, nice: int = 0):
     env["RAY_worker_register_timeout_seconds"] = "900"
     try:
         start = subprocess.run(
-            ["nice", "-n", str(nice), "bash", str(script), "start", "--workers", str(workers), "--temp-dir", temp,
-             "--head-cpus", str(cpus), "--worker-cpus", str(cpus), "--object-store-mb", "256",
-             "--timeout", "300"],
+            ["nice", "-n", str(nice), "bash", str(script), "start", "--workers", str(workers),
+             "--temp-dir", temp, "--head-cpus", str(cpus), "--worker-cpus", str(cpus),
+             "--object-store-mb", "256", "--timeout", "300"],
             env=env, capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         if start.returncode != 0:
