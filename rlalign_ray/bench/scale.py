@@ -26,8 +26,10 @@ Two same-run units come with it, both taken before the last step: the driver's C
 no-op actor call (``calls_per_step``: a step's work in such calls), and its CPU per second
 with nothing in flight (Ray's own threads in the process: ``idle_s_per_step`` is that rate
 over a step's wall time, a share that grows with the step's length, not with the driver's
-work). The nodes run at ``--node-nice`` (10): on a real cluster the driver does not share
-its cores with hundreds of actor processes.
+work), with the share of the machine's CPUs busy meanwhile (each idle Ray actor wakes every
+10 ms to check for signals: measured here, about 9 ms of CPU per second per actor, so 256 of
+them want more than 2 cores before any work). The nodes run at ``--node-nice`` (10): on a
+real cluster the driver does not share its cores with hundreds of actor processes.
 
 Every actor is a process (the simulated ones do not import torch: about 60 MB each); a
 count whose actors would not fit in the memory available now (``--mb-per-actor``) is
@@ -199,7 +201,10 @@ def report(args: argparse.Namespace, runs: list[dict], infeasible: list[dict]) -
             f"{r['actors']} actors: with nothing in flight the driver's process used "
             f"{r['idle_cpu_per_s'] * 1e3:.1f} ms of CPU per second (Ray's threads); over a "
             f"{r['step_s']:.2f} s step that is {r['idle_s_per_step'] * 1e3:.1f} ms of its "
-            f"{r['driver_s_per_step'] * 1e3:.1f} ms"
+            f"{r['driver_s_per_step'] * 1e3:.1f} ms ("
+            f"{(r['driver_s_per_step'] - r['idle_s_per_step']) * 1e3:.1f} ms beyond it); the "
+            "machine's CPUs were "
+            f"{r['machine_busy_idle']:.0%} busy meanwhile (the actors' own idle loops)"
         )
 
 
@@ -314,6 +319,7 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
             seen: dict[str, float] = {}
             rows = train_rows(cfg, topo, args.skip, trainer=probed_trainer(probe, seen))
             loaded, idle = seen["call_cpu_s"], seen["idle_cpu_per_s"]
+            busy = seen["machine_busy"]
     finally:
         ray.shutdown()
     med = medians(rows, ("time/driver_cpu_s", "time/step_s", "time/generate_s"))
@@ -333,6 +339,8 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
         # the driver's CPU per second with nothing in flight, and that rate over a step
         "idle_cpu_per_s": idle,
         "idle_s_per_step": idle * med["time/step_s"],
+        # the share of the machine's CPUs busy meanwhile: the actors' own idle loops
+        "machine_busy_idle": busy,
     }
     print("RESULT " + json.dumps(result), flush=True)
     return result
@@ -359,13 +367,27 @@ def call_cpu_s(actor: Any, calls: int = 200) -> float:
     return (time.process_time() - t0) / calls
 
 
-def idle_cpu_per_s(seconds: float = 3.0) -> float:
+def idle_cpu_per_s(seconds: float = 3.0) -> tuple[float, float]:
     """The driver's CPU per second while it waits with nothing in flight: Ray's own threads
     in the process (gRPC pollers, timers, the task-event buffer), whose cost grows with a
-    step's wall time, not with the driver's work."""
-    t0 = time.process_time()
+    step's wall time, not with the driver's work. Also the machine's busy share meanwhile
+    (``/proc/stat``): what the cluster's idle actors take by themselves (each Ray worker
+    wakes its main thread every 10 ms to check for signals)."""
+    m0, t0 = machine_cpu(), time.process_time()
     time.sleep(seconds)
-    return (time.process_time() - t0) / seconds
+    (busy0, all0), (busy1, all1) = m0, machine_cpu()
+    return (time.process_time() - t0) / seconds, (busy1 - busy0) / max(1, all1 - all0)
+
+
+def machine_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of all the machine's CPUs so far (0, 0 where unreadable)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    idle = sum(ticks[3:5])  # idle, iowait
+    return sum(ticks) - idle, sum(ticks)
 
 
 def probed_trainer(probe: Any, seen: dict[str, float]) -> type:
@@ -378,7 +400,7 @@ def probed_trainer(probe: Any, seen: dict[str, float]) -> type:
         def train_step(self, step, evals, logger, ledger):
             if step == self.cfg.trainer.steps:
                 seen["call_cpu_s"] = call_cpu_s(probe)
-                seen["idle_cpu_per_s"] = idle_cpu_per_s()
+                seen["idle_cpu_per_s"], seen["machine_busy"] = idle_cpu_per_s()
             return super().train_step(step, evals, logger, ledger)
 
     return ProbedTrainer
