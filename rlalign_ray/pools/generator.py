@@ -79,18 +79,12 @@ class Chunk:
 @dataclass
 class DispatchRun:
     """What one dispatcher run returned: the ref of its batches' refs (owned by the driver:
-    the dispatcher's second return value) and its joined scores, pickled (``joined()``)."""
+    the dispatcher's second return value) and the ref of its joined scores."""
 
     batches: Any
     scores: Any
     timeout_s: float
     _refs: list[Any] | None = None
-
-    def joined(self) -> tuple[Any, list[int]]:
-        """(the run's joined ScoredShard, each row's own response width)."""
-        from rlalign_ray.runtime.dispatch import open_scores
-
-        return open_scores(self.scores)
 
     def batch_refs(self) -> list[Any]:
         if self._refs is None:

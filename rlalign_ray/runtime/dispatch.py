@@ -22,7 +22,6 @@ Torch-free (a dispatcher process needs only Ray): about 65 MB per dispatcher.
 
 from __future__ import annotations
 
-import pickle
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -59,9 +58,9 @@ class Dispatcher:
         """Sample ``chunks`` (dicts: id, items, n, greedy, strict, seed, pinned: a group
         index or None) on the group's generators, pulled by idle ones. Returns (a summary, the
         batches' refs by position). The summary: ``chunks``, per chunk in landing order its id,
-        actor (pool index), info (the generator's summary) and position; ``scores``, the
-        sampled (non-greedy) chunks' rows in that order, pickled by ``join_scores`` (open
-        them with ``open_scores``; None: no scorers or only greedy chunks)."""
+        actor (pool index), info (the generator's summary) and position; ``scores``, the ref
+        of ``(joined ScoredShard, each row's own width)`` of the sampled (non-greedy) chunks in that order
+        (``join_scores``; None: no scorers or only greedy chunks)."""
         import ray
 
         queue, free = deque(chunks), list(range(len(self.gens)))
@@ -110,15 +109,8 @@ class Dispatcher:
                         "Raise rollout.timeout_s for long generations, or check its log"
                     )
         joined = None
-        if scored:  # joined where they lie; sent with the summary (no ref for the driver)
-            ref = self.scorers[self._joiner].__ray_call__.remote(join_scores, *scored)
-            try:
-                joined = ray.get(ref, timeout=self.timeout_s)
-            except ray.exceptions.GetTimeoutError:
-                raise ActorFailure(
-                    f"{self.name}: the reward actors did not score a run's {len(scored)} "
-                    f"chunks within {self.timeout_s:g}s (rollout.timeout_s)"
-                ) from None
+        if scored:  # joined where they lie: the driver fetches one object per run
+            joined = self.scorers[self._joiner].__ray_call__.remote(join_scores, *scored)
         return {"chunks": out, "scores": joined}, batches
 
 
@@ -138,19 +130,14 @@ def start_dispatchers(gens: list[Any], group: int, name: str, timeout_s: float) 
     return out
 
 
-def join_scores(actor: Any, *shards: Any) -> bytes:
+def join_scores(actor: Any, *shards: Any) -> tuple[Any, list[int]]:
     """Run on a reward actor (``__ray_call__``): ``shards`` joined into one ScoredShard, and
     per row the response width of its own shard (the driver narrows the rows it picks to the
-    widest of theirs), pickled: the torch-free dispatcher passes the bytes on unopened."""
+    widest of theirs)."""
     from rlalign_ray.data.batch import ScoredShard
 
     widths = [s.response_mask.shape[1] for s in shards for _ in range(len(s))]
-    return pickle.dumps((ScoredShard.concat(list(shards)), widths), protocol=5)
-
-
-def open_scores(blob: bytes) -> tuple[Any, list[int]]:
-    """``join_scores``' (joined ScoredShard, each row's own width)."""
-    return pickle.loads(blob)
+    return ScoredShard.concat(list(shards)), widths
 
 
 class Picks:

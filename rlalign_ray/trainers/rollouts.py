@@ -155,7 +155,7 @@ class Rollouts:
                 continue
             t_gen = time.perf_counter() - t0
             if all(c.score_row is not None for c in s.chunks):  # dispatchers' runs
-                scores = run_scores(s.chunks)
+                scores = run_scores(s.chunks, "reward pool", self.cfg.run.call_timeout_s)
             else:  # chunk by chunk: one whose reward actor died is scored again
                 scores = ScoredShard.concat(self._scores(s.chunks, s.scored, "reward pool"))
             finite = group_finite(scores.scores, n)  # all True unless on_nonfinite: drop_group
@@ -332,12 +332,12 @@ def dispatch_runs(chunks: Sequence[Chunk]) -> tuple[list[Any], dict[int, int]]:
     return runs, index
 
 
-def run_scores(chunks: Sequence[Chunk]) -> ScoredShard:
-    """The ScoredShards of ``chunks`` (each scored by its dispatcher), joined in order: the
-    rows are picked from their runs' joined scores (which came with the runs' results).
-    Equal to joining the chunks' own shards: narrowed to the widest of them."""
+def run_scores(chunks: Sequence[Chunk], what: str, timeout_s: float) -> ScoredShard:
+    """The ScoredShards of ``chunks`` (each scored by its dispatcher), joined in order: one
+    object per run is fetched (its joined scores) and the rows are picked from them. Equal
+    to joining the chunks' own shards: narrowed to the widest of them."""
     runs, index = dispatch_runs(chunks)
-    got = [r.joined() for r in runs]  # per run: (ScoredShard, widths)
+    got = get([r.scores for r in runs], what, timeout_s)  # per run: (ScoredShard, widths)
     widths = torch.tensor([w for _, run_widths in got for w in run_widths])
     starts = torch.tensor([0] + [len(shard) for shard, _ in got]).cumsum(0).tolist()
     first = torch.tensor([starts[index[id(c.run)]] + c.score_row for c in chunks])

@@ -20,11 +20,10 @@ def _spec(i: int, n: int, greedy: bool = False) -> dict:
             "pinned": None}  # fmt: skip
 
 
-def test_a_run_returns_summaries_its_joined_scores_and_its_batches(ray_local):
-    """Two simulated generators, two reward actors: a run's joined scores (inline: no ref)
-    hold the sampled chunks' rows in landing order (greedy chunks are not scored), the
-    second return value lists every chunk's batch by position, and ``Picks`` reopens them
-    on the learner side."""
+def test_a_run_returns_summaries_one_scores_ref_and_its_batches(ray_local):
+    """Two simulated generators, two reward actors: a run's joined scores hold the sampled
+    chunks' rows in landing order (greedy chunks are not scored), the second return value
+    lists every chunk's batch by position, and ``Picks`` reopens them on the learner side."""
     import ray
 
     gens = [ray.remote(SimulatedGenerator).remote(None, None, 0, i) for i in range(2)]
@@ -41,8 +40,7 @@ def test_a_run_returns_summaries_its_joined_scores_and_its_batches(ray_local):
     sampled = [r for r in landed if r["id"] != 2]
     built = [SimulatedRewardScorer(None).score(ray.get(batches[r["position"]])) for r in sampled]
     want = ScoredShard.concat([b.fn(*b.args) for b in built])
-    assert isinstance(summary["scores"], bytes)  # the dispatcher never unpickles them
-    joined, widths = dispatch.open_scores(summary["scores"])
+    joined, widths = ray.get(summary["scores"])
     for name in ("scores", "group_ids", "response_len", "response_mask"):
         assert torch.equal(getattr(joined, name), getattr(want, name)), name
     assert len(widths) == len(joined)
@@ -62,6 +60,8 @@ def test_a_run_returns_summaries_its_joined_scores_and_its_batches(ray_local):
 def test_run_scores_pick_rows_as_joining_each_chunks_shard_would(ray_local):
     """The driver's side: rows picked from two runs' joined scores, in the step's order,
     equal the chunks' own shards joined (ragged widths: narrowed to the widest picked)."""
+    import ray
+
     from rlalign_ray.pools.generator import Chunk, DispatchRun
     from rlalign_ray.trainers.rollouts import run_scores
 
@@ -73,13 +73,13 @@ def test_run_scores_pick_rows_as_joining_each_chunks_shard_would(ray_local):
     own = {i: shard(i) for i in range(6)}
     runs, chunks = [], {}
     for ids in ([0, 1, 2], [3, 4, 5]):
-        scores = dispatch.join_scores(None, *[own[i] for i in ids])
+        scores = ray.put(dispatch.join_scores(None, *[own[i] for i in ids]))
         run = DispatchRun(None, scores, 60.0)
         for k, i in enumerate(ids):
             chunks[i] = Chunk(i, [PromptItem(index=i, prompt="p")], 2, run=run, score_row=2 * k)
         runs.append(run)
     order = [4, 0, 3, 1]  # request order across runs; chunks 2 and 5 dropped (stale)
-    got = run_scores([chunks[i] for i in order])
+    got = run_scores([chunks[i] for i in order], "reward pool", 60.0)
     want = ScoredShard.concat([own[i] for i in order])
     for name in ("scores", "group_ids", "response_len", "response_mask", "logprobs"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
