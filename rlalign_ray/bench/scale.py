@@ -318,8 +318,7 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
             quiet = call_cpu_s(probe)  # before the actors start
             seen: dict[str, float] = {}
             rows = train_rows(cfg, topo, args.skip, trainer=probed_trainer(probe, seen))
-            loaded, idle = seen["call_cpu_s"], seen["idle_cpu_per_s"]
-            busy = seen["machine_busy"]
+            loaded, idle, busy = (seen[k] for k in ("call_cpu_s", "idle_cpu_per_s", "busy"))
     finally:
         ray.shutdown()
     med = medians(rows, ("time/driver_cpu_s", "time/step_s", "time/generate_s"))
@@ -400,7 +399,7 @@ def probed_trainer(probe: Any, seen: dict[str, float]) -> type:
         def train_step(self, step, evals, logger, ledger):
             if step == self.cfg.trainer.steps:
                 seen["call_cpu_s"] = call_cpu_s(probe)
-                seen["idle_cpu_per_s"], seen["machine_busy"] = idle_cpu_per_s()
+                seen["idle_cpu_per_s"], seen["busy"] = idle_cpu_per_s()
             return super().train_step(step, evals, logger, ledger)
 
     return ProbedTrainer
