@@ -6,7 +6,7 @@ generator in ``rlalign_ray.bench``) need not import torch to unpickle them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -55,7 +55,26 @@ class WeightHandle:
 
     version: int
     bucket: int
-    payload: Any = None  # object store: [ref of rank 0's publish call] (a list: Ray passes it on)
+    # object store and shared memory: [ref of rank 0's publish call] (a list: Ray passes it
+    # on unresolved), or [its result] once ``resolve`` fetched it; None: not needed
+    payload: Any = None
 
     def is_last(self, plan: SyncPlan) -> bool:
         return self.bucket == len(plan.buckets) - 1
+
+    def published(self, timeout_s: float) -> Any:
+        """What rank 0's publish call returned for this bucket (waiting for it)."""
+        import ray
+
+        value = self.payload[0]
+        return ray.get(value, timeout=timeout_s) if isinstance(value, ray.ObjectRef) else value
+
+    def resolve(self) -> WeightHandle:
+        """This handle with the publish call's result in place of its ref. A dispatcher
+        resolves it once for its group: the ref belongs to the driver, which answers every
+        process that fetches it (one request per generator, at the driver, otherwise)."""
+        import ray
+
+        if not self.payload or not isinstance(self.payload[0], ray.ObjectRef):
+            return self
+        return replace(self, payload=[ray.get(self.payload[0])])

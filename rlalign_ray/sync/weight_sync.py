@@ -216,7 +216,9 @@ class WeightSync:
         kind = "dispatcher of generators" if grouped else "generator"
         for b in range(len(self.plan.buckets)):
             sent = self._labelled("publish_weights", b)
-            handle = WeightHandle(version, b, [next(iter(sent))])
+            # receivers read the publish call's result, except over a process group
+            payload = None if self.plan.transport == "collective" else [next(iter(sent))]
+            handle = WeightHandle(version, b, payload)
             loads = {g.load_weights.remote(handle): f"{kind} {i}" for i, g in enumerate(loaders)}
             calls.update(sent)
             calls.update(loads)

@@ -123,7 +123,7 @@ class ObjectStoreTransport(WeightTransport):
         from ray.exceptions import GetTimeoutError
 
         try:
-            (ref,) = ray.get(handle.payload[0], timeout=self.plan.timeout_s)
+            (ref,) = handle.published(self.plan.timeout_s)
             arrays = ray.get(ref, timeout=self.plan.timeout_s)
         except GetTimeoutError as e:
             raise self._error(
@@ -246,10 +246,8 @@ class SharedMemoryTransport(WeightTransport):
         import ray
         from ray.exceptions import GetTimeoutError
 
-        slot = handle.payload[0]
         try:  # the sender's publish call for this bucket has finished writing it
-            if isinstance(slot, ray.ObjectRef):
-                slot = ray.get(slot, timeout=self.plan.timeout_s)
+            slot = handle.published(self.plan.timeout_s)
         except GetTimeoutError as e:
             raise self._error(
                 f"wait for bucket {handle.bucket} of version {handle.version}", e

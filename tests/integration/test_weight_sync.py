@@ -1,8 +1,11 @@
 """WeightSync on a real local Ray instance, real Generator actors and a plain model as the
 source: weights arrive in the generators' dtype (bf16 from an fp32 source), a generator
-that missed a version catches up, and a dead peer ends a collective sync with an error."""
+that missed a version catches up, loads go through a dispatcher (``rollout.dispatch_group``),
+and a dead peer ends a collective sync with an error."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,6 +13,8 @@ import pytest
 from rlalign_ray.config import ModelConfig, Resources, RolloutConfig, SyncConfig
 from rlalign_ray.errors import ActorFailure
 from rlalign_ray.rollout.generator import Generator
+from rlalign_ray.runtime.dispatch import Dispatcher
+from rlalign_ray.sync.plan import WeightHandle
 from rlalign_ray.sync.weight_sync import WeightSync
 
 pytestmark = pytest.mark.integration
@@ -61,6 +66,42 @@ def test_generator_that_missed_a_version_catches_up_in_bf16(ray_local, tiny_mode
                 np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     finally:
         for a in [source, *gens]:
+            ray.kill(a)
+
+
+@pytest.mark.parametrize(
+    "transport", ["object_store", pytest.param("shared_memory", marks=pytest.mark.full)]
+)
+def test_sync_through_a_dispatcher_hands_generators_the_publish_result(
+    ray_local, tiny_model, transport
+):
+    """With dispatchers the driver makes one load call per group; the dispatcher fetches the
+    publish call's result (a ref the driver owns) once and its generators get the value, so
+    the driver answers no request per generator. Every bucket still arrives."""
+    ray = ray_local
+    source, gens = _actors(ray, tiny_model, 2)
+    dispatcher = ray.remote(Dispatcher).options(num_cpus=0).remote(gens, 0, "generator", 60.0)
+    pool = SimpleNamespace(actors=gens, dispatchers=[dispatcher], versions=[0, 0])
+    cfg = SyncConfig(transport=transport, bucket_mb=0.5, timeout_s=60)
+    sync = WeightSync(cfg, "bfloat16", [source], pool)
+    try:
+        assert len(sync.setup().buckets) > 1
+        ray.get(source.perturb.remote(1))
+        assert sync.sync(1) == sync.plan.num_bytes
+        assert pool.versions == [1, 1]
+        assert ray.get([g.get_version.remote() for g in gens]) == [1, 1]
+        want = ray.get(source.get_weights.remote("bfloat16"))
+        for g in gens:
+            got = ray.get(g.get_weights.remote())
+            for name in want:
+                np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+        # what the dispatcher passes on: the result in place of the driver's ref
+        handle = WeightHandle(1, 0, [ray.put(["result"])])
+        assert handle.resolve().payload == [["result"]]
+        assert handle.resolve().published(1.0) == ["result"] == handle.published(1.0)
+        assert WeightHandle(1, 0).resolve() == WeightHandle(1, 0)
+    finally:
+        for a in [dispatcher, source, *gens]:
             ray.kill(a)
 
 
