@@ -13,8 +13,8 @@ return value, owned by the driver) the list of the run's batch refs, which only 
 0 opens (``Picks``). Handling a borrowed ref costs the driver as much CPU as a call: per-chunk
 refs were what still grew with the number of generators. For the same reason a weight load
 hands the group's generators the publish call's result, fetched once by the dispatcher,
-not the driver's ref to it (``bench scale`` at 256 actors: 24 ms of the driver's CPU per
-step went to answering the generators for it).
+not the driver's ref to it (``bench scale`` at 256 actors: the driver's CPU in a step's
+weight sync fell from 23.6 to 5.1 ms without it).
 
 A dispatcher is a synchronous actor: the calls the driver sends it run in order, so a
 weight load queued after a ``run`` reaches the group's generators after that run's chunks
