@@ -62,7 +62,7 @@ class WeightHandle:
     def is_last(self, plan: SyncPlan) -> bool:
         return self.bucket == len(plan.buckets) - 1
 
-    def published(self, timeout_s: float) -> Any:
+    def published(self, timeout_s: float | None = None) -> Any:
         """What rank 0's publish call returned for this bucket (waiting for it)."""
         import ray
 
@@ -73,8 +73,4 @@ class WeightHandle:
         """This handle with the publish call's result in place of its ref. A dispatcher
         resolves it once for its group: the ref belongs to the driver, which answers every
         process that fetches it (one request per generator, at the driver, otherwise)."""
-        import ray
-
-        if not self.payload or not isinstance(self.payload[0], ray.ObjectRef):
-            return self
-        return replace(self, payload=[ray.get(self.payload[0])])
+        return replace(self, payload=[self.published()]) if self.payload else self

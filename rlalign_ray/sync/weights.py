@@ -243,7 +243,6 @@ class SharedMemoryTransport(WeightTransport):
         return self.slot
 
     def receive(self, handle: WeightHandle, backend: Any) -> None:
-        import ray
         from ray.exceptions import GetTimeoutError
 
         try:  # the sender's publish call for this bucket has finished writing it
