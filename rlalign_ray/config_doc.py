@@ -1,5 +1,5 @@
 """Every config key with its type, default and doc line, read from the dataclass tree in
-``rlalign_ray/config.py`` (``rlalign-ray train --help`` prints it)."""
+``rlalign_ray/config/`` (``rlalign-ray train --help`` prints it)."""
 
 from __future__ import annotations
 

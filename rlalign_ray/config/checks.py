@@ -1,0 +1,373 @@
+"""Validation of a built tree: impossible values and combinations, each error naming the
+key and the fix. One check per section; ``validate`` runs them all and returns every
+problem (the loader raises them together as one ``ConfigError``)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rlalign_ray.config.tree import Config
+
+LOGGERS = {
+    "jsonl": None,
+    "tensorboard": "tensorboard",
+    "console": None,
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+}  # logger -> the module it imports
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+NONFINITE_MODES = ("error", "zero", "drop_group")
+ENV_REWARD_MODES = ("sum", "last", "rewards-only")
+
+
+def validate(cfg: Config) -> list[str]:
+    """Every problem of ``cfg``, section by section (an empty list: the config is sound)."""
+    e: list[str] = []
+    for check in CHECKS:
+        check(cfg, e)
+    return e
+
+
+def _positive(e: list[str], key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        e.append(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def check_run(cfg: Config, e: list[str]) -> None:
+    _positive(e, "run.max_actor_restarts", cfg.run.max_actor_restarts, allow_zero=True)
+    _positive(e, "run.max_learner_restarts", cfg.run.max_learner_restarts, allow_zero=True)
+    _positive(e, "run.driver_threads", cfg.run.driver_threads, allow_zero=True)
+
+
+def check_model(cfg: Config, e: list[str]) -> None:
+    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
+        e.append(f"model.dtype: use float32, bfloat16 or float16, got {cfg.model.dtype!r}")
+    for role in ("learner", "critic") if cfg.needs_critic else ("learner",):
+        if cfg.model.dtype != "float32" and not getattr(cfg, role).bf16:
+            e.append(
+                f"model.dtype: {cfg.model.dtype} weights with {role}.bf16: false would run "
+                f"the optimizer on {cfg.model.dtype} weights with no float32 master copy "
+                f"(updates lost to rounding); set {role}.bf16: true, or model.dtype: float32"
+            )
+
+
+def check_data(cfg: Config, e: list[str]) -> None:
+    if not cfg.data.train:
+        e.append("data.train: give a JSONL or Parquet file, or a save_to_disk folder, of prompts")
+    if cfg.data.truncation not in ("error", "left", "drop"):
+        e.append(f"data.truncation: use one of error, left, drop, got {cfg.data.truncation!r}")
+    if isinstance(cfg.data.eval, dict):
+        for name in cfg.data.eval:
+            if not name or "/" in name:
+                e.append(f"data.eval.{name}: an eval set's name must be non-empty without '/'")
+
+
+def check_rollout(cfg: Config, e: list[str]) -> None:
+    r = cfg.rollout
+    for key in ("prompts_per_step", "n_samples", "max_new_tokens", "num_actors"):
+        _positive(e, f"rollout.{key}", getattr(r, key))
+    _positive(e, "rollout.micro_batch_size", r.micro_batch_size)
+    _positive(e, "rollout.timeout_s", r.timeout_s)
+    _positive(e, "rollout.chunk_size", r.chunk_size, allow_zero=True)
+    _positive(e, "rollout.dispatch_group", r.dispatch_group, allow_zero=True)
+    if r.enable_sleep_mode and cfg.trainer.max_staleness > 0:
+        e.append(
+            "rollout.enable_sleep_mode: generators cannot sleep while the learner trains "
+            "in pipelined training (trainer.max_staleness > 0); turn one of them off"
+        )
+    if r.temperature <= 0:
+        e.append(
+            "rollout.temperature: must be > 0 for sampling (use eval_temperature=0 for greedy)"
+        )
+    if not 0 < r.top_p <= 1:
+        e.append(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
+    if r.backend not in ("hf", "vllm"):
+        e.append(f"rollout.backend: unknown backend {r.backend!r}; available: hf, vllm")
+    if r.dtype is not None and r.dtype not in ("float32", "bfloat16", "float16"):
+        e.append(f"rollout.dtype: use float32, bfloat16, float16 or null, got {r.dtype!r}")
+    _positive(e, "rollout.tensor_parallel_size", r.tensor_parallel_size)
+    _check_vllm(cfg, e)
+    if any(not isinstance(s, str) or not s for s in r.stop):
+        e.append(f"rollout.stop: stop strings must be non-empty, got {r.stop}")
+
+
+def _check_vllm(cfg: Config, e: list[str]) -> None:
+    r = cfg.rollout
+    if r.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        e.append(
+            "rollout.backend: vllm is not installed; run `bash launch/install_vllm.sh` "
+            "(or use rollout.backend: hf)"
+        )
+    if r.enable_sleep_mode and r.backend != "vllm":
+        e.append(
+            "rollout.enable_sleep_mode: only the vllm backend sleeps; set rollout.backend: vllm"
+        )
+    if r.tensor_parallel_size > 1 and r.resources.num_gpus < r.tensor_parallel_size:
+        e.append(
+            f"rollout.resources.num_gpus: each generator runs a vLLM engine over "
+            f"rollout.tensor_parallel_size={r.tensor_parallel_size} GPUs; ask for at least "
+            f"that many (got {r.resources.num_gpus:g})"
+        )
+    if not 0 < r.gpu_memory_utilization <= 1:
+        e.append(
+            f"rollout.gpu_memory_utilization: must be in (0, 1], got {r.gpu_memory_utilization}"
+        )
+    _positive(e, "rollout.kv_cache_gb", r.kv_cache_gb)
+    _positive(e, "rollout.max_model_len", r.max_model_len, allow_zero=True)
+
+
+def check_sync(cfg: Config, e: list[str]) -> None:
+    if cfg.sync.transport not in ("auto", "collective", "shared_memory", "object_store"):
+        e.append(
+            "sync.transport: use auto, collective, shared_memory or object_store, got "
+            f"{cfg.sync.transport!r}"
+        )
+    if cfg.sync.backend not in ("auto", "gloo", "nccl"):
+        e.append(f"sync.backend: use auto, gloo or nccl, got {cfg.sync.backend!r}")
+    _positive(e, "sync.bucket_mb", cfg.sync.bucket_mb)
+
+
+def check_env(cfg: Config, e: list[str]) -> None:
+    v = cfg.env
+    if not v.path:
+        return
+    if ":" not in v.path:
+        e.append(f"env.path: write it as module:Class, got {v.path!r}")
+    _positive(e, "env.max_turns", v.max_turns)
+    _positive(e, "env.timeout_s", v.timeout_s, allow_zero=True)
+    _positive(e, "env.num_actors", v.num_actors, allow_zero=True)
+    _positive(e, "env.max_context_tokens", v.max_context_tokens, allow_zero=True)
+    if v.reward not in ENV_REWARD_MODES:
+        e.append(f"env.reward: use one of {', '.join(ENV_REWARD_MODES)}, got {v.reward!r}")
+    if cfg.algorithm.overlong_buffer:
+        e.append(
+            "algorithm.overlong_buffer: counts a whole multi-turn trajectory against "
+            "rollout.max_new_tokens (a per-turn limit with env.path); set it to 0"
+        )
+
+
+def check_reward(cfg: Config, e: list[str]) -> None:
+    _positive(e, "reward.num_actors", cfg.reward.num_actors)
+    _positive(e, "reward.timeout_s", cfg.reward.timeout_s, allow_zero=True)
+    if cfg.reward.on_nonfinite not in NONFINITE_MODES:
+        e.append(
+            f"reward.on_nonfinite: use one of {', '.join(NONFINITE_MODES)}, "
+            f"got {cfg.reward.on_nonfinite!r}"
+        )
+    if not cfg.reward.rewards and not (cfg.env.path and cfg.env.reward != "rewards-only"):
+        e.append(
+            "reward.rewards: give at least one reward, e.g. "
+            "[{type: function, path: 'rlalign_ray.rewards.builtin:arithmetic_exact'}]"
+        )
+    for i, spec in enumerate(cfg.reward.rewards):
+        key = f"reward.rewards[{i}]"
+        if spec.type not in ("function", "model", "embedding", "http"):
+            e.append(f"{key}.type: use function, model, embedding or http, got {spec.type!r}")
+        if spec.type == "http":
+            if not spec.url.startswith(("http://", "https://")):
+                e.append(
+                    f"{key}.url: an http reward needs an http:// or https:// URL, got {spec.url!r}"
+                )
+            _positive(e, f"{key}.timeout_s", spec.timeout_s)
+            _positive(e, f"{key}.retries", spec.retries, allow_zero=True)
+            _positive(e, f"{key}.batch_size", spec.batch_size)
+        elif not spec.path:
+            e.append(f"{key}.path: required (module:function or a model path)")
+        elif spec.type == "function" and ":" not in spec.path:
+            e.append(f"{key}.path: a function reward is 'module:function', got {spec.path!r}")
+
+
+def check_algorithm(cfg: Config, e: list[str]) -> None:
+    from rlalign_ray.algorithms import ADVANTAGE_ESTIMATORS, AGGREGATION_MODES, KL_KINDS
+
+    a, r = cfg.algorithm, cfg.rollout
+    if a.name not in ADVANTAGE_ESTIMATORS:
+        e.append(
+            f"algorithm.name: unknown {a.name!r}; choose one of {sorted(ADVANTAGE_ESTIMATORS)}"
+        )
+    elif ADVANTAGE_ESTIMATORS[a.name].needs_groups and r.n_samples < 2:
+        e.append(
+            f"rollout.n_samples: {a.name} compares samples within a prompt's group, so it "
+            f"needs n_samples >= 2 (got {r.n_samples})"
+        )
+    if a.kl_estimator not in KL_KINDS:
+        e.append(f"algorithm.kl_estimator: unknown {a.kl_estimator!r}; use one of {list(KL_KINDS)}")
+    if a.loss_agg not in AGGREGATION_MODES:
+        e.append(
+            f"algorithm.loss_agg: unknown {a.loss_agg!r}; use one of {list(AGGREGATION_MODES)}"
+        )
+    if a.use_behaviour_logprobs and cfg.trainer.max_staleness > 0:
+        e.append(
+            "algorithm.use_behaviour_logprobs: pipelined training (trainer.max_staleness > "
+            "0) needs the learner's own old log-probs to correct for stale samples; set "
+            "it to false"
+        )
+    if a.behaviour_is_cap is not None and a.behaviour_is_cap < 0:
+        e.append(f"algorithm.behaviour_is_cap: must be >= 0 (0: off), got {a.behaviour_is_cap}")
+    if a.dual_clip is not None and a.dual_clip <= 1:
+        e.append(f"algorithm.dual_clip: must be > 1 (e.g. 3.0) or null, got {a.dual_clip}")
+    if a.kl_in_reward and a.name in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"):
+        e.append(
+            f"algorithm.kl_in_reward: {a.name} scores whole sequences; use the KL loss "
+            "term (kl_in_reward: false), or ppo / reinforce_pp"
+        )
+    if a.overlong_buffer >= r.max_new_tokens:
+        e.append(
+            f"algorithm.overlong_buffer: must be < rollout.max_new_tokens "
+            f"({r.max_new_tokens}), got {a.overlong_buffer}"
+        )
+    if a.kl_coef < 0:
+        e.append(f"algorithm.kl_coef: must be >= 0, got {a.kl_coef}")
+
+
+def check_learner(cfg: Config, e: list[str]) -> None:
+    lr = cfg.learner
+    _positive(e, "learner.world_size", lr.world_size)
+    _positive(e, "learner.micro_batch_size", lr.micro_batch_size)
+    _positive(e, "learner.update_epochs", lr.update_epochs)
+    _positive(e, "learner.max_skipped_steps", lr.max_skipped_steps, allow_zero=True)
+    if lr.zero_stage not in (0, 1, 2, 3):
+        e.append(f"learner.zero_stage: must be 0, 1, 2 or 3, got {lr.zero_stage}")
+    if lr.backend not in ("auto", "gloo", "nccl"):
+        e.append(f"learner.backend: use auto, gloo or nccl, got {lr.backend!r}")
+    if len(lr.betas) != 2:
+        e.append(f"learner.betas: needs two numbers, got {lr.betas}")
+    for role in ("learner", "critic"):
+        _check_optimizer(cfg, role, e)
+    _check_batches(cfg, e)
+    _check_lora(cfg, e)
+
+
+def _check_optimizer(cfg: Config, role: str, e: list[str]) -> None:
+    """A DeepSpeed group's optimizer, schedule and memory knobs (learner and critic)."""
+    sec = getattr(cfg, role)
+    if sec.optimizer not in ("adamw", "sgd"):
+        e.append(f"{role}.optimizer: use adamw or sgd, got {sec.optimizer!r}")
+    _positive(e, f"{role}.logprob_chunk_size", sec.logprob_chunk_size, allow_zero=True)
+    longest = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+    budget = sec.max_tokens_per_micro_batch
+    if budget < 0 or 0 < budget < longest:
+        e.append(
+            f"{role}.max_tokens_per_micro_batch: must be 0 (off) or hold one full row of "
+            f"data.max_prompt_tokens + rollout.max_new_tokens = {longest} tokens, got "
+            f"{budget}; raise it or lower those limits"
+        )
+    if sec.lr_scheduler not in LR_SCHEDULERS:
+        e.append(
+            f"{role}.lr_scheduler: use one of {', '.join(LR_SCHEDULERS)}, "
+            f"got {sec.lr_scheduler!r}"
+        )
+    _positive(e, f"{role}.lr_warmup_steps", sec.lr_warmup_steps, allow_zero=True)
+    if not 0 <= sec.lr_min_ratio <= 1:
+        e.append(f"{role}.lr_min_ratio: must be in [0, 1], got {sec.lr_min_ratio}")
+
+
+def _check_batches(cfg: Config, e: list[str]) -> None:
+    lr = cfg.learner
+    batch, mini = cfg.batch_size, cfg.mini_batch_size
+    per_rank_unit = lr.world_size * lr.micro_batch_size
+    if mini > batch:
+        e.append(
+            f"learner.mini_batch_size: {mini} is larger than the batch "
+            f"(rollout.prompts_per_step * rollout.n_samples = {batch}); lower it"
+        )
+    elif batch % mini:
+        e.append(
+            f"learner.mini_batch_size: the batch of {batch} sequences "
+            f"(prompts_per_step * n_samples) must split into mini-batches of {mini}; "
+            f"pick a divisor of {batch}"
+        )
+    if mini % cfg.rollout.n_samples and cfg.algorithm.name != "ppo":
+        e.append(
+            f"learner.mini_batch_size: {mini} should hold whole groups of "
+            f"rollout.n_samples={cfg.rollout.n_samples}; use a multiple of it"
+        )
+    if mini % per_rank_unit:
+        e.append(
+            f"learner.micro_batch_size: each mini-batch of {mini} sequences is split over "
+            f"learner.world_size={lr.world_size} ranks in micro-batches of "
+            f"{lr.micro_batch_size}; {mini} is not divisible by {per_rank_unit}. "
+            f"Make mini_batch_size a multiple of world_size * micro_batch_size"
+        )
+
+
+def _check_lora(cfg: Config, e: list[str]) -> None:
+    lo = cfg.learner.lora
+    _positive(e, "learner.lora.rank", lo.rank, allow_zero=True)
+    if cfg.trainer.save_merged and lo.rank == 0:
+        e.append("trainer.save_merged: only with LoRA (learner.lora.rank > 0); final/ is merged")
+    if lo.rank == 0:
+        return
+    _positive(e, "learner.lora.alpha", lo.alpha)
+    if not 0 <= lo.dropout < 1:
+        e.append(f"learner.lora.dropout: must be in [0, 1), got {lo.dropout}")
+    if importlib.util.find_spec("peft") is None:
+        e.append("learner.lora: needs peft; pip install -e '.[lora]' (or set learner.lora.rank: 0)")
+
+
+def check_critic(cfg: Config, e: list[str]) -> None:
+    """Only where the algorithm trains a critic (ppo)."""
+    c = cfg.critic
+    if not cfg.needs_critic:
+        return
+    _positive(e, "critic.world_size", c.world_size)
+    _positive(e, "critic.micro_batch_size", c.micro_batch_size)
+    if cfg.mini_batch_size % (c.world_size * c.micro_batch_size):
+        e.append(
+            f"critic.micro_batch_size: mini-batches of {cfg.mini_batch_size} must "
+            f"split over critic.world_size={c.world_size} ranks in "
+            f"micro-batches of {c.micro_batch_size}"
+        )
+
+
+def check_reference(cfg: Config, e: list[str]) -> None:
+    _positive(e, "reference.logprob_chunk_size", cfg.reference.logprob_chunk_size, True)
+
+
+def check_trainer(cfg: Config, e: list[str]) -> None:
+    t = cfg.trainer
+    _positive(e, "trainer.steps", t.steps, allow_zero=True)
+    _positive(e, "trainer.max_staleness", t.max_staleness, allow_zero=True)
+    if t.eval_every < 0 or t.save_every < 0:
+        e.append("trainer.eval_every / trainer.save_every: must be >= 0")
+    _positive(e, "trainer.keep_checkpoints", t.keep_checkpoints, allow_zero=True)
+    if t.resume not in ("none", "auto") and not Path(t.resume).exists():
+        e.append(
+            f"trainer.resume: {t.resume!r} is neither none, auto nor an existing checkpoint "
+            "or run folder"
+        )
+    for name in t.loggers:
+        if name not in LOGGERS:
+            e.append(f"trainer.loggers: unknown logger {name!r}; use any of {', '.join(LOGGERS)}")
+        elif LOGGERS[name] and importlib.util.find_spec(LOGGERS[name]) is None:
+            e.append(
+                f"trainer.loggers: {name} is not installed; pip install 'rlalign-ray[{name}]' "
+                f"(or leave {name} out of trainer.loggers)"
+            )
+    _positive(e, "trainer.log_completions", t.log_completions, allow_zero=True)
+    _positive(e, "trainer.eval_n_samples", t.eval_n_samples)
+    if t.eval_n_samples > 1 and cfg.rollout.eval_temperature <= 0:
+        e.append(
+            f"rollout.eval_temperature: trainer.eval_n_samples={t.eval_n_samples} samples per "
+            "prompt at temperature 0 (greedy) are all the same; set eval_temperature > 0 "
+            "(e.g. 1.0) or eval_n_samples: 1"
+        )
+
+
+CHECKS = (
+    check_run,
+    check_rollout,
+    check_sync,
+    check_algorithm,
+    check_critic,
+    check_learner,
+    check_reference,
+    check_model,
+    check_env,
+    check_reward,
+    check_data,
+    check_trainer,
+)

@@ -1,0 +1,72 @@
+"""What every section is made of: ``doc()`` fields and a role's resources and placement;
+plus the typing helper the loader and ``train --help`` share."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def doc(default: Any, text: str) -> Any:
+    """A dataclass field with a default (copied if mutable) and a one-line doc."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        factory = lambda d=default: _copy(d)  # noqa: E731
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+def _copy(value: Any) -> Any:
+    return copy.deepcopy(value)
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Each field's annotation, resolved (the section modules use ``from __future__ import
+    annotations``: their annotations are strings until now)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass
+class Resources:
+    """What one actor of a role asks Ray for."""
+
+    num_cpus: float = doc(1.0, "logical CPUs per actor")
+    num_gpus: float = doc(0.0, "GPUs per actor (fractions allowed, e.g. 0.5 to share a GPU)")
+    memory_gb: float = doc(0.0, "memory to reserve per actor in GiB (0: no reservation)")
+    custom: dict[str, float] = doc({}, "custom Ray resources per actor, e.g. {node_a: 1}")
+
+    def ray_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.memory_gb > 0:
+            opts["memory"] = int(self.memory_gb * 1024**3)
+        if self.custom:
+            opts["resources"] = dict(self.custom)
+        return opts
+
+    def bundle(self) -> dict[str, float]:
+        b: dict[str, float] = {"CPU": self.num_cpus}
+        if self.num_gpus:
+            b["GPU"] = self.num_gpus
+        if self.memory_gb > 0:
+            b["memory"] = float(int(self.memory_gb * 1024**3))
+        b.update(self.custom)
+        return {k: v for k, v in b.items() if v}
+
+
+@dataclass
+class Placement:
+    """Where a role's actors go (Ray placement groups do the scheduling)."""
+
+    strategy: str = doc(
+        "PACK", "PACK (few nodes), SPREAD (across nodes), STRICT_PACK, STRICT_SPREAD"
+    )
+    colocate_with: str | None = doc(
+        None, "share another role's bundles (same nodes, same GPUs), e.g. learner"
+    )
+    node_labels: dict[str, str] = doc({}, "only on nodes with these Ray node labels")

@@ -1,0 +1,70 @@
+"""The whole config: one field per section, and the values derived from several."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from rlalign_ray.config.fields import doc
+from rlalign_ray.config.general import DataConfig, ModelConfig, RunConfig
+from rlalign_ray.config.generation import EnvConfig, RewardConfig, RolloutConfig, SyncConfig
+from rlalign_ray.config.training import (
+    AlgorithmConfig,
+    CriticConfig,
+    LearnerConfig,
+    ReferenceConfig,
+    TrainerConfig,
+)
+
+
+@dataclass
+class Config:
+    run: RunConfig = doc(RunConfig(), "cluster and seeds")
+    model: ModelConfig = doc(ModelConfig(), "policy and reference models")
+    data: DataConfig = doc(DataConfig(), "prompt datasets")
+    rollout: RolloutConfig = doc(RolloutConfig(), "generator pool and sampling")
+    reward: RewardConfig = doc(RewardConfig(), "reward pool")
+    algorithm: AlgorithmConfig = doc(AlgorithmConfig(), "RL algorithm")
+    learner: LearnerConfig = doc(LearnerConfig(), "DeepSpeed learner group")
+    reference: ReferenceConfig = doc(ReferenceConfig(), "reference actor for the KL term")
+    critic: CriticConfig = doc(CriticConfig(), "value model group (ppo only)")
+    sync: SyncConfig = doc(SyncConfig(), "weight sync from the learner to the generators")
+    trainer: TrainerConfig = doc(TrainerConfig(), "the driver loop")
+    env: EnvConfig = doc(EnvConfig(), "environments for multi-turn rollouts (env.path)")
+
+    # ---- derived values, computed once -------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        """Sequences per step: prompts_per_step * n_samples."""
+        return self.rollout.prompts_per_step * self.rollout.n_samples
+
+    @property
+    def mini_batch_size(self) -> int:
+        return self.learner.mini_batch_size or self.batch_size
+
+    @property
+    def generator_dtype(self) -> str:
+        """The dtype generators hold (and weights travel in)."""
+        return self.rollout.dtype or self.model.dtype
+
+    @property
+    def behaviour_is_cap(self) -> float:
+        """``algorithm.behaviour_is_cap`` resolved: pipelined training corrects for stale
+        samples (AReaL's decoupled objective) unless told otherwise."""
+        cap = self.algorithm.behaviour_is_cap
+        return cap if cap is not None else (2.0 if self.trainer.max_staleness > 0 else 0.0)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.algorithm.kl_coef > 0
+
+    @property
+    def needs_critic(self) -> bool:
+        from rlalign_ray.algorithms import ADVANTAGE_ESTIMATORS
+
+        est = ADVANTAGE_ESTIMATORS.get(self.algorithm.name)
+        return bool(est and est.needs_critic)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
