@@ -14,12 +14,15 @@ from rlalign_ray.config import Config
 
 def _type_name(tp: Any) -> str:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (typing.Union, types.UnionType):  # an option or null: a|b|null
+        sep = "|" if any(typing.get_origin(a) is typing.Literal for a in args) else " | "
+        return sep.join("null" if a is type(None) else _type_name(a) for a in args)
     if origin is list:
         return f"list[{_type_name(args[0])}]"
     if origin is dict:
         return f"dict[{_type_name(args[0])}, {_type_name(args[1])}]"
+    if origin is typing.Literal:  # an option: its values, e.g. hf|vllm
+        return "|".join(str(a) for a in args)
     return getattr(tp, "__name__", str(tp))
 
 

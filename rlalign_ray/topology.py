@@ -21,7 +21,7 @@ import importlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from rlalign_ray.config import Config, Placement, Resources
+from rlalign_ray.config import STRATEGIES, Config, Placement, Resources
 from rlalign_ray.errors import ConfigError
 
 DEEPSPEED_ROLES = ("learner", "critic")  # roles whose actors form a process group
@@ -72,7 +72,7 @@ class Topology:
             p = pool.placement
             if pool.num_actors < 1:
                 e.append(f"{role}: needs at least one actor")
-            if p.strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            if p.strategy not in STRATEGIES:  # Placements built in Python skip config checks
                 e.append(
                     f"{role}.placement.strategy: use PACK, SPREAD, STRICT_PACK or "
                     f"STRICT_SPREAD, got {p.strategy!r}"

@@ -1,13 +1,15 @@
-"""What every section is made of: ``doc()`` fields and a role's resources and placement;
-plus the typing helper the loader and ``train --help`` share."""
+"""What every section is made of: ``doc()`` fields, option types (``Literal``), a role's
+resources and placement; plus the typing helpers the loader, the checks and ``train --help``
+share."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 def doc(default: Any, text: str) -> Any:
@@ -24,12 +26,35 @@ def _copy(value: Any) -> Any:
 
 def field_types(cls: type) -> dict[str, Any]:
     """Each field's annotation, resolved (the section modules use ``from __future__ import
-    annotations``: their annotations are strings until now)."""
+    annotations``: their annotations, option aliases included, are strings until now, so
+    an alias must be a global of the module that declares the field)."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+def is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def literal_choices(tp: Any) -> tuple[tuple[Any, ...], bool]:
+    """``(allowed values, null allowed)`` of an option field (``Literal[...]``, maybe
+    ``| None``); ``((), False)`` for any other type."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp), False
+    if is_union(tp):
+        args = typing.get_args(tp)
+        for a in args:
+            if typing.get_origin(a) is Literal:
+                return typing.get_args(a), type(None) in args
+    return (), False
+
+
+# Option types shared by several sections (a section's own ones live with it). A value
+# outside them is reported by checks.check_options, with the values allowed.
+Dtype = Literal["float32", "bfloat16", "float16"]
+DistBackend = Literal["auto", "gloo", "nccl"]  # torch.distributed backend
+Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+STRATEGIES = typing.get_args(Strategy)
 
 
 @dataclass
@@ -63,7 +88,7 @@ class Resources:
 class Placement:
     """Where a role's actors go (Ray placement groups do the scheduling)."""
 
-    strategy: str = doc(
+    strategy: Strategy = doc(
         "PACK", "PACK (few nodes), SPREAD (across nodes), STRICT_PACK, STRICT_SPREAD"
     )
     colocate_with: str | None = doc(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from rlalign_ray.config.fields import doc
+from rlalign_ray.config.fields import Dtype, doc
+
+Truncation = Literal["error", "left", "drop"]
 
 
 @dataclass
@@ -43,7 +45,7 @@ class ModelConfig:
     path: str = doc("builtin:tiny-arith", "policy: HF hub id, local folder, or builtin:NAME")
     tokenizer: str | None = doc(None, "tokenizer path; null: the model path")
     reference: str | None = doc(None, "reference model path; null: the initial policy")
-    dtype: str = doc("float32", "parameter dtype: float32, bfloat16 or float16")
+    dtype: Dtype = doc("float32", "parameter dtype: float32, bfloat16 or float16")
     trust_remote_code: bool = doc(False, "allow model code from the hub")
     chat_template: bool = doc(False, "wrap prompts with the tokenizer's chat template")
     chat_template_kwargs: dict[str, Any] = doc(
@@ -64,7 +66,7 @@ class DataConfig:
     )
     prompt_key: str = doc("prompt", "key holding the prompt (a string, or a list of messages)")
     max_prompt_tokens: int = doc(512, "longest prompt in tokens (see data.truncation)")
-    truncation: str = doc(
+    truncation: Truncation = doc(
         "error",
         "a prompt over max_prompt_tokens: error (stop, naming file:line), left (keep its "
         "last tokens, count data/truncated), drop (leave it out, count data/dropped)",

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from rlalign_ray.config.fields import Placement, Resources, doc
+from rlalign_ray.config.fields import DistBackend, Dtype, Placement, Resources, doc
+
+RolloutBackend = Literal["hf", "vllm"]
+Transport = Literal["auto", "collective", "cuda_ipc", "shared_memory", "object_store"]
+RewardType = Literal["function", "model", "embedding", "http"]
+NonfiniteMode = Literal["error", "zero", "drop_group"]
+NONFINITE_MODES = typing.get_args(NonfiniteMode)
+EnvRewardMode = Literal["sum", "last", "rewards-only"]
+ENV_REWARD_MODES = typing.get_args(EnvRewardMode)
 
 
 @dataclass
@@ -18,10 +27,10 @@ class RolloutConfig:
     top_k: int = doc(0, "top-k sampling (0: off)")
     eval_temperature: float = doc(0.0, "0: greedy evaluation")
     ignore_eos: bool = doc(False, "always sample max_new_tokens, even past EOS (benchmarks)")
-    backend: str = doc(
+    backend: RolloutBackend = doc(
         "hf", "generation backend: hf (transformers, own sampling loop) or vllm (vLLM engine)"
     )
-    dtype: str | None = doc(
+    dtype: Dtype | None = doc(
         None, "generator weights dtype (weights travel in it); null: model.dtype"
     )
     tensor_parallel_size: int = doc(1, "vllm: GPUs per engine (tensor parallel)")
@@ -62,14 +71,14 @@ class RolloutConfig:
 class SyncConfig:
     """How new weights travel from learner rank 0 to the generators."""
 
-    transport: str = doc(
+    transport: Transport = doc(
         "auto",
         "auto (collective on GPU; on CPU shared_memory on one node, else object_store), "
         "collective (gloo/NCCL group), shared_memory (a file in /dev/shm, one node), "
         "object_store (Ray's shared-memory store)",
     )
     bucket_mb: float = doc(256.0, "weights travel in buckets of about this many MiB")
-    backend: str = doc("auto", "collective transport: auto (nccl on GPU, gloo on CPU), gloo, nccl")
+    backend: DistBackend = doc("auto", "collective transport: auto (nccl on GPU, gloo on CPU), gloo, nccl")
     timeout_s: float = doc(600.0, "fail a weight sync (or the group's set-up) after this")
 
 
@@ -78,7 +87,7 @@ class RewardSpec:
     """One reward; the total is the weighted sum."""
 
     name: str = doc("", "label in metrics (default: derived from type and path)")
-    type: str = doc("function", "function (module:fn), model (sequence classifier), embedding")
+    type: RewardType = doc("function", "function (module:fn), model (sequence classifier), embedding")
     path: str = doc("", "module:function, or a model path for model/embedding")
     weight: float = doc(1.0, "weight in the total reward")
     reference_key: str = doc("reference", "embedding reward: dataset column with the target")
@@ -99,7 +108,7 @@ class RewardConfig:
     timeout_s: float = doc(
         600.0, "fail if one reward on one batch takes longer than this (0: no limit)"
     )
-    on_nonfinite: str = doc(
+    on_nonfinite: NonfiniteMode = doc(
         "error",
         "a NaN/inf reward: error (stop, naming it), zero (count it as 0), drop_group "
         "(leave its prompt's group out of the step)",
@@ -114,7 +123,7 @@ class EnvConfig:
     kwargs: dict[str, Any] = doc({}, "keyword arguments for the environment class")
     max_turns: int = doc(4, "actions per episode at most; episodes cut there are truncated")
     stop: list[str] = doc([], "strings that end an action (besides EOS), kept in the action")
-    reward: str = doc(
+    reward: EnvRewardMode = doc(
         "sum", "per-turn env rewards: sum, last, or rewards-only (only reward.rewards count)"
     )
     timeout_s: float = doc(60.0, "fail if one reset/step call takes longer (0: no limit)")

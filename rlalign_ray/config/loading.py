@@ -1,13 +1,13 @@
 """Loading: YAML (with ``base:`` files) + dotted overrides -> the typed tree, validated.
 
 Type errors (an unknown key, a string where a number goes) are reported together and stop
-there; a tree that builds is then checked as a whole (``checks.validate``)."""
+there; a tree that builds is then checked as a whole (``checks.validate``), an option's
+value outside its ``Literal`` included, so that it is reported with every other problem."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from rlalign_ray.config.checks import validate
-from rlalign_ray.config.fields import _copy, field_types
+from rlalign_ray.config.fields import _copy, field_types, is_union
 from rlalign_ray.config.tree import Config
 from rlalign_ray.errors import ConfigError
 
@@ -113,7 +113,7 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
 def _coerce(tp: Any, value: Any, key: str, errors: list[str]) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
+    if is_union(tp):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
@@ -122,6 +122,9 @@ def _coerce(tp: Any, value: Any, key: str, errors: list[str]) -> Any:
             if isinstance(kind, type) and kind in (dict, list) and isinstance(value, kind):
                 return _coerce(a, value, key, errors)
         return _coerce(inner[0], value, key, errors)
+    if origin is typing.Literal:
+        # an option: coerced to its values' type; checks.check_options names those allowed
+        return _coerce(type(args[0]), value, key, errors)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key + ".", errors)
     if origin is list:
@@ -134,6 +137,10 @@ def _coerce(tp: Any, value: Any, key: str, errors: list[str]) -> Any:
             errors.append(f"{key}: expected a mapping, got {value!r}")
             return {}
         return {str(k): _coerce(args[1], v, f"{key}.{k}", errors) for k, v in value.items()}
+    return _coerce_scalar(tp, value, key, errors)
+
+
+def _coerce_scalar(tp: Any, value: Any, key: str, errors: list[str]) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value

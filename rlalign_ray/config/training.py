@@ -2,25 +2,42 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
-from rlalign_ray.config.fields import Placement, Resources, doc
+from rlalign_ray.config.fields import DistBackend, Placement, Resources, doc
+
+# the same names as rlalign_ray.algorithms' ADVANTAGE_ESTIMATORS, KL_KINDS and
+# AGGREGATION_MODES (tests/unit/test_config.py checks; the config does not import torch)
+AlgorithmName = Literal["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
+KlEstimator = Literal["k1", "k2", "k3", "abs"]
+LossAgg = Literal[
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+]
+Optimizer = Literal["adamw", "sgd"]
+LrScheduler = Literal["constant", "linear", "cosine"]
+LR_SCHEDULERS = typing.get_args(LrScheduler)
 
 
 @dataclass
 class AlgorithmConfig:
-    name: str = doc(
+    name: AlgorithmName = doc(
         "grpo", "advantage estimator: ppo, grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline"
     )
     kl_coef: float = doc(0.0, "KL coefficient (0: no reference model is started)")
-    kl_estimator: str = doc("k3", "KL estimator: k1, k2, k3 or abs")
+    kl_estimator: KlEstimator = doc("k3", "KL estimator: k1, k2, k3 or abs")
     kl_in_reward: bool = doc(False, "KL as a per-token reward penalty (else a loss term)")
     kl_target: float = doc(0.0, "adaptive KL controller target (0: fixed kl_coef)")
     kl_horizon: int = doc(10000, "adaptive KL controller horizon in samples")
     clip_low: float = doc(0.2, "PPO clip: ratio >= 1 - clip_low")
     clip_high: float = doc(0.2, "PPO clip: ratio <= 1 + clip_high (DAPO clip-higher: 0.28)")
     dual_clip: float | None = doc(None, "dual-clip constant c > 1 for negative advantages")
-    loss_agg: str = doc("token-mean", "loss aggregation mode")
+    loss_agg: LossAgg = doc("token-mean", "loss aggregation mode")
     entropy_coef: float = doc(0.0, "entropy bonus coefficient")
     gamma: float = doc(1.0, "discount for GAE and REINFORCE++ returns")
     lam: float = doc(0.95, "GAE lambda (ppo)")
@@ -50,8 +67,8 @@ class DeepSpeedRole:
     placement: Placement = doc(Placement(), "where the ranks go")
     actor_class: str | None = doc(None, "module:Class to run instead of the built-in rank")
     zero_stage: int = doc(0, "DeepSpeed ZeRO stage 0-3")
-    backend: str = doc("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU)")
-    optimizer: str = doc("adamw", "adamw, or sgd (plain gradient steps: for exactness checks)")
+    backend: DistBackend = doc("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU)")
+    optimizer: Optimizer = doc("adamw", "adamw, or sgd (plain gradient steps: for exactness checks)")
     lr: float = doc(1e-5, "learning rate")
     weight_decay: float = doc(0.0, "AdamW weight decay")
     betas: list[float] = doc([0.9, 0.999], "AdamW betas")
@@ -69,7 +86,7 @@ class DeepSpeedRole:
         "tokens each, instead of micro_batch_size rows (0: off)",
     )
     gradient_checkpointing: bool = doc(False, "recompute activations in backward")
-    lr_scheduler: str = doc(
+    lr_scheduler: LrScheduler = doc(
         "constant",
         "learning-rate schedule (DeepSpeed's scheduler) over all optimizer steps of the run: "
         "constant, linear (decay to 0) or cosine (decay to lr * lr_min_ratio)",

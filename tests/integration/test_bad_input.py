@@ -55,10 +55,10 @@ CASES = [
     Case("wrong_type_int", ["rollout.n_samples=eight"], ["rollout.n_samples", "expected an integer"]),
     Case("wrong_type_bool", ["trainer.tensorboard=maybe"], ["trainer.tensorboard", "expected true or false"]),
     Case("wrong_type_section", ["learner=3"], ["learner", "expected a mapping"]),
-    Case("bad_algorithm", ["algorithm.name=ppx"], ["algorithm.name", "'ppx'", "choose one of"]),
+    Case("bad_algorithm", ["algorithm.name=ppx"], ["algorithm.name", "'ppx'", "use one of ppo, grpo"]),
     Case("bad_kl_estimator", ["algorithm.kl_estimator=k9"], ["algorithm.kl_estimator", "use one of"]),
-    Case("bad_backend", ["rollout.backend=tgi"], ["rollout.backend", "available: hf, vllm"]),
-    Case("bad_sync_transport", ["sync.transport=pigeon"], ["sync.transport", "use auto"]),
+    Case("bad_backend", ["rollout.backend=tgi"], ["rollout.backend", "use one of hf, vllm"]),
+    Case("bad_sync_transport", ["sync.transport=pigeon"], ["sync.transport", "use one of auto, collective"]),
     Case("negative_samples", ["rollout.n_samples=-1"], ["rollout.n_samples", "must be > 0"]),
     Case("zero_temperature", ["rollout.temperature=0"], ["rollout.temperature", "eval_temperature"]),
     Case("grpo_one_sample", ["rollout.n_samples=1"], ["rollout.n_samples", "n_samples >= 2"]),
@@ -71,10 +71,10 @@ CASES = [
     # ---- precision ---------------------------------------------------------------------
     Case("bf16_weights_fp32_optimizer", ["model.dtype=bfloat16"], ["model.dtype", "learner.bf16: true", "model.dtype: float32"]),
     Case("fp16_weights_fp32_optimizer", ["model.dtype=float16"], ["model.dtype", "learner.bf16: true", "master copy"]),
-    Case("bad_dtype", ["model.dtype=float8"], ["model.dtype", "use float32, bfloat16 or float16"]),
+    Case("bad_dtype", ["model.dtype=float8"], ["model.dtype", "use one of float32, bfloat16, float16"]),
     # ---- topology ----------------------------------------------------------------------
     Case("colocate_unknown_role", ["rollout.placement.colocate_with=critic"], ["generator.placement.colocate_with", "'critic'"]),
-    Case("bad_strategy", ["rollout.placement.strategy=EVERYWHERE"], ["generator.placement.strategy", "STRICT_SPREAD"]),
+    Case("bad_strategy", ["rollout.placement.strategy=EVERYWHERE"], ["rollout.placement.strategy", "STRICT_SPREAD"]),
     Case("actor_class_missing", ["reward.actor_class=no_such_mod:Scorer"], ["reward.actor_class", "no_such_mod:Scorer", "module:Class"]),
     # ---- datasets ----------------------------------------------------------------------
     Case("dataset_missing", ["data.train={tmp}/nope.jsonl"], ["data.train", "nope.jsonl", "does not exist"]),

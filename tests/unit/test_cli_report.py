@@ -41,6 +41,9 @@ def test_train_help_lists_every_key_with_type_default_and_doc(capsys):
     assert re.search(r"^  rollout\.stop \(list\[str\], default \[\]\)$", out, re.M)
     assert re.search(r"^  learner\.lora\.rank \(int, default 0\)$", out, re.M)
     assert "reward.rewards[].path (str" in out  # items of a list of sections
+    transports = "auto|collective|cuda_ipc|shared_memory|object_store"
+    assert f'  sync.transport ({transports}, default "auto")\n' in out  # options: their values
+    assert "  rollout.dtype (float32|bfloat16|float16|null, default null)\n" in out
     assert {k for k, *_ in config_keys()} >= set(leaves)
 
 

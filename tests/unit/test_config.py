@@ -110,8 +110,9 @@ def test_group_estimators_need_groups():
 
 def test_unknown_algorithm_and_estimator_and_missing_reward():
     probs = _problems({"algorithm": {"name": "ppo2", "kl_estimator": "k9"}})
-    assert any(p.startswith("algorithm.name: unknown 'ppo2'") for p in probs)
-    assert any(p.startswith("algorithm.kl_estimator: unknown 'k9'") for p in probs)
+    names = "ppo, grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline"
+    assert f"algorithm.name: use one of {names}; got 'ppo2'" in probs
+    assert "algorithm.kl_estimator: use one of k1, k2, k3, abs; got 'k9'" in probs
     assert any(p.startswith("reward.rewards: give at least one reward") for p in probs)
 
 
@@ -131,7 +132,7 @@ def test_reward_spec_checks():
         for p in probs
     )
     assert any(
-        p.startswith("reward.rewards[1].type: use function, model, embedding or http")
+        p == "reward.rewards[1].type: use one of function, model, embedding, http; got 'magic'"
         for p in probs
     )
 
@@ -186,3 +187,36 @@ def test_half_precision_weights_need_bf16_training(dtype):
         {"reward": {"rewards": REWARD}, "model": {"dtype": dtype}, "learner": {"bf16": True}}
     )
     assert cfg.learner.bf16
+
+
+def test_options_are_checked_by_type_with_every_other_problem():
+    from rlalign_ray.config import validate
+
+    probs = _problems(
+        {
+            "reward": {"rewards": REWARD},
+            "sync": {"transport": "nccl"},
+            "rollout": {"dtype": "fp8"},
+            "trainer": {"steps": -1},
+            "learner": {"placement": {"strategy": "EVERYWHERE"}},
+        }
+    )
+    assert "sync.transport: use one of auto, collective, cuda_ipc, shared_memory, object_store; got 'nccl'" in probs
+    assert "rollout.dtype: use one of float32, bfloat16, float16 or null; got 'fp8'" in probs
+    assert "learner.placement.strategy: use one of PACK, SPREAD, STRICT_PACK, STRICT_SPREAD; got 'EVERYWHERE'" in probs
+    assert "trainer.steps: must be >= 0, got -1" in probs  # reported with them
+    assert config_from_dict({"reward": {"rewards": REWARD}, "rollout": {"dtype": None}})
+    cfg = Config()  # built in Python: validate checks the options all the same
+    cfg.learner.optimizer = "lion"
+    assert "learner.optimizer: use one of adamw, sgd; got 'lion'" in validate(cfg)
+
+
+def test_option_values_match_the_algorithm_registry():
+    import typing
+
+    from rlalign_ray.algorithms import ADVANTAGE_ESTIMATORS, AGGREGATION_MODES, KL_KINDS
+    from rlalign_ray.config import AlgorithmName, KlEstimator, LossAgg
+
+    assert typing.get_args(AlgorithmName) == tuple(ADVANTAGE_ESTIMATORS)
+    assert typing.get_args(KlEstimator) == tuple(KL_KINDS)
+    assert typing.get_args(LossAgg) == tuple(AGGREGATION_MODES)

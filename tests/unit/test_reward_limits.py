@@ -86,6 +86,6 @@ def test_config_names_bad_limits():
     with pytest.raises(ConfigError) as err:
         config_from_dict(raw)
     msg = str(err.value)
-    assert "reward.on_nonfinite: use one of error, zero, drop_group, got 'skip'" in msg
+    assert "reward.on_nonfinite: use one of error, zero, drop_group; got 'skip'" in msg
     assert "reward.timeout_s: must be >= 0" in msg and "rollout.timeout_s: must be > 0" in msg
     assert "learner.max_skipped_steps: must be >= 0" in msg
