@@ -8,6 +8,9 @@
   the real ``generate`` (left-padded batches).
 * :func:`make_tiny_model` - everything above in one call (CLI entry point).
 
+The warm-up lives in ``tiny_sft``, generation and accuracy in ``tiny_eval``; every name
+is importable from here.
+
 transformers 5.x note (verified with 5.24): ``AutoTokenizer.from_pretrained``
 on a folder whose ``config.json`` has ``model_type="qwen2"`` does not
 faithfully reload our saved character tokenizer: it is re-created through the
@@ -21,16 +24,48 @@ Workaround for qwen2 folders: ``PreTrainedTokenizerFast.from_pretrained(dir)``
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-import math
 import os
 import string
 import time
-from typing import Sequence
 
-logger = logging.getLogger(__name__)
+from rlalign_ray.models.tiny_eval import (
+    _accuracy,
+    _fork_rng,
+    _load,
+    _num_threads,
+    generate_completions,
+    greedy_accuracy,
+    sampled_accuracy,
+)
+from rlalign_ray.models.tiny_sft import _encode_sft_batch, warmup_sft
+
+__all__ = [  # with what tiny_eval and tiny_sft hold: import any of it from here
+    "BOS",
+    "CHAT_TEMPLATE",
+    "DEFAULT_ALPHABET",
+    "DEFAULT_MODEL_KWARGS",
+    "DEFAULT_WARMUP_KWARGS",
+    "EOS",
+    "MODEL_MAX_LENGTH",
+    "PAD",
+    "SPECIAL_TOKENS",
+    "UNK",
+    "build_sized_model",
+    "build_tiny_model",
+    "build_tokenizer",
+    "generate_completions",
+    "greedy_accuracy",
+    "make_tiny_model",
+    "num_parameters",
+    "sampled_accuracy",
+    "warmup_sft",
+    "_accuracy",
+    "_encode_sft_batch",
+    "_fork_rng",
+    "_load",
+    "_num_threads",
+]
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]  # ids 0, 1, 2, 3
@@ -139,11 +174,13 @@ def build_tiny_model(
     load ``tokenizer.json`` unchanged.
     """
     import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     if tokenizer is None:
         tokenizer = build_tokenizer()
-    common = dict(
+    config = _model_config(
+        arch,
+        tokenizer,
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -151,19 +188,7 @@ def build_tiny_model(
         num_attention_heads=num_heads,
         num_key_value_heads=num_heads,
         max_position_embeddings=max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-        initializer_range=0.02,
     )
-    if arch == "llama":
-        config = LlamaConfig(**common)
-    elif arch == "qwen2":
-        config = Qwen2Config(**common, use_sliding_window=False)
-    else:
-        raise ValueError(f"unknown arch {arch!r}; expected 'llama' or 'qwen2'")
-
     with _fork_rng(seed):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config = GenerationConfig(
@@ -177,6 +202,25 @@ def build_tiny_model(
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return model, tokenizer
+
+
+def _model_config(arch: str, tokenizer, **sizes):
+    """The ``arch`` config: tied embeddings, the tokenizer's bos/eos/pad ids."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(
+        **sizes,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        initializer_range=0.02,
+    )
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "qwen2":
+        return Qwen2Config(**common, use_sliding_window=False)
+    raise ValueError(f"unknown arch {arch!r}; expected 'llama' or 'qwen2'")
 
 
 def build_sized_model(out_dir: str, hidden: int, layers: int, vocab: int, seed: int = 0) -> str:
@@ -207,281 +251,6 @@ def build_sized_model(out_dir: str, hidden: int, layers: int, vocab: int, seed: 
 def num_parameters(model) -> int:
     """Unique parameter count (tied embeddings counted once)."""
     return sum(p.numel() for p in model.parameters())
-
-
-@contextlib.contextmanager
-def _fork_rng(seed: int):
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-@contextlib.contextmanager
-def _num_threads(n: int | None):
-    import torch
-
-    if not n:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-# --------------------------------------------------------------------------- SFT
-def _encode_sft_batch(tokenizer, problems: Sequence[dict]):
-    """Right-padded ``<s> prompt answer </s>`` batch, labels only on answer+eos."""
-    import torch
-
-    seqs, labels = [], []
-    for p in problems:
-        prompt_ids = tokenizer(p["prompt"])["input_ids"]  # includes <s>
-        ans_ids = tokenizer(str(p["answer"]), add_special_tokens=False)["input_ids"]
-        ans_ids = ans_ids + [tokenizer.eos_token_id]
-        seqs.append(prompt_ids + ans_ids)
-        labels.append([-100] * len(prompt_ids) + ans_ids)
-    width = max(len(s) for s in seqs)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    lab = torch.full((len(seqs), width), -100, dtype=torch.long)
-    for i, (s, lbl) in enumerate(zip(seqs, labels)):
-        input_ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-        lab[i, : len(lbl)] = torch.tensor(lbl)
-    return input_ids, attn, lab
-
-
-def _load(model_dir_or_model, tokenizer=None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if isinstance(model_dir_or_model, (str, os.PathLike)):
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir_or_model))
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(str(model_dir_or_model))
-    else:
-        model = model_dir_or_model
-    if tokenizer is None:
-        raise ValueError("tokenizer is required when passing a model object")
-    return model, tokenizer
-
-
-def warmup_sft(
-    model_dir: str,
-    problems: Sequence[dict],
-    steps: int = 400,
-    lr: float = 2e-3,
-    batch_size: int = 64,
-    seed: int = 0,
-    weight_decay: float = 0.0,
-    warmup_frac: float = 0.05,
-    num_threads: int | None = None,
-    eval_problems: Sequence[dict] | None = None,
-    eval_every: int = 0,
-    target_accuracy: float | None = None,
-    target_problems: Sequence[dict] | None = None,
-    save: bool = True,
-    model=None,
-    tokenizer=None,
-) -> dict:
-    """Supervised warm-up on ``prompt + answer + eos`` (loss on answer+eos only).
-
-    Plain torch, in-process: AdamW, linear warm-up then cosine decay to 10% of
-    ``lr``, batches drawn with a seeded generator.  The result is saved back
-    into ``model_dir`` (unless ``save=False``).  Returns metrics:
-    ``{"steps", "final_loss", "seconds", ...}`` plus ``greedy_accuracy`` when
-    ``eval_problems`` is given (and ``history``, a list of
-    ``(step, loss, greedy_accuracy)``, when ``eval_every > 0``).
-
-    Early stop: with ``target_accuracy`` set, greedy accuracy on
-    ``target_problems`` (default: the first 128 training problems, so the
-    held-out set is never looked at) is checked every ``eval_every`` (default
-    10) steps and training stops once it reaches the target; ``steps`` is then
-    the cap (and the length of the lr schedule).  Arithmetic warm-up has a
-    sharp phase transition, so stopping on a measured accuracy lands the
-    model in the partially-competent band far more reliably than a fixed
-    step count (which would be sensitive to kernel-level numeric noise).
-    """
-    import torch
-
-    if model is None or tokenizer is None:
-        model, tokenizer = _load(model_dir, tokenizer)
-    if not problems:
-        raise ValueError("warmup_sft needs at least one problem")
-    t0 = time.time()
-    losses: list[float] = []
-    history: list[tuple[int, float, float]] = []
-    eval_time = 0.0
-    record_history = bool(eval_every and eval_problems)  # only when asked for explicitly
-    if target_accuracy is not None:
-        target_problems = list(target_problems or problems[:128])
-        eval_every = eval_every or 10
-    stopped_at = steps
-    target_acc = None
-    with _num_threads(num_threads), _fork_rng(seed):
-        gen = torch.Generator().manual_seed(seed)
-        model.train()
-        opt = torch.optim.AdamW(
-            model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay
-        )
-        n_warm = max(1, int(steps * warmup_frac))
-
-        def lr_at(step: int) -> float:
-            if step < n_warm:
-                return lr * (step + 1) / n_warm
-            prog = (step - n_warm) / max(1, steps - n_warm)
-            return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * prog)))
-
-        for step in range(steps):
-            idx = torch.randint(len(problems), (batch_size,), generator=gen).tolist()
-            input_ids, attn, labels = _encode_sft_batch(tokenizer, [problems[i] for i in idx])
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            out = model(input_ids=input_ids, attention_mask=attn, labels=labels)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(out.loss.item())
-            if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-                te = time.time()
-                if target_accuracy is not None:
-                    target_acc = greedy_accuracy(model, tokenizer, target_problems)
-                if record_history:
-                    acc = greedy_accuracy(model, tokenizer, eval_problems)
-                    history.append((step + 1, sum(losses[-10:]) / len(losses[-10:]), acc))
-                model.train()
-                eval_time += time.time() - te
-                if target_acc is not None and target_acc >= target_accuracy:
-                    stopped_at = step + 1
-                    break
-        model.eval()
-    seconds = time.time() - t0
-    tail = losses[-20:] if losses else [float("nan")]
-    metrics = {
-        "steps": stopped_at,
-        "max_steps": steps,
-        "first_loss": losses[0] if losses else float("nan"),
-        "final_loss": sum(tail) / len(tail),
-        "seconds": seconds,
-        "lr": lr,
-        "batch_size": batch_size,
-        "eval_seconds": eval_time,
-    }
-    if target_accuracy is not None:
-        metrics["target_accuracy"] = target_accuracy
-        metrics["target_reached"] = bool(target_acc is not None and target_acc >= target_accuracy)
-        metrics["train_subset_accuracy"] = target_acc
-    if save:
-        model.save_pretrained(model_dir, safe_serialization=True)
-    if eval_problems:
-        with _num_threads(num_threads):
-            metrics["greedy_accuracy"] = greedy_accuracy(model, tokenizer, eval_problems)
-        if history:
-            metrics["history"] = history
-    logger.info("warm-up SFT: %s", json.dumps(metrics))
-    return metrics
-
-
-# --------------------------------------------------------------------------- eval
-def generate_completions(
-    model_dir_or_model,
-    tokenizer,
-    prompts: Sequence[str],
-    max_new_tokens: int = 6,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    num_return_sequences: int = 1,
-    batch_size: int = 128,
-    seed: int = 0,
-) -> list[str]:
-    """Generate with ``model.generate`` on left-padded batches; returns decoded new text.
-
-    Output order: for each prompt, ``num_return_sequences`` completions in a row.
-    Special tokens are skipped in the decoded text.
-    """
-    import torch
-
-    model, tokenizer = _load(model_dir_or_model, tokenizer)
-    model.eval()
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    outs: list[str] = []
-    try:
-        with torch.no_grad(), _fork_rng(seed):
-            for i in range(0, len(prompts), batch_size):
-                chunk = list(prompts[i : i + batch_size])
-                enc = tokenizer(chunk, return_tensors="pt", padding=True)
-                kwargs = dict(
-                    max_new_tokens=max_new_tokens,
-                    do_sample=do_sample,
-                    num_return_sequences=num_return_sequences,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-                if do_sample:
-                    kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
-                gen = model.generate(
-                    input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **kwargs
-                )
-                new = gen[:, enc["input_ids"].shape[1] :]
-                outs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = old_side
-    return outs
-
-
-def _accuracy(completions: Sequence[str], answers: Sequence[str]) -> float:
-    from rlalign_ray.rewards.builtin import arithmetic_exact
-
-    if not completions:
-        return 0.0
-    rewards = arithmetic_exact(completions=list(completions), answer=list(answers))
-    return sum(rewards) / len(rewards)
-
-
-def greedy_accuracy(
-    model_dir_or_model, tokenizer, problems: Sequence[dict], max_new_tokens: int = 6
-) -> float:
-    """Exact-match accuracy of greedy ``generate`` on ``problems``.
-
-    A completion counts only if the digits are followed by ``</s>`` (or the
-    token budget ends right after them): special tokens are stripped before
-    scoring, so trailing junk digits make it wrong.
-    """
-    comps = generate_completions(
-        model_dir_or_model, tokenizer, [p["prompt"] for p in problems], max_new_tokens
-    )
-    return _accuracy(comps, [p["answer"] for p in problems])
-
-
-def sampled_accuracy(
-    model_dir_or_model,
-    tokenizer,
-    problems: Sequence[dict],
-    n: int = 4,
-    temperature: float = 1.0,
-    max_new_tokens: int = 6,
-    seed: int = 0,
-) -> float:
-    """Mean exact-match reward of ``n`` samples per prompt at ``temperature``."""
-    comps = generate_completions(
-        model_dir_or_model,
-        tokenizer,
-        [p["prompt"] for p in problems],
-        max_new_tokens,
-        do_sample=True,
-        temperature=temperature,
-        num_return_sequences=n,
-        seed=seed,
-    )
-    answers = [p["answer"] for p in problems for _ in range(n)]
-    return _accuracy(comps, answers)
 
 
 # --------------------------------------------------------------------------- one-shot
