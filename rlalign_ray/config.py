@@ -126,6 +126,12 @@ class ModelConfig:
     reference: str | None = doc(None, "reference model path; null: the initial policy")
     dtype: str = doc("float32", "parameter dtype: float32, bfloat16 or float16")
     trust_remote_code: bool = doc(False, "allow model code from the hub")
+    keep_dropout: bool = doc(
+        False,
+        "train policy and critic with the model's own dropout (its config's *dropout* "
+        "probabilities, a value head's 0.1); off: every dropout is 0, so PPO's ratio is 1 "
+        "and the value loss compares like with like before an update",
+    )
     chat_template: bool = doc(False, "wrap prompts with the tokenizer's chat template")
     chat_template_kwargs: dict[str, Any] = doc(
         {}, "extra variables for the chat template (e.g. {enable_thinking: false})"
@@ -203,15 +209,20 @@ class RolloutConfig:
     )
 
 
+TRANSPORTS = ("auto", "collective", "cuda_ipc", "shared_memory", "object_store")
+
+
 @dataclass
 class SyncConfig:
     """How new weights travel from learner rank 0 to the generators."""
 
     transport: str = doc(
         "auto",
-        "auto (collective on GPU; on CPU shared_memory on one node, else object_store), "
+        "auto (on GPU: cuda_ipc for generators sharing a learner rank's GPU, else collective; "
+        "on CPU: shared_memory on one node, else object_store), "
         "collective (gloo/NCCL group), shared_memory (a file in /dev/shm, one node), "
-        "object_store (Ray's shared-memory store)",
+        "object_store (Ray's shared-memory store), cuda_ipc (generators sharing a learner "
+        "rank's GPU read its weights in place; auto picks it for them)",
     )
     bucket_mb: float = doc(256.0, "weights travel in buckets of about this many MiB")
     backend: str = doc("auto", "collective transport: auto (nccl on GPU, gloo on CPU), gloo, nccl")
@@ -703,9 +714,9 @@ def validate(cfg: Config) -> list[str]:
         e.append(f"rollout.dtype: use float32, bfloat16, float16 or null, got {r.dtype!r}")
     _positive(e, "rollout.tensor_parallel_size", r.tensor_parallel_size)
     _check_vllm(cfg, e)
-    if cfg.sync.transport not in ("auto", "collective", "shared_memory", "object_store"):
+    if cfg.sync.transport not in TRANSPORTS:
         e.append(
-            "sync.transport: use auto, collective, shared_memory or object_store, got "
+            "sync.transport: use auto, collective, cuda_ipc, shared_memory or object_store, got "
             f"{cfg.sync.transport!r}"
         )
     if cfg.sync.backend not in ("auto", "gloo", "nccl"):
@@ -791,6 +802,8 @@ def validate(cfg: Config) -> list[str]:
     if cfg.data.truncation not in ("error", "left", "drop"):
         e.append(f"data.truncation: use one of error, left, drop, got {cfg.data.truncation!r}")
     _check_ecosystem(cfg, e)
+    _check_gpu_layout(cfg, e)
+    _check_sampling_math(cfg, e)
     if t.eval_every < 0 or t.save_every < 0:
         e.append("trainer.eval_every / trainer.save_every: must be >= 0")
     _positive(e, "trainer.keep_checkpoints", t.keep_checkpoints, allow_zero=True)
@@ -847,6 +860,126 @@ def _check_ecosystem(cfg: Config, e: list[str]) -> None:
         _positive(e, f"{role}.lr_warmup_steps", sec.lr_warmup_steps, allow_zero=True)
         if not 0 <= sec.lr_min_ratio <= 1:
             e.append(f"{role}.lr_min_ratio: must be in [0, 1], got {sec.lr_min_ratio}")
+
+
+def role_sections(cfg: Config) -> dict[str, tuple[str, int, Resources, Placement]]:
+    """role -> (config section, actor count, resources, placement) for the roles ``cfg``
+    starts (the default topology)."""
+    roles = {
+        "generator": ("rollout", cfg.rollout.num_actors),
+        "reward": ("reward", cfg.reward.num_actors),
+        "learner": ("learner", cfg.learner.world_size),
+    }
+    if cfg.needs_reference:
+        roles["reference"] = ("reference", 1)
+    if cfg.needs_critic:
+        roles["critic"] = ("critic", cfg.critic.world_size)
+    if cfg.env.path and cfg.env.num_actors:
+        roles["env"] = ("env", cfg.env.num_actors)
+    return {
+        role: (sec, n, getattr(cfg, sec).resources, getattr(cfg, sec).placement)
+        for role, (sec, n) in roles.items()
+    }
+
+
+def bundle_gpus(roles: dict[str, tuple[str, int, Resources, Placement]]) -> dict[str, list]:
+    """host role -> per bundle, the GPUs it holds and who shares it: [(gpus, [(role,
+    actor index)])]. A colocated role's actor j shares its host's bundle j % n (as
+    ``runtime.pools.plan_bundles`` places them)."""
+    out: dict[str, list] = {}
+    for role, (_, n, res, p) in roles.items():
+        if not p.colocate_with:
+            out[role] = [[res.num_gpus, [(role, j)]] for j in range(n)]
+    for role, (_, n, res, p) in roles.items():
+        host = out.get(p.colocate_with or "")
+        for j in range(n if host else 0):
+            b = host[j % len(host)]
+            b[0] += res.num_gpus
+            b[1].append((role, j))
+    return out
+
+
+def gpu_layout_problems(
+    roles: dict[str, tuple[str, int, Resources, Placement]], sync: SyncConfig
+) -> list[str]:
+    """Layouts that would fail on GPUs: a colocated bundle of a fractional GPU count above 1
+    (Ray may give its actors different GPUs, so they share nothing), and an NCCL weight sync
+    that includes a generator on learner rank 0's GPU (NCCL refuses two ranks on one
+    GPU: "Duplicate GPU detected")."""
+    e: list[str] = []
+    for host, bundles in bundle_gpus(roles).items():
+        for k, (gpus, members) in enumerate(bundles):
+            if gpus > 1 and abs(gpus - round(gpus)) > 1e-9 and len(members) > 1:
+                who = ", ".join(
+                    f"{roles[r][0]}.resources.num_gpus={roles[r][2].num_gpus:g}"
+                    for r in dict.fromkeys(r for r, _ in members)
+                )
+                e.append(
+                    f"{roles[host][0]}.placement: bundle {k} of {host} holds {gpus:g} GPUs "
+                    f"({who}, colocated): Ray may give a fractional share from another GPU "
+                    "than the whole one, so the colocated actors would share nothing. Make "
+                    "each colocated bundle's GPUs sum to at most 1 (sharing one GPU, e.g. "
+                    "0.5 + 0.5) or to a whole number (one GPU each)"
+                )
+    learner = bundle_gpus(roles).get("learner")
+    if not learner or sync.transport != "collective" or sync.backend == "gloo":
+        return e
+    gpus, members = learner[0]
+    on_rank0 = [j for r, j in members if r == "generator"]
+    if on_rank0 and 0 < gpus <= 1 and roles["generator"][2].num_gpus > 0:
+        e.append(
+            f"sync.transport: collective (NCCL) cannot include generator {on_rank0[0]}: "
+            "rollout.placement.colocate_with: learner puts it on learner rank 0's GPU, and "
+            "NCCL refuses two ranks on one GPU. Use sync.transport: auto (CUDA IPC for "
+            "generators that share a learner rank's GPU) or cuda_ipc"
+        )
+    return e
+
+
+def _check_gpu_layout(cfg: Config, e: list[str]) -> None:
+    e += gpu_layout_problems(role_sections(cfg), cfg.sync)
+    if cfg.sync.transport == "cuda_ipc" and (
+        cfg.rollout.placement.colocate_with != "learner" or not cfg.rollout.resources.num_gpus
+    ):
+        e.append(
+            "sync.transport: cuda_ipc hands each generator its learner rank's GPU memory, so "
+            "every generator must share a learner rank's GPU (rollout.placement."
+            "colocate_with: learner, rollout.resources.num_gpus > 0); use auto otherwise"
+        )
+
+
+def _check_sampling_math(cfg: Config, e: list[str]) -> None:
+    """Combinations whose math is biased: truncated sampling with the generator's log-probs
+    used as probabilities, and KL estimators placed where their gradient is wrong."""
+    r, a = cfg.rollout, cfg.algorithm
+    if r.top_p < 1 or r.top_k > 0:
+        uses = []
+        if a.use_behaviour_logprobs:
+            uses.append("algorithm.use_behaviour_logprobs (the old log-probs of the ratio)")
+        if a.kl_in_reward and (a.kl_coef > 0 or a.kl_target > 0):
+            uses.append("algorithm.kl_in_reward (the in-reward KL)")
+        if cfg.behaviour_is_cap > 0 and not a.use_behaviour_logprobs:
+            uses.append(
+                "algorithm.behaviour_is_cap (the importance weight; on by default when "
+                "trainer.max_staleness > 0)"
+            )
+        if uses:
+            e.append(
+                f"rollout.top_p={r.top_p:g} / rollout.top_k={r.top_k}: the generators record "
+                "log-probs of the truncated distribution they sample from, while the learner "
+                "scores the full softmax; " + " and ".join(uses) + " would use the truncated "
+                "ones as the policy's and bias the update. Sample with top_p: 1 and top_k: 0, "
+                "or turn those off (use_behaviour_logprobs: false, kl_in_reward: false, "
+                "behaviour_is_cap: 0)"
+            )
+    kl_on = a.kl_coef > 0 or a.kl_target > 0
+    if kl_on and not a.kl_in_reward and a.kl_estimator == "k1":
+        e.append(
+            "algorithm.kl_estimator: k1 as a loss term has zero expected gradient on-policy "
+            "(its gradient is the score function, whose mean is 0), so it does not pull the "
+            "policy towards the reference; use k3 (GRPO's) or k2 (its gradient is the KL's) "
+            "as a loss term, or k1 with kl_in_reward: true"
+        )
 
 
 def _positive(e: list[str], key: str, value: float, allow_zero: bool = False) -> None:
