@@ -149,11 +149,37 @@ def test_slurm_script():
     assert re.search(r"ray start --block --address", text), "no worker `ray start --block`"
     assert 'rlalign-ray train "$CONFIG"' in text
     assert "trap cleanup EXIT" in text
+    # Preflight before Ray starts: the config loads, and vllm imports on every node.
+    assert "rlalign-ray check-config" in text and "python -c 'import vllm'" in text
     # The example in the header names a real config.
     cmds = re.findall(r"sbatch (?:--\S+ )*cluster/slurm/rlalign_ray.sbatch (configs/\S+)", text)
     assert cmds
     for config in cmds:
         _check_train_command(f"rlalign-ray train {config}", "rlalign_ray.sbatch header")
+
+
+def _configs_named(text: str) -> set[str]:
+    """Every ``configs/*.yaml`` a file names (its train command, submit line or header)."""
+    return set(re.findall(r"configs/[\w./-]+\.ya?ml", text))
+
+
+@pytest.mark.parametrize("path", YAML_FILES + SHELL_FILES, ids=_rel)
+def test_vllm_configs_get_vllm_installed(path):
+    """A file that trains a ``rollout.backend: vllm`` config installs vLLM (the pinned
+    launch/install_vllm.sh), else its generators fail at start-up on the cluster."""
+    text = path.read_text()
+    vllm = [c for c in _configs_named(text) if load_config(REPO / c).rollout.backend == "vllm"]
+    if not vllm:
+        pytest.skip(f"{_rel(path)} trains no vLLM config")
+    assert "launch/install_vllm.sh" in text, (
+        f"{_rel(path)} trains {vllm} (rollout.backend: vllm) but never runs "
+        "launch/install_vllm.sh; install vLLM where the project is installed"
+    )
+    if path.name == "aws_gpu.yaml":  # after the project, whose torch vLLM's wheel pins
+        cmds = _docs(path)[0]["setup_commands"]
+        pip = next(i for i, c in enumerate(cmds) if "pip install" in c and "rlalign-ray" in c)
+        vllm_at = next(i for i, c in enumerate(cmds) if "install_vllm.sh" in c)
+        assert pip < vllm_at, "aws_gpu.yaml: run install_vllm.sh after `pip install -e`"
 
 
 def test_readme_lists_every_file():
