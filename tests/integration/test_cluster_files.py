@@ -195,6 +195,36 @@ def test_gpu_config_shape():
     assert cfg.learner.zero_stage == 2 and cfg.learner.bf16 and cfg.model.dtype == "bfloat16"
 
 
+ONE_NODE_CONFIGS = ["gpu_node.yaml", "gpu_node_7b.yaml", "gpu_colocated.yaml"]
+
+
+@pytest.mark.parametrize("name", ONE_NODE_CONFIGS)
+def test_one_node_configs_fit_eight_gpus(name):
+    """Each loads and validates, and its placement bundles fit one 8-GPU node: at most 8
+    GPUs in all, and a fractional bundle (roles sharing a GPU) sums to at most one GPU."""
+    from rlalign_ray.runtime.pools import RoleSpec, plan_bundles
+    from rlalign_ray.topology import Topology
+
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.rollout.backend == "vllm" and cfg.model.dtype == "bfloat16" and cfg.learner.bf16
+    assert cfg.sync.transport == "auto"
+    pools = Topology.from_config(cfg).pools
+    specs = [
+        RoleSpec(role, object, p.num_actors, p.resources, placement=p.placement)
+        for role, p in pools.items()
+    ]
+    gpus = [b.get("GPU", 0.0) for bundles in plan_bundles(specs).values() for b in bundles]
+    assert sum(gpus) <= 8 + 1e-9, f"{name}: {sum(gpus):g} GPUs on an 8-GPU node"
+    for g in gpus:
+        assert g <= 1 + 1e-9 or float(g).is_integer(), f"{name}: a bundle of {g:g} GPUs"
+    if name == "gpu_colocated.yaml":
+        assert cfg.rollout.placement.colocate_with == "learner" and cfg.rollout.enable_sleep_mode
+        assert cfg.reference.placement.colocate_with == "learner"
+        assert cfg.rollout.num_actors == cfg.learner.world_size == 8
+    else:
+        assert sum(gpus) == 8 and all(g == 1 for g in gpus if g)
+
+
 def test_launch_scripts_help():
     for script in LAUNCH_SCRIPTS:
         r = subprocess.run(
