@@ -29,7 +29,7 @@ case "${1-}" in
 esac
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
 STEPS=3
 MAX_MISMATCH=0.05
 BUDGET_S=${GPU_CHECK_BUDGET_S:-290}
