@@ -75,10 +75,12 @@ class WeightHandle:
     def published(self, timeout_s: float | None = None, rank: int = 0) -> Any:
         """What learner rank ``rank``'s publish call returned for this bucket (waiting for
         it; only cuda_ipc hands generators more than rank 0's)."""
+        value = self.payload[rank]
+        if not type(value).__module__.startswith("ray"):
+            return value  # resolved already (or handed over without Ray)
         import ray
 
-        value = self.payload[rank]
-        return ray.get(value, timeout=timeout_s) if isinstance(value, ray.ObjectRef) else value
+        return ray.get(value, timeout=timeout_s)
 
     def resolve(self) -> WeightHandle:
         """This handle with the publish calls' results in place of their refs. A dispatcher

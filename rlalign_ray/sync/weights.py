@@ -85,6 +85,18 @@ class WeightTransport(ABC):
         if handle.is_last(self.plan):
             backend.finish_weight_update()
 
+    def _published(self, handle: WeightHandle, what: str, rank: int = 0) -> Any:
+        """The publish call's result for ``handle`` (learner rank ``rank``'s), waiting at most
+        ``sync.timeout_s`` for it."""
+        try:
+            return handle.published(self.plan.timeout_s, rank)
+        except Exception as e:
+            if type(e).__name__ != "GetTimeoutError":
+                raise
+            raise self._error(
+                f"{what} bucket {handle.bucket} of version {handle.version}", e
+            ) from None
+
     def _error(self, what: str, cause: BaseException) -> WeightSyncError:
         where = f"generator {self.rank - 1}" if self.rank else "learner rank 0"
         return WeightSyncError(
@@ -125,8 +137,8 @@ class ObjectStoreTransport(WeightTransport):
         import ray
         from ray.exceptions import GetTimeoutError
 
+        (ref,) = self._published(handle, "get")
         try:
-            (ref,) = handle.published(self.plan.timeout_s)
             arrays = ray.get(ref, timeout=self.plan.timeout_s)
         except GetTimeoutError as e:
             raise self._error(
@@ -246,14 +258,7 @@ class SharedMemoryTransport(WeightTransport):
         return self.slot
 
     def receive(self, handle: WeightHandle, backend: Any) -> None:
-        from ray.exceptions import GetTimeoutError
-
-        try:  # the sender's publish call for this bucket has finished writing it
-            slot = handle.published(self.plan.timeout_s)
-        except GetTimeoutError as e:
-            raise self._error(
-                f"wait for bucket {handle.bucket} of version {handle.version}", e
-            ) from None
+        slot = self._published(handle, "wait for")  # the sender has finished writing it
         views = self.slots[slot]
         if not backend.can_share(self.plan.torch_dtype):
             self._load(
@@ -444,14 +449,7 @@ class CudaIpcTransport(WeightTransport):
         return reduce_tensor(self.live[bucket])
 
     def receive(self, handle: WeightHandle, backend: Any) -> None:
-        from ray.exceptions import GetTimeoutError
-
-        try:
-            rebuild, args = handle.published(self.plan.timeout_s, self.owner)
-        except GetTimeoutError as e:
-            raise self._error(
-                f"get bucket {handle.bucket} of version {handle.version}", e
-            ) from None
+        rebuild, args = self._published(handle, "get", self.owner)
         try:
             flat = rebuild(*args)
         except RuntimeError as e:
