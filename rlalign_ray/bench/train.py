@@ -107,7 +107,7 @@ def measure(path: str, args: argparse.Namespace) -> dict:
         port = s.getsockname()[1]
     learner.setup("127.0.0.1", port)
     vocab = learner.engine.module.config.vocab_size
-    batch = _random_batch(b, t, vocab)
+    batch = random_batch(b, t, vocab)
     # old log-probs = the learner's own, so the ratios are 1 and every token has a gradient
     batch.logprobs = batch_logprobs(
         learner.engine.module, batch, 1.0, b, learner.device, args.chunk
@@ -131,15 +131,16 @@ def measure(path: str, args: argparse.Namespace) -> dict:
     }
 
 
-def _random_batch(b: int, t: int, vocab: int):
+def random_batch(b: int, t: int, vocab: int, prompt_tokens: int = PROMPT_TOKENS):
+    """A batch of ``b`` random prompt + ``t`` response tokens (full masks, zero log-probs)."""
     import torch
 
     from rlalign_ray.data.batch import RolloutBatch
 
     g = torch.Generator().manual_seed(0)
     return RolloutBatch(
-        prompt_ids=torch.randint(4, vocab, (b, PROMPT_TOKENS), generator=g),
-        prompt_mask=torch.ones(b, PROMPT_TOKENS, dtype=torch.long),
+        prompt_ids=torch.randint(4, vocab, (b, prompt_tokens), generator=g),
+        prompt_mask=torch.ones(b, prompt_tokens, dtype=torch.long),
         response_ids=torch.randint(4, vocab, (b, t), generator=g),
         response_len=torch.full((b,), t),
         response_mask=torch.ones(b, t),

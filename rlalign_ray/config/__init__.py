@@ -8,8 +8,9 @@ impossible combinations are reported together, before any actor starts, as a
 
 The modules: ``fields`` (``doc``, resources, placement), the sections (``general``: run,
 model, data; ``generation``: rollout, sync, reward, env; ``training``: algorithm, learner,
-critic, reference, trainer), ``tree`` (``Config``), ``loading`` (YAML, overrides, types)
-and ``checks`` (``validate``, one check per section). Import from here.
+critic, reference, trainer), ``tree`` (``Config``), ``loading`` (YAML, overrides, types),
+``checks`` (``validate``, one check per section) and ``layout`` (the roles' GPU bundles).
+Import from here.
 """
 
 from rlalign_ray.config.checks import CHECKS, LOGGERS, _positive, check_options, validate
@@ -29,6 +30,7 @@ from rlalign_ray.config.general import DataConfig, ModelConfig, RunConfig, Trunc
 from rlalign_ray.config.generation import (
     ENV_REWARD_MODES,
     NONFINITE_MODES,
+    TRANSPORTS,
     EnvConfig,
     EnvRewardMode,
     NonfiniteMode,
@@ -40,6 +42,7 @@ from rlalign_ray.config.generation import (
     SyncConfig,
     Transport,
 )
+from rlalign_ray.config.layout import bundle_gpus, gpu_layout_problems, role_sections
 from rlalign_ray.config.loading import _build, _coerce, config_from_dict, load_config
 from rlalign_ray.config.training import (
     LR_SCHEDULERS,
@@ -67,6 +70,7 @@ __all__ = [
     "LR_SCHEDULERS",
     "NONFINITE_MODES",
     "STRATEGIES",
+    "TRANSPORTS",
     "AlgorithmConfig",
     "AlgorithmName",
     "Config",
@@ -99,12 +103,15 @@ __all__ = [
     "TrainerConfig",
     "Transport",
     "Truncation",
+    "bundle_gpus",
     "check_options",
     "config_from_dict",
     "doc",
     "field_types",
+    "gpu_layout_problems",
     "literal_choices",
     "load_config",
+    "role_sections",
     "validate",
     "_build",
     "_coerce",

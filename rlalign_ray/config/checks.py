@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlalign_ray.config.fields import field_types, literal_choices
+from rlalign_ray.config.layout import gpu_layout_problems, role_sections
 
 if TYPE_CHECKING:
     from rlalign_ray.config.tree import Config
@@ -135,6 +136,18 @@ def check_sync(cfg: Config, e: list[str]) -> None:
     _positive(e, "sync.bucket_mb", cfg.sync.bucket_mb)
 
 
+def check_gpu_layout(cfg: Config, e: list[str]) -> None:
+    e += gpu_layout_problems(role_sections(cfg), cfg.sync)
+    if cfg.sync.transport == "cuda_ipc" and (
+        cfg.rollout.placement.colocate_with != "learner" or not cfg.rollout.resources.num_gpus
+    ):
+        e.append(
+            "sync.transport: cuda_ipc hands each generator its learner rank's GPU memory, so "
+            "every generator must share a learner rank's GPU (rollout.placement."
+            "colocate_with: learner, rollout.resources.num_gpus > 0); use auto otherwise"
+        )
+
+
 def check_env(cfg: Config, e: list[str]) -> None:
     v = cfg.env
     if not v.path:
@@ -208,6 +221,40 @@ def check_algorithm(cfg: Config, e: list[str]) -> None:
         )
     if a.kl_coef < 0:
         e.append(f"algorithm.kl_coef: must be >= 0, got {a.kl_coef}")
+
+
+def check_sampling_math(cfg: Config, e: list[str]) -> None:
+    """Combinations whose math is biased: truncated sampling with the generator's log-probs
+    used as probabilities, and KL estimators placed where their gradient is wrong."""
+    r, a = cfg.rollout, cfg.algorithm
+    if r.top_p < 1 or r.top_k > 0:
+        uses = []
+        if a.use_behaviour_logprobs:
+            uses.append("algorithm.use_behaviour_logprobs (the old log-probs of the ratio)")
+        if a.kl_in_reward and (a.kl_coef > 0 or a.kl_target > 0):
+            uses.append("algorithm.kl_in_reward (the in-reward KL)")
+        if cfg.behaviour_is_cap > 0 and not a.use_behaviour_logprobs:
+            uses.append(
+                "algorithm.behaviour_is_cap (the importance weight; on by default when "
+                "trainer.max_staleness > 0)"
+            )
+        if uses:
+            e.append(
+                f"rollout.top_p={r.top_p:g} / rollout.top_k={r.top_k}: the generators record "
+                "log-probs of the truncated distribution they sample from, while the learner "
+                "scores the full softmax; " + " and ".join(uses) + " would use the truncated "
+                "ones as the policy's and bias the update. Sample with top_p: 1 and top_k: 0, "
+                "or turn those off (use_behaviour_logprobs: false, kl_in_reward: false, "
+                "behaviour_is_cap: 0)"
+            )
+    kl_on = a.kl_coef > 0 or a.kl_target > 0
+    if kl_on and not a.kl_in_reward and a.kl_estimator == "k1":
+        e.append(
+            "algorithm.kl_estimator: k1 as a loss term has zero expected gradient on-policy "
+            "(its gradient is the score function, whose mean is 0), so it does not pull the "
+            "policy towards the reference; use k3 (GRPO's) or k2 (its gradient is the KL's) "
+            "as a loss term, or k1 with kl_in_reward: true"
+        )
 
 
 def check_learner(cfg: Config, e: list[str]) -> None:
@@ -340,7 +387,9 @@ CHECKS = (
     check_run,
     check_rollout,
     check_sync,
+    check_gpu_layout,
     check_algorithm,
+    check_sampling_math,
     check_critic,
     check_learner,
     check_reference,

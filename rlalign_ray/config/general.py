@@ -47,6 +47,12 @@ class ModelConfig:
     reference: str | None = doc(None, "reference model path; null: the initial policy")
     dtype: Dtype = doc("float32", "parameter dtype: float32, bfloat16 or float16")
     trust_remote_code: bool = doc(False, "allow model code from the hub")
+    keep_dropout: bool = doc(
+        False,
+        "train policy and critic with the model's own dropout (its config's *dropout* "
+        "probabilities, a value head's 0.1); off: every dropout is 0, so PPO's ratio is 1 "
+        "and the value loss compares like with like before an update",
+    )
     chat_template: bool = doc(False, "wrap prompts with the tokenizer's chat template")
     chat_template_kwargs: dict[str, Any] = doc(
         {}, "extra variables for the chat template (e.g. {enable_thinking: false})"

@@ -10,6 +10,7 @@ from rlalign_ray.config.fields import DistBackend, Dtype, Placement, Resources, 
 
 RolloutBackend = Literal["hf", "vllm"]
 Transport = Literal["auto", "collective", "cuda_ipc", "shared_memory", "object_store"]
+TRANSPORTS = typing.get_args(Transport)
 RewardType = Literal["function", "model", "embedding", "http"]
 NonfiniteMode = Literal["error", "zero", "drop_group"]
 NONFINITE_MODES = typing.get_args(NonfiniteMode)
@@ -73,9 +74,11 @@ class SyncConfig:
 
     transport: Transport = doc(
         "auto",
-        "auto (collective on GPU; on CPU shared_memory on one node, else object_store), "
+        "auto (on GPU: cuda_ipc for generators sharing a learner rank's GPU, else collective; "
+        "on CPU: shared_memory on one node, else object_store), "
         "collective (gloo/NCCL group), shared_memory (a file in /dev/shm, one node), "
-        "object_store (Ray's shared-memory store)",
+        "object_store (Ray's shared-memory store), cuda_ipc (generators sharing a learner "
+        "rank's GPU read its weights in place; auto picks it for them)",
     )
     bucket_mb: float = doc(256.0, "weights travel in buckets of about this many MiB")
     backend: DistBackend = doc("auto", "collective transport: auto (nccl on GPU, gloo on CPU), gloo, nccl")

@@ -30,7 +30,8 @@ class DeepSpeedRank:
         set_threads(role.resources.num_cpus)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.cfg, self.role, self.rank, self.world_size = cfg, role, rank, world_size
-        self.device = default_device()
+        section = "critic" if role is cfg.critic else "learner"
+        self.device = default_device(role.resources.num_gpus, f"{section}.resources.num_gpus")
         self.engine: Any = None
         self.step = 0  # the training step being run (``train_step``)
         self.skipped_in_row = 0  # optimizer steps skipped one after another (non-finite)
@@ -138,6 +139,13 @@ class DeepSpeedRank:
     def mini_batches(self, n: int, step: int):
         """Per epoch, this rank's local rows in shuffled mini-batches."""
         per_rank = self.cfg.mini_batch_size // self.world_size
+        if n % per_rank:
+            raise ValueError(
+                f"{type(self).__name__} rank {self.rank}: {n} rows do not split into "
+                f"mini-batches of {per_rank} per rank (learner.mini_batch_size="
+                f"{self.cfg.mini_batch_size} over {self.world_size} ranks); a short last "
+                "mini-batch would be an optimizer step the LR schedule does not count"
+            )
         g = torch.Generator().manual_seed((self.cfg.run.seed * 1_000_003 + step) * 31 + self.rank)
         for _ in range(self.cfg.learner.update_epochs):
             order = torch.randperm(n, generator=g)
@@ -368,6 +376,11 @@ def count_for(mode: str, mask: torch.Tensor) -> float:
 def rank_rows(n: int, world_size: int, seed: int, step: int) -> list[torch.Tensor]:
     """Each rank's rows of an n-row batch: a seeded split, the same wherever it is computed
     (the split task cuts token batches with it, the driver per-row tensors)."""
+    if n % world_size:
+        raise ValueError(
+            f"a batch of {n} rows does not split evenly over {world_size} ranks; no row may "
+            "be dropped, so give the group a multiple of its world size"
+        )
     g = torch.Generator().manual_seed(seed * 7919 + step)
     perm = torch.randperm(n, generator=g)
     per = n // world_size

@@ -12,7 +12,7 @@ from rlalign_ray.algorithms import masked_mean, value_loss
 from rlalign_ray.config import Config
 from rlalign_ray.data.batch import RolloutBatch
 from rlalign_ray.learner.base import DeepSpeedRank
-from rlalign_ray.models.loading import DTYPES, position_ids, resolve
+from rlalign_ray.models.loading import DTYPES, position_ids, resolve, without_dropout
 
 
 class Critic(DeepSpeedRank):
@@ -29,7 +29,7 @@ class Critic(DeepSpeedRank):
         )
         if model.config.pad_token_id is None:
             model.config.pad_token_id = model.config.eos_token_id
-        return model
+        return model if m.keep_dropout else without_dropout(model)
 
     def _values(self, model: Any, batch: RolloutBatch) -> torch.Tensor:
         """(B, T): V(s_t), the value of the state before each response token."""

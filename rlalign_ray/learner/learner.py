@@ -25,7 +25,7 @@ class Learner(DeepSpeedRank, WeightSource):
 
     def build_model(self) -> torch.nn.Module:
         m = self.cfg.model
-        model = load_causal_lm(m.path, m.dtype, m.trust_remote_code)
+        model = load_causal_lm(m.path, m.dtype, m.trust_remote_code, dropout=m.keep_dropout)
         model.config.use_cache = False
         if self.lora:
             from rlalign_ray.learner.lora import apply_lora

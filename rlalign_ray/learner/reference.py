@@ -12,10 +12,12 @@ from rlalign_ray.models.loading import batch_logprobs, default_device, load_caus
 class Reference:
     def __init__(self, model: ModelConfig, cfg: ReferenceConfig, temperature: float):
         set_threads(cfg.resources.num_cpus)
-        self.device = default_device()
+        self.device = default_device(cfg.resources.num_gpus, "reference.resources.num_gpus")
         path = model.reference or model.path
         self.model = (
-            load_causal_lm(path, model.dtype, model.trust_remote_code).to(self.device).eval()
+            load_causal_lm(path, model.dtype, model.trust_remote_code, dropout=False)
+            .to(self.device)
+            .eval()
         )
         self.temperature = temperature
         self.micro_batch_size = cfg.micro_batch_size

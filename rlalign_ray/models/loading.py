@@ -37,20 +37,92 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     return tok
 
 
-def load_causal_lm(path: str, dtype: str = "float32", trust_remote_code: bool = False) -> Any:
+def load_causal_lm(
+    path: str, dtype: str = "float32", trust_remote_code: bool = False, dropout: bool = True
+) -> Any:
+    """A causal LM from a folder, hub id or ``builtin:NAME``; ``dropout=False`` turns every
+    dropout off (``without_dropout``)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         resolve(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
     )
-    return model
+    return model if dropout else without_dropout(model)
 
 
-def default_device() -> torch.device:
-    """The GPU Ray assigned to this actor (it sets CUDA_VISIBLE_DEVICES), else the CPU."""
-    if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES", "") != "":
+def default_device(num_gpus: float | None = None, key: str = "") -> torch.device:
+    """The GPU Ray assigned to this actor (it sets CUDA_VISIBLE_DEVICES), else the CPU.
+
+    ``num_gpus``: what the actor's role asked for (``key`` names that config field). An
+    actor that asked for GPUs but sees none is an error, never a silent fall-back to the
+    CPU: a CPU-only torch build, or a node whose driver does not work, would otherwise
+    train (very slowly) on the wrong device."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    asked = _ray_gpus()
+    asked = num_gpus or 0 if asked is None else asked
+    if asked:
+        if not torch.cuda.is_available():
+            from rlalign_ray.errors import RlalignError
+
+            raise RlalignError(
+                f"{key or 'this actor'} asks for {asked:g} GPU(s), but torch in this "
+                f"process sees no CUDA device (torch {torch.__version__}, built for CUDA "
+                f"{torch.version.cuda or 'none: a CPU-only build'}, CUDA_VISIBLE_DEVICES="
+                f"{visible!r}); install a CUDA build of torch on every GPU node, or set "
+                f"{key or 'resources.num_gpus'}: 0 to run on the CPU"
+            )
+        return torch.device("cuda", 0)
+    if torch.cuda.is_available() and visible != "":
         return torch.device("cuda", 0)
     return torch.device("cpu")
+
+
+def _ray_gpus() -> float | None:
+    """GPUs Ray assigned to this actor (None outside a Ray worker)."""
+    import sys
+
+    if "ray" not in sys.modules:
+        return None
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return None
+    return float(len(ray.get_gpu_ids()))
+
+
+DROPOUT_KEYS = ("dropout", "pdrop")  # config fields: attention_dropout, resid_pdrop, ...
+
+
+def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn every dropout of ``model`` off (``model.keep_dropout: false``, the default).
+
+    With dropout on, a train-mode forward differs from the eval-mode one that computed the
+    old log-probs and values: PPO's ratio is not 1 before any update, and the clipped value
+    loss compares noisy predictions with clean old values. Zeroes the config's dropout
+    probabilities (``attention_dropout``, ``resid_pdrop``, ``classifier_dropout``, ...),
+    every ``nn.Dropout`` (a token-classification head's defaults to 0.1 whatever the
+    config says) and every float attribute named like one that modules read at forward
+    time (Llama's ``attention_dropout``). LoRA's own dropout (``learner.lora.dropout``)
+    is an explicit choice and is left alone."""
+    configs = [getattr(model, "config", None)]
+    while configs:
+        c = configs.pop()
+        if c is None:
+            continue
+        for k, v in vars(c).items():
+            if any(d in k for d in DROPOUT_KEYS) and isinstance(v, float):
+                setattr(c, k, 0.0)
+            elif hasattr(v, "to_dict") and hasattr(v, "model_type"):
+                configs.append(v)  # text_config, vision_config, ...
+    for name, module in model.named_modules():
+        if "lora_dropout" in name:
+            continue
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for k, v in vars(module).items():
+            if any(d in k for d in DROPOUT_KEYS) and isinstance(v, float):
+                setattr(module, k, 0.0)
+    return model
 
 
 def set_threads(num_cpus: float) -> None:

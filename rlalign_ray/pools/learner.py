@@ -79,8 +79,26 @@ class DeepSpeedGroup(ActorPool):
         addr, port = get(self.actors[0].address.remote(), f"{self.name} rank 0", self.timeout_s)
         self.gather("setup", addr, port)
 
+    def check_split(self, n: int) -> None:
+        """A batch of ``n`` rows must split into whole mini-batches, each over every rank in
+        whole micro-batches: no row is dropped and the LR schedule counts every optimizer
+        step. The public API's callers (custom loops) learn it here, not from a silently
+        smaller update."""
+        c = self.cfg
+        mini = c.mini_batch_size
+        if n and n % mini == 0 and mini % self.spec.num_actors == 0:
+            return
+        raise ValueError(
+            f"{self.name}: a batch of {n} rows does not split into mini-batches of "
+            f"{mini} (learner.mini_batch_size; 0 means the configured batch, rollout."
+            f"prompts_per_step * rollout.n_samples = {c.batch_size}) over {self.spec.num_actors} "
+            f"ranks; give it a multiple of {mini} rows, or set learner.mini_batch_size to a "
+            f"divisor of {n} that is a multiple of the ranks x micro_batch_size"
+        )
+
     def parts(self, exp: Experience, step: int, ref_logprobs: list[Any] | None):
         """This step's rows per rank and each rank's batch ref (cut by rank 0)."""
+        self.check_split(len(exp.scores))
         rows = rank_rows(len(exp.scores), len(self.actors), self.cfg.run.seed, step)
         return rows, split_for_ranks(
             self.actors[0], exp.shards, exp.rows, ref_logprobs, rows, exp.picks
@@ -165,6 +183,9 @@ class CriticGroup(DeepSpeedGroup):
     def update(
         self, exp: Experience, returns: torch.Tensor, values: torch.Tensor, step: int
     ) -> Future:
+        if exp.critic_parts is None:
+            raise ValueError(f"{self.name}.update: call values(exp, step) for this step first")
+        self.check_split(len(exp.scores))
         rows = rank_rows(len(exp.scores), len(self.actors), self.cfg.run.seed, step)
         calls = [
             c.train_step.remote(p, packed(returns[k]), packed(values[k]), step)

@@ -34,7 +34,7 @@ ENV_COLUMNS = (ENV_REWARD, "env_turns")
 class RewardScorer:
     def __init__(self, cfg: RewardConfig):
         set_threads(cfg.resources.num_cpus)
-        device = default_device()
+        device = default_device(cfg.resources.num_gpus, "reward.resources.num_gpus")
         self.cfg = cfg
         self.sources = [(load_reward(spec, device), spec.weight) for spec in cfg.rewards]
         names = [src.name for src, _ in self.sources]

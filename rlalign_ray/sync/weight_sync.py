@@ -64,7 +64,7 @@ class WeightSource:
         self._sync_params = [[params[n] for n in b.names] for b in plan.buckets]
         if getattr(self, "_sync", None):
             self._sync.close()
-        self._sync = make_transport(plan) if self.rank == 0 else None
+        self._sync = make_transport(plan) if plan.sends(self.rank) else None
         return self._sync.open() if self._sync else None
 
     def join_weight_sync(self, address: Any) -> None:
@@ -77,7 +77,8 @@ class WeightSource:
             self._sync.seal()
 
     def publish_weights(self, bucket: int) -> Any:
-        """All ranks call this per bucket; rank 0 sends it and returns the payload."""
+        """All ranks call this per bucket; rank 0 (cuda_ipc: each rank that serves a
+        generator) sends it and returns the payload."""
         params = self._sync_params[bucket]
         with self.gathered([*params, *self.weight_extras(params)]):
             return self._sync.send(bucket, self.weight_values(params)) if self._sync else None
@@ -90,7 +91,10 @@ class WeightSync:
     ``generators``: a ``GeneratorPool`` or actors with ``join_weight_sync`` and
     ``load_weights`` (``Generator``). A pool's per-actor ``versions`` are advanced as the
     loads are queued: every call queued to a generator after them sees the new weights.
-    ``on_gpu``: learner and generators hold their weights on GPUs (``auto`` picks NCCL).
+    ``on_gpu``: learner and generators hold their weights on GPUs (``auto`` then picks
+    CUDA IPC for generators on a learner rank's GPU, else NCCL); None (the default): ask
+    the actors. ``overlap``: the collective sender broadcasts from a thread of its own
+    (pipelined training: a publish does not wait for generators busy with a chunk).
 
     Versions go out one at a time: ``start(v + 1)`` first waits until every generator holds
     v (the shared-memory transport reuses v - 1's slot for v + 1).
@@ -102,9 +106,10 @@ class WeightSync:
         dtype: str,
         sources: Sequence[Any],
         generators: Sequence[Any],
-        on_gpu: bool = False,
+        on_gpu: bool | None = None,
+        overlap: bool = False,
     ):
-        self.cfg, self.dtype, self.on_gpu = cfg, dtype, on_gpu
+        self.cfg, self.dtype, self.on_gpu, self.overlap = cfg, dtype, on_gpu, overlap
         self._sources, self._generators = sources, generators
         self.plan: SyncPlan | None = None
         self.pending: Future | None = None
@@ -126,8 +131,14 @@ class WeightSync:
         layout = self._wait({self.sources[0].weight_layout.remote(): "learner rank 0"}, "layout")
         dtype = getattr(torch, self.dtype)
         nbytes = sum(math.prod(shape) for _, shape in layout[0]) * dtype.itemsize
-        transport = c.transport if c.transport != "auto" else self._auto_transport(nbytes)
-        backend = c.backend if c.backend != "auto" else ("nccl" if self.on_gpu else "gloo")
+        owners = self._gpu_owners()
+        on_gpu = self.on_gpu if self.on_gpu is not None else owners is not None
+        if c.transport == "auto":
+            transport = self._auto_transport(nbytes, owners if on_gpu else None)
+        else:
+            transport = c.transport
+        backend = c.backend if c.backend != "auto" else ("nccl" if on_gpu else "gloo")
+        self._check_layout(transport, backend, owners)
         self.plan = SyncPlan(
             transport=transport,
             backend=backend,
@@ -135,6 +146,8 @@ class WeightSync:
             buckets=plan_buckets(layout[0], dtype, int(c.bucket_mb * 2**20)),
             timeout_s=c.timeout_s,
             world_size=1 + len(self.generators),
+            owners=tuple(owners or ()) if transport == "cuda_ipc" else (),
+            overlap=self.overlap and transport == "collective",
         )
         opened = self._wait(self._labelled("open_weight_sync", self.plan), "set-up")
         address = opened[0]
@@ -173,12 +186,59 @@ class WeightSync:
         if broken is not None:
             broken.resolve(nbytes or self.plan.num_bytes)
 
-    def _auto_transport(self, nbytes: int) -> str:
-        """On GPUs NCCL moves buckets device to device. On CPU, with every generator on learner
-        rank 0's node and room in its /dev/shm, shared memory: the learner's one copy and no
-        serialisation, HF generators copy nothing (bench weights, 100M params fp32, 2 cores:
-        see the README); across CPU nodes the object store, which moves a bucket once per
-        node (gloo broadcasts over TCP to each receiver)."""
+    def _gpu_owners(self) -> list[int] | None:
+        """Per generator, the learner rank on its GPU (-1: none); None unless learner rank
+        0 and every generator hold a GPU (found by asking them for their GPUs' UUIDs)."""
+        from rlalign_ray.runtime.pools import get
+        from rlalign_ray.sync.plan import gpu_uuid
+
+        actors = [*self.sources, *self.generators]
+        uuids = get(
+            [a.__ray_call__.remote(lambda _: gpu_uuid()) for a in actors],
+            "sync set-up: the actors' GPUs",
+            self.cfg.timeout_s,
+        )
+        ranks, gens = uuids[: len(self.sources)], uuids[len(self.sources) :]
+        if ranks[0] is None or any(u is None for u in gens):
+            return None
+        return [ranks.index(u) if u in ranks else -1 for u in gens]
+
+    def _check_layout(self, transport: str, backend: str, owners: list[int] | None) -> None:
+        """Layouts a transport cannot serve, named before any group is built."""
+        if transport == "cuda_ipc" and (owners is None or -1 in owners):
+            lone = [i for i, o in enumerate(owners or []) if o < 0] or "all"
+            raise WeightSyncError(
+                f"cuda_ipc weight sync: generators {lone} do not share a learner rank's GPU "
+                "(rollout.placement.colocate_with: learner, with GPUs on both); use "
+                "sync.transport: auto"
+            )
+        if transport == "collective" and backend == "nccl" and owners and 0 in owners:
+            raise WeightSyncError(
+                f"collective (NCCL) weight sync: generator {owners.index(0)} runs on learner "
+                "rank 0's GPU, and NCCL refuses two ranks on one GPU; use sync.transport: "
+                "auto (CUDA IPC for colocated generators)"
+            )
+
+    def _auto_transport(self, nbytes: int, owners: list[int] | None) -> str:
+        """On GPUs, generators that share a learner rank's GPU read it through CUDA IPC;
+        others get NCCL, which moves buckets device to device (a mix of both, with one
+        on rank 0's GPU, is refused: colocate every generator or none). On CPU, with
+        every generator on learner rank 0's node and room in its /dev/shm, shared memory:
+        the learner's one copy and no serialisation, HF generators copy nothing (bench
+        weights, 100M params fp32, 2 cores: see the README); across CPU nodes the object
+        store, which moves a bucket once per node (gloo broadcasts over TCP to each
+        receiver)."""
+        if owners is not None:
+            if all(o >= 0 for o in owners):
+                return "cuda_ipc"
+            if 0 in owners:
+                raise WeightSyncError(
+                    f"weight sync: generators {[i for i, o in enumerate(owners) if o == 0]} "
+                    f"share learner rank 0's GPU and generators "
+                    f"{[i for i, o in enumerate(owners) if o < 0]} have GPUs of their own; "
+                    "colocate every generator with the learner (CUDA IPC) or none (NCCL)"
+                )
+            return "collective"
         if self.on_gpu:
             return "collective"
         import ray
@@ -216,8 +276,15 @@ class WeightSync:
         kind = "dispatcher of generators" if grouped else "generator"
         for b in range(len(self.plan.buckets)):
             sent = self._labelled("publish_weights", b)
-            # receivers read the publish call's result, except over a process group
-            payload = None if self.plan.transport == "collective" else [next(iter(sent))]
+            # receivers read rank 0's publish result (cuda_ipc: their own rank's), except
+            # over a process group
+            payload = (
+                None
+                if self.plan.transport == "collective"
+                else list(sent)
+                if self.plan.transport == "cuda_ipc"
+                else [next(iter(sent))]
+            )
             handle = WeightHandle(version, b, payload)
             loads = {g.load_weights.remote(handle): f"{kind} {i}" for i, g in enumerate(loaders)}
             calls.update(sent)

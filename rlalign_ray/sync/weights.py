@@ -11,6 +11,8 @@ publish and receive running at the same time.
 - ``SharedMemoryTransport``: a shared-memory segment on learner rank 0's node with two
   slots used in turn; ``send`` casts a bucket into the next slot, and a generator on that
   node points its parameters at the slot (HF backend: no copy) or copies from it (vLLM).
+- ``CudaIpcTransport``: generators that share a learner rank's GPU open that rank's GPU
+  buffer of the bucket through CUDA IPC and load from it (colocated layouts).
 - ``CollectiveTransport``: a process group of its own (gloo or NCCL) between learner rank 0
   and every generator, built from a TCPStore hosted by rank 0: never the default group,
   so DeepSpeed's group and whatever vLLM sets up in a generator stay untouched. Buckets
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -82,6 +85,18 @@ class WeightTransport(ABC):
         if handle.is_last(self.plan):
             backend.finish_weight_update()
 
+    def _published(self, handle: WeightHandle, what: str, rank: int = 0) -> Any:
+        """The publish call's result for ``handle`` (learner rank ``rank``'s), waiting at most
+        ``sync.timeout_s`` for it."""
+        try:
+            return handle.published(self.plan.timeout_s, rank)
+        except Exception as e:
+            if type(e).__name__ != "GetTimeoutError":
+                raise
+            raise self._error(
+                f"{what} bucket {handle.bucket} of version {handle.version}", e
+            ) from None
+
     def _error(self, what: str, cause: BaseException) -> WeightSyncError:
         where = f"generator {self.rank - 1}" if self.rank else "learner rank 0"
         return WeightSyncError(
@@ -122,8 +137,8 @@ class ObjectStoreTransport(WeightTransport):
         import ray
         from ray.exceptions import GetTimeoutError
 
+        (ref,) = self._published(handle, "get")
         try:
-            (ref,) = handle.published(self.plan.timeout_s)
             arrays = ray.get(ref, timeout=self.plan.timeout_s)
         except GetTimeoutError as e:
             raise self._error(
@@ -243,14 +258,7 @@ class SharedMemoryTransport(WeightTransport):
         return self.slot
 
     def receive(self, handle: WeightHandle, backend: Any) -> None:
-        from ray.exceptions import GetTimeoutError
-
-        try:  # the sender's publish call for this bucket has finished writing it
-            slot = handle.published(self.plan.timeout_s)
-        except GetTimeoutError as e:
-            raise self._error(
-                f"wait for bucket {handle.bucket} of version {handle.version}", e
-            ) from None
+        slot = self._published(handle, "wait for")  # the sender has finished writing it
         views = self.slots[slot]
         if not backend.can_share(self.plan.torch_dtype):
             self._load(
@@ -266,7 +274,15 @@ class SharedMemoryTransport(WeightTransport):
 
 
 class CollectiveTransport(WeightTransport):
-    """Buckets broadcast over a standalone gloo / NCCL process group."""
+    """Buckets broadcast over a standalone gloo / NCCL process group.
+
+    A broadcast that does not finish within ``sync.timeout_s`` (a peer that died or hangs)
+    raises ``WeightSyncError`` on this end and aborts the group: the NCCL group is built
+    with torch's asynchronous error handling off, so its watchdog does not kill the process
+    first, and a rejoin (``close`` then a new group) leaves no communicator behind. With
+    ``plan.overlap`` the sender copies each bucket into a buffer of its own and broadcasts
+    from a thread: a publish returns at once, and the learner trains on while generators
+    finish their chunks before joining the broadcast."""
 
     name = "collective"
 
@@ -280,6 +296,9 @@ class CollectiveTransport(WeightTransport):
             if plan.backend == "nccl"
             else torch.device("cpu")
         )
+        self._sender: Any = None  # overlap: the broadcasting thread and its buffers
+        self._sent: dict[int, Any] = {}  # bucket -> its broadcast's future
+        self._copies: dict[int, torch.Tensor] = {}
 
     def open(self) -> tuple[str, int]:
         import torch.distributed as dist
@@ -299,9 +318,14 @@ class CollectiveTransport(WeightTransport):
             prefixed = dist.PrefixStore("rlalign-weight-sync", store)
             self.group = self._new_group(prefixed)
         except Exception as e:
+            self.close()
             raise self._error(f"join the {self.plan.backend} group at {address}", e) from None
-        # one flat buffer, pages touched once, reused for every bucket and version
-        self.buffer = empty_buffer(self.plan.max_numel, self.plan.torch_dtype, self.device)
+        if rank == 0 and self.plan.overlap:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._sender = ThreadPoolExecutor(1, thread_name_prefix="rlalign-weight-send")
+        else:  # one flat buffer, pages touched once, reused for every bucket and version
+            self.buffer = empty_buffer(self.plan.max_numel, self.plan.torch_dtype, self.device)
 
     def _new_group(self, store: Any) -> Any:
         import torch.distributed as dist
@@ -310,7 +334,10 @@ class CollectiveTransport(WeightTransport):
         if self.plan.backend == "nccl":
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = self.timeout
-            group = dist.ProcessGroupNCCL(store, rank, size, opts)
+            # read when the group is built: a timed-out broadcast raises here (and the group
+            # is aborted) instead of the watchdog tearing the whole actor down
+            with _env(TORCH_NCCL_ASYNC_ERROR_HANDLING="0"):
+                group = dist.ProcessGroupNCCL(store, rank, size, opts)
             self._broadcast(group, torch.zeros(1, device=self.device))  # make the communicator now
             return group
         opts = dist.ProcessGroupGloo._Options()
@@ -325,12 +352,48 @@ class CollectiveTransport(WeightTransport):
         opts.rootRank = 0
         group.broadcast([buffer], opts).wait(self.timeout)
 
+    def close(self) -> None:
+        """Abort the group (a stuck broadcast ends) and release the buffers and the store."""
+        if self._sender is not None:
+            self._sender.shutdown(wait=False, cancel_futures=True)
+            self._sender = None
+        group, self.group = self.group, None
+        if group is not None:
+            for method in ("abort", "shutdown"):  # NCCL: free the communicator now
+                if hasattr(group, method):
+                    try:
+                        getattr(group, method)()
+                    except Exception:  # already broken: nothing more to free
+                        pass
+                    break
+        self.buffer, self.store = None, None
+        self._sent, self._copies = {}, {}
+
     def send(self, bucket: int, tensors: Sequence[torch.Tensor]) -> None:
+        if self._sender is not None:
+            return self._send_overlapped(bucket, tensors)
         flat = flatten_into(self.buffer, self.plan.buckets[bucket], tensors)
         try:
             self._broadcast(self.group, flat)
         except Exception as e:
+            self.close()
             raise self._error(f"broadcast bucket {bucket}", e) from None
+
+    def _send_overlapped(self, bucket: int, tensors: Sequence[torch.Tensor]) -> None:
+        """Copy the bucket into its own buffer (once the previous version's broadcast of it
+        is done) and queue its broadcast; an earlier broadcast that failed raises here."""
+        try:
+            for b, fut in list(self._sent.items()):
+                if fut.done() or b == bucket:
+                    fut.result()  # raises what the broadcast raised
+        except Exception as e:
+            self.close()
+            raise self._error("broadcast an earlier bucket", e) from None
+        spec = self.plan.buckets[bucket]
+        if bucket not in self._copies:
+            self._copies[bucket] = empty_buffer(spec.numel, self.plan.torch_dtype, self.device)
+        flat = flatten_into(self._copies[bucket], spec, tensors)
+        self._sent[bucket] = self._sender.submit(self._broadcast, self.group, flat)
 
     def receive(self, handle: WeightHandle, backend: Any) -> None:
         bucket = self.plan.buckets[handle.bucket]
@@ -338,10 +401,80 @@ class CollectiveTransport(WeightTransport):
         try:
             self._broadcast(self.group, flat)
         except Exception as e:
+            self.close()
             raise self._error(
                 f"receive bucket {handle.bucket} of version {handle.version}", e
             ) from None
         self._load(handle, backend, unflatten(flat, bucket))
+
+
+class CudaIpcTransport(WeightTransport):
+    """Generators that share a learner rank's GPU (``placement.colocate_with: learner``)
+    read that rank's weights through CUDA IPC: the rank copies a bucket into a GPU buffer
+    and publishes its IPC handle; the generator opens it, on the same GPU, and loads from
+    it in place (no host memory, no NCCL, which refuses two ranks on one GPU). Each learner
+    rank serves the generators on its own GPU (``plan.owners``), so a colocated layout of
+    N ranks and N generators syncs in parallel. A rank keeps each bucket's buffer until it
+    publishes the next version of it (the driver waits for every generator to hold a
+    version before the next starts)."""
+
+    name = "cuda_ipc"
+
+    def __init__(self, plan: SyncPlan):
+        super().__init__(plan)
+        self.live: dict[int, torch.Tensor] = {}  # bucket -> the buffer its handle points at
+        self.owner = 0
+
+    def connect(self, address: Any, rank: int) -> None:
+        super().connect(address, rank)
+        if rank:
+            self.owner = self.plan.owners[rank - 1]
+
+    def close(self) -> None:
+        self.live = {}
+
+    def send(self, bucket: int, tensors: Sequence[torch.Tensor]) -> Any:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        spec = self.plan.buckets[bucket]
+        device = tensors[0].device
+        if device.type != "cuda":
+            raise WeightSyncError(
+                "cuda_ipc weight sync: a learner rank holds its weights on "
+                f"{device}, not a GPU; use sync.transport: auto"
+            )
+        self.live.pop(bucket, None)  # every generator holds the version it belonged to
+        flat = torch.empty(spec.numel, dtype=self.plan.torch_dtype, device=device)
+        self.live[bucket] = flatten_into(flat, spec, tensors)
+        return reduce_tensor(self.live[bucket])
+
+    def receive(self, handle: WeightHandle, backend: Any) -> None:
+        rebuild, args = self._published(handle, "get", self.owner)
+        try:
+            flat = rebuild(*args)
+        except RuntimeError as e:
+            raise self._error(
+                f"open learner rank {self.owner}'s CUDA IPC buffer (is this generator on the "
+                "same GPU?)",
+                e,
+            ) from None
+        self._load(handle, backend, unflatten(flat, self.plan.buckets[handle.bucket]))
+        del flat
+
+
+@contextmanager
+def _env(**values: str):
+    """Environment variables set for the block (restored after)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
@@ -370,6 +503,7 @@ TRANSPORTS: dict[str, type[WeightTransport]] = {
     "object_store": ObjectStoreTransport,
     "collective": CollectiveTransport,
     "shared_memory": SharedMemoryTransport,
+    "cuda_ipc": CudaIpcTransport,
 }
 
 

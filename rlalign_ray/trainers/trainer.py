@@ -380,13 +380,12 @@ class Trainer:
         start(list(self.pools.values()), self.cfg.run.placement_timeout_s)
         if "env" in self.pools:
             self.pools["env"].attach(self.pools["generator"])
-        gpus = [self.topology.pools[r].resources.num_gpus for r in ("learner", "generator")]
         self.weights = WeightSync(
             self.cfg.sync,
             self.cfg.generator_dtype,
             self.pools["learner"],
             self.pools["generator"],
-            on_gpu=min(gpus) > 0,
+            overlap=self.cfg.trainer.max_staleness > 0,
         )
         self.weights.setup()
 

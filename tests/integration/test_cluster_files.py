@@ -5,6 +5,7 @@ Fast and offline: nothing here starts a cluster (see test_job_submit.py for that
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 import shutil
@@ -21,6 +22,7 @@ CLUSTER = REPO / "cluster"
 YAML_FILES = sorted(p for p in CLUSTER.rglob("*") if p.suffix in (".yaml", ".yml"))
 SHELL_FILES = sorted(p for p in CLUSTER.rglob("*") if p.suffix in (".sh", ".sbatch"))
 LAUNCH_SCRIPTS = [REPO / "launch/submit.sh", REPO / "launch/local_cluster.sh"]
+GPU_CHECK = REPO / "launch/gpu_check.sh"  # parsed and --help'd with the launch scripts
 EXPECTED = [
     "aws_gpu.yaml",
     "kuberay/raycluster.yaml",
@@ -72,7 +74,7 @@ def test_yaml_parses(path):
     _docs(path)
 
 
-@pytest.mark.parametrize("path", SHELL_FILES + LAUNCH_SCRIPTS, ids=_rel)
+@pytest.mark.parametrize("path", SHELL_FILES + LAUNCH_SCRIPTS + [GPU_CHECK], ids=_rel)
 def test_shell_syntax(path):
     bash = shutil.which("bash")
     assert bash
@@ -149,11 +151,37 @@ def test_slurm_script():
     assert re.search(r"ray start --block --address", text), "no worker `ray start --block`"
     assert 'rlalign-ray train "$CONFIG"' in text
     assert "trap cleanup EXIT" in text
+    # Preflight before Ray starts: the config loads, and vllm imports on every node.
+    assert "rlalign-ray check-config" in text and "python -c 'import vllm'" in text
     # The example in the header names a real config.
     cmds = re.findall(r"sbatch (?:--\S+ )*cluster/slurm/rlalign_ray.sbatch (configs/\S+)", text)
     assert cmds
     for config in cmds:
         _check_train_command(f"rlalign-ray train {config}", "rlalign_ray.sbatch header")
+
+
+def _configs_named(text: str) -> set[str]:
+    """Every ``configs/*.yaml`` a file names (its train command, submit line or header)."""
+    return set(re.findall(r"configs/[\w./-]+\.ya?ml", text))
+
+
+@pytest.mark.parametrize("path", YAML_FILES + SHELL_FILES, ids=_rel)
+def test_vllm_configs_get_vllm_installed(path):
+    """A file that trains a ``rollout.backend: vllm`` config installs vLLM (the pinned
+    launch/install_vllm.sh), else its generators fail at start-up on the cluster."""
+    text = path.read_text()
+    vllm = [c for c in _configs_named(text) if load_config(REPO / c).rollout.backend == "vllm"]
+    if not vllm:
+        pytest.skip(f"{_rel(path)} trains no vLLM config")
+    assert "launch/install_vllm.sh" in text, (
+        f"{_rel(path)} trains {vllm} (rollout.backend: vllm) but never runs "
+        "launch/install_vllm.sh; install vLLM where the project is installed"
+    )
+    if path.name == "aws_gpu.yaml":  # after the project, whose torch vLLM's wheel pins
+        cmds = _docs(path)[0]["setup_commands"]
+        pip = next(i for i, c in enumerate(cmds) if "pip install" in c and "rlalign-ray" in c)
+        vllm_at = next(i for i, c in enumerate(cmds) if "install_vllm.sh" in c)
+        assert pip < vllm_at, "aws_gpu.yaml: run install_vllm.sh after `pip install -e`"
 
 
 def test_readme_lists_every_file():
@@ -169,8 +197,69 @@ def test_gpu_config_shape():
     assert cfg.learner.zero_stage == 2 and cfg.learner.bf16 and cfg.model.dtype == "bfloat16"
 
 
+ONE_NODE_CONFIGS = ["gpu_node.yaml", "gpu_node_7b.yaml", "gpu_colocated.yaml"]
+
+
+def _bundle_gpus(cfg, where: str) -> list[float]:
+    """The GPUs of each placement bundle ``cfg`` asks for (colocated roles share their
+    host's bundles); a fractional bundle (roles sharing a GPU) must fit one GPU."""
+    from rlalign_ray.runtime.pools import RoleSpec, plan_bundles
+    from rlalign_ray.topology import Topology
+
+    specs = [
+        RoleSpec(role, object, p.num_actors, p.resources, placement=p.placement)
+        for role, p in Topology.from_config(cfg).pools.items()
+    ]
+    gpus = [b.get("GPU", 0.0) for bundles in plan_bundles(specs).values() for b in bundles]
+    for g in gpus:
+        assert g <= 1 + 1e-9 or float(g).is_integer(), f"{where}: a bundle of {g:g} GPUs"
+    return gpus
+
+
+@pytest.mark.parametrize("name", ONE_NODE_CONFIGS)
+def test_one_node_configs_fit_eight_gpus(name):
+    """Each loads and validates, and its placement bundles fit one 8-GPU node."""
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.rollout.backend == "vllm" and cfg.model.dtype == "bfloat16" and cfg.learner.bf16
+    assert cfg.sync.transport == "auto"
+    gpus = _bundle_gpus(cfg, name)
+    assert sum(gpus) <= 8 + 1e-9, f"{name}: {sum(gpus):g} GPUs on an 8-GPU node"
+    if name == "gpu_colocated.yaml":
+        assert cfg.rollout.placement.colocate_with == "learner" and cfg.rollout.enable_sleep_mode
+        assert cfg.reference.placement.colocate_with == "learner"
+        assert cfg.rollout.num_actors == cfg.learner.world_size == 8
+    else:
+        assert sum(gpus) == 8 and all(g == 1 for g in gpus if g)
+
+
+def _bash_arrays(text: str) -> dict[str, list[str]]:
+    """``NAME=(\n  words ...\n)`` blocks of a bash script, split as bash splits them."""
+    found = re.finditer(r"^(\w+)=\(\n(.*?)^\)$", text, re.M | re.S)
+    return {m.group(1): shlex.split(m.group(2), comments=True) for m in found}
+
+
+def test_gpu_check_cases_load():
+    """Each case of launch/gpu_check.sh (test_shell_syntax parses the script): its
+    overrides (COMMON + CASE_*) load on configs/demo_cpu.yaml and ask for the GPUs its
+    CASES line says it needs."""
+    arrays = _bash_arrays(GPU_CHECK.read_text())
+    cases = [line.split() for line in arrays.pop("CASES")]
+    common = arrays.pop("COMMON")
+    assert sorted(arrays) == sorted(c[2] for c in cases), "a CASE_* array without a CASES line"
+    for name, need, array in cases:
+        overrides = common + arrays[array] + ["trainer.steps=3"]
+        cfg = load_config(REPO / "configs/demo_cpu.yaml", overrides)
+        assert cfg.rollout.backend == "vllm" and cfg.model.path == "builtin:tiny-arith"
+        assert not cfg.needs_reference and cfg.reward.resources.num_gpus == 0
+        gpus = _bundle_gpus(cfg, f"gpu_check.sh {name}")
+        assert math.ceil(sum(gpus) - 1e-9) == int(need), f"{name}: {gpus} GPUs, not {need}"
+        colocated = cfg.rollout.placement.colocate_with is not None
+        # NCCL refuses a group with two members on one GPU.
+        assert not (colocated and cfg.sync.transport == "collective"), name
+
+
 def test_launch_scripts_help():
-    for script in LAUNCH_SCRIPTS:
+    for script in LAUNCH_SCRIPTS + [GPU_CHECK]:
         r = subprocess.run(
             ["bash", str(script), "--help"], capture_output=True, text=True, check=False, timeout=30
         )

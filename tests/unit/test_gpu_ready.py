@@ -1,0 +1,146 @@
+"""What a first GPU run needs, checked on CPU: layouts and math refused at check-config
+with the key named, devices never silently swapped, rows never silently dropped, buckets
+that keep layers whole, transports chosen by where the actors' GPUs are."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rlalign_ray.config import SyncConfig, config_from_dict
+from rlalign_ray.errors import ConfigError, RlalignError, WeightSyncError
+from rlalign_ray.learner.base import rank_rows
+from rlalign_ray.models.loading import default_device
+from rlalign_ray.sync.buckets import plan_buckets
+from rlalign_ray.sync.weight_sync import WeightSync
+
+REWARD = [{"type": "function", "path": "rlalign_ray.rewards.builtin:arithmetic_exact"}]
+COLOCATED = {
+    "rollout": {
+        "num_actors": 1,
+        "resources": {"num_gpus": 0.5},
+        "placement": {"colocate_with": "learner"},
+    },
+    "learner": {"resources": {"num_gpus": 0.5}},
+}
+
+
+def problems(raw: dict) -> list[str]:
+    try:
+        config_from_dict({"reward": {"rewards": REWARD}, **raw})
+    except ConfigError as e:
+        return e.problems
+    return []
+
+
+def test_check_config_refuses_nccl_with_a_generator_on_learner_rank0s_gpu():
+    args = [f"{k}={v}" for k, v in {
+        "rollout.num_actors": 1, "rollout.placement.colocate_with": "learner",
+        "rollout.resources.num_gpus": 0.5, "learner.resources.num_gpus": 0.5,
+        "sync.transport": "collective",
+    }.items()]
+    out = subprocess.run(
+        [sys.executable, "-m", "rlalign_ray.cli", "check-config", "configs/demo_cpu.yaml", *args],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 2
+    assert "sync.transport: collective (NCCL) cannot include generator 0" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert problems(COLOCATED) == []  # auto: CUDA IPC for the colocated generator
+    gloo = {**COLOCATED, "sync": {"transport": "collective", "backend": "gloo"}}
+    assert problems(gloo) == []
+
+
+def test_fractional_colocated_bundles_above_one_gpu_are_refused():
+    raw = {**COLOCATED, "learner": {"resources": {"num_gpus": 1}}}
+    (p,) = problems(raw)
+    assert p.startswith("learner.placement: bundle 0 of learner holds 1.5 GPUs")
+    assert "rollout.resources.num_gpus=0.5" in p
+    whole = {**raw, "rollout": {**COLOCATED["rollout"], "resources": {"num_gpus": 1}}}
+    assert problems(whole) == []  # 2 GPUs: one each
+
+
+def test_cuda_ipc_needs_colocated_generators():
+    (p,) = problems({"sync": {"transport": "cuda_ipc"}})
+    assert p.startswith("sync.transport: cuda_ipc")
+    assert problems({**COLOCATED, "sync": {"transport": "cuda_ipc"}}) == []
+
+
+@pytest.mark.parametrize(
+    "raw, names",
+    [
+        ({"algorithm": {"use_behaviour_logprobs": True}}, "use_behaviour_logprobs"),
+        (
+            {"algorithm": {"name": "reinforce_pp", "kl_in_reward": True, "kl_coef": 0.1}},
+            "kl_in_reward",
+        ),
+        ({"trainer": {"max_staleness": 1}}, "behaviour_is_cap"),
+    ],
+)
+def test_truncated_sampling_with_behaviour_logprobs_as_probabilities_is_refused(raw, names):
+    assert problems(raw) == []
+    for trunc in ({"top_p": 0.9}, {"top_k": 20}):
+        got = problems({**raw, "rollout": trunc})
+        assert len(got) == 1 and got[0].startswith("rollout.top_p=") and names in got[0]
+    plain = problems({"rollout": {"top_p": 0.9}})
+    assert plain == []  # the learner's own old log-probs: nothing biased
+
+
+def test_k1_as_a_kl_loss_term_is_refused_but_not_in_the_reward():
+    (p,) = problems({"algorithm": {"kl_coef": 0.05, "kl_estimator": "k1"}})
+    assert p.startswith("algorithm.kl_estimator: k1 as a loss term")
+    for est in ("k2", "k3"):
+        assert problems({"algorithm": {"kl_coef": 0.05, "kl_estimator": est}}) == []
+    raw = {"algorithm": {"name": "reinforce_pp", "kl_coef": 0.05, "kl_estimator": "k1",
+                         "kl_in_reward": True}}
+    assert problems(raw) == []
+
+
+def test_an_actor_that_asked_for_gpus_but_sees_none_is_an_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(RlalignError, match="learner.resources.num_gpus asks for 1 GPU"):
+        default_device(1, "learner.resources.num_gpus")
+    assert default_device(0).type == "cpu"
+
+
+def test_rows_are_never_dropped_silently():
+    with pytest.raises(ValueError, match="does not split evenly over 2 ranks"):
+        rank_rows(7, 2, seed=0, step=1)
+    from rlalign_ray.pools import LearnerGroup
+
+    cfg = config_from_dict({"reward": {"rewards": REWARD}, "learner": {"world_size": 2,
+                            "micro_batch_size": 4}})
+    group = LearnerGroup(cfg)
+    group.check_split(32)
+    for n in (30, 16, 0):
+        with pytest.raises(ValueError, match=f"a batch of {n} rows does not split"):
+            group.check_split(n)
+
+
+def test_buckets_never_split_a_layer():
+    layout = [("model.embed_tokens.weight", (40,))]
+    for i in range(3):
+        layout += [(f"model.layers.{i}.q.weight", (30,)), (f"model.layers.{i}.k.weight", (30,))]
+    layout += [("model.norm.weight", (10,))]
+    buckets = plan_buckets(layout, torch.float32, 4 * 70)
+    layers = [{n.split(".")[2] for n in b.names if ".layers." in n} for b in buckets]
+    assert all(len(s) <= 1 for s in layers)
+    assert [n for b in buckets for n in b.names] == [n for n, _ in layout]
+
+
+def test_auto_picks_cuda_ipc_for_colocated_generators_and_nccl_otherwise():
+    sync = WeightSync(SyncConfig(), "bfloat16", [], [])
+    assert sync._auto_transport(0, [0, 1, 2]) == "cuda_ipc"  # every generator on a rank's GPU
+    assert sync._auto_transport(0, [-1, -1]) == "collective"  # GPUs of their own
+    assert sync._auto_transport(0, [-1, 1]) == "collective"  # rank 1 is not in the group
+    with pytest.raises(WeightSyncError, match="colocate every generator"):
+        sync._auto_transport(0, [0, -1])
+    with pytest.raises(WeightSyncError, match="NCCL refuses two ranks on one GPU"):
+        sync._check_layout("collective", "nccl", [0])
+    with pytest.raises(WeightSyncError, match=r"generators \[1\] do not share"):
+        sync._check_layout("cuda_ipc", "nccl", [0, -1])
+    sync._check_layout("collective", "gloo", [0])
