@@ -247,6 +247,28 @@ class DeepSpeedRank:
         self.engine.step()
         return True
 
+    def optimizer_step(self, batch: RolloutBatch, rows: torch.Tensor, micro_loss) -> bool:
+        """One optimizer step over the mini-batch ``rows``: for each weighted micro-batch
+        ``(i, r)``, ``micro_loss(i, r)`` returns its loss and a callback that records its
+        statistics (called only when the loss is finite on every rank). Returns True when
+        the step was skipped (a non-finite loss on any rank, or gradient norm; see
+        ``_finish_step``); ``learner.max_skipped_steps`` of them in a row end the run."""
+        micro = self.weighted_micro_batches(batch, rows)
+        delegated, finite = self.checks_grads, True  # ZeRO/bf16 discard a bad step itself
+        for i, (r, scale) in enumerate(micro):
+            loss, record = micro_loss(i, r)
+            ok = self.agree_finite(loss)
+            finite = finite and ok
+            boundary = i == len(micro) - 1
+            self.engine.set_gradient_accumulation_boundary(boundary)
+            if ok or delegated:
+                self.engine.backward(loss * scale)
+            if delegated or (ok and not boundary):  # stage 0's boundary: ``_finish_step``
+                self.engine.step()
+            if ok:
+                record(loss, scale)
+        return self._count_skip(not self._finish_step(finite))
+
     def _count_skip(self, skipped: bool) -> bool:
         """Count skipped steps in a row; ``learner.max_skipped_steps`` of them end the run."""
         self.skipped_in_row = self.skipped_in_row + 1 if skipped else 0

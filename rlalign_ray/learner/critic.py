@@ -51,12 +51,10 @@ class Critic(DeepSpeedRank):
         return values * batch.response_mask
 
     def _update(self, batch, rows, returns, old_values, stats) -> bool:
-        """One optimizer step over the mini-batch ``rows``; False when it was skipped (a
-        non-finite loss on any rank, or gradient norm: ``DeepSpeedRank._finish_step``)."""
+        """One optimizer step over the mini-batch ``rows``; True when it was skipped."""
         clip, agg = self.cfg.critic.value_clip, self.cfg.algorithm.loss_agg
-        micro = self.weighted_micro_batches(batch, rows)
-        delegated, finite = self.checks_grads, True
-        for i, (r, scale) in enumerate(micro):
+
+        def micro(i, r):
             mb = batch.select(r).trimmed()
             t = mb.response_ids.shape[1]
             mask = mb.response_mask.to(self.device)
@@ -70,19 +68,15 @@ class Critic(DeepSpeedRank):
                 agg=agg,
                 norm_len=self.cfg.rollout.max_new_tokens,
             )
-            ok = self.agree_finite(loss)
-            finite = finite and ok
-            boundary = i == len(micro) - 1
-            self.engine.set_gradient_accumulation_boundary(boundary)
-            if ok or delegated:  # DeepSpeed discards a non-finite step itself
-                self.engine.backward(loss * scale)
-            if delegated or (ok and not boundary):  # stage 0's boundary: ``_finish_step``
-                self.engine.step()
-            if ok:
+
+            def record(loss, scale):
                 stats["value_loss"].append(loss.item())
                 stats["vf_clipfrac"].append(float(m["vf_clipfrac"]))
                 stats["values_mean"].append(masked_mean(v.detach(), mask).item())
-        return self._count_skip(not self._finish_step(finite))
+
+            return loss, record
+
+        return self.optimizer_step(batch, rows, micro)
 
     def train_step(
         self,

@@ -103,35 +103,27 @@ class Learner(DeepSpeedRank, WeightSource):
         return (adv[:, None] if adv.dim() == 1 else adv) * w
 
     def _update(self, batch, rows, old, adv, ref, kl_coef, stats) -> bool:
-        """One optimizer step over the mini-batch ``rows``; False when it was skipped
-        because a micro-batch's loss (on any rank) or the gradient norm was not finite."""
-        share = 0.0  # this rank's share of the mini-batch loss; the ranks' shares sum to it
-        micro = self.weighted_micro_batches(batch, rows)
-        finite = True
-        for i, (r, scale) in enumerate(micro):
+        """One optimizer step over the mini-batch ``rows``; True when it was skipped."""
+        share = []  # this rank's share of the mini-batch loss; the ranks' shares sum to it
+
+        def micro(i, r):
             loss, pg_loss, logs = self.micro_loss(batch, r, old, adv, ref, kl_coef, i)
-            ok = self.agree_finite(loss)
-            finite = finite and ok
-            boundary = i == len(micro) - 1
-            self.engine.set_gradient_accumulation_boundary(boundary)
-            delegated = self.checks_grads  # DeepSpeed discards a non-finite step itself
-            if ok or delegated:
-                self.engine.backward(loss * scale)
-            if delegated or (ok and not boundary):  # stage 0's boundary: ``_finish_step``
-                self.engine.step()
-            if not ok:
-                continue
-            stats["pg_loss"].append(pg_loss.item())
-            share += loss.item() * scale / (self.grad_accumulation * self.world_size)
-            for key, value in logs.items():
-                stats[key].append(value)
-        applied = self._finish_step(finite)
-        if applied:
-            stats["loss"].append(share * self.world_size)  # reduce_stats averages over ranks
+
+            def record(loss, scale):
+                stats["pg_loss"].append(pg_loss.item())
+                share.append(loss.item() * scale / (self.grad_accumulation * self.world_size))
+                for key, value in logs.items():
+                    stats[key].append(value)
+
+            return loss, record
+
+        skipped = self.optimizer_step(batch, rows, micro)
+        if not skipped:
+            stats["loss"].append(sum(share) * self.world_size)  # reduce_stats: mean of ranks
             norm = self.engine.get_global_grad_norm()
             if norm is not None:
                 stats["grad_norm"].append(float(norm))
-        return self._count_skip(not applied)
+        return skipped
 
     def micro_loss(self, batch, r, old, adv, ref, kl_coef, index):
         """The loss of micro-batch ``index`` (rows ``r``): (loss, policy-gradient loss, a

@@ -47,7 +47,7 @@ def learner_side(model_path: str, zero_stage: int, to_gen: Any, from_gen: Any) -
     for b in range(len(plan.buckets)):
         to_gen.put(learner.publish_weights(b))
     assert from_gen.get(timeout=300) == "loaded"
-    to_gen.put({n: torch.from_numpy(w) for n, w in learner.get_weights().items()})
+    to_gen.put(learner.get_weights())  # numpy arrays: pickled by value
 
 
 def generator_side(model_path: str, from_learner: Any, to_learner: Any, out: Any) -> None:
@@ -73,7 +73,7 @@ def generator_side(model_path: str, from_learner: Any, to_learner: Any, out: Any
     out.put(
         SimpleNamespace(
             device=str(next(iter(backend.named_parameters()))[1].device),
-            max_diff=max(float((held[n] - sent[n]).abs().max()) for n in sent),
+            max_diff=max(float((held[n] - torch.from_numpy(sent[n])).abs().max()) for n in sent),
             names=sorted(sent) == sorted(held),
         ).__dict__
     )

@@ -38,7 +38,7 @@ def test_without_dropout_zeroes_the_config_and_every_module(dropout_model):
 @pytest.mark.integration
 @pytest.mark.parametrize("keep", [False, True])
 def test_first_minibatch_ratio_is_one_without_dropout(dropout_model, keep):
-    env = {**os.environ, "PYTHONPATH": REPO, "DS_ACCELERATOR": "cpu"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), "DS_ACCELERATOR": "cpu"}
     out = subprocess.run(
         [sys.executable, "-m", "tests.helpers.dropout", dropout_model, str(int(keep))],
         capture_output=True, text=True, cwd=REPO, env=env, timeout=600,

@@ -100,11 +100,14 @@ def _group(plan: SyncPlan, n: int):
     return sender, receivers
 
 
-def test_collective_broadcasts_every_bucket_in_the_generators_dtype():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_collective_broadcasts_every_bucket_in_the_generators_dtype(overlap):
     params = {f"layer{i}.weight": torch.randn(16, 8 + i) for i in range(5)}
     layout = [(n, p.shape) for n, p in params.items()]
     buckets = plan_buckets(layout, torch.bfloat16, 600)  # several buckets
-    plan = SyncPlan("collective", "gloo", "bfloat16", buckets, 30.0, world_size=3)
+    plan = SyncPlan(
+        "collective", "gloo", "bfloat16", buckets, 30.0, world_size=3, overlap=overlap
+    )
     assert len(buckets) > 2
     sender, receivers = _group(plan, 2)
     sinks = [Sink(), Sink()]
@@ -122,6 +125,8 @@ def test_collective_broadcasts_every_bucket_in_the_generators_dtype():
             sender.send(b, [params[n] for n in bucket.names])
         for t in threads:
             t.join()
+        for fut in sender._sent.values():  # overlap: the broadcasts ran on the thread
+            fut.result(timeout=30)
         for sink in sinks:
             assert sink.finished == version  # once per version, after the last bucket
             for name, p in params.items():
@@ -188,3 +193,21 @@ def test_shared_memory_refuses_a_segment_larger_than_dev_shm(monkeypatch):
     monkeypatch.setattr(weights, "shm_free_bytes", lambda: 2**20)
     with pytest.raises(WeightSyncError, match="needs 0.01 GiB.*--shm-size.*object_store"):
         SharedMemoryTransport(plan).open()
+
+
+def test_overlapped_send_returns_at_once_and_a_failed_broadcast_surfaces_on_the_next():
+    """Pipelined training: the learner's publish does not wait for generators busy with a
+    chunk; a broadcast nobody joined fails within the timeout, and the next publish says so
+    (and closes the group, so a rejoin builds a new one)."""
+    import time
+
+    (bucket,) = plan_buckets([("w", (4, 4))], torch.float32, 1 << 20)
+    plan = SyncPlan("collective", "gloo", "float32", (bucket,), 2.0, world_size=2, overlap=True)
+    sender, _ = _group(plan, 1)
+    start = time.monotonic()
+    sender.send(0, [torch.ones(4, 4)])  # the receiver never receives
+    assert time.monotonic() - start < 1.0
+    with pytest.raises(WeightSyncError, match="could not broadcast an earlier bucket"):
+        sender.send(0, [torch.ones(4, 4)])
+    assert sender.group is None and sender._sender is None
+    sender.close()  # twice is fine
