@@ -29,7 +29,7 @@ from rlalign_ray.config import Config, Placement, Resources
 from rlalign_ray.data.batch import PromptItem
 from rlalign_ray.errors import ActorFailure
 from rlalign_ray.pools.base import ActorPool, Future
-from rlalign_ray.runtime.pools import get
+from rlalign_ray.runtime.placement import get
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,12 @@ class GeneratorPool(ActorPool):
 
     role = "generator"
 
+    def actor_args(self, i: int) -> tuple:
+        # the environment only for multi-turn runs, so custom classes keep their signature
+        c = self.cfg
+        env = (c.env,) if c.env.path else ()
+        return (c.model, c.rollout, c.run.seed, i, c.data.max_prompt_tokens, *env)
+
     def __init__(
         self,
         cfg: Config,
@@ -107,22 +113,7 @@ class GeneratorPool(ActorPool):
         name: str | None = None,
         max_inflight: int = 1,
     ):
-        from rlalign_ray.topology import BUILTIN_CLASSES, resolve_class
-
-        r = cfg.rollout
-        super().__init__(
-            resolve_class(cls or r.actor_class or BUILTIN_CLASSES["generator"]),
-            # the environment only for multi-turn runs, so custom classes keep their signature
-            lambda i: (cfg.model, r, cfg.run.seed, i, cfg.data.max_prompt_tokens)
-            + ((cfg.env,) if cfg.env.path else ()),
-            num_actors or r.num_actors,
-            resources or r.resources,
-            placement or r.placement,
-            name,
-            cfg.run.call_timeout_s,
-        )
-        self.cfg = cfg
-        self.replace_as(cfg.run)
+        super().__init__(cfg, num_actors, resources, placement, cls, name)
         self.max_inflight = max_inflight
         self.versions: list[int] = []  # per actor: the version its next queued call sees
         self.queue: deque[Chunk] = deque()
@@ -364,7 +355,7 @@ class GeneratorPool(ActorPool):
         (``run.max_actor_restarts``) and queue those chunks again, first: the same prompts,
         sample indices and seed, sampled with the current weights. Returns the others (None:
         no chunk failed by a death, or restarts are off)."""
-        from rlalign_ray.runtime.pools import actor_died
+        from rlalign_ray.runtime.placement import actor_died
 
         dead = [c for c in finished if actor_died(c.info_ref)]
         if not dead or not self.max_restarts:

@@ -18,10 +18,11 @@ import torch
 
 from rlalign_ray.config import Config, Placement, Resources
 from rlalign_ray.data.batch import ScoredShard, packed
-from rlalign_ray.learner.base import rank_rows, split_for_ranks
+from rlalign_ray.learner.base import split_for_ranks
 from rlalign_ray.pools.base import ActorPool, Future
+from rlalign_ray.roles import split_rows
 from rlalign_ray.runtime.dispatch import Picks
-from rlalign_ray.runtime.pools import get
+from rlalign_ray.runtime.placement import get
 
 
 @dataclass
@@ -49,7 +50,7 @@ class Experience:
 class DeepSpeedGroup(ActorPool):
     """Ranks that form a process group; ``started`` runs the rendezvous at rank 0."""
 
-    section = "learner"
+    restartable = False  # a dead rank restarts the group (run.max_learner_restarts)
 
     def __init__(
         self,
@@ -60,20 +61,10 @@ class DeepSpeedGroup(ActorPool):
         cls: type | str | None = None,
         name: str | None = None,
     ):
-        from rlalign_ray.topology import BUILTIN_CLASSES, resolve_class
+        super().__init__(cfg, world_size, resources, placement, cls, name)
 
-        sec = getattr(cfg, self.section)
-        n = world_size or sec.world_size
-        super().__init__(
-            resolve_class(cls or sec.actor_class or BUILTIN_CLASSES[self.role]),
-            lambda i: (cfg, i, n),
-            n,
-            resources or sec.resources,
-            placement or sec.placement,
-            name,
-            cfg.run.call_timeout_s,
-        )
-        self.cfg = cfg
+    def actor_args(self, i: int) -> tuple:
+        return (self.cfg, i, self.spec.num_actors)
 
     def started(self) -> None:
         addr, port = get(self.actors[0].address.remote(), f"{self.name} rank 0", self.timeout_s)
@@ -99,7 +90,7 @@ class DeepSpeedGroup(ActorPool):
     def parts(self, exp: Experience, step: int, ref_logprobs: list[Any] | None):
         """This step's rows per rank and each rank's batch ref (cut by rank 0)."""
         self.check_split(len(exp.scores))
-        rows = rank_rows(len(exp.scores), len(self.actors), self.cfg.run.seed, step)
+        rows = split_rows(len(exp.scores), len(self.actors), self.cfg.run.seed, step)
         return rows, split_for_ranks(
             self.actors[0], exp.shards, exp.rows, ref_logprobs, rows, exp.picks
         )
@@ -131,7 +122,6 @@ class LearnerGroup(DeepSpeedGroup):
     source of every weight sync (``WeightSync``)."""
 
     role = "learner"
-    section = "learner"
 
     def update(
         self,
@@ -165,7 +155,6 @@ class CriticGroup(DeepSpeedGroup):
     """The value model's ranks (PPO)."""
 
     role = "critic"
-    section = "critic"
 
     def values(self, exp: Experience, step: int) -> Future:
         """(B, T) values of the step's rows; keeps each rank's part for ``update``."""
@@ -186,7 +175,7 @@ class CriticGroup(DeepSpeedGroup):
         if exp.critic_parts is None:
             raise ValueError(f"{self.name}.update: call values(exp, step) for this step first")
         self.check_split(len(exp.scores))
-        rows = rank_rows(len(exp.scores), len(self.actors), self.cfg.run.seed, step)
+        rows = split_rows(len(exp.scores), len(self.actors), self.cfg.run.seed, step)
         calls = [
             c.train_step.remote(p, packed(returns[k]), packed(values[k]), step)
             for c, p, k in zip(self.actors, exp.critic_parts, rows)

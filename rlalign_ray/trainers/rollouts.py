@@ -24,7 +24,7 @@ from rlalign_ray.data.prompts import PromptSampler
 from rlalign_ray.errors import ActorFailure, RewardError
 from rlalign_ray.pools import Chunk, Experience, Future, GeneratorPool, ReferencePool, RewardPool
 from rlalign_ray.runtime.dispatch import Picks
-from rlalign_ray.runtime.pools import actor_died, get
+from rlalign_ray.runtime.placement import actor_died, get
 
 
 @dataclass

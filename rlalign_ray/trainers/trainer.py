@@ -49,11 +49,11 @@ from rlalign_ray.data.batch import PromptItem, ScoredShard, pad_responses
 from rlalign_ray.data.prompts import PromptSampler, load_prompts
 from rlalign_ray.errors import ActorFailure, DataError
 from rlalign_ray.ledger import SampleLog
-from rlalign_ray.logger import MetricsLogger
 from rlalign_ray.pools import ActorPool, EnvPool, Experience, WeightSync, start, stop
 from rlalign_ray.preflight import preflight, prepare_data
+from rlalign_ray.run_log import MetricsLogger
 from rlalign_ray.runtime.cluster import connect
-from rlalign_ray.runtime.pools import get, lost_roles
+from rlalign_ray.runtime.placement import get, lost_roles
 from rlalign_ray.topology import Topology
 from rlalign_ray.trainers.rollouts import Rollouts
 from rlalign_ray.trainers.samples import completion_rows
