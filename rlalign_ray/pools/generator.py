@@ -470,6 +470,15 @@ class GeneratorPool(ActorPool):
         )
 
     # ---- weights and memory -------------------------------------------------------------
+    def abandon(self) -> list[Chunk]:
+        """Drop the queued chunks and mark those in flight as not wanted (step -1: whoever
+        waits on them ignores them when they land); returns them."""
+        dropped = [*self.queue, *self.inflight.values()]
+        for c in dropped:
+            c.step = -1
+        self.queue.clear()
+        return dropped
+
     def sleep(self, asleep: bool) -> None:
         """vLLM with ``rollout.enable_sleep_mode``: free (or take back) the engines' GPU memory."""
         self.gather("sleep" if asleep else "wake_up")

@@ -34,7 +34,6 @@ class Experience:
     scores: ScoredShard  # outcome of those rows
     ref_logprobs: list[Any] | None  # ObjectRefs of (B_i, T_i) reference log-probs per shard
     stats: dict[str, float] = field(default_factory=dict)
-    critic_parts: list[Any] | None = None  # ObjectRefs of the critic ranks' rows (ppo)
     # from dispatchers: ``shards`` are the runs' lists of batch refs, and the batch's i-th
     # shard is ``shards[r]``'s list at position p, (r, p) = picks.picks[i]
     picks: Picks | None = None
@@ -157,28 +156,31 @@ class CriticGroup(DeepSpeedGroup):
     role = "critic"
 
     def values(self, exp: Experience, step: int) -> Future:
-        """(B, T) values of the step's rows; keeps each rank's part for ``update``."""
-        rows, exp.critic_parts = self.parts(exp, step, None)
+        """(B, T) values of the step's rows. The group keeps each rank's rows (refs, cut
+        once) for ``update`` of the same step; ``exp`` is not changed."""
+        rows, parts = self.parts(exp, step, None)
+        self._parts = {step: (exp, parts)}  # one step at a time: the previous one is done
 
-        def join(parts: list[torch.Tensor]) -> torch.Tensor:
+        def join(out: list[torch.Tensor]) -> torch.Tensor:
             values = torch.zeros_like(exp.scores.response_mask)
-            for r, v in zip(rows, parts):
+            for r, v in zip(rows, out):
                 values[r, : v.shape[1]] = v
             return values
 
-        calls = [c.values.remote(p) for c, p in zip(self.actors, exp.critic_parts)]
+        calls = [c.values.remote(p) for c, p in zip(self.actors, parts)]
         return Future(calls, f"{self.name} values", join)
 
     def update(
         self, exp: Experience, returns: torch.Tensor, values: torch.Tensor, step: int
     ) -> Future:
-        if exp.critic_parts is None:
+        """One value update on ``exp``'s rows (after ``values(exp, step)``)."""
+        held, parts = getattr(self, "_parts", {}).pop(step, (None, None))
+        if held is not exp:
             raise ValueError(f"{self.name}.update: call values(exp, step) for this step first")
-        self.check_split(len(exp.scores))
         rows = split_rows(len(exp.scores), len(self.actors), self.cfg.run.seed, step)
         calls = [
             c.train_step.remote(p, packed(returns[k]), packed(values[k]), step)
-            for c, p, k in zip(self.actors, exp.critic_parts, rows)
+            for c, p, k in zip(self.actors, parts, rows)
         ]
         return Future(
             calls, f"{self.name} update", lambda out: {f"critic/{k}": v for k, v in out[0].items()}

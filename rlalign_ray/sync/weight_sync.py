@@ -256,6 +256,20 @@ class WeightSync:
         room = free > 1.2 * SharedMemoryTransport.SLOTS * nbytes
         return "shared_memory" if len(set(nodes)) == 1 and room else "object_store"
 
+    def in_flight(self) -> Future | None:
+        """The sync still in flight (``start``), if any."""
+        return self.pending
+
+    def wait(self) -> None:
+        """Wait for the sync in flight, if any (its errors raise here)."""
+        if self.pending is not None:
+            self.pending.result()
+
+    def abandon(self) -> None:
+        """Forget the sync in flight (a learner rank that died broke it; ``setup`` and the
+        next sync start over)."""
+        self.pending = None
+
     def sync(self, version: int) -> int:
         """Send ``version`` to every generator and wait; returns the bytes sent."""
         return self.start(version).result()
