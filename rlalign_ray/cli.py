@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from rlalign_ray.config import load_config
-    from rlalign_ray.trainer import Trainer
+    from rlalign_ray.trainers import Trainer
 
     cfg = load_config(args.config, args.overrides)
     final = Trainer(cfg).fit()

@@ -15,7 +15,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from rlalign_ray.logger import truncate
+from rlalign_ray.run_log import truncate
 
 FILE = "samples.jsonl"
 

@@ -108,7 +108,7 @@ def check_model_path(key: str, path: str, need_config: bool = True) -> None:
 
 
 def check_actor_class(key: str, path: str) -> None:
-    from rlalign_ray.topology import resolve_class
+    from rlalign_ray.roles import resolve_class
 
     try:
         cls = resolve_class(path)

@@ -17,21 +17,21 @@ and the reverse (``actor_class: my_module:MyRewardActor`` in YAML).
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from rlalign_ray.config import (
-    STRATEGIES,
-    Config,
-    Placement,
-    Resources,
-    gpu_layout_problems,
-    role_sections,
-)
+from rlalign_ray.config import STRATEGIES, Config, Placement, Resources
 from rlalign_ray.errors import ConfigError
+from rlalign_ray.pools import CriticGroup, GeneratorPool, LearnerGroup, ReferencePool, RewardPool
+from rlalign_ray.roles import DEEPSPEED_ROLES, ROLES, gpu_layout_problems, role_layout, roles_of
 
-DEEPSPEED_ROLES = ("learner", "critic")  # roles whose actors form a process group
+POOLS = {
+    "generator": GeneratorPool,
+    "reward": RewardPool,
+    "reference": ReferencePool,
+    "learner": LearnerGroup,
+    "critic": CriticGroup,
+}
 
 
 @dataclass
@@ -51,21 +51,16 @@ class Topology:
     @classmethod
     def from_config(cls, cfg: Config) -> Topology:
         """The roles ``cfg`` needs, as its sections describe them."""
-        sections: dict[str, tuple[Any, int]] = {
-            "generator": (cfg.rollout, cfg.rollout.num_actors),
-            "reward": (cfg.reward, cfg.reward.num_actors),
-            "learner": (cfg.learner, cfg.learner.world_size),
-        }
-        if cfg.needs_reference:
-            sections["reference"] = (cfg.reference, 1)
-        if cfg.needs_critic:
-            sections["critic"] = (cfg.critic, cfg.critic.world_size)
-        return cls(
-            {
-                role: Pool(n, replace(sec.resources), replace(sec.placement), sec.actor_class)
-                for role, (sec, n) in sections.items()
-            }
-        )
+        pools = {}
+        for role in roles_of(cfg):
+            sec = getattr(cfg, ROLES[role].section)
+            pools[role] = Pool(
+                ROLES[role].num_actors(cfg),
+                replace(sec.resources),
+                replace(sec.placement),
+                sec.actor_class,
+            )
+        return cls(pools)
 
     def validate(self, cfg: Config) -> None:
         """Roles present and consistent with the training config; raises ConfigError."""
@@ -73,8 +68,8 @@ class Topology:
         needed = set(Topology.from_config(cfg).pools)
         if needed - set(self.pools):
             e.append(f"topology: roles {sorted(needed - set(self.pools))} are missing")
-        if set(self.pools) - needed - set(BUILTIN_CLASSES):
-            e.append(f"topology: unknown roles {sorted(set(self.pools) - set(BUILTIN_CLASSES))}")
+        if set(self.pools) - needed - set(POOLS):
+            e.append(f"topology: unknown roles {sorted(set(self.pools) - set(POOLS))}")
         for role, pool in self.pools.items():
             p = pool.placement
             if pool.num_actors < 1:
@@ -105,70 +100,14 @@ class Topology:
                         f"{self.pools[role].num_actors} ranks x micro-batches of "
                         f"{section.micro_batch_size}"
                     )
-        sections = {r: sec for r, (sec, *_) in role_sections(cfg).items()}
-        roles = {
-            r: (sections.get(r, r), p.num_actors, p.resources, p.placement)
-            for r, p in self.pools.items()
-        }
-        e += [p for p in gpu_layout_problems(roles, cfg.sync) if p not in e]
+        pools = {r: (p.num_actors, p.resources, p.placement) for r, p in self.pools.items()}
+        e += gpu_layout_problems(role_layout(cfg, pools), cfg.sync)
         if e:
             raise ConfigError(e)
 
     def build_pools(self, cfg: Config) -> dict[str, Any]:
         """An unstarted pool (``rlalign_ray.pools``) per role, as this topology places it."""
-        from rlalign_ray.pools import (
-            CriticGroup,
-            GeneratorPool,
-            LearnerGroup,
-            ReferencePool,
-            RewardPool,
-        )
-
-        kinds = {
-            "generator": GeneratorPool,
-            "reward": RewardPool,
-            "reference": ReferencePool,
-            "learner": LearnerGroup,
-            "critic": CriticGroup,
-        }
         return {
-            role: kinds[role](
-                cfg,
-                pool.num_actors,
-                pool.resources,
-                pool.placement,
-                pool.cls if pool.cls is not None else BUILTIN_CLASSES[role],
-            )
+            role: POOLS[role](cfg, pool.num_actors, pool.resources, pool.placement, pool.cls)
             for role, pool in self.pools.items()
         }
-
-
-def resolve_class(cls: type | str) -> type:
-    if isinstance(cls, type):
-        return cls
-    module, _, name = cls.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(
-            [f"actor_class {cls!r}: cannot load it ({e}); write module:Class"]
-        ) from None
-
-
-def _builtin_classes() -> dict[str, type]:
-    from rlalign_ray.learner.critic import Critic
-    from rlalign_ray.learner.learner import Learner
-    from rlalign_ray.learner.reference import Reference
-    from rlalign_ray.rewards.scorer import RewardScorer
-    from rlalign_ray.rollout.generator import Generator
-
-    return {
-        "generator": Generator,
-        "reward": RewardScorer,
-        "reference": Reference,
-        "learner": Learner,
-        "critic": Critic,
-    }
-
-
-BUILTIN_CLASSES = _builtin_classes()

@@ -21,7 +21,7 @@ from rlalign_ray.config import Placement, Resources, load_config
 from rlalign_ray.data.batch import RolloutBatch, ScoredShard
 from rlalign_ray.rewards.scorer import RewardScorer
 from rlalign_ray.topology import Pool, Topology
-from rlalign_ray.trainer import Trainer
+from rlalign_ray.trainers import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,8 @@ impossible combinations are reported together, before any actor starts, as a
 The modules: ``fields`` (``doc``, resources, placement), the sections (``general``: run,
 model, data; ``generation``: rollout, sync, reward, env; ``training``: algorithm, learner,
 critic, reference, trainer), ``tree`` (``Config``), ``loading`` (YAML, overrides, types),
-``checks`` (``validate``, one check per section) and ``layout`` (the roles' GPU bundles).
+``checks`` (``validate``, one check per section; the roles' GPU layout checks live in
+``rlalign_ray.roles``).
 Import from here.
 """
 
@@ -42,7 +43,6 @@ from rlalign_ray.config.generation import (
     SyncConfig,
     Transport,
 )
-from rlalign_ray.config.layout import bundle_gpus, gpu_layout_problems, role_sections
 from rlalign_ray.config.loading import _build, _coerce, config_from_dict, load_config
 from rlalign_ray.config.training import (
     LR_SCHEDULERS,
@@ -103,15 +103,12 @@ __all__ = [
     "TrainerConfig",
     "Transport",
     "Truncation",
-    "bundle_gpus",
     "check_options",
     "config_from_dict",
     "doc",
     "field_types",
-    "gpu_layout_problems",
     "literal_choices",
     "load_config",
-    "role_sections",
     "validate",
     "_build",
     "_coerce",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlalign_ray.config.fields import field_types, literal_choices
-from rlalign_ray.config.layout import gpu_layout_problems, role_sections
+from rlalign_ray.roles import gpu_layout_problems, role_layout
 
 if TYPE_CHECKING:
     from rlalign_ray.config.tree import Config
@@ -137,7 +137,7 @@ def check_sync(cfg: Config, e: list[str]) -> None:
 
 
 def check_gpu_layout(cfg: Config, e: list[str]) -> None:
-    e += gpu_layout_problems(role_sections(cfg), cfg.sync)
+    e += gpu_layout_problems(role_layout(cfg), cfg.sync)
     if cfg.sync.transport == "cuda_ipc" and (
         cfg.rollout.placement.colocate_with != "learner" or not cfg.rollout.resources.num_gpus
     ):

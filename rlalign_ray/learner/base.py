@@ -1,7 +1,7 @@
 """One rank of a DeepSpeed data-parallel group (the policy learner or the critic).
 
 Ranks form a torch.distributed group (gloo on CPU, NCCL on GPU) through DeepSpeed. Each
-rank gets only its seeded share of the step's rows (``rank_rows``), cut from the step's
+rank gets only its seeded share of the step's rows (``roles.split_rows``), cut from the step's
 shards by the group's rank 0 (``split_for_ranks``); losses are normalised over the whole
 mini-batch (all ranks, all micro-batches), so the gradient does not depend on the split.
 """
@@ -393,20 +393,6 @@ def count_for(mode: str, mask: torch.Tensor) -> float:
     if mode == "token-sum":
         return 1.0
     return float((mask.sum(-1) > 0).sum())
-
-
-def rank_rows(n: int, world_size: int, seed: int, step: int) -> list[torch.Tensor]:
-    """Each rank's rows of an n-row batch: a seeded split, the same wherever it is computed
-    (the split task cuts token batches with it, the driver per-row tensors)."""
-    if n % world_size:
-        raise ValueError(
-            f"a batch of {n} rows does not split evenly over {world_size} ranks; no row may "
-            "be dropped, so give the group a multiple of its world size"
-        )
-    g = torch.Generator().manual_seed(seed * 7919 + step)
-    perm = torch.randperm(n, generator=g)
-    per = n // world_size
-    return [perm[k * per : (k + 1) * per].sort().values for k in range(world_size)]
 
 
 def rank_batches(parts: list[torch.Tensor], rows: torch.Tensor | None, n_shards: int, *objs):

@@ -13,7 +13,7 @@ from rlalign_ray.pools.generator import Chunk, GeneratorPool
 from rlalign_ray.pools.learner import CriticGroup, Experience, LearnerGroup
 from rlalign_ray.pools.reference import ReferencePool
 from rlalign_ray.pools.reward import RewardPool
-from rlalign_ray.runtime.pools import get
+from rlalign_ray.runtime.placement import get
 from rlalign_ray.sync.weight_sync import WeightSync
 
 __all__ = [

@@ -19,48 +19,61 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-from rlalign_ray.config import Placement, Resources, RunConfig
+from rlalign_ray.config import Config, Placement, Resources, RunConfig
 from rlalign_ray.errors import ActorFailure
-from rlalign_ray.runtime.pools import Future, RoleSpec, get  # noqa: F401 (part of the API)
+from rlalign_ray.roles import ROLES, role_class
+from rlalign_ray.runtime.placement import Future, RoleSpec, get  # noqa: F401 (part of the API)
 
 log = logging.getLogger(__name__)
 
 
 class ActorPool:
-    """``num_actors`` actors of ``cls``, constructed with ``args(i)``, each in a bundle of
-    ``resources`` placed by ``placement`` (``colocate_with``: another pool's name)."""
+    """The actors of one role (``roles.ROLES``): ``num_actors`` of ``cls`` (default: the
+    config section's ``actor_class``, else the role's built-in class), each in a bundle of
+    ``resources`` placed by ``placement`` (``colocate_with``: another pool's name); each
+    defaults to the role's config section. A subclass says which role it runs and what
+    each actor is built with (``actor_args``)."""
 
     role = "actors"
+    restartable = True  # dead actors are replaced (``run.max_actor_restarts``)
 
     def __init__(
         self,
-        cls: type,
-        args: Callable[[int], tuple],
-        num_actors: int,
+        cfg: Config,
+        num_actors: int | None = None,
         resources: Resources | None = None,
         placement: Placement | None = None,
+        cls: type | str | None = None,
         name: str | None = None,
-        timeout_s: float = 1800.0,
     ):
+        role = ROLES[self.role]
+        section = getattr(cfg, role.section)
+        self.cfg = cfg
         self.name = name or self.role
         self.spec = RoleSpec(
             self.name,
-            cls,
-            num_actors,
-            replace(resources) if resources else Resources(),
-            args,
-            replace(placement) if placement else Placement(),
+            role_class(self.role, cls, cfg),
+            num_actors or role.num_actors(cfg),
+            replace(resources or section.resources),
+            self.actor_args,
+            replace(placement or section.placement),
         )
-        self.timeout_s = timeout_s
+        self.timeout_s = cfg.run.call_timeout_s
         self.actors: list[Any] = []
         self.placement_group: Any = None  # its own group (None when colocated)
-        self.slots: list[Any] = []  # actor i's placement bundle (``runtime.pools.Slot``)
+        self.slots: list[Any] = []  # actor i's placement bundle (``runtime.placement.Slot``)
         self._turn = -1  # the actor ``next_actor`` gave last
         self.max_restarts = 0  # dead actors replaced per run (``run.max_actor_restarts``)
         self.placement_timeout_s = 120.0  # a replacement's bundle must be placed by then
         self.restarts = 0
         self.failures: list[str] = []  # "role i on node" of every actor that died
         self.on_replace: list[Callable[[int], None]] = []  # called with i once replaced
+        if self.restartable:
+            self.replace_as(cfg.run)
+
+    def actor_args(self, i: int) -> tuple:
+        """The constructor arguments of actor ``i`` (what the role's class takes)."""
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -99,7 +112,7 @@ class ActorPool:
         error naming the role, the actors and the nodes that failed."""
         import ray
 
-        from rlalign_ray.runtime.pools import make_actor, slot_node, wait_placed
+        from rlalign_ray.runtime.placement import make_actor, slot_node, wait_placed
 
         node = slot_node(self.slots[index]) if index < len(self.slots) else "an unknown node"
         self.failures.append(f"{self.name} {index} on {node}")
@@ -159,7 +172,7 @@ class ActorPool:
         """The indices of the actors that died (a ping each, all awaited together)."""
         import ray
 
-        from rlalign_ray.runtime.pools import actor_died
+        from rlalign_ray.runtime.placement import actor_died
 
         refs = [a.ping.remote() for a in self.actors]
         ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
@@ -170,7 +183,7 @@ class ActorPool:
         (a group's rendezvous): a learner group that lost a rank starts again."""
         import ray
 
-        from rlalign_ray.runtime.pools import make_actor
+        from rlalign_ray.runtime.placement import make_actor
 
         for a in self.actors:
             try:
@@ -184,7 +197,7 @@ class ActorPool:
 def start(pools: Sequence[ActorPool], placement_timeout_s: float) -> None:
     """Place every pool (colocated ones share their host's bundles), start the actors, and
     call each pool's ``started``."""
-    from rlalign_ray.runtime.pools import start_pools
+    from rlalign_ray.runtime.placement import start_pools
 
     names = [p.name for p in pools]
     dup = {n for n in names if names.count(n) > 1}

@@ -17,6 +17,7 @@ from rlalign_ray.pools.base import ActorPool
 
 class EnvPool(ActorPool):
     role = "env"
+    restartable = False
 
     def __init__(
         self,
@@ -27,18 +28,10 @@ class EnvPool(ActorPool):
         cls: type | str | None = None,
         name: str | None = None,
     ):
-        from rlalign_ray.envs.host import EnvHost
-        from rlalign_ray.topology import resolve_class
+        super().__init__(cfg, num_actors, resources, placement, cls, name)
 
-        super().__init__(
-            resolve_class(cls or EnvHost),
-            lambda i: (cfg.env, i),
-            num_actors or cfg.env.num_actors,
-            resources or cfg.env.resources,
-            placement or cfg.env.placement,
-            name,
-            cfg.run.call_timeout_s,
-        )
+    def actor_args(self, i: int) -> tuple:
+        return (self.cfg.env, i)
 
     def attach(self, generators: ActorPool) -> None:
         """Make every generator of ``generators`` step its episodes in this pool."""

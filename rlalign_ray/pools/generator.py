@@ -25,11 +25,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from rlalign_ray.config import Config, Placement, Resources
-from rlalign_ray.data.batch import PromptItem
+from rlalign_ray.data.batch import PromptItem, ScoredShard
 from rlalign_ray.errors import ActorFailure
 from rlalign_ray.pools.base import ActorPool, Future
-from rlalign_ray.runtime.pools import get
+from rlalign_ray.pools.learner import Experience
+from rlalign_ray.runtime.dispatch import Picks, start_dispatchers
+from rlalign_ray.runtime.placement import get
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +101,12 @@ class GeneratorPool(ActorPool):
 
     role = "generator"
 
+    def actor_args(self, i: int) -> tuple:
+        # the environment only for multi-turn runs, so custom classes keep their signature
+        c = self.cfg
+        env = (c.env,) if c.env.path else ()
+        return (c.model, c.rollout, c.run.seed, i, c.data.max_prompt_tokens, *env)
+
     def __init__(
         self,
         cfg: Config,
@@ -107,22 +117,7 @@ class GeneratorPool(ActorPool):
         name: str | None = None,
         max_inflight: int = 1,
     ):
-        from rlalign_ray.topology import BUILTIN_CLASSES, resolve_class
-
-        r = cfg.rollout
-        super().__init__(
-            resolve_class(cls or r.actor_class or BUILTIN_CLASSES["generator"]),
-            # the environment only for multi-turn runs, so custom classes keep their signature
-            lambda i: (cfg.model, r, cfg.run.seed, i, cfg.data.max_prompt_tokens)
-            + ((cfg.env,) if cfg.env.path else ()),
-            num_actors or r.num_actors,
-            resources or r.resources,
-            placement or r.placement,
-            name,
-            cfg.run.call_timeout_s,
-        )
-        self.cfg = cfg
-        self.replace_as(cfg.run)
+        super().__init__(cfg, num_actors, resources, placement, cls, name)
         self.max_inflight = max_inflight
         self.versions: list[int] = []  # per actor: the version its next queued call sees
         self.queue: deque[Chunk] = deque()
@@ -146,8 +141,6 @@ class GeneratorPool(ActorPool):
         self.versions, self.load = [0] * n, [0] * n
         self.idle_s, self._idle_since = [0.0] * n, [time.perf_counter()] * n
         if self.group > 0:
-            from rlalign_ray.runtime.dispatch import start_dispatchers
-
             self.dispatchers = start_dispatchers(
                 self.actors, self.group, self.name, self.cfg.rollout.timeout_s
             )
@@ -364,7 +357,7 @@ class GeneratorPool(ActorPool):
         (``run.max_actor_restarts``) and queue those chunks again, first: the same prompts,
         sample indices and seed, sampled with the current weights. Returns the others (None:
         no chunk failed by a death, or restarts are off)."""
-        from rlalign_ray.runtime.pools import actor_died
+        from rlalign_ray.runtime.placement import actor_died
 
         dead = [c for c in finished if actor_died(c.info_ref)]
         if not dead or not self.max_restarts:
@@ -479,6 +472,45 @@ class GeneratorPool(ActorPool):
         )
 
     # ---- weights and memory -------------------------------------------------------------
+    # ---- what landed, as the learner takes it ----------------------------------------
+    def prescored(self, chunk: Chunk) -> Any:
+        """The chunk's scores if the pool had them computed as it landed (dispatchers hand
+        each chunk to a reward actor: its run's joined scores), else None."""
+        return chunk.run if chunk.score_row is not None else None
+
+    def joined_scores(self, chunks: Sequence[Chunk], what: str) -> ScoredShard | None:
+        """The ScoredShards of ``chunks`` joined in order, when every one was prescored
+        (one object per dispatcher run is fetched); None otherwise."""
+        if not chunks or any(c.score_row is None for c in chunks):
+            return None
+        return run_scores(chunks, what, self.timeout_s)
+
+    def experience(
+        self,
+        chunks: Sequence[Chunk],
+        rows: torch.Tensor | None,
+        scores: ScoredShard,
+        ref_logprobs: list[Any] | None,
+        stats: dict[str, float],
+    ) -> Experience:
+        """The ``Experience`` of ``chunks``' batches (``rows`` of them, None: all). Chunks that
+        dispatchers sampled travel as their runs' lists of batch refs, which only learner
+        rank 0 opens (``Picks``): the driver holds O(runs) refs, not one per chunk."""
+        if ref_logprobs is None and chunks and all(c.run is not None for c in chunks):
+            runs, index = dispatch_runs(chunks)
+            picks = Picks([(index[id(c.run)], c.position) for c in chunks], len(runs))
+            return Experience([r.batches for r in runs], rows, scores, None, stats, picks=picks)
+        return Experience([c.ref for c in chunks], rows, scores, ref_logprobs, stats)
+
+    def abandon(self) -> list[Chunk]:
+        """Drop the queued chunks and mark those in flight as not wanted (step -1: whoever
+        waits on them ignores them when they land); returns them."""
+        dropped = [*self.queue, *self.inflight.values()]
+        for c in dropped:
+            c.step = -1
+        self.queue.clear()
+        return dropped
+
     def sleep(self, asleep: bool) -> None:
         """vLLM with ``rollout.enable_sleep_mode``: free (or take back) the engines' GPU memory."""
         self.gather("sleep" if asleep else "wake_up")
@@ -496,3 +528,31 @@ def split(items: list[Any], n: int) -> list[list[Any]]:
 
 
 __all__ = ["Chunk", "Future", "GeneratorPool", "split"]
+
+
+def dispatch_runs(chunks: Sequence[Chunk]) -> tuple[list[Any], dict[int, int]]:
+    """The dispatcher runs of ``chunks``, each once in order of first use, and id(run) ->
+    its index in that list."""
+    index: dict[int, int] = {}
+    runs = []
+    for c in chunks:
+        if id(c.run) not in index:
+            index[id(c.run)] = len(runs)
+            runs.append(c.run)
+    return runs, index
+
+
+def run_scores(chunks: Sequence[Chunk], what: str, timeout_s: float) -> ScoredShard:
+    """The ScoredShards of ``chunks`` (each scored by its dispatcher), joined in order: one
+    object per run is fetched (its joined scores) and the rows are picked from them. Equal
+    to joining the chunks' own shards: narrowed to the widest of them."""
+    runs, index = dispatch_runs(chunks)
+    got = get([r.scores for r in runs], what, timeout_s)  # per run: (ScoredShard, widths)
+    widths = torch.tensor([w for _, run_widths in got for w in run_widths])
+    starts = torch.tensor([0] + [len(shard) for shard, _ in got]).cumsum(0).tolist()
+    first = torch.tensor([starts[index[id(c.run)]] + c.score_row for c in chunks])
+    sizes = torch.tensor([c.rows for c in chunks])
+    offsets = torch.arange(int(sizes.sum())) - (sizes.cumsum(0) - sizes).repeat_interleave(sizes)
+    rows = first.repeat_interleave(sizes) + offsets  # each chunk's rows, chunks in order
+    width = int(widths[rows].max())
+    return ScoredShard.concat([shard for shard, _ in got]).select(rows).narrow(width)

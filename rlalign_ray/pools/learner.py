@@ -18,10 +18,11 @@ import torch
 
 from rlalign_ray.config import Config, Placement, Resources
 from rlalign_ray.data.batch import ScoredShard, packed
-from rlalign_ray.learner.base import rank_rows, split_for_ranks
+from rlalign_ray.learner.base import split_for_ranks
 from rlalign_ray.pools.base import ActorPool, Future
+from rlalign_ray.roles import split_rows
 from rlalign_ray.runtime.dispatch import Picks
-from rlalign_ray.runtime.pools import get
+from rlalign_ray.runtime.placement import get
 
 
 @dataclass
@@ -33,7 +34,6 @@ class Experience:
     scores: ScoredShard  # outcome of those rows
     ref_logprobs: list[Any] | None  # ObjectRefs of (B_i, T_i) reference log-probs per shard
     stats: dict[str, float] = field(default_factory=dict)
-    critic_parts: list[Any] | None = None  # ObjectRefs of the critic ranks' rows (ppo)
     # from dispatchers: ``shards`` are the runs' lists of batch refs, and the batch's i-th
     # shard is ``shards[r]``'s list at position p, (r, p) = picks.picks[i]
     picks: Picks | None = None
@@ -49,7 +49,7 @@ class Experience:
 class DeepSpeedGroup(ActorPool):
     """Ranks that form a process group; ``started`` runs the rendezvous at rank 0."""
 
-    section = "learner"
+    restartable = False  # a dead rank restarts the group (run.max_learner_restarts)
 
     def __init__(
         self,
@@ -60,20 +60,10 @@ class DeepSpeedGroup(ActorPool):
         cls: type | str | None = None,
         name: str | None = None,
     ):
-        from rlalign_ray.topology import BUILTIN_CLASSES, resolve_class
+        super().__init__(cfg, world_size, resources, placement, cls, name)
 
-        sec = getattr(cfg, self.section)
-        n = world_size or sec.world_size
-        super().__init__(
-            resolve_class(cls or sec.actor_class or BUILTIN_CLASSES[self.role]),
-            lambda i: (cfg, i, n),
-            n,
-            resources or sec.resources,
-            placement or sec.placement,
-            name,
-            cfg.run.call_timeout_s,
-        )
-        self.cfg = cfg
+    def actor_args(self, i: int) -> tuple:
+        return (self.cfg, i, self.spec.num_actors)
 
     def started(self) -> None:
         addr, port = get(self.actors[0].address.remote(), f"{self.name} rank 0", self.timeout_s)
@@ -99,7 +89,7 @@ class DeepSpeedGroup(ActorPool):
     def parts(self, exp: Experience, step: int, ref_logprobs: list[Any] | None):
         """This step's rows per rank and each rank's batch ref (cut by rank 0)."""
         self.check_split(len(exp.scores))
-        rows = rank_rows(len(exp.scores), len(self.actors), self.cfg.run.seed, step)
+        rows = split_rows(len(exp.scores), len(self.actors), self.cfg.run.seed, step)
         return rows, split_for_ranks(
             self.actors[0], exp.shards, exp.rows, ref_logprobs, rows, exp.picks
         )
@@ -131,7 +121,6 @@ class LearnerGroup(DeepSpeedGroup):
     source of every weight sync (``WeightSync``)."""
 
     role = "learner"
-    section = "learner"
 
     def update(
         self,
@@ -165,31 +154,33 @@ class CriticGroup(DeepSpeedGroup):
     """The value model's ranks (PPO)."""
 
     role = "critic"
-    section = "critic"
 
     def values(self, exp: Experience, step: int) -> Future:
-        """(B, T) values of the step's rows; keeps each rank's part for ``update``."""
-        rows, exp.critic_parts = self.parts(exp, step, None)
+        """(B, T) values of the step's rows. The group keeps each rank's rows (refs, cut
+        once) for ``update`` of the same step; ``exp`` is not changed."""
+        rows, parts = self.parts(exp, step, None)
+        self._parts = {step: (exp, parts)}  # one step at a time: the previous one is done
 
-        def join(parts: list[torch.Tensor]) -> torch.Tensor:
+        def join(out: list[torch.Tensor]) -> torch.Tensor:
             values = torch.zeros_like(exp.scores.response_mask)
-            for r, v in zip(rows, parts):
+            for r, v in zip(rows, out):
                 values[r, : v.shape[1]] = v
             return values
 
-        calls = [c.values.remote(p) for c, p in zip(self.actors, exp.critic_parts)]
+        calls = [c.values.remote(p) for c, p in zip(self.actors, parts)]
         return Future(calls, f"{self.name} values", join)
 
     def update(
         self, exp: Experience, returns: torch.Tensor, values: torch.Tensor, step: int
     ) -> Future:
-        if exp.critic_parts is None:
+        """One value update on ``exp``'s rows (after ``values(exp, step)``)."""
+        held, parts = getattr(self, "_parts", {}).pop(step, (None, None))
+        if held is not exp:
             raise ValueError(f"{self.name}.update: call values(exp, step) for this step first")
-        self.check_split(len(exp.scores))
-        rows = rank_rows(len(exp.scores), len(self.actors), self.cfg.run.seed, step)
+        rows = split_rows(len(exp.scores), len(self.actors), self.cfg.run.seed, step)
         calls = [
             c.train_step.remote(p, packed(returns[k]), packed(values[k]), step)
-            for c, p, k in zip(self.actors, exp.critic_parts, rows)
+            for c, p, k in zip(self.actors, parts, rows)
         ]
         return Future(
             calls, f"{self.name} update", lambda out: {f"critic/{k}": v for k, v in out[0].items()}

@@ -14,25 +14,16 @@ class ReferencePool(ActorPool):
     def __init__(
         self,
         cfg: Config,
-        num_actors: int = 1,
+        num_actors: int | None = None,
         resources: Resources | None = None,
         placement: Placement | None = None,
         cls: type | str | None = None,
         name: str | None = None,
     ):
-        from rlalign_ray.topology import BUILTIN_CLASSES, resolve_class
+        super().__init__(cfg, num_actors, resources, placement, cls, name)
 
-        r = cfg.reference
-        super().__init__(
-            resolve_class(cls or r.actor_class or BUILTIN_CLASSES["reference"]),
-            lambda i: (cfg.model, r, cfg.rollout.temperature),
-            num_actors,
-            resources or r.resources,
-            placement or r.placement,
-            name,
-            cfg.run.call_timeout_s,
-        )
-        self.replace_as(cfg.run)
+    def actor_args(self, i: int) -> tuple:
+        return (self.cfg.model, self.cfg.reference, self.cfg.rollout.temperature)
 
     def logprobs(self, batch_ref: Any) -> Any:
         """(B, T) reference log-probs of a rollout batch's responses, as a ref."""

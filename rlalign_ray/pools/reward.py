@@ -25,19 +25,19 @@ class RewardPool(ActorPool):
         name: str | None = None,
         reward: RewardConfig | None = None,
     ):
-        from rlalign_ray.topology import BUILTIN_CLASSES, resolve_class
-
-        reward = reward or cfg.reward
+        self.reward = reward or cfg.reward
+        r = self.reward
         super().__init__(
-            resolve_class(cls or reward.actor_class or BUILTIN_CLASSES["reward"]),
-            lambda i: (reward,),
-            num_actors or reward.num_actors,
-            resources or reward.resources,
-            placement or reward.placement,
+            cfg,
+            num_actors or r.num_actors,
+            resources or r.resources,
+            placement or r.placement,
+            cls or r.actor_class,
             name,
-            cfg.run.call_timeout_s,
         )
-        self.replace_as(cfg.run)
+
+    def actor_args(self, i: int) -> tuple:
+        return (self.reward,)
 
     def score(self, batch_ref: Any) -> Any:
         """Score one rollout batch (a ref, fetched by the actor); returns the ScoredShard's

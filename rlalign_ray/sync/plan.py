@@ -1,7 +1,7 @@
 """What both sides of a weight sync agree on, and what the driver hands each generator per
 bucket: plain data, no torch, so that an actor which only receives them (a simulated
 generator in ``rlalign_ray.bench``) need not import torch to unpickle them.
-``sync/buckets.py`` and ``sync/weights.py`` re-export these classes.
+``sync/buckets.py`` and ``sync/transports.py`` re-export these classes.
 """
 
 from __future__ import annotations

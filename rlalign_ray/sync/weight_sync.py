@@ -23,9 +23,9 @@ import torch
 
 from rlalign_ray.config import SyncConfig
 from rlalign_ray.errors import ActorFailure, WeightSyncError
-from rlalign_ray.runtime.pools import Future
+from rlalign_ray.runtime.placement import Future
 from rlalign_ray.sync.buckets import SyncPlan, plan_buckets
-from rlalign_ray.sync.weights import WeightHandle, make_transport
+from rlalign_ray.sync.transports import WeightHandle, make_transport
 
 
 class WeightSource:
@@ -189,7 +189,7 @@ class WeightSync:
     def _gpu_owners(self) -> list[int] | None:
         """Per generator, the learner rank on its GPU (-1: none); None unless learner rank
         0 and every generator hold a GPU (found by asking them for their GPUs' UUIDs)."""
-        from rlalign_ray.runtime.pools import get
+        from rlalign_ray.runtime.placement import get
         from rlalign_ray.sync.plan import gpu_uuid
 
         actors = [*self.sources, *self.generators]
@@ -243,18 +243,32 @@ class WeightSync:
             return "collective"
         import ray
 
-        from rlalign_ray.sync.weights import SharedMemoryTransport, shm_free_bytes
+        from rlalign_ray.sync.transports import SharedMemoryTransport, shm_free_bytes
 
         def node(actor: Any) -> Any:
             return actor.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id())
 
-        from rlalign_ray.runtime.pools import get
+        from rlalign_ray.runtime.placement import get
 
         limit = self.cfg.timeout_s
         nodes = get([node(a) for a in [self.sources[0], *self.generators]], "sync set-up", limit)
         free = get(self.sources[0].__ray_call__.remote(lambda _: shm_free_bytes()), "sync", limit)
         room = free > 1.2 * SharedMemoryTransport.SLOTS * nbytes
         return "shared_memory" if len(set(nodes)) == 1 and room else "object_store"
+
+    def in_flight(self) -> Future | None:
+        """The sync still in flight (``start``), if any."""
+        return self.pending
+
+    def wait(self) -> None:
+        """Wait for the sync in flight, if any (its errors raise here)."""
+        if self.pending is not None:
+            self.pending.result()
+
+    def abandon(self) -> None:
+        """Forget the sync in flight (a learner rank that died broke it; ``setup`` and the
+        next sync start over)."""
+        self.pending = None
 
     def sync(self, version: int) -> int:
         """Send ``version`` to every generator and wait; returns the bytes sent."""
@@ -359,7 +373,7 @@ class WeightSync:
         import ray
         from ray.exceptions import RayActorError
 
-        from rlalign_ray.runtime.pools import get
+        from rlalign_ray.runtime.placement import get
 
         failed = []
         for r in done:

@@ -160,27 +160,3 @@ def warmup_sft(
     model.eval()
     tail = losses[-20:]
     return {"steps": steps, "final_loss": sum(tail) / len(tail), "seconds": time.time() - t0}
-
-
-def episode_success(model_dir: str, problems: list[dict], greedy: bool = True, n: int = 1) -> dict:
-    """Mean reward and tool-call rate of episodes with ``CalculatorEnv`` (the same
-    multi-turn loop as training, HF backend, in this process)."""
-    from rlalign_ray.config import EnvConfig, ModelConfig, RolloutConfig
-    from rlalign_ray.data.items import PromptItem
-    from rlalign_ray.rollout.backend import SamplingParams
-    from rlalign_ray.rollout.generator import Generator
-
-    env = EnvConfig(
-        path="rlalign_ray.envs.builtin:CalculatorEnv",
-        kwargs={"max_calls": 3},
-        max_turns=4,
-        stop=[CALL_CLOSE],
-        reward="last",
-    )
-    gen = Generator(ModelConfig(path=model_dir), RolloutConfig(max_new_tokens=9), 0, env=env)
-    items = [PromptItem(i, p["prompt"], {"answer": p["answer"]}) for i, p in enumerate(problems)]
-    params = SamplingParams(max_new_tokens=9, temperature=0.0 if greedy else 1.0, seed=0)
-    b = gen._episodes(items, n, params)
-    rewards = b.columns["env_reward"]
-    tool = [CALL_OPEN in c for c in b.completions]
-    return {"reward": sum(rewards) / len(rewards), "tool_rate": sum(tool) / len(tool)}

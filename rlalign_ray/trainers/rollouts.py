@@ -23,8 +23,7 @@ from rlalign_ray.data.batch import NONFINITE, PromptItem, ScoredShard
 from rlalign_ray.data.prompts import PromptSampler
 from rlalign_ray.errors import ActorFailure, RewardError
 from rlalign_ray.pools import Chunk, Experience, Future, GeneratorPool, ReferencePool, RewardPool
-from rlalign_ray.runtime.dispatch import Picks
-from rlalign_ray.runtime.pools import actor_died, get
+from rlalign_ray.runtime.placement import actor_died, get
 
 
 @dataclass
@@ -103,10 +102,8 @@ class Rollouts:
             if s is None or chunk.greedy:
                 continue  # evaluation (or a caller's own chunk): scored by its owner
             self.totals["generated"] += chunk.rows
-            if chunk.score_row is None:
-                s.scored[chunk.id] = self.rewards.score(chunk.ref)
-            else:  # scored by its dispatcher: rows of its run's joined scores
-                s.scored[chunk.id] = chunk.run
+            scored = self.gen.prescored(chunk)  # a dispatcher had it scored already
+            s.scored[chunk.id] = self.rewards.score(chunk.ref) if scored is None else scored
             if self.reference is not None:
                 s.ref_lp[chunk.id] = self.reference.logprobs(chunk.ref)
                 s.ref_epoch[chunk.id] = self.reference.restarts
@@ -143,20 +140,11 @@ class Rollouts:
         t0 = time.perf_counter()
         while True:
             self._until_landed(s.chunks)
-            stale = [c for c in s.chunks if learner_version - c.version > self.k]
-            if stale:  # never trained: regenerated with the current weights
-                s.dropped_stale += sum(c.rows for c in stale)
-                self.totals["dropped_stale"] += sum(c.rows for c in stale)
-                s.chunks = [c for c in s.chunks if c not in stale]
-                for c in stale:
-                    s.scored.pop(c.id, None), s.ref_lp.pop(c.id, None)
-                s.rounds -= 1
-                self._request(s, [it for c in stale for it in c.items])
-                continue
+            if self._drop_stale(s, learner_version):
+                continue  # never trained: regenerated with the current weights
             t_gen = time.perf_counter() - t0
-            if all(c.score_row is not None for c in s.chunks):  # dispatchers' runs
-                scores = run_scores(s.chunks, "reward pool", self.cfg.run.call_timeout_s)
-            else:  # chunk by chunk: one whose reward actor died is scored again
+            scores = self.gen.joined_scores(s.chunks, "reward pool")
+            if scores is None:  # chunk by chunk: one whose reward actor died is scored again
                 scores = ScoredShard.concat(self._scores(s.chunks, s.scored, "reward pool"))
             finite = group_finite(scores.scores, n)  # all True unless on_nonfinite: drop_group
             informative = (group_spread(scores.scores, n) > 0) & finite
@@ -164,6 +152,30 @@ class Rollouts:
                 break
             missing = self._want - int(finite.sum())
             self._request(s, self.sampler.next(self._want if a.dynamic_sampling else missing))
+        rows, scores, stats = self._select(scores, finite, informative, s.rounds)
+        stats.update(self._timing(s, t0, t_gen))
+        stats.update(self._staleness(s, learner_version, rows))
+        return self._experience(step, s, rows, scores, stats)
+
+    def _drop_stale(self, s: StepRollout, learner_version: int) -> bool:
+        """Drop (and request again) the step's chunks more than ``max_staleness`` versions
+        behind ``learner_version``; whether there were any."""
+        stale = [c for c in s.chunks if learner_version - c.version > self.k]
+        if not stale:
+            return False
+        s.dropped_stale += sum(c.rows for c in stale)
+        self.totals["dropped_stale"] += sum(c.rows for c in stale)
+        s.chunks = [c for c in s.chunks if c not in stale]
+        for c in stale:
+            s.scored.pop(c.id, None), s.ref_lp.pop(c.id, None)
+        s.rounds -= 1
+        self._request(s, [it for c in stale for it in c.items])
+        return True
+
+    def _select(self, scores: ScoredShard, finite, informative, rounds: int):
+        """The step's rows (None: all) and scores: groups with a non-finite reward left out,
+        and with dynamic sampling informative groups first; their statistics."""
+        a, n = self.cfg.algorithm, self.cfg.rollout.n_samples
         rows, stats = None, {}
         flags = scores.breakdown.pop(NONFINITE, None)
         if flags is not None:
@@ -171,7 +183,7 @@ class Rollouts:
             stats["reward/dropped_groups"] = float((~finite).sum())
         if a.dynamic_sampling:
             stats["train/informative_groups"] = float(informative.float().mean())
-            stats["train/refills"] = float(s.rounds - 1)
+            stats["train/refills"] = float(rounds - 1)
         if a.dynamic_sampling or not finite.all():
             # dynamic sampling: informative groups first, then (if refills ran out)
             # uninformative ones; groups with a non-finite reward never
@@ -179,8 +191,10 @@ class Rollouts:
             order = torch.argsort(rank, stable=True)[: self._want]
             rows = (order.sort().values[:, None] * n + torch.arange(n)).flatten()
             scores = scores.select(rows)
-        stats.update(self._timing(s, t0, t_gen))
-        stats.update(self._staleness(s, learner_version, rows))
+        return rows, scores, stats
+
+    def _experience(self, step: int, s: StepRollout, rows, scores, stats) -> Experience:
+        """The step's Experience (its bookkeeping here released)."""
         self.totals["trained"] += len(scores)
         if self.reference is not None and self.reference.max_restarts:
             self._check_reference(s)
@@ -189,12 +203,7 @@ class Rollouts:
             self.samples[step] = sample_rows(s.chunks, rows)
         del self.steps[step]
         self.sampler_before.pop(step, None)
-        if refs is None and all(c.run is not None for c in s.chunks):
-            # dispatchers' runs: the learner opens their lists of batches (O(runs) refs here)
-            runs, index = dispatch_runs(s.chunks)
-            picks = Picks([(index[id(c.run)], c.position) for c in s.chunks], len(runs))
-            return Experience([r.batches for r in runs], rows, scores, None, stats, picks=picks)
-        return Experience([c.ref for c in s.chunks], rows, scores, refs, stats)
+        return self.gen.experience(s.chunks, rows, scores, refs, stats)
 
     def _enough(self, finite: torch.Tensor, informative: torch.Tensor, rounds: int) -> bool:
         """Whether the step has its groups: ``prompts_per_step`` with finite rewards (and,
@@ -318,34 +327,6 @@ class Rollouts:
                 scores = scores.select(torch.isfinite(scores.scores).nonzero().squeeze(1))
             out[name] = scores
         return out, t_gen
-
-
-def dispatch_runs(chunks: Sequence[Chunk]) -> tuple[list[Any], dict[int, int]]:
-    """The dispatcher runs of ``chunks``, each once in order of first use, and id(run) ->
-    its index in that list."""
-    index: dict[int, int] = {}
-    runs = []
-    for c in chunks:
-        if id(c.run) not in index:
-            index[id(c.run)] = len(runs)
-            runs.append(c.run)
-    return runs, index
-
-
-def run_scores(chunks: Sequence[Chunk], what: str, timeout_s: float) -> ScoredShard:
-    """The ScoredShards of ``chunks`` (each scored by its dispatcher), joined in order: one
-    object per run is fetched (its joined scores) and the rows are picked from them. Equal
-    to joining the chunks' own shards: narrowed to the widest of them."""
-    runs, index = dispatch_runs(chunks)
-    got = get([r.scores for r in runs], what, timeout_s)  # per run: (ScoredShard, widths)
-    widths = torch.tensor([w for _, run_widths in got for w in run_widths])
-    starts = torch.tensor([0] + [len(shard) for shard, _ in got]).cumsum(0).tolist()
-    first = torch.tensor([starts[index[id(c.run)]] + c.score_row for c in chunks])
-    sizes = torch.tensor([c.rows for c in chunks])
-    offsets = torch.arange(int(sizes.sum())) - (sizes.cumsum(0) - sizes).repeat_interleave(sizes)
-    rows = first.repeat_interleave(sizes) + offsets  # each chunk's rows, chunks in order
-    width = int(widths[rows].max())
-    return ScoredShard.concat([shard for shard, _ in got]).select(rows).narrow(width)
 
 
 def group_finite(scores: torch.Tensor, n: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from rlalign_ray.pools import Experience
-from rlalign_ray.runtime.pools import get
+from rlalign_ray.runtime.placement import get
 
 
 def completion_rows(exp: Experience, n: int, timeout_s: float) -> list[dict[str, Any]]:

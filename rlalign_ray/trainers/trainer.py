@@ -49,11 +49,11 @@ from rlalign_ray.data.batch import PromptItem, ScoredShard, pad_responses
 from rlalign_ray.data.prompts import PromptSampler, load_prompts
 from rlalign_ray.errors import ActorFailure, DataError
 from rlalign_ray.ledger import SampleLog
-from rlalign_ray.logger import MetricsLogger
 from rlalign_ray.pools import ActorPool, EnvPool, Experience, WeightSync, start, stop
 from rlalign_ray.preflight import preflight, prepare_data
+from rlalign_ray.run_log import MetricsLogger
 from rlalign_ray.runtime.cluster import connect
-from rlalign_ray.runtime.pools import get, lost_roles
+from rlalign_ray.runtime.placement import get, lost_roles
 from rlalign_ray.topology import Topology
 from rlalign_ray.trainers.rollouts import Rollouts
 from rlalign_ray.trainers.samples import completion_rows
@@ -128,7 +128,7 @@ class Trainer:
                     step = self.restart_learners(e, logger, ledger) + 1
                     continue
                 step += 1
-            self.weights.pending and self.weights.pending.result()
+            self.weights.wait()
             self.save(Path(cfg.trainer.output_dir) / "final", merged=cfg.trainer.save_merged)
         except ActorFailure as e:
             e.args = (f"{e}\n{lost_roles(self.pools)}",)
@@ -231,11 +231,8 @@ class Trainer:
         )
         for r in groups:
             self.pools[r].restart_all()
-        gen = self.pools["generator"]
-        for c in [*gen.queue, *gen.inflight.values()]:
-            c.step = -1  # not trained: the rollouts ignore it when it lands
-        gen.queue.clear()
-        self.weights.pending = None  # broken by the dead rank; the restore syncs again
+        self.pools["generator"].abandon()  # not trained: the rollouts ignore what lands
+        self.weights.abandon()  # broken by the dead rank; the restore syncs again
         self.weights.setup()
         self.restore(ckpt, state)
         logger.rewind(state.step)
@@ -313,8 +310,9 @@ class Trainer:
         """``trainer.eval_n_samples`` samples (at ``rollout.eval_temperature``; 0: greedy) of
         the held-out prompts with the latest weights. ``evals``: one set (metrics ``eval/``) or
         named sets (``eval_sets``; the name "" is ``eval/``, others ``eval/<name>/``)."""
-        if self.weights.pending is not None:
-            self.rollouts.wait(self.weights.pending)
+        sync = self.weights.in_flight()
+        if sync is not None:
+            self.rollouts.wait(sync)
         t = self.cfg.trainer
         sets = evals if isinstance(evals, dict) else {"": evals}
         scores, seconds = self.rollouts.evaluate_sets(sets, t.eval_n_samples)

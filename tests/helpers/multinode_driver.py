@@ -20,7 +20,7 @@ from conftest import TEST_ENV, small_config  # noqa: E402
 from rlalign_ray.config import Placement, Resources, config_from_dict  # noqa: E402
 from rlalign_ray.errors import ActorFailure  # noqa: E402
 from rlalign_ray.topology import Pool, Topology  # noqa: E402
-from rlalign_ray.trainer import Trainer  # noqa: E402
+from rlalign_ray.trainers import Trainer  # noqa: E402
 
 
 class RecordingTrainer(Trainer):

@@ -203,7 +203,7 @@ ONE_NODE_CONFIGS = ["gpu_node.yaml", "gpu_node_7b.yaml", "gpu_colocated.yaml"]
 def _bundle_gpus(cfg, where: str) -> list[float]:
     """The GPUs of each placement bundle ``cfg`` asks for (colocated roles share their
     host's bundles); a fractional bundle (roles sharing a GPU) must fit one GPU."""
-    from rlalign_ray.runtime.pools import RoleSpec, plan_bundles
+    from rlalign_ray.runtime.placement import RoleSpec, plan_bundles
     from rlalign_ray.topology import Topology
 
     specs = [

@@ -28,7 +28,7 @@ from helpers.stalls import CLAIMS
 from rlalign_ray.config import config_from_dict
 from rlalign_ray.errors import ActorFailure
 from rlalign_ray.ledger import read
-from rlalign_ray.trainer import Trainer
+from rlalign_ray.trainers import Trainer
 
 pytestmark = pytest.mark.integration
 

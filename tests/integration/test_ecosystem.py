@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO, small_config
 
 from rlalign_ray.config import config_from_dict
-from rlalign_ray.trainer import Trainer
+from rlalign_ray.trainers import Trainer
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ from conftest import small_config
 from rlalign_ray.config import config_from_dict
 from rlalign_ray.errors import ActorFailure, PlacementError, RewardError
 from rlalign_ray.runtime.cluster import LOOPBACK
-from rlalign_ray.trainer import Trainer
+from rlalign_ray.trainers import Trainer
 
 pytestmark = pytest.mark.integration
 

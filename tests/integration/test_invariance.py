@@ -12,8 +12,9 @@ from conftest import REPO, small_config
 
 from rlalign_ray.config import config_from_dict
 from rlalign_ray.data.prompts import load_prompts
-from rlalign_ray.learner.base import rank_batches, rank_rows
+from rlalign_ray.learner.base import rank_batches
 from rlalign_ray.learner.learner import Learner
+from rlalign_ray.roles import split_rows
 from rlalign_ray.rollout.generator import Generator
 
 pytestmark = pytest.mark.integration
@@ -54,7 +55,7 @@ def _update(ray, tiny_model, batch_ref, world, micro, agg, chunk=0, budget=0, ze
             data={"max_prompt_tokens": 16},
         )
     )
-    rows = rank_rows(len(batch), world, cfg.run.seed, 1)
+    rows = split_rows(len(batch), world, cfg.run.seed, 1)
     parts = rank_batches(rows, None, 1, batch)
     parts = parts if world > 1 else [parts]
     actors = [

@@ -12,7 +12,7 @@ import torch
 from conftest import small_config
 
 from rlalign_ray.config import config_from_dict
-from rlalign_ray.trainer import Trainer
+from rlalign_ray.trainers import Trainer
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("peft")

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 from helpers.actors import Pinged
 
-from rlalign_ray.runtime.pools import lost_roles
+from rlalign_ray.runtime.placement import lost_roles
 
 pytestmark = pytest.mark.integration
 

@@ -15,9 +15,10 @@ from helpers.learners import NaNOnceLearner
 from rlalign_ray.config import config_from_dict
 from rlalign_ray.data.prompts import load_prompts
 from rlalign_ray.errors import NonFiniteError, RewardError
-from rlalign_ray.learner.base import rank_batches, rank_rows
+from rlalign_ray.learner.base import rank_batches
+from rlalign_ray.roles import split_rows
 from rlalign_ray.rollout.generator import Generator
-from rlalign_ray.trainer import Trainer
+from rlalign_ray.trainers import Trainer
 
 pytestmark = pytest.mark.integration
 
@@ -148,7 +149,7 @@ def test_nan_loss_on_one_rank_skips_the_step_on_all(ray_local, tiny_model, world
     gen = Generator(cfg.model, cfg.rollout, seed=0)
     batch = gen.generate(load_prompts(cfg.data.train)[:4], n_samples=2)
     adv = torch.randn(len(batch), generator=torch.Generator().manual_seed(0))
-    rows = rank_rows(len(batch), world, cfg.run.seed, 1)
+    rows = split_rows(len(batch), world, cfg.run.seed, 1)
     parts = rank_batches(rows, None, 1, batch)
     parts = parts if world > 1 else [parts]
     cls = ray_local.remote(NaNOnceLearner).options(num_cpus=0.25)

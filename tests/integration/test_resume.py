@@ -25,7 +25,7 @@ from conftest import REPO, small_config
 from rlalign_ray import checkpoint
 from rlalign_ray.config import config_from_dict
 from rlalign_ray.errors import ConfigError
-from rlalign_ray.trainer import Trainer
+from rlalign_ray.trainers import Trainer
 
 pytestmark = pytest.mark.integration
 KEYS = ("train/reward_mean", "train/loss", "train/kl")

@@ -13,7 +13,7 @@ from conftest import REPO, small_config
 from helpers.reward_server import reward_server
 
 from rlalign_ray.config import config_from_dict
-from rlalign_ray.trainer import Trainer
+from rlalign_ray.trainers import Trainer
 
 pytestmark = pytest.mark.integration
 datasets = pytest.importorskip("datasets")

@@ -20,7 +20,7 @@ from rlalign_ray.data.batch import PromptItem
 from rlalign_ray.models.loading import batch_logprobs, load_causal_lm, position_ids
 from rlalign_ray.rollout.backend import truncate
 from rlalign_ray.rollout.generator import Generator
-from rlalign_ray.trainer import Trainer
+from rlalign_ray.trainers import Trainer
 
 pytestmark = [
     pytest.mark.integration,

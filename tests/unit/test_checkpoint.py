@@ -11,7 +11,7 @@ import torch
 
 from rlalign_ray import checkpoint
 from rlalign_ray.errors import ConfigError
-from rlalign_ray.logger import MetricsLogger
+from rlalign_ray.run_log import MetricsLogger
 
 
 def _save(out, step: int, keep: int = 2):

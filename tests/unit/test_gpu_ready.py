@@ -12,8 +12,8 @@ import torch
 
 from rlalign_ray.config import SyncConfig, config_from_dict
 from rlalign_ray.errors import ConfigError, RlalignError, WeightSyncError
-from rlalign_ray.learner.base import rank_rows
 from rlalign_ray.models.loading import default_device
+from rlalign_ray.roles import split_rows
 from rlalign_ray.sync.buckets import plan_buckets
 from rlalign_ray.sync.weight_sync import WeightSync
 
@@ -109,7 +109,7 @@ def test_an_actor_that_asked_for_gpus_but_sees_none_is_an_error():
 
 def test_rows_are_never_dropped_silently():
     with pytest.raises(ValueError, match="does not split evenly over 2 ranks"):
-        rank_rows(7, 2, seed=0, step=1)
+        split_rows(7, 2, seed=0, step=1)
     from rlalign_ray.pools import LearnerGroup
 
     cfg = config_from_dict({"reward": {"rewards": REWARD}, "learner": {"world_size": 2,

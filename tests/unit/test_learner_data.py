@@ -7,7 +7,8 @@ import torch
 
 from rlalign_ray.config import config_from_dict
 from rlalign_ray.data.batch import RolloutBatch
-from rlalign_ray.learner.base import DeepSpeedRank, rank_batches, rank_rows
+from rlalign_ray.learner.base import DeepSpeedRank, rank_batches
+from rlalign_ray.roles import split_rows
 
 REWARD = [{"type": "function", "path": "rlalign_ray.rewards.builtin:arithmetic_exact"}]
 
@@ -35,9 +36,9 @@ def test_each_rank_gets_its_rows_and_reference_logprobs():
     shards = [_shard([3, 2, 4], [5, 1, 2], 0), _shard([2, 2, 1], [2, 6, 3], 3)]
     refs = [s.logprobs * 10 for s in shards]
     keep = torch.tensor([0, 1, 2, 4, 5, 3])  # a dynamic-sampling selection of 6 rows
-    parts = rank_rows(len(keep), 2, seed=0, step=3)
+    parts = split_rows(len(keep), 2, seed=0, step=3)
     assert sorted(torch.cat(parts).tolist()) == list(range(6))
-    assert [p.tolist() for p in parts] == [p.tolist() for p in rank_rows(6, 2, seed=0, step=3)]
+    assert [p.tolist() for p in parts] == [p.tolist() for p in split_rows(6, 2, seed=0, step=3)]
     out = rank_batches(parts, keep, len(shards), *shards, *refs)
     for (batch, ref), rows in zip(out, parts):
         assert batch.group_ids.tolist() == keep[rows].tolist()

@@ -7,7 +7,7 @@ import pytest
 
 from rlalign_ray.config import load_config
 from rlalign_ray.errors import ConfigError
-from rlalign_ray.logger import MetricsLogger
+from rlalign_ray.run_log import MetricsLogger
 
 SAMPLES = [
     {"prompt": "1+2=", "completion": "3", "reward": 1.0, "reward/exact": 1.0, "response_len": 2},

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rlalign_ray.errors import WeightSyncError
-from rlalign_ray.sync import weights
+from rlalign_ray.sync import transports as weights
 from rlalign_ray.sync.buckets import (
     SyncPlan,
     empty_buffer,
@@ -20,7 +20,7 @@ from rlalign_ray.sync.buckets import (
     to_numpy,
     unflatten,
 )
-from rlalign_ray.sync.weights import CollectiveTransport, SharedMemoryTransport, WeightHandle
+from rlalign_ray.sync.transports import CollectiveTransport, SharedMemoryTransport, WeightHandle
 
 
 def test_buckets_keep_order_and_size_and_a_large_parameter_travels_alone():

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import os
 import tempfile
-from contextlib import contextmanager
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 

@@ -1,7 +1,7 @@
 """Logger backends: where each step's metrics (and sampled completions) go.
 
 ``trainer.loggers`` picks any of ``jsonl`` (``metrics.jsonl``), ``tensorboard``, ``wandb``,
-``mlflow`` and ``console``; ``MetricsLogger`` (``rlalign_ray/logger.py``) fans every step out
+``mlflow`` and ``console``; ``MetricsLogger`` (``rlalign_ray/run_log.py``) fans every step out
 to them. Each backend takes a row ``{"step": s, key: value, ...}`` and, with
 ``trainer.log_completions``, a list of sample rows (prompt, completion, reward, one column
 per reward). wandb and mlflow are optional extras (``pip install 'rlalign-ray[wandb]'``).

@@ -17,7 +17,7 @@ BAR_KEYS = {
 
 
 class MetricsLogger:
-    """Each step's metrics to the ``trainer.loggers`` backends (``rlalign_ray/loggers.py``):
+    """Each step's metrics to the ``trainer.loggers`` backends (``rlalign_ray/log_backends.py``):
     ``metrics.jsonl`` and TensorBoard by default; sampled completions to
     ``completions.jsonl``; and a progress bar."""
 
@@ -38,7 +38,7 @@ class MetricsLogger:
         and ``completions.jsonl`` (a resumed run: the steps after its checkpoint are logged
         again; -1: none); None: append. ``loggers``: backend names (None: jsonl, plus
         tensorboard when ``tensorboard``)."""
-        from rlalign_ray import loggers as lg
+        from rlalign_ray import log_backends as lg
 
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +124,7 @@ class MetricsLogger:
 
     def rewind(self, step: int) -> None:
         """Keep the rows up to ``step`` (training continues from its checkpoint)."""
-        from rlalign_ray.loggers import JsonlBackend
+        from rlalign_ray.log_backends import JsonlBackend
 
         for b in self.backends:
             if isinstance(b, JsonlBackend):

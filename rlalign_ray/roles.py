@@ -1,0 +1,155 @@
+"""The roles: which config section describes each, where its actor count lives, which class
+runs it by default, and how a batch is split over a data-parallel role's ranks.
+
+The one home for these facts, below everything that uses them (config checks, pools,
+topologies, the learner's split): it imports only the config. Built-in classes are named by
+``module:Class`` and imported on first use, so no module here pulls in torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from rlalign_ray.errors import ConfigError
+
+if TYPE_CHECKING:  # the config imports this module (its GPU layout checks)
+    from rlalign_ray.config import Config, SyncConfig
+
+
+@dataclass(frozen=True)
+class Role:
+    section: str  # the config section: rollout, reward, reference, learner, critic, env
+    count: str | None  # that section's actor-count field (None: one actor)
+    builtin: str  # module:Class that runs the role unless actor_class says otherwise
+
+    def num_actors(self, cfg: Config) -> int:
+        return getattr(getattr(cfg, self.section), self.count) if self.count else 1
+
+
+ROLES: dict[str, Role] = {
+    "generator": Role("rollout", "num_actors", "rlalign_ray.rollout.generator:Generator"),
+    "reward": Role("reward", "num_actors", "rlalign_ray.rewards.scorer:RewardScorer"),
+    "reference": Role("reference", None, "rlalign_ray.learner.reference:Reference"),
+    "learner": Role("learner", "world_size", "rlalign_ray.learner.learner:Learner"),
+    "critic": Role("critic", "world_size", "rlalign_ray.learner.critic:Critic"),
+    "env": Role("env", "num_actors", "rlalign_ray.envs.host:EnvHost"),
+}
+DEEPSPEED_ROLES = ("learner", "critic")
+Layout = dict  # role -> (config section, actor count, Resources, Placement)  # roles whose actors form a process group
+
+
+def roles_of(cfg: Config) -> list[str]:
+    """The roles a run of ``cfg`` starts (the default topology)."""
+    roles = ["generator", "reward", "learner"]
+    if cfg.needs_reference:
+        roles.append("reference")
+    if cfg.needs_critic:
+        roles.append("critic")
+    return roles
+
+
+def resolve_class(cls: type | str) -> type:
+    """A class, or ``module:Class`` imported; a clear error naming it otherwise."""
+    if isinstance(cls, type):
+        return cls
+    module, _, name = cls.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(
+            [f"actor_class {cls!r}: cannot load it ({e}); write module:Class"]
+        ) from None
+
+
+def role_class(role: str, cls: type | str | None = None, cfg: Config | None = None) -> type:
+    """The class that runs ``role``: ``cls``, else the config's ``actor_class``, else the
+    built-in one."""
+    section = getattr(cfg, ROLES[role].section, None) if cfg is not None else None
+    return resolve_class(cls or getattr(section, "actor_class", None) or ROLES[role].builtin)
+
+
+def role_layout(cfg: Config, pools: dict[str, tuple] | None = None) -> Layout:
+    """role -> (config section, actor count, resources, placement): the config's roles, or
+    ``pools`` (role -> (count, resources, placement), a topology's)."""
+    if pools is None:
+        pools = {
+            r: (ROLES[r].num_actors(cfg), sec.resources, sec.placement)
+            for r in roles_of(cfg)
+            for sec in [getattr(cfg, ROLES[r].section)]
+        }
+        if cfg.env.path and cfg.env.num_actors:
+            pools["env"] = (cfg.env.num_actors, cfg.env.resources, cfg.env.placement)
+    return {r: (ROLES[r].section if r in ROLES else r, *spec) for r, spec in pools.items()}
+
+
+def split_rows(n: int, world_size: int, seed: int, step: int) -> list[Any]:
+    """Each rank's rows of an n-row batch: a seeded split, the same wherever it is computed
+    (the split task cuts token batches with it, the driver per-row tensors). Every rank
+    gets n / world_size rows; a batch that does not divide is refused, never cut short."""
+    import torch
+
+    if n % world_size:
+        raise ValueError(
+            f"a batch of {n} rows does not split evenly over {world_size} ranks; no row may "
+            "be dropped, so give the group a multiple of its world size"
+        )
+    g = torch.Generator().manual_seed(seed * 7919 + step)
+    perm = torch.randperm(n, generator=g)
+    per = n // world_size
+    return [perm[k * per : (k + 1) * per].sort().values for k in range(world_size)]
+
+
+def bundle_gpus(roles: Layout) -> dict[str, list]:
+    """host role -> per bundle, the GPUs it holds and who shares it: [(gpus, [(role,
+    actor index)])]. A colocated role's actor j shares its host's bundle j % n (as
+    ``runtime.pools.plan_bundles`` places them)."""
+    out: dict[str, list] = {}
+    for role, (_, n, res, p) in roles.items():
+        if not p.colocate_with:
+            out[role] = [[res.num_gpus, [(role, j)]] for j in range(n)]
+    for role, (_, n, res, p) in roles.items():
+        host = out.get(p.colocate_with or "")
+        for j in range(n if host else 0):
+            b = host[j % len(host)]
+            b[0] += res.num_gpus
+            b[1].append((role, j))
+    return out
+
+
+def gpu_layout_problems(
+    roles: Layout, sync: SyncConfig
+) -> list[str]:
+    """Layouts that would fail on GPUs: a colocated bundle of a fractional GPU count above 1
+    (Ray may give its actors different GPUs, so they share nothing), and an NCCL weight sync
+    that includes a generator on learner rank 0's GPU (NCCL refuses two ranks on one
+    GPU: "Duplicate GPU detected")."""
+    e: list[str] = []
+    for host, bundles in bundle_gpus(roles).items():
+        for k, (gpus, members) in enumerate(bundles):
+            if gpus > 1 and abs(gpus - round(gpus)) > 1e-9 and len(members) > 1:
+                who = ", ".join(
+                    f"{roles[r][0]}.resources.num_gpus={roles[r][2].num_gpus:g}"
+                    for r in dict.fromkeys(r for r, _ in members)
+                )
+                e.append(
+                    f"{roles[host][0]}.placement: bundle {k} of {host} holds {gpus:g} GPUs "
+                    f"({who}, colocated): Ray may give a fractional share from another GPU "
+                    "than the whole one, so the colocated actors would share nothing. Make "
+                    "each colocated bundle's GPUs sum to at most 1 (sharing one GPU, e.g. "
+                    "0.5 + 0.5) or to a whole number (one GPU each)"
+                )
+    learner = bundle_gpus(roles).get("learner")
+    if not learner or sync.transport != "collective" or sync.backend == "gloo":
+        return e
+    gpus, members = learner[0]
+    on_rank0 = [j for r, j in members if r == "generator"]
+    if on_rank0 and 0 < gpus <= 1 and roles["generator"][2].num_gpus > 0:
+        e.append(
+            f"sync.transport: collective (NCCL) cannot include generator {on_rank0[0]}: "
+            "rollout.placement.colocate_with: learner puts it on learner rank 0's GPU, and "
+            "NCCL refuses two ranks on one GPU. Use sync.transport: auto (CUDA IPC for "
+            "generators that share a learner rank's GPU) or cuda_ipc"
+        )
+    return e
