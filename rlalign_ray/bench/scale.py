@@ -2,7 +2,7 @@
 cluster.
 
     rlalign-ray bench scale --simulate [SPEC] --actors 64,128,256 [--workers 2]
-        [--dispatch-group 64] [--per-host 32]
+        [--dispatch-group 64] [--per-host 64]
 
 Starts a multi-node cluster on this machine (``launch/local_cluster.sh``: a head and
 ``--workers`` worker nodes, each a ``ray start`` on loopback (127.0.0.2) with token auth, in a temp
@@ -12,7 +12,7 @@ the cluster's token settings when it is imported) runs ``--steps`` steps of the 
 over the nodes, and one simulated learner rank (``bench/simulated.py``; work times from SPEC,
 by default none): each step is N/2 one-prompt chunks, pulled by the generators, each scored
 by a reward actor as it lands, then a weight sync to the N/2 generators. The simulated
-generators and reward actors run ``--per-host`` (32) to a process, per node and role
+generators and reward actors run ``--per-host`` (64) to a process, per node and role
 (``bench/hosted.py``): each is a handle whose calls are Ray calls to its host, so the driver
 makes the same Ray calls per simulated actor as with a process each (``--per-host 0``), but
 the machine does not pay a Ray worker per actor (about 65 MB of private memory and, idle,
@@ -89,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--per-host",
         type=int,
-        default=32,
+        default=64,
         help="simulated generators (reward actors) per host process on a node (0: one "
         "process per simulated actor)",
     )
