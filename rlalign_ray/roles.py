@@ -104,7 +104,7 @@ def split_rows(n: int, world_size: int, seed: int, step: int) -> list[Any]:
 def bundle_gpus(roles: Layout) -> dict[str, list]:
     """host role -> per bundle, the GPUs it holds and who shares it: [(gpus, [(role,
     actor index)])]. A colocated role's actor j shares its host's bundle j % n (as
-    ``runtime.pools.plan_bundles`` places them)."""
+    ``runtime.placement.plan_bundles`` places them)."""
     out: dict[str, list] = {}
     for role, (_, n, res, p) in roles.items():
         if not p.colocate_with:

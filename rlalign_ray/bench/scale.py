@@ -1,7 +1,8 @@
 """Driver time per step with many simulated generator and reward actors on a multi-node
 cluster.
 
-    rlalign-ray bench scale --simulate [SPEC] --actors 64,128,256 [--workers 2] [--dispatch-group 32]
+    rlalign-ray bench scale --simulate [SPEC] --actors 64,128,256 [--workers 2]
+        [--dispatch-group 64] [--per-host 64]
 
 Starts a multi-node cluster on this machine (``launch/local_cluster.sh``: a head and
 ``--workers`` worker nodes, each a ``ray start`` on loopback (127.0.0.2) with token auth, in a temp
@@ -10,12 +11,15 @@ the cluster's token settings when it is imported) runs ``--steps`` steps of the 
 ``Trainer`` with N simulated actors in total, N/2 generators and N/2 reward actors, spread
 over the nodes, and one simulated learner rank (``bench/simulated.py``; work times from SPEC,
 by default none): each step is N/2 one-prompt chunks, pulled by the generators, each scored
-by a reward actor as it lands, then a weight sync to the N/2 generators. (N actors of each
-kind would not fit here: a Ray worker process takes about 65 MB of private memory even
-without torch, so 2 x 256 would need 33 GB.) With ``--dispatch-group G`` (the default, 64;
-``rollout.dispatch_group``) dispatcher actors run the generators in groups of G, so the
-driver makes one call per group per step and per weight bucket; 0 measures the driver
-calling every generator itself.
+by a reward actor as it lands, then a weight sync to the N/2 generators. The simulated
+generators and reward actors run ``--per-host`` (64) to a process, per node and role
+(``bench/hosted.py``): each is a handle whose calls are Ray calls to its host, so the driver
+makes the same Ray calls per simulated actor as with a process each (``--per-host 0``), but
+the machine does not pay a Ray worker per actor (about 65 MB of private memory and, idle,
+9 ms of CPU per second each; the dispatchers and the learner rank keep a process each).
+With ``--dispatch-group G`` (the default, 64; ``rollout.dispatch_group``) dispatcher actors
+run the generators in groups of G, so the driver makes one call per group per step and per
+weight bucket; 0 measures the driver calling every generator itself.
 
 Driver time per step is the median ``time/driver_cpu_s``: the CPU time of the driver process
 (its Python and Ray's threads in it) during a step. On a machine shared with hundreds of
@@ -29,11 +33,11 @@ over a step's wall time, a share that grows with the step's length, not with the
 work), with the share of the machine's CPUs busy meanwhile (each idle Ray actor wakes every
 10 ms to check for signals: measured here, about 9 ms of CPU per second per actor, so 256 of
 them want more than 2 cores before any work). The nodes run at ``--node-nice`` (10): on a
-real cluster the driver does not share its cores with hundreds of actor processes.
+real cluster the driver does not share its cores with its actors.
 
-Every actor is a process (the simulated ones do not import torch: about 60 MB each); a
-count whose actors would not fit in the memory available now (``--mb-per-actor``) is
-skipped and reported as infeasible.
+A count whose actor processes (hosts, dispatchers, the learner rank; none imports torch)
+would not fit in the memory available now (``--mb-per-actor`` each) is skipped and reported
+as infeasible.
 """
 
 from __future__ import annotations
@@ -82,6 +86,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=64,
         help="rollout.dispatch_group: generators per dispatcher actor (0: none)",
     )
+    p.add_argument(
+        "--per-host",
+        type=int,
+        default=64,
+        help="simulated generators (reward actors) per host process on a node (0: one "
+        "process per simulated actor)",
+    )
     p.add_argument("--steps", type=int, default=8, help="training steps per count")
     p.add_argument("--skip", type=int, default=2, help="first steps left out (warm-up)")
     p.add_argument("--max-staleness", type=int, default=0, help="trainer.max_staleness")
@@ -122,7 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runs, infeasible = [], []
     with local_cluster(args.workers, args.node_cpus, args.node_nice) as state:
         for n in parse_list(args.actors, int):
-            procs = n + 1 + (-(-(n // 2) // args.dispatch_group) if args.dispatch_group else 0)
+            procs = processes(args, n)
             need = procs * args.mb_per_actor * 2**20
             free = mem_available()
             if need > args.memory_fraction * free:
@@ -151,13 +162,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"results": results, "runs": runs, "infeasible": infeasible}
 
 
+def processes(args: argparse.Namespace, n: int) -> int:
+    """At most how many actor processes a count of ``n`` starts: the hosts of N/2 generators
+    and N/2 reward actors, the learner rank, the dispatchers."""
+    from rlalign_ray.bench.hosted import host_count
+
+    gens, nodes = max(1, n // 2), args.workers + 1
+    hosts = sum(host_count(k, args.per_host, nodes) for k in (gens, max(1, n - gens)))
+    return hosts + 1 + (-(-gens // args.dispatch_group) if args.dispatch_group else 0)
+
+
 def report(args: argparse.Namespace, runs: list[dict], infeasible: list[dict]) -> None:
     if runs:
         print_table(
             f"scale: --simulate {args.simulate}, {args.workers + 1} nodes, "
-            f"k={args.max_staleness}, dispatch group {args.dispatch_group}, median of steps > "
-            f"{args.skip}; N actors = N/2 generators + N/2 reward actors; driver time = the driver "
-            "process's CPU per step",
+            f"k={args.max_staleness}, dispatch group {args.dispatch_group}, "
+            f"{args.per_host or 1} simulated actors per process, median of steps > {args.skip}; "
+            "N actors = N/2 generators + N/2 reward actors; driver time = the driver process's "
+            "CPU per step",
             runs,
             [
                 "actors",
@@ -250,11 +272,13 @@ def driver_process(args: argparse.Namespace, n: int, state: dict[str, str]) -> d
         json.dumps(state), "--actors", str(n), "--simulate", args.simulate,
         "--steps", str(args.steps), "--skip", str(args.skip),
         "--max-staleness", str(args.max_staleness), "--dispatch-group", str(args.dispatch_group),
+        "--per-host", str(args.per_host),
     ]  # fmt: skip
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(
-        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=state["RAY_AUTH_TOKEN_PATH"], PYTHONPATH=path
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=state["RAY_AUTH_TOKEN_PATH"],
+        PYTHONPATH=python_path(),
     )
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -281,68 +305,81 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
     """This process is the driver of one count (``--driver STATE``): train, print RESULT."""
     import ray
 
-    from rlalign_ray.bench.simulated import Workload, simulated_config, simulated_topology
-    from rlalign_ray.config import Placement
-
     state, n = json.loads(args.driver), int(args.actors)
-    gens = max(1, n // 2)
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     ray.init(
         address=state["RAY_ADDRESS"],
-        runtime_env={"env_vars": {"PYTHONPATH": path}},
+        runtime_env={"env_vars": {"PYTHONPATH": python_path()}},
         logging_level="WARNING",
     )
     try:
         nodes = sum(1 for x in ray.nodes() if x["Alive"])
         with tempfile.TemporaryDirectory(prefix="rlalign-bench-scale-") as tmp:
-            cfg = simulated_config(
-                tmp,
-                args.steps,
-                [
-                    f"rollout.prompts_per_step={gens}",
-                    "rollout.n_samples=2",
-                    f"rollout.num_actors={gens}",
-                    "rollout.chunk_size=1",
-                    f"rollout.dispatch_group={args.dispatch_group}",
-                    f"reward.num_actors={max(1, n - gens)}",
-                    "learner.micro_batch_size=2",
-                    f"trainer.max_staleness={args.max_staleness}",
-                    "run.placement_timeout_s=1800",
-                    "run.call_timeout_s=1800",
-                ],
-            )
-            topo = simulated_topology(cfg, Workload.parse(args.simulate, cfg.batch_size, gens))
-            for role in ("generator", "reward"):
-                topo.pools[role].placement = Placement(strategy="SPREAD")
+            cfg, topo = count_setup(args, tmp, n)
             probe = ray.remote(Probe).options(num_cpus=0).remote()
             quiet = call_cpu_s(probe)  # before the actors start
-            seen: dict[str, float] = {}
+            seen: dict[str, float] = {"quiet": quiet}
             rows = train_rows(cfg, topo, args.skip, trainer=probed_trainer(probe, seen))
-            loaded, idle, busy = (seen[k] for k in ("call_cpu_s", "idle_cpu_per_s", "busy"))
     finally:
         ray.shutdown()
+    result = {"actors": n, "generators": max(1, n // 2), "per_host": args.per_host}
+    result.update(dispatch_group=args.dispatch_group, nodes=nodes, **summary(rows, seen))
+    print("RESULT " + json.dumps(result), flush=True)
+    return result
+
+
+def count_setup(args: argparse.Namespace, tmp: str, n: int) -> tuple[Any, Any]:
+    """The config and topology of a count: N/2 simulated generators and N/2 reward actors
+    spread over the nodes (``--per-host`` to a process), one prompt per chunk."""
+    from rlalign_ray.bench.simulated import Workload, simulated_config, simulated_topology
+    from rlalign_ray.config import Placement
+
+    gens = max(1, n // 2)
+    cfg = simulated_config(
+        tmp,
+        args.steps,
+        [
+            f"rollout.prompts_per_step={gens}",
+            "rollout.n_samples=2",
+            f"rollout.num_actors={gens}",
+            "rollout.chunk_size=1",
+            f"rollout.dispatch_group={args.dispatch_group}",
+            f"reward.num_actors={max(1, n - gens)}",
+            "learner.micro_batch_size=2",
+            f"trainer.max_staleness={args.max_staleness}",
+            "run.placement_timeout_s=1800",
+            "run.call_timeout_s=1800",
+        ],
+    )
+    work = Workload.parse(args.simulate, cfg.batch_size, gens)
+    topo = simulated_topology(cfg, work, args.per_host)
+    for role in ("generator", "reward"):
+        topo.pools[role].placement = Placement(strategy="SPREAD")
+    return cfg, topo
+
+
+def summary(rows: list[dict[str, Any]], seen: dict[str, float]) -> dict[str, Any]:
+    """A count's figures: medians of the measured steps and the same-run units."""
     med = medians(rows, ("time/driver_cpu_s", "time/step_s", "time/generate_s"))
-    result = {
-        "actors": n,
-        "generators": gens,
-        "dispatch_group": args.dispatch_group,
+    return {
         "driver_s_per_step": med["time/driver_cpu_s"],
         "step_s": med["time/step_s"],
         "generate_s": med["time/generate_s"],
-        "nodes": nodes,
         "steps_measured": len(rows),
         # one no-op actor call's driver CPU, before the actors start and after the last step
-        "call_quiet_s": quiet,
-        "call_loaded_s": loaded,
-        "calls_per_step": med["time/driver_cpu_s"] / loaded,
+        "call_quiet_s": seen["quiet"],
+        "call_loaded_s": seen["call_cpu_s"],
+        "calls_per_step": med["time/driver_cpu_s"] / seen["call_cpu_s"],
         # the driver's CPU per second with nothing in flight, and that rate over a step
-        "idle_cpu_per_s": idle,
-        "idle_s_per_step": idle * med["time/step_s"],
+        "idle_cpu_per_s": seen["idle_cpu_per_s"],
+        "idle_s_per_step": seen["idle_cpu_per_s"] * med["time/step_s"],
         # the share of the machine's CPUs busy meanwhile: the actors' own idle loops
-        "machine_busy_idle": busy,
+        "machine_busy_idle": seen["busy"],
     }
-    print("RESULT " + json.dumps(result), flush=True)
-    return result
+
+
+def python_path() -> str:
+    """This checkout first on PYTHONPATH (the driver and every actor import it)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
 
 
 # ---- what one call costs the driver, in the same run ------------------------------------

@@ -273,6 +273,7 @@ class SimulatedLearner:
         return self.rank
 
 
+HOSTED_ROLES = ("generator", "reward", "reference")  # many to a process with per_host > 0
 SIMULATED = {
     "generator": SimulatedGenerator,
     "reward": SimulatedRewardScorer,
@@ -282,9 +283,12 @@ SIMULATED = {
 
 
 # ---- runs -----------------------------------------------------------------------------------
-def simulated_topology(cfg: Any, work: Workload) -> Any:
+def simulated_topology(cfg: Any, work: Workload, per_host: int = 0) -> Any:
     """``cfg``'s topology with every role's class replaced by its simulated one, each
-    carrying ``work`` (a subclass per run: Ray ships it by value)."""
+    carrying ``work`` (a subclass per run: Ray ships it by value). With ``per_host`` > 0
+    the generator, reward and reference actors run ``per_host`` to a process
+    (``bench/hosted.py``); the learner rank keeps a process of its own."""
+    from rlalign_ray.bench.hosted import hosted
     from rlalign_ray.topology import Topology
 
     topo = Topology.from_config(cfg)
@@ -293,6 +297,8 @@ def simulated_topology(cfg: Any, work: Workload) -> Any:
             raise ConfigError([f"simulated runs have no {role} role; use an outcome estimator"])
         base = SIMULATED[role]
         pool.cls = type(base.__name__, (base,), {"work": work})
+        if role in HOSTED_ROLES:
+            pool.cls = hosted(pool.cls, per_host)
     return topo
 
 

@@ -22,7 +22,15 @@ from typing import Any
 from rlalign_ray.config import Config, Placement, Resources, RunConfig
 from rlalign_ray.errors import ActorFailure
 from rlalign_ray.roles import ROLES, role_class
-from rlalign_ray.runtime.placement import Future, RoleSpec, get  # noqa: F401 (part of the API)
+from rlalign_ray.runtime.placement import (  # noqa: F401 (part of the API)
+    Future,
+    RoleSpec,
+    get,
+    kill,
+    make_actor,
+    slot_node,
+    wait_placed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +118,6 @@ class ActorPool:
         in the same placement bundle; then ``on_replace`` hooks run (a generator is given
         the current weights). Past ``max_restarts`` replacements the run stops with an
         error naming the role, the actors and the nodes that failed."""
-        import ray
-
-        from rlalign_ray.runtime.placement import make_actor, slot_node, wait_placed
-
         node = slot_node(self.slots[index]) if index < len(self.slots) else "an unknown node"
         self.failures.append(f"{self.name} {index} on {node}")
         if self.restarts >= self.max_restarts or index >= len(self.slots):
@@ -125,7 +129,7 @@ class ActorPool:
                 "of memory, a lost node, a crash)."
             )
         try:
-            ray.kill(self.actors[index], no_restart=True)
+            kill(self.actors[index])
         except Exception:  # already gone
             pass
         log.warning(
@@ -181,13 +185,9 @@ class ActorPool:
     def restart_all(self) -> None:
         """Kill every actor and start new ones in the same bundles, then ``started``
         (a group's rendezvous): a learner group that lost a rank starts again."""
-        import ray
-
-        from rlalign_ray.runtime.placement import make_actor
-
         for a in self.actors:
             try:
-                ray.kill(a, no_restart=True)
+                kill(a)
             except Exception:  # already gone
                 pass
         self.actors = [make_actor(self.spec, slot, i) for i, slot in enumerate(self.slots)]
@@ -216,12 +216,11 @@ def start(pools: Sequence[ActorPool], placement_timeout_s: float) -> None:
 
 def stop(pools: Sequence[ActorPool]) -> None:
     """Kill every pool's actors and remove their placement groups."""
-    import ray
     from ray.util.placement_group import remove_placement_group
 
     for pool in pools:
         for actor in [*pool.actors, *getattr(pool, "helpers", [])]:
-            ray.kill(actor, no_restart=True)
+            kill(actor)
         if pool.placement_group is not None:
             remove_placement_group(pool.placement_group)
         pool.actors, pool.placement_group, pool.slots = [], None, []

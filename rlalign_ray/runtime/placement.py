@@ -139,21 +139,39 @@ def start_pools(specs: Sequence[RoleSpec], timeout_s: float) -> dict[str, RolePo
 
 
 def make_actor(spec: RoleSpec, slot: Slot, i: int) -> Any:
-    """Actor ``i`` of ``spec`` in ``slot`` (also how a dead actor's replacement starts)."""
+    """Actor ``i`` of ``spec`` in ``slot`` (also how a dead actor's replacement starts). A
+    class with ``rlalign_start_actor`` starts its own (``bench/hosted.py``: simulated
+    actors, many to a process)."""
     import ray
+
+    own = getattr(spec.cls, "rlalign_start_actor", None)
+    if own is not None:
+        return own(spec, slot, i)
+    return ray.remote(spec.cls).options(**actor_options(spec, slot)).remote(*spec.args(i))
+
+
+def actor_options(spec: RoleSpec, slot: Slot) -> dict[str, Any]:
+    """The Ray options of ``spec``'s actors in ``slot``: resources, bundle, environment."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    return (
-        ray.remote(spec.cls)
-        .options(
-            **spec.resources.ray_options(),
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                slot.group, placement_group_bundle_index=slot.bundle
-            ),
-            runtime_env={"env_vars": worker_env(cpu_only=spec.resources.num_gpus == 0)},
-        )
-        .remote(*spec.args(i))
-    )
+    return {
+        **spec.resources.ray_options(),
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(
+            slot.group, placement_group_bundle_index=slot.bundle
+        ),
+        "runtime_env": {"env_vars": worker_env(cpu_only=spec.resources.num_gpus == 0)},
+    }
+
+
+def kill(actor: Any) -> None:
+    """``ray.kill(actor, no_restart=True)``; a handle that is not a Ray actor's
+    (``bench/hosted.py``) kills itself."""
+    import ray
+
+    if isinstance(actor, ray.actor.ActorHandle):
+        ray.kill(actor, no_restart=True)
+    else:
+        actor.kill()
 
 
 def slot_node(slot: Slot) -> str:
@@ -203,12 +221,11 @@ def actor_died(ref: Any) -> bool:
 
 
 def stop_pools(pools: dict[str, RolePool]) -> None:
-    import ray
     from ray.util.placement_group import remove_placement_group
 
     for pool in pools.values():
         for actor in pool.actors:
-            ray.kill(actor, no_restart=True)
+            kill(actor)
         if pool.placement_group is not None:
             remove_placement_group(pool.placement_group)
 
