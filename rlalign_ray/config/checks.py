@@ -28,7 +28,14 @@ def validate(cfg: Config) -> list[str]:
     """Every problem of ``cfg``, section by section (an empty list: the config is sound)."""
     e: list[str] = []
     for check in CHECKS:
-        check(cfg, e)
+        try:
+            check(cfg, e)
+        except (ArithmeticError, TypeError, ValueError) as err:  # values no check foresaw
+            section = check.__name__.removeprefix("check_").removeprefix("_check_")
+            e.append(
+                f"{section}: its values could not be checked together ({type(err).__name__}: "
+                f"{err}); look for a zero, negative or mistyped value in that section"
+            )
     return e
 
 
@@ -61,6 +68,8 @@ def check_run(cfg: Config, e: list[str]) -> None:
     _positive(e, "run.max_actor_restarts", cfg.run.max_actor_restarts, allow_zero=True)
     _positive(e, "run.max_learner_restarts", cfg.run.max_learner_restarts, allow_zero=True)
     _positive(e, "run.driver_threads", cfg.run.driver_threads, allow_zero=True)
+    _positive(e, "run.placement_timeout_s", cfg.run.placement_timeout_s)
+    _positive(e, "run.call_timeout_s", cfg.run.call_timeout_s)
 
 
 def check_model(cfg: Config, e: list[str]) -> None:
@@ -74,6 +83,8 @@ def check_model(cfg: Config, e: list[str]) -> None:
 
 
 def check_data(cfg: Config, e: list[str]) -> None:
+    _positive(e, "data.max_prompt_tokens", cfg.data.max_prompt_tokens)
+    _positive(e, "data.eval_limit", cfg.data.eval_limit, allow_zero=True)
     if not cfg.data.train:
         e.append("data.train: give a JSONL or Parquet file, or a save_to_disk folder, of prompts")
     if isinstance(cfg.data.eval, dict):
@@ -134,6 +145,7 @@ def _check_vllm(cfg: Config, e: list[str]) -> None:
 
 def check_sync(cfg: Config, e: list[str]) -> None:
     _positive(e, "sync.bucket_mb", cfg.sync.bucket_mb)
+    _positive(e, "sync.timeout_s", cfg.sync.timeout_s)
 
 
 def check_gpu_layout(cfg: Config, e: list[str]) -> None:
@@ -269,13 +281,21 @@ def check_learner(cfg: Config, e: list[str]) -> None:
         e.append(f"learner.betas: needs two numbers, got {lr.betas}")
     for role in ("learner", "critic"):
         _check_optimizer(cfg, role, e)
-    _check_batches(cfg, e)
+    _positive(e, "learner.mini_batch_size", lr.mini_batch_size, allow_zero=True)
+    sizes = (
+        cfg.rollout.prompts_per_step, cfg.rollout.n_samples, lr.world_size, lr.micro_batch_size
+    )
+    if min(sizes) > 0 and lr.mini_batch_size >= 0:  # else named above: nothing to split
+        _check_batches(cfg, e)
     _check_lora(cfg, e)
 
 
 def _check_optimizer(cfg: Config, role: str, e: list[str]) -> None:
     """A DeepSpeed group's schedule and memory knobs (learner and critic)."""
     sec = getattr(cfg, role)
+    _positive(e, f"{role}.lr", sec.lr)
+    _positive(e, f"{role}.grad_clip", sec.grad_clip, allow_zero=True)
+    _positive(e, f"{role}.weight_decay", sec.weight_decay, allow_zero=True)
     _positive(e, f"{role}.logprob_chunk_size", sec.logprob_chunk_size, allow_zero=True)
     longest = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
     budget = sec.max_tokens_per_micro_batch
@@ -340,7 +360,8 @@ def check_critic(cfg: Config, e: list[str]) -> None:
         return
     _positive(e, "critic.world_size", c.world_size)
     _positive(e, "critic.micro_batch_size", c.micro_batch_size)
-    if cfg.mini_batch_size % (c.world_size * c.micro_batch_size):
+    unit = c.world_size * c.micro_batch_size
+    if unit > 0 and cfg.mini_batch_size % unit:
         e.append(
             f"critic.micro_batch_size: mini-batches of {cfg.mini_batch_size} must "
             f"split over critic.world_size={c.world_size} ranks in "
@@ -350,6 +371,7 @@ def check_critic(cfg: Config, e: list[str]) -> None:
 
 def check_reference(cfg: Config, e: list[str]) -> None:
     _positive(e, "reference.logprob_chunk_size", cfg.reference.logprob_chunk_size, True)
+    _positive(e, "reference.micro_batch_size", cfg.reference.micro_batch_size)
 
 
 def check_trainer(cfg: Config, e: list[str]) -> None:

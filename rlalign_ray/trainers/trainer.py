@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -91,6 +92,8 @@ class Trainer:
             evals[name], eval_stats = prepare_data(cfg, self.topology, evals[name], key)
             infix = f"/eval_{name}_" if name else "/eval_"
             data_stats.update({k.replace("/", infix): v for k, v in eval_stats.items()})
+        fresh = not Path(cfg.trainer.output_dir).exists()  # removed if no step trains
+        trained = False
         ckpt = checkpoint.prepare_run(cfg.trainer.output_dir, cfg.trainer.resume)
         state = checkpoint.TrainerState.read(ckpt) if ckpt else None
         # a fresh start drops an old run's rows
@@ -124,6 +127,7 @@ class Trainer:
             while step <= cfg.trainer.steps:
                 try:
                     last = self.train_step(step, evals, logger, ledger)
+                    trained = True
                 except ActorFailure as e:  # a learner rank that died: from the checkpoint
                     step = self.restart_learners(e, logger, ledger) + 1
                     continue
@@ -138,6 +142,8 @@ class Trainer:
             logger.close()
             ledger and ledger.close()
             self.stop()
+            if fresh and not trained and cfg.trainer.steps > 0:  # a run that never started
+                shutil.rmtree(cfg.trainer.output_dir, ignore_errors=True)
         return last
 
     def train_step(

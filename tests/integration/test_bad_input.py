@@ -1,6 +1,7 @@
 """Bad input, table-driven: each row runs the real ``rlalign-ray train`` command, which must
 end with exit status 2 and one message that names the key, ``file:line`` or function and
-the fix, within 60 s (120 s for the rows that start actors), with no traceback and no process left running.
+the fix, within 60 s (120 s for the rows that start actors), with no traceback, no process
+left running and no output folder left behind.
 
 Rows marked ``ray`` get past every check the driver runs before Ray starts (config, data,
 model path, tokenizer, reward imports) and fail in an actor; the others fail in seconds.
@@ -100,6 +101,10 @@ CASES = [
     Case("reward_not_callable", [REWARD.format("helpers.rewards:NOT_CALLABLE")], ["reward.rewards[0].path", "is a list, not a function"]),
     Case("reward_bad_signature", [REWARD.format("helpers.rewards:completions_only")], ["reward.rewards[0].path", "helpers.rewards:completions_only", "def completions_only(completions, **kwargs)", "completion_ids"]),
     # ---- cluster -----------------------------------------------------------------------
+    Case("zero_group_size", ["rollout.n_samples=0"], ["rollout.n_samples: must be > 0"]),
+    Case("zero_critic_ranks", ["algorithm.name=ppo", "critic.world_size=0"], ["critic.world_size: must be > 0"]),
+    Case("negative_lr", ["learner.lr=-1e-5"], ["learner.lr: must be > 0"]),
+    Case("zero_timeout", ["sync.timeout_s=0"], ["sync.timeout_s: must be > 0"]),
     Case("ray_address_unreachable", ["run.ray_address=127.0.0.2:1"], ["run.ray_address", "127.0.0.2:1", "ray start --head"]),
     # ---- in the actors: the embedded Ray instance starts --------------------------------
     Case("reward_raises", [REWARD.format("helpers.rewards:raises")], ["helpers.rewards:raises", "ValueError: bad reward input", "fix the function"], ray=True),
@@ -214,6 +219,7 @@ def test_bad_input_exits_2_with_one_clear_message(case, tiny_model, no_chat_mode
     for want in case.expect:
         assert want in message, f"{want!r} not in:\n{message}"
     assert not left, f"processes left running: {left}"
+    assert not (tmp_path / "out").exists(), "a run that trained nothing left its output folder"
     assert elapsed < limit
 
 
