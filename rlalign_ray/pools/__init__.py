@@ -8,8 +8,9 @@ See ``launch/examples/custom_loop.py`` for a complete loop.
 """
 
 from rlalign_ray.pools.base import ActorPool, Future, launch, start, stop
+from rlalign_ray.pools.chunks import Chunk
 from rlalign_ray.pools.env import EnvPool
-from rlalign_ray.pools.generator import Chunk, GeneratorPool
+from rlalign_ray.pools.generator import GeneratorPool
 from rlalign_ray.pools.learner import CriticGroup, Experience, LearnerGroup
 from rlalign_ray.pools.reference import ReferencePool
 from rlalign_ray.pools.reward import RewardPool

@@ -22,7 +22,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,70 +29,13 @@ import torch
 from rlalign_ray.config import Config, Placement, Resources
 from rlalign_ray.data.batch import PromptItem, ScoredShard
 from rlalign_ray.errors import ActorFailure
-from rlalign_ray.pools.base import ActorPool, Future
+from rlalign_ray.pools.base import ActorPool
+from rlalign_ray.pools.chunks import Chunk, DispatchRun, dispatch_runs, run_scores, split
 from rlalign_ray.pools.learner import Experience
 from rlalign_ray.runtime.dispatch import Picks, start_dispatchers
 from rlalign_ray.runtime.placement import get
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Chunk:
-    """Prompts sampled together by one generator call."""
-
-    id: int
-    items: list[PromptItem]
-    n: int  # samples per prompt
-    greedy: bool = False
-    step: int = 0  # the training step it is for (0: evaluation, or a user's own use)
-    seed: int | None = None  # sampling seed (None: the actor's own random stream)
-    pinned: int | None = None  # the actor it must run on (static split)
-    actor: int | None = None  # the actor that ran it
-    info_ref: Any = None  # ObjectRef of the small summary the actor returns with it
-    version: int = -1  # weight version that sampled it
-    submitted_s: float = 0.0
-    finished_s: float = 0.0
-    done: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)  # a caller's own bookkeeping
-    # sampled by a dispatcher (rollout.dispatch_group): its run, its place in the run's list
-    # of batches, and the first of its rows in the run's joined scores (None: not scored)
-    run: DispatchRun | None = None
-    position: int = -1
-    score_row: int | None = None
-    _ref: Any = field(default=None, repr=False)
-
-    @property
-    def rows(self) -> int:
-        return len(self.items) * self.n
-
-    @property
-    def ref(self) -> Any:
-        """ObjectRef of its RolloutBatch (a dispatcher's chunk: fetched from its run's list
-        on first use; the trainer's own path never needs it)."""
-        if self._ref is None and self.run is not None:
-            self._ref = self.run.batch_refs()[self.position]
-        return self._ref
-
-    @ref.setter
-    def ref(self, value: Any) -> None:
-        self._ref = value
-
-
-@dataclass
-class DispatchRun:
-    """What one dispatcher run returned: the ref of its batches' refs (owned by the driver:
-    the dispatcher's second return value) and the ref of its joined scores."""
-
-    batches: Any
-    scores: Any
-    timeout_s: float
-    _refs: list[Any] | None = None
-
-    def batch_refs(self) -> list[Any]:
-        if self._refs is None:
-            self._refs = get(self.batches, "dispatcher run's batches", self.timeout_s)
-        return self._refs
 
 
 class GeneratorPool(ActorPool):
@@ -516,43 +458,4 @@ class GeneratorPool(ActorPool):
         self.gather("sleep" if asleep else "wake_up")
 
 
-def split(items: list[Any], n: int) -> list[list[Any]]:
-    """n contiguous, nearly equal parts (the first ones one longer)."""
-    k, extra = divmod(len(items), n)
-    out, start = [], 0
-    for i in range(n):
-        end = start + k + (1 if i < extra else 0)
-        out.append(items[start:end])
-        start = end
-    return out
-
-
-__all__ = ["Chunk", "Future", "GeneratorPool", "split"]
-
-
-def dispatch_runs(chunks: Sequence[Chunk]) -> tuple[list[Any], dict[int, int]]:
-    """The dispatcher runs of ``chunks``, each once in order of first use, and id(run) ->
-    its index in that list."""
-    index: dict[int, int] = {}
-    runs = []
-    for c in chunks:
-        if id(c.run) not in index:
-            index[id(c.run)] = len(runs)
-            runs.append(c.run)
-    return runs, index
-
-
-def run_scores(chunks: Sequence[Chunk], what: str, timeout_s: float) -> ScoredShard:
-    """The ScoredShards of ``chunks`` (each scored by its dispatcher), joined in order: one
-    object per run is fetched (its joined scores) and the rows are picked from them. Equal
-    to joining the chunks' own shards: narrowed to the widest of them."""
-    runs, index = dispatch_runs(chunks)
-    got = get([r.scores for r in runs], what, timeout_s)  # per run: (ScoredShard, widths)
-    widths = torch.tensor([w for _, run_widths in got for w in run_widths])
-    starts = torch.tensor([0] + [len(shard) for shard, _ in got]).cumsum(0).tolist()
-    first = torch.tensor([starts[index[id(c.run)]] + c.score_row for c in chunks])
-    sizes = torch.tensor([c.rows for c in chunks])
-    offsets = torch.arange(int(sizes.sum())) - (sizes.cumsum(0) - sizes).repeat_interleave(sizes)
-    rows = first.repeat_interleave(sizes) + offsets  # each chunk's rows, chunks in order
-    width = int(widths[rows].max())
-    return ScoredShard.concat([shard for shard, _ in got]).select(rows).narrow(width)
+__all__ = ["Chunk", "GeneratorPool", "split"]

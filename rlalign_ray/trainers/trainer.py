@@ -81,7 +81,9 @@ class Trainer:
         )
 
     # ---- the algorithm ----------------------------------------------------------------
-    def fit(self) -> dict[str, float]:
+    def load_data(self) -> tuple[list[PromptItem], dict[str, list[PromptItem]], dict]:
+        """The training and evaluation prompts, checked (``preflight``) and measured
+        (``data.truncation``), with their ``data/...`` statistics."""
         cfg = self.cfg
         train = _prompts("data.train", cfg.data.train, cfg.data.prompt_key)
         evals = eval_sets(cfg)
@@ -92,6 +94,11 @@ class Trainer:
             evals[name], eval_stats = prepare_data(cfg, self.topology, evals[name], key)
             infix = f"/eval_{name}_" if name else "/eval_"
             data_stats.update({k.replace("/", infix): v for k, v in eval_stats.items()})
+        return train, evals, data_stats
+
+    def fit(self) -> dict[str, float]:
+        cfg = self.cfg
+        train, evals, data_stats = self.load_data()
         fresh = not Path(cfg.trainer.output_dir).exists()  # removed if no step trains
         trained = False
         ckpt = checkpoint.prepare_run(cfg.trainer.output_dir, cfg.trainer.resume)

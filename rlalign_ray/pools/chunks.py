@@ -1,0 +1,111 @@
+"""What a generator pool hands out and gets back: chunks (a few prompts sampled by one
+actor call) and, with dispatchers (``rollout.dispatch_group``), their runs; and the plain
+functions over them (a static split, the runs of a step, their joined scores)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rlalign_ray.data.batch import PromptItem, ScoredShard
+from rlalign_ray.runtime.placement import get
+
+
+@dataclass
+class Chunk:
+    """Prompts sampled together by one generator call."""
+
+    id: int
+    items: list[PromptItem]
+    n: int  # samples per prompt
+    greedy: bool = False
+    step: int = 0  # the training step it is for (0: evaluation, or a user's own use)
+    seed: int | None = None  # sampling seed (None: the actor's own random stream)
+    pinned: int | None = None  # the actor it must run on (static split)
+    actor: int | None = None  # the actor that ran it
+    info_ref: Any = None  # ObjectRef of the small summary the actor returns with it
+    version: int = -1  # weight version that sampled it
+    submitted_s: float = 0.0
+    finished_s: float = 0.0
+    done: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # a caller's own bookkeeping
+    # sampled by a dispatcher (rollout.dispatch_group): its run, its place in the run's list
+    # of batches, and the first of its rows in the run's joined scores (None: not scored)
+    run: DispatchRun | None = None
+    position: int = -1
+    score_row: int | None = None
+    _ref: Any = field(default=None, repr=False)
+
+    @property
+    def rows(self) -> int:
+        return len(self.items) * self.n
+
+    @property
+    def ref(self) -> Any:
+        """ObjectRef of its RolloutBatch (a dispatcher's chunk: fetched from its run's list
+        on first use; the trainer's own path never needs it)."""
+        if self._ref is None and self.run is not None:
+            self._ref = self.run.batch_refs()[self.position]
+        return self._ref
+
+    @ref.setter
+    def ref(self, value: Any) -> None:
+        self._ref = value
+
+
+@dataclass
+class DispatchRun:
+    """What one dispatcher run returned: the ref of its batches' refs (owned by the driver:
+    the dispatcher's second return value) and the ref of its joined scores."""
+
+    batches: Any
+    scores: Any
+    timeout_s: float
+    _refs: list[Any] | None = None
+
+    def batch_refs(self) -> list[Any]:
+        if self._refs is None:
+            self._refs = get(self.batches, "dispatcher run's batches", self.timeout_s)
+        return self._refs
+
+
+def split(items: list[Any], n: int) -> list[list[Any]]:
+    """n contiguous, nearly equal parts (the first ones one longer)."""
+    k, extra = divmod(len(items), n)
+    out, start = [], 0
+    for i in range(n):
+        end = start + k + (1 if i < extra else 0)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+def dispatch_runs(chunks: Sequence[Chunk]) -> tuple[list[Any], dict[int, int]]:
+    """The dispatcher runs of ``chunks``, each once in order of first use, and id(run) ->
+    its index in that list."""
+    index: dict[int, int] = {}
+    runs = []
+    for c in chunks:
+        if id(c.run) not in index:
+            index[id(c.run)] = len(runs)
+            runs.append(c.run)
+    return runs, index
+
+
+def run_scores(chunks: Sequence[Chunk], what: str, timeout_s: float) -> ScoredShard:
+    """The ScoredShards of ``chunks`` (each scored by its dispatcher), joined in order: one
+    object per run is fetched (its joined scores) and the rows are picked from them. Equal
+    to joining the chunks' own shards: narrowed to the widest of them."""
+    runs, index = dispatch_runs(chunks)
+    got = get([r.scores for r in runs], what, timeout_s)  # per run: (ScoredShard, widths)
+    widths = torch.tensor([w for _, run_widths in got for w in run_widths])
+    starts = torch.tensor([0] + [len(shard) for shard, _ in got]).cumsum(0).tolist()
+    first = torch.tensor([starts[index[id(c.run)]] + c.score_row for c in chunks])
+    sizes = torch.tensor([c.rows for c in chunks])
+    offsets = torch.arange(int(sizes.sum())) - (sizes.cumsum(0) - sizes).repeat_interleave(sizes)
+    rows = first.repeat_interleave(sizes) + offsets  # each chunk's rows, chunks in order
+    width = int(widths[rows].max())
+    return ScoredShard.concat([shard for shard, _ in got]).select(rows).narrow(width)
