@@ -441,7 +441,8 @@ class GeneratorPool(ActorPool):
         if ref_logprobs is None and chunks and all(c.run is not None for c in chunks):
             runs, index = dispatch_runs(chunks)
             picks = Picks([(index[id(c.run)], c.position) for c in chunks], len(runs))
-            return Experience([r.batches for r in runs], rows, scores, None, stats, picks=picks)
+            runs_ = [r.batches for r in runs]
+            return Experience([], rows, scores, None, stats, runs=runs_, picks=picks)
         return Experience([c.ref for c in chunks], rows, scores, ref_logprobs, stats)
 
     def abandon(self) -> list[Chunk]:

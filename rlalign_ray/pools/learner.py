@@ -1,7 +1,7 @@
 """The learner and critic groups: DeepSpeed data-parallel ranks, one actor each.
 
-    exp = Experience(shards, None, scores, ref_logprobs)     # refs of the step's batches
-    fut = learner.update(exp, advantages, kl_coef, step)     # a Future of the metrics
+    exp = Experience(shards, None, scores, ref_logprobs, advantages=adv)  # refs + small data
+    fut = learner.update(exp, kl_coef, step)                 # a Future of the metrics
     ...                                                      # generate meanwhile
     metrics = fut.result()
 
@@ -25,25 +25,37 @@ from rlalign_ray.runtime.dispatch import Picks
 from rlalign_ray.runtime.placement import get
 
 
-@dataclass
+@dataclass(frozen=True)
 class Experience:
-    """One step's samples as the driver holds them: refs to token batches, small scores."""
+    """One step's samples as the driver holds them: refs to the token batches (which never
+    pass through the driver), the small per-row data, and what the update needs. Every
+    field has one meaning; a step's Experience is never changed in place (the trainer
+    adds the advantages with ``dataclasses.replace``)."""
 
-    shards: list[Any]  # ObjectRefs of RolloutBatch, in a fixed order (with picks: see there)
+    shards: list[Any]  # ObjectRefs of RolloutBatch, in a fixed order ([] with ``runs``)
     rows: torch.Tensor | None  # rows of the joined shards that form the batch (None: all)
     scores: ScoredShard  # outcome of those rows
     ref_logprobs: list[Any] | None  # ObjectRefs of (B_i, T_i) reference log-probs per shard
     stats: dict[str, float] = field(default_factory=dict)
-    # from dispatchers: ``shards`` are the runs' lists of batch refs, and the batch's i-th
-    # shard is ``shards[r]``'s list at position p, (r, p) = picks.picks[i]
+    advantages: torch.Tensor | None = None  # (B, T), or (B,) one value per row
+    returns: torch.Tensor | None = None  # (B, T) the critic's targets (PPO)
+    values: torch.Tensor | None = None  # (B, T) the critic's values they came with (PPO)
+    # sampled by dispatchers: ObjectRefs of their runs' lists of batch refs, and where the
+    # batch's shards are in them (shard i is runs[r]'s list at position p, (r, p) =
+    # picks.picks[i]); only learner rank 0 opens them
+    runs: list[Any] | None = None
     picks: Picks | None = None
 
     def batch_refs(self, timeout_s: float) -> list[Any]:
         """ObjectRefs of the shards' RolloutBatches, in order (fetching runs' lists)."""
         if self.picks is None:
             return list(self.shards)
-        lists = get(list(self.shards), "dispatcher runs' batches", timeout_s)
+        lists = get(list(self.runs), "dispatcher runs' batches", timeout_s)
         return self.picks.select(lists)
+
+    def sources(self) -> list[Any]:
+        """What the learner's rank 0 cuts the ranks' rows from: the shards, or the runs."""
+        return list(self.runs) if self.picks is not None else list(self.shards)
 
 
 class DeepSpeedGroup(ActorPool):
@@ -91,7 +103,7 @@ class DeepSpeedGroup(ActorPool):
         self.check_split(len(exp.scores))
         rows = split_rows(len(exp.scores), len(self.actors), self.cfg.run.seed, step)
         return rows, split_for_ranks(
-            self.actors[0], exp.shards, exp.rows, ref_logprobs, rows, exp.picks
+            self.actors[0], exp.sources(), exp.rows, ref_logprobs, rows, exp.picks
         )
 
     def save(self, path: str, merged: bool = False) -> None:
@@ -123,21 +135,17 @@ class LearnerGroup(DeepSpeedGroup):
     role = "learner"
 
     def update(
-        self,
-        exp: Experience,
-        advantages: torch.Tensor,
-        kl_coef: float,
-        step: int,
-        per_sequence: bool = False,
+        self, exp: Experience, kl_coef: float, step: int, per_sequence: bool = False
     ) -> Future:
-        """One policy update on ``exp``; a Future of rank 0's metrics (``train/...``).
-
-        advantages: (B, T), or (B,) one value per row; with ``per_sequence`` a (B, T)
-            tensor holding one value per row travels as (B,).
-        Reference log-probs go with the rows unless the KL is in the reward.
-        """
+        """One policy update on ``exp`` with its ``advantages``; a Future of rank 0's
+        metrics (``train/...``). With ``per_sequence``, (B, T) advantages holding one value
+        per row travel as (B,). Reference log-probs go with the rows unless the KL is in
+        the reward."""
+        if exp.advantages is None:
+            raise ValueError(f"{self.name}.update: the Experience has no advantages")
         refs = None if self.cfg.algorithm.kl_in_reward else exp.ref_logprobs
         rows, parts = self.parts(exp, step, refs)
+        advantages = exp.advantages
         if per_sequence and advantages.dim() == 2:
             first = exp.scores.response_mask.argmax(1, keepdim=True)  # a token of each row
             advantages = advantages.gather(1, first).squeeze(1)
@@ -170,13 +178,15 @@ class CriticGroup(DeepSpeedGroup):
         calls = [c.values.remote(p) for c, p in zip(self.actors, parts)]
         return Future(calls, f"{self.name} values", join)
 
-    def update(
-        self, exp: Experience, returns: torch.Tensor, values: torch.Tensor, step: int
-    ) -> Future:
-        """One value update on ``exp``'s rows (after ``values(exp, step)``)."""
+    def update(self, exp: Experience, step: int) -> Future:
+        """One value update on ``exp``'s rows towards its ``returns``, from the ``values``
+        they came with (after ``values(exp, step)``, on the same batch)."""
         held, parts = getattr(self, "_parts", {}).pop(step, (None, None))
-        if held is not exp:
+        if held is None or held.shards != exp.shards or held.runs != exp.runs:
             raise ValueError(f"{self.name}.update: call values(exp, step) for this step first")
+        if exp.returns is None or exp.values is None:
+            raise ValueError(f"{self.name}.update: the Experience has no returns and values")
+        returns, values = exp.returns, exp.values
         rows = split_rows(len(exp.scores), len(self.actors), self.cfg.run.seed, step)
         calls = [
             c.train_step.remote(p, packed(returns[k]), packed(values[k]), step)

@@ -27,6 +27,7 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -172,9 +173,10 @@ class Trainer:
             logger.log_completions(step, rows)
         # 4. advantages (and the critic's returns)
         adv, returns, values, stats = self.advantages(exp, step)
+        exp = replace(exp, advantages=adv, returns=returns, values=values)
         # 5. update the policy (and the critic); generation goes on meanwhile
         t = time.perf_counter()
-        metrics = self.learn(exp, adv, returns, values, step)
+        metrics = self.learn(exp, step)
         metrics["time/train_s"] = time.perf_counter() - t
         # 6. publish the new weights (k = 0: every generator loads them now)
         t = time.perf_counter()
@@ -290,17 +292,14 @@ class Trainer:
     def learn(
         self,
         exp: Experience,
-        adv: torch.Tensor,
-        returns: torch.Tensor | None,
-        values: torch.Tensor | None,
         step: int,
     ) -> dict[str, float]:
         """Policy (and critic) updates, run together; chunks keep landing meanwhile."""
         self.generators_sleep(True)
         per_sequence = ADVANTAGE_ESTIMATORS[self.cfg.algorithm.name].per_sequence
-        policy = self.pools["learner"].update(exp, adv, self.kl_ctl.value, step, per_sequence)
+        policy = self.pools["learner"].update(exp, self.kl_ctl.value, step, per_sequence)
         critic = (
-            self.pools["critic"].update(exp, returns, values, step)
+            self.pools["critic"].update(exp, step)
             if "critic" in self.pools
             else None
         )
