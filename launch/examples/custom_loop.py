@@ -25,7 +25,7 @@ import ray
 import torch
 
 from rlalign_ray.algorithms import outcome_advantages
-from rlalign_ray.config import Placement, Resources, RewardConfig, load_config
+from rlalign_ray.config import Config, Placement, Resources, RewardConfig, load_config
 from rlalign_ray.data.batch import RolloutBatch, ScoredShard
 from rlalign_ray.data.prompts import PromptSampler, load_prompts
 from rlalign_ray.pools import (
@@ -66,11 +66,38 @@ class LengthJudge:
 
 
 def main() -> None:
+    args = parse_args()
+    cfg = demo_config()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sampler = PromptSampler(load_prompts(cfg.data.train, cfg.data.prompt_key), cfg.run.seed)
+    gen, rewards, judge, learner = make_pools(cfg)
+
+    with launch(cfg.run, gen, rewards, judge, learner), open(out / "metrics.jsonl", "w") as log:
+        for pool in (rewards, judge, learner):
+            print(f"pool {pool.name}: {pool.spec.cls.__name__}, {where(pool)}")
+        sync = WeightSync(cfg.sync, cfg.generator_dtype, learner, gen)
+        sync.setup()
+        for step in range(1, args.steps + 1):
+            row = train_step(cfg, step, sampler, gen, rewards, judge, learner, sync)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+    print(
+        f"custom loop: {args.steps} steps, correct {row['reward/correct']:.3f}, "
+        f"brevity {row['reward/brevity']:.3f}, loss {row['train/loss']:.4f}"
+    )
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--output-dir", default="runs/custom_loop")
-    args = p.parse_args()
-    cfg = load_config(
+    return p.parse_args()
+
+
+def demo_config() -> Config:
+    """The CPU demo config, made small: no KL term, 8 prompts a step, arithmetic data."""
+    return load_config(
         REPO / "configs/demo_cpu.yaml",
         [
             "algorithm.kl_coef=0",  # no KL term: no reference pool
@@ -82,10 +109,10 @@ def main() -> None:
             f"data.eval={REPO / 'configs/data/arith_eval.jsonl'}",
         ],
     )
-    r, out = cfg.rollout, Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sampler = PromptSampler(load_prompts(cfg.data.train, cfg.data.prompt_key), cfg.run.seed)
 
+
+def make_pools(cfg: Config) -> tuple[GeneratorPool, RewardPool, RewardPool, LearnerGroup]:
+    """The generator pool, the two reward pools and the learner group (not started yet)."""
     gen = GeneratorPool(cfg)
     rewards = RewardPool(cfg)  # the configured rewards, in a placement group of its own
     judge = RewardPool(
@@ -96,50 +123,50 @@ def main() -> None:
         placement=Placement(colocate_with="learner"),  # shares the learner's bundle
     )
     learner = LearnerGroup(cfg)
+    return gen, rewards, judge, learner
 
-    with launch(cfg.run, gen, rewards, judge, learner), open(out / "metrics.jsonl", "w") as log:
-        for pool in (rewards, judge, learner):
-            print(f"pool {pool.name}: {pool.spec.cls.__name__}, {where(pool)}")
-        sync = WeightSync(cfg.sync, cfg.generator_dtype, learner, gen)
-        sync.setup()
-        for step in range(1, args.steps + 1):
-            t0 = time.perf_counter()
-            # 1. generate: chunks of 2 prompts, pulled by idle generators
-            chunks = gen.chunks(
-                sampler.next(r.prompts_per_step), r.n_samples, step=step, chunk_size=2, seed=step
-            )
-            # 2. score every chunk on both reward pools as it lands (refs: no tokens here)
-            scored, judged = {}, {}
-            for c in gen.as_completed(chunks):
-                scored[c.id], judged[c.id] = rewards.score(c.ref), judge.score(c.ref)
-            s = ScoredShard.concat(get([scored[c.id] for c in chunks], "reward pool"))
-            b = ScoredShard.concat(get([judged[c.id] for c in chunks], "judge pool"))
-            total = WEIGHTS["correct"] * s.scores + WEIGHTS["brevity"] * b.scores
-            # 3. GRPO advantages over each prompt's n samples
-            groups = torch.arange(len(total)) // r.n_samples
-            adv = outcome_advantages("grpo", total, groups, s.response_mask)
-            # 4. update the policy on the chunks' batches (in request order), then sync
-            exp = Experience(
-                [c.ref for c in chunks], None, dataclasses.replace(s, scores=total), None
-            )
-            metrics = learner.update(exp, adv, 0.0, step, per_sequence=True).result()
-            synced = sync.sync(step)  # every generator now samples with version `step`
-            row = {
-                "step": step,
-                "reward/correct": float(s.scores.mean()),
-                "reward/brevity": float(b.scores.mean()),
-                "reward/total": float(total.mean()),
-                **metrics,
-                "weights/version": step,
-                "weights/bytes": synced,
-                "time/step_s": time.perf_counter() - t0,
-            }
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-    print(
-        f"custom loop: {args.steps} steps, correct {row['reward/correct']:.3f}, "
-        f"brevity {row['reward/brevity']:.3f}, loss {row['train/loss']:.4f}"
+
+def train_step(
+    cfg: Config,
+    step: int,
+    sampler: PromptSampler,
+    gen: GeneratorPool,
+    rewards: RewardPool,
+    judge: RewardPool,
+    learner: LearnerGroup,
+    sync: WeightSync,
+) -> dict:
+    """One step: generate, score, advantages, update, sync; returns its metrics row."""
+    r = cfg.rollout
+    t0 = time.perf_counter()
+    # 1. generate: chunks of 2 prompts, pulled by idle generators
+    chunks = gen.chunks(
+        sampler.next(r.prompts_per_step), r.n_samples, step=step, chunk_size=2, seed=step
     )
+    # 2. score every chunk on both reward pools as it lands (refs: no tokens here)
+    scored, judged = {}, {}
+    for c in gen.as_completed(chunks):
+        scored[c.id], judged[c.id] = rewards.score(c.ref), judge.score(c.ref)
+    s = ScoredShard.concat(get([scored[c.id] for c in chunks], "reward pool"))
+    b = ScoredShard.concat(get([judged[c.id] for c in chunks], "judge pool"))
+    total = WEIGHTS["correct"] * s.scores + WEIGHTS["brevity"] * b.scores
+    # 3. GRPO advantages over each prompt's n samples
+    groups = torch.arange(len(total)) // r.n_samples
+    adv = outcome_advantages("grpo", total, groups, s.response_mask)
+    # 4. update the policy on the chunks' batches (in request order), then sync
+    exp = Experience([c.ref for c in chunks], None, dataclasses.replace(s, scores=total), None)
+    metrics = learner.update(exp, adv, 0.0, step, per_sequence=True).result()
+    synced = sync.sync(step)  # every generator now samples with version `step`
+    return {
+        "step": step,
+        "reward/correct": float(s.scores.mean()),
+        "reward/brevity": float(b.scores.mean()),
+        "reward/total": float(total.mean()),
+        **metrics,
+        "weights/version": step,
+        "weights/bytes": synced,
+        "time/step_s": time.perf_counter() - t0,
+    }
 
 
 def where(pool: ActorPool) -> str:

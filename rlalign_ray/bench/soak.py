@@ -222,17 +222,17 @@ def window_growth(values: list[float], base_index: int, window: int) -> dict[str
     return {"base": base, "end": end, "growth": (end - base) / base if base else 0.0}
 
 
-def summarize(
-    samples: list[dict[str, Any]], base_step: int, window: int, limit: float, store_floor: float
-) -> dict[str, Any]:
-    steps = [s["step"] for s in samples]
-    base_index = min(range(len(steps)), key=lambda i: abs(steps[i] - base_step))
-    keys = list(samples[0]["rss"])
-    per_actor = {
-        k: window_growth([float(s["rss"][k]) for s in samples], base_index, window) for k in keys
-    }
+def role_rows(
+    samples: list[dict[str, Any]],
+    per_actor: dict[str, dict[str, float]],
+    base_index: int,
+    window: int,
+    limit: float,
+) -> list[dict[str, Any]]:
+    """One row per role (actor key ``role/index``): growth of the mean RSS over the role's
+    actors; the row passes when its worst actor's growth is within ``limit``."""
     roles: dict[str, list[str]] = {}
-    for k in keys:
+    for k in per_actor:
         roles.setdefault(k.split("/")[0], []).append(k)
     rows = []
     for role, ks in roles.items():
@@ -249,31 +249,57 @@ def summarize(
                 "pass": worst <= limit,
             }
         )
+    return rows
+
+
+def store_row(
+    samples: list[dict[str, Any]], base_index: int, window: int, limit: float, store_floor: float
+) -> dict[str, Any]:
+    """The object store's row: judged on growth above a base of ``store_floor`` MiB, below
+    it on absolute growth (at most ``store_floor`` MiB)."""
     store = window_growth([float(s["store"]["used"]) for s in samples], base_index, window)
     judged = store["base"] >= store_floor * 2**20
-    rows.append(
-        {
-            "series": "object store used",
-            "base_mb": store["base"] / 2**20,
-            "end_mb": store["end"] / 2**20,
-            "growth": store["growth"],
-            "worst_actor": store["growth"],
-            "pass": store["growth"] <= limit
-            if judged
-            else store["end"] - store["base"] <= store_floor * 2**20,
-        }
-    )
+    return {
+        "series": "object store used",
+        "base_mb": store["base"] / 2**20,
+        "end_mb": store["end"] / 2**20,
+        "growth": store["growth"],
+        "worst_actor": store["growth"],
+        "pass": store["growth"] <= limit
+        if judged
+        else store["end"] - store["base"] <= store_floor * 2**20,
+    }
+
+
+def refs_row(
+    samples: list[dict[str, Any]], base_index: int, window: int, limit: float
+) -> dict[str, Any]:
+    """The driver's object-ref count row (counts, not MB): passes within ``limit`` or 10 refs."""
     refs = window_growth([float(s["driver_refs"]) for s in samples], base_index, window)
-    rows.append(
-        {
-            "series": "driver object refs",
-            "base_mb": refs["base"],
-            "end_mb": refs["end"],
-            "growth": refs["growth"],
-            "worst_actor": refs["growth"],
-            "pass": refs["end"] <= max(refs["base"] * (1 + limit), refs["base"] + 10),
-        }
-    )
+    return {
+        "series": "driver object refs",
+        "base_mb": refs["base"],
+        "end_mb": refs["end"],
+        "growth": refs["growth"],
+        "worst_actor": refs["growth"],
+        "pass": refs["end"] <= max(refs["base"] * (1 + limit), refs["base"] + 10),
+    }
+
+
+def summarize(
+    samples: list[dict[str, Any]], base_step: int, window: int, limit: float, store_floor: float
+) -> dict[str, Any]:
+    steps = [s["step"] for s in samples]
+    base_index = min(range(len(steps)), key=lambda i: abs(steps[i] - base_step))
+    per_actor = {
+        k: window_growth([float(s["rss"][k]) for s in samples], base_index, window)
+        for k in samples[0]["rss"]
+    }
+    rows = [
+        *role_rows(samples, per_actor, base_index, window, limit),
+        store_row(samples, base_index, window, limit, store_floor),
+        refs_row(samples, base_index, window, limit),
+    ]
     names = sorted({n for s in samples for n in s.get("system", {})})
     system = {
         n: window_growth([float(s["system"].get(n, 0)) for s in samples], base_index, window)

@@ -71,64 +71,71 @@ def memcpy_seconds(
     return min(times[1:])
 
 
-def run(args) -> dict:
+class CopyBaseline:
+    """The best in-process copy times seen over the whole run: torch's default threads
+    (``memcpy_s``) and one thread (``one_thread_s``)."""
+
+    def __init__(self, src: list[torch.Tensor], dst: list[torch.Tensor], repeat: int):
+        self.src, self.dst, self.repeat = src, dst, repeat
+        self.memcpy_s = memcpy_seconds(src, dst, repeat)
+        self.one_thread_s = memcpy_seconds(src, dst, repeat, threads=1)
+
+    def measure(self) -> None:
+        """Time both copies again, keeping the best seen."""
+        self.memcpy_s = min(self.memcpy_s, memcpy_seconds(self.src, self.dst, self.repeat))
+        self.one_thread_s = min(
+            self.one_thread_s, memcpy_seconds(self.src, self.dst, self.repeat, 1)
+        )
+
+
+def start_actors(path: str, dtype: str, count: int) -> tuple:
+    """The sender (a ``ModelSource``) and ``count`` generators, 1 CPU each, once ready."""
     import ray
 
-    from rlalign_ray.config import ModelConfig, Resources, RolloutConfig, RunConfig, SyncConfig
-    from rlalign_ray.models.loading import load_causal_lm
+    from rlalign_ray.config import ModelConfig, Resources, RolloutConfig
     from rlalign_ray.rollout.generator import Generator
-    from rlalign_ray.runtime.cluster import connect
+
+    source = ray.remote(num_cpus=1)(ModelSource).remote(path)
+    rollout = RolloutConfig(dtype=dtype, resources=Resources(num_cpus=1))
+    gens = [
+        ray.remote(num_cpus=1)(Generator).remote(ModelConfig(path=path), rollout, 0, i)
+        for i in range(count)
+    ]
+    ray.get([g.ping.remote() for g in gens])
+    return source, gens
+
+
+def time_setting(args, transport: str, source, gens: list, version: int) -> tuple[dict, int, int]:
+    """Time ``args.repeat`` syncs (after ``args.warmup`` untimed ones) over ``transport`` to
+    ``gens``, publishing versions after ``version``: the result row (best and median
+    seconds, GB/s), the bytes a sync moves, and the last version published."""
+    from rlalign_ray.config import SyncConfig
     from rlalign_ray.sync.weight_sync import WeightSync
 
-    path = bench_model(args)
-    receivers = parse_list(args.receivers, int)
-    transports = parse_list(args.transport)
-    src = [p.detach() for p in load_causal_lm(path, "float32").parameters()]
-    dst = [torch.empty_like(t, dtype=getattr(torch, args.dtype)).copy_(t) for t in src]
-    memcpy_s = memcpy_seconds(src, dst, args.repeat)
-    one_thread_s = memcpy_seconds(src, dst, args.repeat, threads=1)
-    started = connect(RunConfig(), max(receivers) + 1)
-    try:
-        source = ray.remote(num_cpus=1)(ModelSource).remote(path)
-        rollout = RolloutConfig(dtype=args.dtype, resources=Resources(num_cpus=1))
-        gens = [
-            ray.remote(num_cpus=1)(Generator).remote(ModelConfig(path=path), rollout, 0, i)
-            for i in range(max(receivers))
-        ]
-        ray.get([g.ping.remote() for g in gens])
-        results, version = [], 0
-        for transport in transports:
-            for n in receivers:
-                cfg = SyncConfig(transport=transport, bucket_mb=args.bucket_mb, timeout_s=600)
-                sync = WeightSync(cfg, args.dtype, [source], gens[:n])
-                plan = sync.setup()
-                times = []
-                for _ in range(args.warmup + args.repeat):
-                    version += 1
-                    t0 = time.perf_counter()
-                    sync.sync(version)
-                    times.append(time.perf_counter() - t0)
-                times = times[args.warmup :]
-                best = min(times)
-                memcpy_s = min(memcpy_s, memcpy_seconds(src, dst, args.repeat))
-                one_thread_s = min(one_thread_s, memcpy_seconds(src, dst, args.repeat, 1))
-                results.append(
-                    {
-                        "transport": transport,
-                        "receivers": n,
-                        "buckets": len(plan.buckets),
-                        "seconds": best,
-                        "median_s": statistics.median(times),
-                        "GB/s": plan.num_bytes / best / 1e9,
-                    }
-                )
-        for r in results:  # against the best copy seen in the whole run
-            r["ratio_vs_memcpy"] = memcpy_s / r["seconds"]
-            r["ratio_vs_1thread"] = one_thread_s / r["seconds"]
-        nbytes = plan.num_bytes
-    finally:
-        if started:
-            ray.shutdown()
+    cfg = SyncConfig(transport=transport, bucket_mb=args.bucket_mb, timeout_s=600)
+    sync = WeightSync(cfg, args.dtype, [source], gens)
+    plan = sync.setup()
+    times = []
+    for _ in range(args.warmup + args.repeat):
+        version += 1
+        t0 = time.perf_counter()
+        sync.sync(version)
+        times.append(time.perf_counter() - t0)
+    times = times[args.warmup :]
+    best = min(times)
+    row = {
+        "transport": transport,
+        "receivers": len(gens),
+        "buckets": len(plan.buckets),
+        "seconds": best,
+        "median_s": statistics.median(times),
+        "GB/s": plan.num_bytes / best / 1e9,
+    }
+    return row, plan.num_bytes, version
+
+
+def report(args, nbytes: int, copies: CopyBaseline, results: list[dict]) -> None:
+    memcpy_s, one_thread_s = copies.memcpy_s, copies.one_thread_s
     print_table(
         f"bench weights: {nbytes / 1e6:.0f} MB in {args.dtype}, buckets of {args.bucket_mb:g} MiB; "
         f"in-process copy {memcpy_s:.4f}s ({nbytes / memcpy_s / 1e9:.1f} GB/s; one thread "
@@ -146,9 +153,40 @@ def run(args) -> dict:
             "ratio_vs_1thread",
         ],
     )
+
+
+def run(args) -> dict:
+    import ray
+
+    from rlalign_ray.config import RunConfig
+    from rlalign_ray.models.loading import load_causal_lm
+    from rlalign_ray.runtime.cluster import connect
+
+    path = bench_model(args)
+    receivers = parse_list(args.receivers, int)
+    transports = parse_list(args.transport)
+    src = [p.detach() for p in load_causal_lm(path, "float32").parameters()]
+    dst = [torch.empty_like(t, dtype=getattr(torch, args.dtype)).copy_(t) for t in src]
+    copies = CopyBaseline(src, dst, args.repeat)
+    started = connect(RunConfig(), max(receivers) + 1)
+    try:
+        source, gens = start_actors(path, args.dtype, max(receivers))
+        results, version = [], 0
+        for transport in transports:
+            for n in receivers:
+                row, nbytes, version = time_setting(args, transport, source, gens[:n], version)
+                copies.measure()
+                results.append(row)
+        for r in results:  # against the best copy seen in the whole run
+            r["ratio_vs_memcpy"] = copies.memcpy_s / r["seconds"]
+            r["ratio_vs_1thread"] = copies.one_thread_s / r["seconds"]
+    finally:
+        if started:
+            ray.shutdown()
+    report(args, nbytes, copies, results)
     return {
-        "memcpy_s": memcpy_s,
-        "memcpy_1thread_s": one_thread_s,
+        "memcpy_s": copies.memcpy_s,
+        "memcpy_1thread_s": copies.one_thread_s,
         "bytes": nbytes,
         "bucket_mb": args.bucket_mb,
         "dtype": args.dtype,

@@ -11,8 +11,9 @@ publish and receive running at the same time.
 - ``SharedMemoryTransport``: a shared-memory segment on learner rank 0's node with two
   slots used in turn; ``send`` casts a bucket into the next slot, and a generator on that
   node points its parameters at the slot (HF backend: no copy) or copies from it (vLLM).
-- ``CudaIpcTransport``: generators that share a learner rank's GPU open that rank's GPU
-  buffer of the bucket through CUDA IPC and load from it (colocated layouts).
+- ``CudaIpcTransport`` (``sync/cuda_ipc.py``): generators that share a learner rank's GPU
+  open that rank's GPU buffer of the bucket through CUDA IPC and load from it (colocated
+  layouts). ``make_transport`` imports it when a plan asks for it.
 - ``CollectiveTransport``: a process group of its own (gloo or NCCL) between learner rank 0
   and every generator, built from a TCPStore hosted by rank 0: never the default group,
   so DeepSpeed's group and whatever vLLM sets up in a generator stay untouched. Buckets
@@ -408,60 +409,6 @@ class CollectiveTransport(WeightTransport):
         self._load(handle, backend, unflatten(flat, bucket))
 
 
-class CudaIpcTransport(WeightTransport):
-    """Generators that share a learner rank's GPU (``placement.colocate_with: learner``)
-    read that rank's weights through CUDA IPC: the rank copies a bucket into a GPU buffer
-    and publishes its IPC handle; the generator opens it, on the same GPU, and loads from
-    it in place (no host memory, no NCCL, which refuses two ranks on one GPU). Each learner
-    rank serves the generators on its own GPU (``plan.owners``), so a colocated layout of
-    N ranks and N generators syncs in parallel. A rank keeps each bucket's buffer until it
-    publishes the next version of it (the driver waits for every generator to hold a
-    version before the next starts)."""
-
-    name = "cuda_ipc"
-
-    def __init__(self, plan: SyncPlan):
-        super().__init__(plan)
-        self.live: dict[int, torch.Tensor] = {}  # bucket -> the buffer its handle points at
-        self.owner = 0
-
-    def connect(self, address: Any, rank: int) -> None:
-        super().connect(address, rank)
-        if rank:
-            self.owner = self.plan.owners[rank - 1]
-
-    def close(self) -> None:
-        self.live = {}
-
-    def send(self, bucket: int, tensors: Sequence[torch.Tensor]) -> Any:
-        from torch.multiprocessing.reductions import reduce_tensor
-
-        spec = self.plan.buckets[bucket]
-        device = tensors[0].device
-        if device.type != "cuda":
-            raise WeightSyncError(
-                "cuda_ipc weight sync: a learner rank holds its weights on "
-                f"{device}, not a GPU; use sync.transport: auto"
-            )
-        self.live.pop(bucket, None)  # every generator holds the version it belonged to
-        flat = torch.empty(spec.numel, dtype=self.plan.torch_dtype, device=device)
-        self.live[bucket] = flatten_into(flat, spec, tensors)
-        return reduce_tensor(self.live[bucket])
-
-    def receive(self, handle: WeightHandle, backend: Any) -> None:
-        rebuild, args = self._published(handle, "get", self.owner)
-        try:
-            flat = rebuild(*args)
-        except RuntimeError as e:
-            raise self._error(
-                f"open learner rank {self.owner}'s CUDA IPC buffer (is this generator on the "
-                "same GPU?)",
-                e,
-            ) from None
-        self._load(handle, backend, unflatten(flat, self.plan.buckets[handle.bucket]))
-        del flat
-
-
 @contextmanager
 def _env(**values: str):
     """Environment variables set for the block (restored after)."""
@@ -503,9 +450,14 @@ TRANSPORTS: dict[str, type[WeightTransport]] = {
     "object_store": ObjectStoreTransport,
     "collective": CollectiveTransport,
     "shared_memory": SharedMemoryTransport,
-    "cuda_ipc": CudaIpcTransport,
 }
 
 
 def make_transport(plan: SyncPlan) -> WeightTransport:
+    if plan.transport == "cuda_ipc":
+        # imported here, not at the top (nor listed in TRANSPORTS): sync/cuda_ipc.py
+        # imports WeightTransport from this module
+        from rlalign_ray.sync.cuda_ipc import CudaIpcTransport
+
+        return CudaIpcTransport(plan)
     return TRANSPORTS[plan.transport](plan)

@@ -14,6 +14,7 @@ the full weights: a generator that missed versions holds the new one afterwards.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -282,12 +283,25 @@ class WeightSync:
             raise WeightSyncError("WeightSync.sync called before setup()")
         if self.pending is not None:
             self.pending.result()
-        calls: dict[Any, str] = {}
         # a pool with dispatchers (rollout.dispatch_group) loads through them: one call
         # per group, queued after the chunks sent to it; each returns its group's versions
         grouped = bool(getattr(self._generators, "dispatchers", None))
         loaders = self._generators.dispatchers if grouped else self.generators
         kind = "dispatcher of generators" if grouped else "generator"
+        calls = self._queue_buckets(version, loaders, kind)
+        if hasattr(self._generators, "versions"):
+            self._generators.versions = [version] * len(self.generators)
+        self.version = version
+        deadline = time.monotonic() + self.cfg.timeout_s
+        fetch = functools.partial(self._fetch, calls, version, deadline)
+        finish = functools.partial(self._finish, version, len(loaders), grouped)
+        self.pending = Future(list(calls), f"weight sync {version}", finish, fetch)
+        return self.pending
+
+    def _queue_buckets(self, version: int, loaders: list[Any], kind: str) -> dict[Any, str]:
+        """Per bucket, queue the publish on every learner rank and the load on every one of
+        ``loaders``; returns every call, labelled, the loads of the last bucket last."""
+        calls: dict[Any, str] = {}
         for b in range(len(self.plan.buckets)):
             sent = self._labelled("publish_weights", b)
             # receivers read rank 0's publish result (cuda_ipc: their own rank's), except
@@ -303,41 +317,34 @@ class WeightSync:
             loads = {g.load_weights.remote(handle): f"{kind} {i}" for i, g in enumerate(loaders)}
             calls.update(sent)
             calls.update(loads)
-        if hasattr(self._generators, "versions"):
-            self._generators.versions = [version] * len(self.generators)
-        self.version = version
-        deadline = time.monotonic() + self.cfg.timeout_s
+        return calls
 
-        def fetch() -> list[Any]:
-            self.pending = None
-            try:
-                return self._wait(calls, f"version {version}", deadline)
-            except (ActorFailure, WeightSyncError):
-                # a generator that died is replaced, and given this version (``rejoin``)
-                heal = getattr(self._generators, "heal", None)
-                if (
-                    self._rejoining
-                    or heal is None
-                    or not getattr(self._generators, "max_restarts", 0)
-                ):
-                    raise
-                if not heal():
-                    raise
-                return [version] * len(calls)
+    def _fetch(self, calls: dict[Any, str], version: int, deadline: float) -> list[Any]:
+        """Wait for a sync's calls (its Future's ``fetch``)."""
+        self.pending = None
+        try:
+            return self._wait(calls, f"version {version}", deadline)
+        except (ActorFailure, WeightSyncError):
+            # a generator that died is replaced, and given this version (``rejoin``)
+            heal = getattr(self._generators, "heal", None)
+            if self._rejoining or heal is None or not getattr(self._generators, "max_restarts", 0):
+                raise
+            if not heal():
+                raise
+            return [version] * len(calls)
 
-        def finish(values: list[Any]) -> int:
-            versions = values[-len(loads) :]
-            if grouped:
-                versions = [v for group in versions for v in group]
-            if any(v != version for v in versions):
-                raise WeightSyncError(
-                    f"{self.plan.transport} weight sync: generators report versions "
-                    f"{versions}, expected {version}; refusing to sample with stale weights"
-                )
-            return self.plan.num_bytes
-
-        self.pending = Future(list(calls), f"weight sync {version}", finish, fetch)
-        return self.pending
+    def _finish(self, version: int, loads: int, grouped: bool, values: list[Any]) -> int:
+        """A sync's result (its Future's ``finish``): the bytes sent, once the last
+        ``loads`` values (the last bucket's loads) all report ``version``."""
+        versions = values[-loads:]
+        if grouped:
+            versions = [v for group in versions for v in group]
+        if any(v != version for v in versions):
+            raise WeightSyncError(
+                f"{self.plan.transport} weight sync: generators report versions "
+                f"{versions}, expected {version}; refusing to sample with stale weights"
+            )
+        return self.plan.num_bytes
 
     def _labelled(self, method: str, *args: Any) -> dict[Any, str]:
         return {

@@ -57,8 +57,8 @@ def generator_side(model_path: str, from_learner: Any, to_learner: Any, out: Any
     from rlalign_ray.config import ModelConfig, Resources, RolloutConfig
     from rlalign_ray.models.loading import load_tokenizer
     from rlalign_ray.rollout.backend import HFBackend
+    from rlalign_ray.sync.cuda_ipc import CudaIpcTransport
     from rlalign_ray.sync.plan import WeightHandle
-    from rlalign_ray.sync.transports import CudaIpcTransport
 
     rollout = RolloutConfig(resources=Resources(num_gpus=1), dtype=DTYPE)
     backend = HFBackend(ModelConfig(path=model_path), rollout, load_tokenizer(model_path))
