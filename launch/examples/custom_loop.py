@@ -154,8 +154,9 @@ def train_step(
     groups = torch.arange(len(total)) // r.n_samples
     adv = outcome_advantages("grpo", total, groups, s.response_mask)
     # 4. update the policy on the chunks' batches (in request order), then sync
-    exp = Experience([c.ref for c in chunks], None, dataclasses.replace(s, scores=total), None)
-    metrics = learner.update(exp, adv, 0.0, step, per_sequence=True).result()
+    scores = dataclasses.replace(s, scores=total)
+    exp = Experience([c.ref for c in chunks], None, scores, None, advantages=adv)
+    metrics = learner.update(exp, 0.0, step, per_sequence=True).result()
     synced = sync.sync(step)  # every generator now samples with version `step`
     return {
         "step": step,
