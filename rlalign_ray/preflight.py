@@ -19,8 +19,12 @@ from typing import Any
 
 from rlalign_ray.config import Config
 from rlalign_ray.data.batch import PromptItem
+from rlalign_ray.data.render import PromptRenderer, prepare_prompts
+from rlalign_ray.envs.base import EnvError, env_class
 from rlalign_ray.errors import ConfigError, RewardError
-from rlalign_ray.rewards.sources import RESERVED
+from rlalign_ray.models.loading import load_tokenizer
+from rlalign_ray.rewards.sources import RESERVED, import_function
+from rlalign_ray.roles import resolve_class
 
 
 def preflight(cfg: Config, topology: Any, prompts: list[PromptItem]) -> None:
@@ -41,8 +45,6 @@ def preflight(cfg: Config, topology: Any, prompts: list[PromptItem]) -> None:
         if chat:
             check_chat_template(cfg)
     if cfg.env.path and not remote:
-        from rlalign_ray.envs.base import EnvError, env_class
-
         try:
             env_class(cfg.env.path)
         except EnvError as e:
@@ -108,8 +110,6 @@ def check_model_path(key: str, path: str, need_config: bool = True) -> None:
 
 
 def check_actor_class(key: str, path: str) -> None:
-    from rlalign_ray.roles import resolve_class
-
     try:
         cls = resolve_class(path)
     except ConfigError as e:
@@ -119,8 +119,6 @@ def check_actor_class(key: str, path: str) -> None:
 
 
 def check_chat_template(cfg: Config) -> None:
-    from rlalign_ray.models.loading import load_tokenizer
-
     path = cfg.model.tokenizer or cfg.model.path
     key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
     try:
@@ -145,8 +143,6 @@ def check_chat_template(cfg: Config) -> None:
 
 
 def check_reward_function(key: str, path: str, columns: list[str]) -> None:
-    from rlalign_ray.rewards.sources import import_function
-
     try:
         fn = import_function(path)
     except RewardError as e:
@@ -175,9 +171,6 @@ def prepare_data(
     policy's tokenizer. Skipped, returning the items unchanged, where the driver does not
     load the policy's tokenizer (a custom generator class, Ray Client); the generators then
     keep the last ``data.max_prompt_tokens`` tokens of a long prompt."""
-    from rlalign_ray.data.render import PromptRenderer, prepare_prompts
-    from rlalign_ray.models.loading import load_tokenizer
-
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or ""
     pool = topology.pools.get("generator")
     if address.startswith("ray://") or (pool is not None and pool.cls is not None):

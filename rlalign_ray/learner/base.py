@@ -18,9 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlalign_ray.checkpoint import load, rng_state, safe_checkpoint_engine, set_rng_state
 from rlalign_ray.config import Config, DeepSpeedRole
 from rlalign_ray.data.batch import RolloutBatch, packed, pad_responses
 from rlalign_ray.errors import NonFiniteError
+from rlalign_ray.learner.lora import save_merged
 from rlalign_ray.models.loading import default_device, load_tokenizer, set_threads
 from rlalign_ray.runtime.dispatch import shard_objects
 
@@ -310,8 +312,6 @@ class DeepSpeedRank:
                 return None
             self.engine.module.save_pretrained(path, safe_serialization=True)
             if merged:
-                from rlalign_ray.learner.lora import save_merged
-
                 save_merged(self.engine.module, os.path.join(path, "merged"))
         tok = load_tokenizer(
             self.cfg.model.tokenizer or self.cfg.model.path, self.cfg.model.trust_remote_code
@@ -325,16 +325,12 @@ class DeepSpeedRank:
     def save_checkpoint(self, path: str, tag: str) -> None:
         """All ranks call this: DeepSpeed writes the module, the optimizer and scheduler
         states (each rank its ZeRO shard), and each rank its random states."""
-        from rlalign_ray.checkpoint import rng_state
-
         self.engine.save_checkpoint(path, tag=tag, save_latest=False)
         torch.save(rng_state(), os.path.join(path, tag, f"rng_rank{self.rank}.pt"))
         self.all_reduce(torch.zeros(1))  # every rank's files are written when any returns
 
     def load_checkpoint(self, path: str, tag: str) -> None:
         """All ranks call this after ``setup``: the state ``save_checkpoint`` wrote."""
-        from rlalign_ray.checkpoint import load, safe_checkpoint_engine, set_rng_state
-
         safe_checkpoint_engine(self.engine)  # torch.load(weights_only=True) for every file
         loaded, _ = self.engine.load_checkpoint(
             path, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True

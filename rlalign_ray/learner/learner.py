@@ -15,6 +15,7 @@ from rlalign_ray.algorithms import (
 from rlalign_ray.config import Config
 from rlalign_ray.data.batch import RolloutBatch
 from rlalign_ray.learner.base import DeepSpeedRank
+from rlalign_ray.learner.lora import adapter_params, apply_lora, merged_sources, merged_value
 from rlalign_ray.models.loading import batch_logprobs, load_causal_lm, response_logprobs
 from rlalign_ray.sync.weight_sync import WeightSource
 
@@ -28,8 +29,6 @@ class Learner(DeepSpeedRank, WeightSource):
         model = load_causal_lm(m.path, m.dtype, m.trust_remote_code, dropout=m.keep_dropout)
         model.config.use_cache = False
         if self.lora:
-            from rlalign_ray.learner.lora import apply_lora
-
             model = apply_lora(model, self.cfg.learner.lora)
             if self.role.gradient_checkpointing:  # frozen embeddings: inputs need a grad
                 model.enable_input_require_grads()
@@ -170,23 +169,17 @@ class Learner(DeepSpeedRank, WeightSource):
         weights, whose merged values travel: ``weight_values``)."""
         if not self.lora:
             return self.engine.module.named_parameters()
-        from rlalign_ray.learner.lora import merged_sources
-
         self._lora_layers = {id(p): layer for _, p, layer in merged_sources(self.engine.module)}
         return [(n, p) for n, p, _ in merged_sources(self.engine.module)]
 
     def weight_extras(self, params):
         if not self.lora:
             return []
-        from rlalign_ray.learner.lora import adapter_params
-
         return [a for p in params for a in adapter_params(self._lora_layers.get(id(p)))]
 
     def weight_values(self, params):
         if not self.lora:
             return params
-        from rlalign_ray.learner.lora import merged_value
-
         return [merged_value(p, self._lora_layers.get(id(p))) for p in params]
 
     def get_weights(self):

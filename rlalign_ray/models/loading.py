@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rlalign_ray.algorithms import entropy_from_logits
 from rlalign_ray.data.batch import RolloutBatch
+from rlalign_ray.errors import RlalignError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,8 +63,6 @@ def default_device(num_gpus: float | None = None, key: str = "") -> torch.device
     asked = num_gpus or 0 if asked is None else asked
     if asked:
         if not torch.cuda.is_available():
-            from rlalign_ray.errors import RlalignError
-
             raise RlalignError(
                 f"{key or 'this actor'} asks for {asked:g} GPU(s), but torch in this "
                 f"process sees no CUDA device (torch {torch.__version__}, built for CUDA "

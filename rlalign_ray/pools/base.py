@@ -20,15 +20,18 @@ from dataclasses import replace
 from typing import Any
 
 from rlalign_ray.config import Config, Placement, Resources, RunConfig
-from rlalign_ray.errors import ActorFailure
+from rlalign_ray.errors import ActorFailure, ConfigError
 from rlalign_ray.roles import ROLES, role_class
+from rlalign_ray.runtime.cluster import connect, describe_cluster
 from rlalign_ray.runtime.placement import (  # noqa: F401 (part of the API)
     Future,
     RoleSpec,
+    actor_died,
     get,
     kill,
     make_actor,
     slot_node,
+    start_pools,
     wait_placed,
 )
 
@@ -142,8 +145,6 @@ class ActorPool:
         )
         slot = self.slots[index]
         if not wait_placed(slot, self.placement_timeout_s):
-            from rlalign_ray.runtime.cluster import describe_cluster
-
             raise ActorFailure(
                 f"{self.name} pool: an actor died ({self.name} {index} on {node}) and its "
                 f"placement bundle {self.spec.resources.bundle()} could not be placed again "
@@ -176,8 +177,6 @@ class ActorPool:
         """The indices of the actors that died (a ping each, all awaited together)."""
         import ray
 
-        from rlalign_ray.runtime.placement import actor_died
-
         refs = [a.ping.remote() for a in self.actors]
         ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         return [i for i, r in enumerate(refs) if actor_died(r)]
@@ -197,13 +196,9 @@ class ActorPool:
 def start(pools: Sequence[ActorPool], placement_timeout_s: float) -> None:
     """Place every pool (colocated ones share their host's bundles), start the actors, and
     call each pool's ``started``."""
-    from rlalign_ray.runtime.placement import start_pools
-
     names = [p.name for p in pools]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
-        from rlalign_ray.errors import ConfigError
-
         raise ConfigError([f"pools: names {sorted(dup)} are used twice; give each a name="])
     started = start_pools([p.spec for p in pools], placement_timeout_s)
     for p in pools:
@@ -231,8 +226,6 @@ def launch(run: RunConfig, *pools: ActorPool):
     """Connect to Ray (``run.ray_address``, ``RAY_ADDRESS``, or an embedded local
     instance), start ``pools`` together, and stop them (and an embedded Ray) on exit."""
     import ray
-
-    from rlalign_ray.runtime.cluster import connect
 
     cpus = sum(p.spec.num_actors * p.spec.resources.num_cpus for p in pools)
     started_ray = connect(run, cpus)

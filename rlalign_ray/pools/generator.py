@@ -33,7 +33,7 @@ from rlalign_ray.pools.base import ActorPool
 from rlalign_ray.pools.chunks import Chunk, DispatchRun, dispatch_runs, run_scores, split
 from rlalign_ray.pools.learner import Experience
 from rlalign_ray.runtime.dispatch import Picks, start_dispatchers
-from rlalign_ray.runtime.placement import get
+from rlalign_ray.runtime.placement import actor_died, get
 
 log = logging.getLogger(__name__)
 
@@ -299,8 +299,6 @@ class GeneratorPool(ActorPool):
         (``run.max_actor_restarts``) and queue those chunks again, first: the same prompts,
         sample indices and seed, sampled with the current weights. Returns the others (None:
         no chunk failed by a death, or restarts are off)."""
-        from rlalign_ray.runtime.placement import actor_died
-
         dead = [c for c in finished if actor_died(c.info_ref)]
         if not dead or not self.max_restarts:
             return None

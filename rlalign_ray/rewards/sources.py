@@ -27,7 +27,9 @@ from typing import Any
 import torch
 
 from rlalign_ray.config import RewardSpec
+from rlalign_ray.data.render import encode_one_bos, uses_bos
 from rlalign_ray.errors import RewardError
+from rlalign_ray.models.loading import resolve
 
 RewardFn = Callable[..., list[float]]
 RESERVED = ("prompts", "completions", "completion_ids", "trainer_state")
@@ -223,9 +225,6 @@ class ModelReward:
     def __init__(self, spec: RewardSpec, device: torch.device):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from rlalign_ray.data.render import uses_bos
-        from rlalign_ray.models.loading import resolve
-
         path = resolve(spec.path)
         self.name = spec.name or f"rm:{spec.path.rstrip('/').rpartition('/')[2]}"
         self.tok = AutoTokenizer.from_pretrained(path)
@@ -247,8 +246,6 @@ class ModelReward:
 
     @torch.no_grad()
     def __call__(self, inputs: RewardInputs) -> list[float]:
-        from rlalign_ray.data.render import encode_one_bos
-
         out: list[float] = []
         limit = getattr(self.tok, "model_max_length", 0) or 0
         ids = [encode_one_bos(self.tok, t, self.bos_id) for t in self.texts(inputs)]

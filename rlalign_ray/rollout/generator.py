@@ -10,12 +10,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from rlalign_ray.checkpoint import rng_state, set_rng_state
 from rlalign_ray.config import EnvConfig, ModelConfig, RolloutConfig
 from rlalign_ray.data.batch import PromptItem, RolloutBatch, pad_prompts
 from rlalign_ray.data.render import PromptRenderer
+from rlalign_ray.envs.host import RemoteEnvs
 from rlalign_ray.errors import ActorFailure
 from rlalign_ray.models.loading import load_tokenizer, set_threads
 from rlalign_ray.rollout.backend import SamplingParams, backend_class, cut_at_stop
+from rlalign_ray.rollout.multiturn import MultiTurnRollout, episode_return, episodes_tensors
 from rlalign_ray.sync.buckets import SyncPlan
 from rlalign_ray.sync.transports import WeightHandle, WeightTransport, make_transport
 
@@ -172,18 +175,10 @@ class Generator:
     def set_env_actors(self, actors: list[Any]) -> None:
         """Step episodes in an environment pool's actors (``pools/env.py``) instead of
         in this process."""
-        from rlalign_ray.envs.host import RemoteEnvs
-
         self.multiturn = None
         self._env_client = RemoteEnvs(self.env, actors, self.rank)
 
     def _episodes(self, items: list[PromptItem], n: int, params: SamplingParams) -> RolloutBatch:
-        from rlalign_ray.rollout.multiturn import (
-            MultiTurnRollout,
-            episode_return,
-            episodes_tensors,
-        )
-
         if self.multiturn is None:
             self.multiturn = MultiTurnRollout(
                 self.env,
@@ -240,13 +235,9 @@ class Generator:
     # ---- resumable checkpoints ----------------------------------------------------------
     def get_rng_state(self) -> dict[str, Any]:
         """This actor's random states (unseeded chunks sample from its own stream)."""
-        from rlalign_ray.checkpoint import rng_state
-
         return rng_state()
 
     def set_rng_state(self, state: dict[str, Any]) -> None:
-        from rlalign_ray.checkpoint import set_rng_state
-
         set_rng_state(state)
 
     def get_version(self) -> int:

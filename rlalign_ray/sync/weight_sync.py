@@ -24,9 +24,15 @@ import torch
 
 from rlalign_ray.config import SyncConfig
 from rlalign_ray.errors import ActorFailure, WeightSyncError
-from rlalign_ray.runtime.placement import Future
+from rlalign_ray.runtime.placement import Future, get
 from rlalign_ray.sync.buckets import SyncPlan, plan_buckets
-from rlalign_ray.sync.transports import WeightHandle, make_transport
+from rlalign_ray.sync.plan import gpu_uuid
+from rlalign_ray.sync.transports import (
+    SharedMemoryTransport,
+    WeightHandle,
+    make_transport,
+    shm_free_bytes,
+)
 
 
 class WeightSource:
@@ -190,9 +196,6 @@ class WeightSync:
     def _gpu_owners(self) -> list[int] | None:
         """Per generator, the learner rank on its GPU (-1: none); None unless learner rank
         0 and every generator hold a GPU (found by asking them for their GPUs' UUIDs)."""
-        from rlalign_ray.runtime.placement import get
-        from rlalign_ray.sync.plan import gpu_uuid
-
         actors = [*self.sources, *self.generators]
         uuids = get(
             [a.__ray_call__.remote(lambda _: gpu_uuid()) for a in actors],
@@ -244,12 +247,8 @@ class WeightSync:
             return "collective"
         import ray
 
-        from rlalign_ray.sync.transports import SharedMemoryTransport, shm_free_bytes
-
         def node(actor: Any) -> Any:
             return actor.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id())
-
-        from rlalign_ray.runtime.placement import get
 
         limit = self.cfg.timeout_s
         nodes = get([node(a) for a in [self.sources[0], *self.generators]], "sync set-up", limit)
@@ -379,8 +378,6 @@ class WeightSync:
     def _raise_first(done: list[Any], calls: dict[Any, str], what: str) -> None:
         import ray
         from ray.exceptions import RayActorError
-
-        from rlalign_ray.runtime.placement import get
 
         failed = []
         for r in done:
