@@ -62,8 +62,7 @@ def test_run_scores_pick_rows_as_joining_each_chunks_shard_would(ray_local):
     equal the chunks' own shards joined (ragged widths: narrowed to the widest picked)."""
     import ray
 
-    from rlalign_ray.pools.chunks import Chunk, DispatchRun
-    from rlalign_ray.pools.chunks import run_scores
+    from rlalign_ray.pools.chunks import Chunk, DispatchRun, run_scores
 
     def shard(i: int) -> ScoredShard:
         t = 1 + i % 3
