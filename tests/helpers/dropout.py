@@ -26,13 +26,27 @@ def tiny_with_dropout(src: str, dst: str) -> str:
     return dst
 
 
+def trained_rank(cfg):
+    """A one-rank learner group in this process (DeepSpeed on a loopback rendezvous) after
+    one step on a random batch of 8 rows: (learner, batch, its statistics)."""
+    from rlalign_ray.bench.train import random_batch
+    from rlalign_ray.learner.learner import Learner
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    learner = Learner(cfg, 0, 1)
+    learner.setup("127.0.0.1", port)
+    batch = random_batch(8, 6, learner.engine.module.config.vocab_size, prompt_tokens=5)
+    stats = learner.train_step((batch, None), torch.ones(len(batch)), 0.0, 1)
+    return learner, batch, stats
+
+
 def first_update(model_path: str, keep_dropout: bool, device: str = "cpu") -> dict:
     """One learner step (one mini-batch, so no optimizer step happens before its last
     micro-batch) and the critic's values in train vs eval mode."""
-    from rlalign_ray.bench.train import random_batch
     from rlalign_ray.config import config_from_dict
     from rlalign_ray.learner.critic import Critic
-    from rlalign_ray.learner.learner import Learner
 
     gpus = 1 if device == "cuda" else 0
     cfg = config_from_dict(
@@ -44,13 +58,7 @@ def first_update(model_path: str, keep_dropout: bool, device: str = "cpu") -> di
             "critic": {"micro_batch_size": 2, "resources": {"num_gpus": gpus}},
         }
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    learner = Learner(cfg, 0, 1)
-    learner.setup("127.0.0.1", port)
-    batch = random_batch(8, 6, learner.engine.module.config.vocab_size, prompt_tokens=5)
-    stats = learner.train_step((batch, None), torch.ones(len(batch)), 0.0, 1)
+    learner, batch, stats = trained_rank(cfg)
     critic = Critic(cfg, 0, 1)
     model = critic.build_model().to(learner.device)
     mb = batch.select(list(range(4)))

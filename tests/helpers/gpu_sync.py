@@ -3,7 +3,6 @@ CUDA IPC (``CudaIpcTransport``): the colocated layout, without Ray (tests/gpu)."
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import torch
@@ -14,11 +13,10 @@ DTYPE = "float32"
 def learner_side(model_path: str, zero_stage: int, to_gen: Any, from_gen: Any) -> None:
     """Train one step (the weights move off their initial values), publish every bucket's
     IPC handle, keep the buffers until the generator is done, then send the weights."""
-    from rlalign_ray.bench.train import random_batch
     from rlalign_ray.config import config_from_dict
-    from rlalign_ray.learner.learner import Learner
     from rlalign_ray.sync.buckets import plan_buckets
     from rlalign_ray.sync.plan import SyncPlan
+    from tests.helpers.dropout import trained_rank
 
     cfg = config_from_dict(
         {
@@ -31,13 +29,7 @@ def learner_side(model_path: str, zero_stage: int, to_gen: Any, from_gen: Any) -
             },
         }
     )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    learner = Learner(cfg, 0, 1)
-    learner.setup("127.0.0.1", port)
-    batch = random_batch(8, 6, learner.engine.module.config.vocab_size, prompt_tokens=5)
-    learner.train_step((batch, None), torch.ones(len(batch)), 0.0, 1)
+    learner, _, _ = trained_rank(cfg)
     layout = learner.weight_layout()
     plan = SyncPlan("cuda_ipc", "nccl", DTYPE, plan_buckets(layout, torch.float32, 1 << 16),
                     60.0, 2, owners=(0,))
