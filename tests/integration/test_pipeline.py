@@ -85,9 +85,9 @@ class LedgerTrainer(Trainer):
 
     lookahead = 0  # request this many steps beyond what the staleness bound allows
 
-    def learn(self, exp, adv, returns, values, step):
+    def learn(self, exp, step):
         self.ledger.append((step, self.version, exp.stats, len(exp.scores)))
-        return super().learn(exp, adv, returns, values, step)
+        return super().learn(exp, step)
 
     def fit(self):
         self.ledger = []
