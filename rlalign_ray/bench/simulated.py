@@ -240,7 +240,7 @@ class SimulatedLearner:
 
     def split_batches(self, parts: list[Any], rows: Any, n_shards: int, *objs: Any) -> Any:
         """One small part per rank: its row count and the weight versions of the shards."""
-        from rlalign_ray.runtime.dispatch import shard_objects
+        from rlalign_ray.data.picks import shard_objects
 
         n_shards, objs = shard_objects(n_shards, objs)
         versions = sorted({o.version for o in objs[:n_shards]})

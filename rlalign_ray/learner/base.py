@@ -21,10 +21,10 @@ import torch
 from rlalign_ray.checkpoint import load, rng_state, safe_checkpoint_engine, set_rng_state
 from rlalign_ray.config import Config, DeepSpeedRole
 from rlalign_ray.data.batch import RolloutBatch, packed, pad_responses
+from rlalign_ray.data.picks import shard_objects
 from rlalign_ray.errors import NonFiniteError
 from rlalign_ray.learner.lora import save_merged
 from rlalign_ray.models.loading import default_device, load_tokenizer, set_threads
-from rlalign_ray.runtime.dispatch import shard_objects
 
 
 class DeepSpeedRank:
@@ -415,7 +415,7 @@ def split_for_ranks(
     """One object ref per rank, cut by ``actor`` (the group's rank 0) from the shards' refs:
     token batches never pass through the driver and no other rank receives another rank's
     rows. An actor already running does it: a Ray task would often wait seconds for a
-    fresh worker process to import torch. With ``picks`` (``runtime.dispatch.Picks``) the
+    fresh worker process to import torch. With ``picks`` (``data.picks.Picks``) the
     shards are dispatcher runs' lists of batch refs, opened by that actor."""
     out = actor.split_batches.options(num_returns=len(parts)).remote(
         [packed(p) for p in parts], packed(rows), picks or len(shards), *shards,

@@ -28,11 +28,12 @@ import torch
 
 from rlalign_ray.config import Config, Placement, Resources
 from rlalign_ray.data.batch import PromptItem, ScoredShard
+from rlalign_ray.data.picks import Picks
 from rlalign_ray.errors import ActorFailure
 from rlalign_ray.pools.base import ActorPool
 from rlalign_ray.pools.chunks import Chunk, DispatchRun, dispatch_runs, run_scores, split
 from rlalign_ray.pools.learner import Experience
-from rlalign_ray.runtime.dispatch import Picks, start_dispatchers
+from rlalign_ray.runtime.dispatch import start_dispatchers
 from rlalign_ray.runtime.placement import actor_died, get
 
 log = logging.getLogger(__name__)

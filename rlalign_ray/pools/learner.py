@@ -18,10 +18,10 @@ import torch
 
 from rlalign_ray.config import Config, Placement, Resources
 from rlalign_ray.data.batch import ScoredShard, packed
+from rlalign_ray.data.picks import Picks
 from rlalign_ray.learner.base import split_for_ranks
 from rlalign_ray.pools.base import ActorPool, Future
 from rlalign_ray.roles import split_rows
-from rlalign_ray.runtime.dispatch import Picks
 from rlalign_ray.runtime.placement import get
 
 

@@ -10,7 +10,7 @@ sampled batch to a reward actor as it lands (actor to actor: the batch never pas
 driver), and has a reward actor join the run's scores. What the driver gets back per run is
 O(1) in Ray objects: plain summaries per chunk, one ref to the joined scores, and (a second
 return value, owned by the driver) the list of the run's batch refs, which only learner rank
-0 opens (``Picks``). Handling a borrowed ref costs the driver as much CPU as a call: per-chunk
+0 opens (``data.picks.Picks``). Handling a borrowed ref costs the driver as much CPU as a call: per-chunk
 refs were what still grew with the number of generators. For the same reason a weight load
 hands the group's generators the publish call's result, fetched once by the dispatcher,
 not the driver's ref to it (``bench scale`` at 256 actors: the driver's CPU in a step's
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
 from typing import Any
 
 from rlalign_ray.errors import ActorFailure
@@ -143,29 +142,3 @@ def join_scores(actor: Any, *shards: Any) -> tuple[Any, list[int]]:
 
     widths = [s.response_mask.shape[1] for s in shards for _ in range(len(s))]
     return ScoredShard.concat(list(shards)), widths
-
-
-class Picks:
-    """Which batches a step trains on, when they come as dispatcher runs' lists of refs:
-    ``picks[i] = (run, position)`` is the step's i-th shard. Passed as ``n_shards`` to the
-    learner's ``split_batches`` (``shard_objects`` turns it back into shards)."""
-
-    def __init__(self, picks: list[tuple[int, int]], runs: int):
-        self.picks, self.runs = picks, runs
-
-    def select(self, lists: Sequence[Sequence[Any]]) -> list[Any]:
-        """The picked batch refs, in the step's order, from the runs' lists."""
-        return [lists[r][p] for r, p in self.picks]
-
-
-def shard_objects(n_shards: Any, objs: tuple[Any, ...]) -> tuple[int, list[Any]]:
-    """``split_batches``' shards as values: with ``Picks`` the first ``runs`` objects are the
-    runs' lists of batch refs, fetched here (learner rank 0), in the step's order; the rest
-    (reference log-probs) follow unchanged."""
-    if not isinstance(n_shards, Picks):
-        return n_shards, list(objs)
-    import ray
-
-    lists, rest = objs[: n_shards.runs], list(objs[n_shards.runs :])
-    batches = ray.get(n_shards.select(lists))
-    return len(batches), [*batches, *rest]

@@ -111,9 +111,7 @@ CASES = [
     Case("reward_nan", [REWARD.format("helpers.rewards:returns_nan")], ["helpers.rewards:returns_nan", "non-finite", "reward.on_nonfinite"], ray=True, full=True),
     Case("reward_wrong_length", [REWARD.format("helpers.rewards:wrong_length")], ["helpers.rewards:wrong_length", "returned 1 values for", "one finite float per completion"], ray=True, full=True),
     Case("reward_strings", [REWARD.format("helpers.rewards:returns_strings")], ["helpers.rewards:returns_strings", "list of numbers", "one finite float per completion"], ray=True, full=True),
-    # A reward that hangs (helpers.rewards:hangs) is left out: run.call_timeout_s also bounds
-    # the actors' start-up, so no value both lets them start and ends the run within 60 s;
-    # it needs a per-call reward.timeout_s.
+    Case("reward_hangs", [REWARD.format("helpers.rewards:hangs"), "reward.timeout_s=5"], ["'hangs'", "did not return within 5s", "reward.timeout_s"], ray=True, full=True),
     Case("unplaceable_gpu", ["rollout.resources.num_gpus=1", "run.placement_timeout_s=3"], ["generator", "GPU", "run.placement_timeout_s", "Lower the per-role resources"], ray=True),
 ]  # fmt: skip
 

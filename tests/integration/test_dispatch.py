@@ -9,6 +9,7 @@ import torch
 
 from rlalign_ray.bench.simulated import SimulatedGenerator, SimulatedRewardScorer
 from rlalign_ray.data.batch import PromptItem, ScoredShard
+from rlalign_ray.data.picks import Picks, shard_objects
 from rlalign_ray.runtime import dispatch
 
 pytestmark = pytest.mark.integration
@@ -46,8 +47,8 @@ def test_a_run_returns_summaries_one_scores_ref_and_its_batches(ray_local):
     assert len(widths) == len(joined)
     # the learner's side: picks in the step's order (here: chunk 3, then chunk 0)
     pos = {r["id"]: r["position"] for r in landed}
-    picks = dispatch.Picks([(0, pos[3]), (0, pos[0])], runs=1)
-    n, objs = dispatch.shard_objects(picks, (batches, "ref-logprobs"))
+    picks = Picks([(0, pos[3]), (0, pos[0])], runs=1)
+    n, objs = shard_objects(picks, (batches, "ref-logprobs"))
     assert n == 2 and objs[2] == "ref-logprobs"
     assert [o.group_ids for o in objs[:2]] == [
         ray.get(batches[pos[3]]).group_ids,
