@@ -118,9 +118,7 @@ def bundle_gpus(roles: Layout) -> dict[str, list]:
     return out
 
 
-def gpu_layout_problems(
-    roles: Layout, sync: SyncConfig
-) -> list[str]:
+def gpu_layout_problems(roles: Layout, sync: SyncConfig) -> list[str]:
     """Layouts that would fail on GPUs: a colocated bundle of a fractional GPU count above 1
     (Ray may give its actors different GPUs, so they share nothing), and an NCCL weight sync
     that includes a generator on learner rank 0's GPU (NCCL refuses two ranks on one

@@ -283,7 +283,10 @@ def check_learner(cfg: Config, e: list[str]) -> None:
         _check_optimizer(cfg, role, e)
     _positive(e, "learner.mini_batch_size", lr.mini_batch_size, allow_zero=True)
     sizes = (
-        cfg.rollout.prompts_per_step, cfg.rollout.n_samples, lr.world_size, lr.micro_batch_size
+        cfg.rollout.prompts_per_step,
+        cfg.rollout.n_samples,
+        lr.world_size,
+        lr.micro_batch_size,
     )
     if min(sizes) > 0 and lr.mini_batch_size >= 0:  # else named above: nothing to split
         _check_batches(cfg, e)

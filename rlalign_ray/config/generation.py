@@ -81,7 +81,9 @@ class SyncConfig:
         "rank's GPU read its weights in place; auto picks it for them)",
     )
     bucket_mb: float = doc(256.0, "weights travel in buckets of about this many MiB")
-    backend: DistBackend = doc("auto", "collective transport: auto (nccl on GPU, gloo on CPU), gloo, nccl")
+    backend: DistBackend = doc(
+        "auto", "collective transport: auto (nccl on GPU, gloo on CPU), gloo, nccl"
+    )
     timeout_s: float = doc(600.0, "fail a weight sync (or the group's set-up) after this")
 
 
@@ -90,7 +92,9 @@ class RewardSpec:
     """One reward; the total is the weighted sum."""
 
     name: str = doc("", "label in metrics (default: derived from type and path)")
-    type: RewardType = doc("function", "function (module:fn), model (sequence classifier), embedding")
+    type: RewardType = doc(
+        "function", "function (module:fn), model (sequence classifier), embedding"
+    )
     path: str = doc("", "module:function, or a model path for model/embedding")
     weight: float = doc(1.0, "weight in the total reward")
     reference_key: str = doc("reference", "embedding reward: dataset column with the target")

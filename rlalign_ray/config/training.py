@@ -68,7 +68,9 @@ class DeepSpeedRole:
     actor_class: str | None = doc(None, "module:Class to run instead of the built-in rank")
     zero_stage: int = doc(0, "DeepSpeed ZeRO stage 0-3")
     backend: DistBackend = doc("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU)")
-    optimizer: Optimizer = doc("adamw", "adamw, or sgd (plain gradient steps: for exactness checks)")
+    optimizer: Optimizer = doc(
+        "adamw", "adamw, or sgd (plain gradient steps: for exactness checks)"
+    )
     lr: float = doc(1e-5, "learning rate")
     weight_decay: float = doc(0.0, "AdamW weight decay")
     betas: list[float] = doc([0.9, 0.999], "AdamW betas")

@@ -418,7 +418,10 @@ def split_for_ranks(
     fresh worker process to import torch. With ``picks`` (``data.picks.Picks``) the
     shards are dispatcher runs' lists of batch refs, opened by that actor."""
     out = actor.split_batches.options(num_returns=len(parts)).remote(
-        [packed(p) for p in parts], packed(rows), picks or len(shards), *shards,
+        [packed(p) for p in parts],
+        packed(rows),
+        picks or len(shards),
+        *shards,
         *(ref_logprobs or []),
     )
     return out if len(parts) > 1 else [out]

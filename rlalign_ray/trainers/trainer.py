@@ -298,11 +298,7 @@ class Trainer:
         self.generators_sleep(True)
         per_sequence = ADVANTAGE_ESTIMATORS[self.cfg.algorithm.name].per_sequence
         policy = self.pools["learner"].update(exp, self.kl_ctl.value, step, per_sequence)
-        critic = (
-            self.pools["critic"].update(exp, step)
-            if "critic" in self.pools
-            else None
-        )
+        critic = self.pools["critic"].update(exp, step) if "critic" in self.pools else None
         metrics = self.rollouts.wait(policy)
         if critic is not None:
             metrics.update(self.rollouts.wait(critic))

@@ -44,10 +44,18 @@ def test_default_device_is_the_gpu_an_actor_asked_for():
 
 @pytest.mark.parametrize("keep", [False, True])
 def test_first_minibatch_ratio_is_one_on_gpu(model_dir, keep):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), "DS_ACCELERATOR": "cuda"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
+        "DS_ACCELERATOR": "cuda",
+    }
     out = subprocess.run(
         [sys.executable, "-m", "tests.helpers.dropout", model_dir, str(int(keep)), "cuda"],
-        capture_output=True, text=True, cwd=REPO, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))[7:])

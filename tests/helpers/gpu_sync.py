@@ -24,15 +24,25 @@ def learner_side(model_path: str, zero_stage: int, to_gen: Any, from_gen: Any) -
             "reward": {"rewards": [{"path": "rlalign_ray.rewards.builtin:arithmetic_exact"}]},
             "rollout": {"prompts_per_step": 2, "n_samples": 4},
             "learner": {
-                "micro_batch_size": 4, "optimizer": "sgd", "lr": 0.5, "zero_stage": zero_stage,
+                "micro_batch_size": 4,
+                "optimizer": "sgd",
+                "lr": 0.5,
+                "zero_stage": zero_stage,
                 "resources": {"num_gpus": 1},
             },
         }
     )
     learner, _, _ = trained_rank(cfg)
     layout = learner.weight_layout()
-    plan = SyncPlan("cuda_ipc", "nccl", DTYPE, plan_buckets(layout, torch.float32, 1 << 16),
-                    60.0, 2, owners=(0,))
+    plan = SyncPlan(
+        "cuda_ipc",
+        "nccl",
+        DTYPE,
+        plan_buckets(layout, torch.float32, 1 << 16),
+        60.0,
+        2,
+        owners=(0,),
+    )
     learner.open_weight_sync(plan)
     learner.join_weight_sync(None)
     to_gen.put(plan)

@@ -14,6 +14,7 @@ from rlalign_ray.cli import main
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.full
 def test_bench_pipeline_simulate_writes_its_results(ray_local, tmp_path):
     out = tmp_path / "pipeline.json"
     argv = ["bench", "pipeline", "--simulate", "gen=0.05,train=0.05,tail=lognormal:1.0",

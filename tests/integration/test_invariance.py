@@ -78,7 +78,7 @@ def _update(ray, tiny_model, batch_ref, world, micro, agg, chunk=0, budget=0, ze
 # (ranks, micro-batch rows, log-prob chunk, token budget, ZeRO stage or None: the default)
 _FULL = pytest.mark.full
 SPLITS = [
-    pytest.param("token-mean", 1, 4, 0, 0, None),
+    pytest.param("token-mean", 1, 4, 0, 0, None, marks=_FULL),
     pytest.param("token-mean", 1, 2, 3, 0, None, marks=_FULL),
     pytest.param("token-mean", 2, 4, 5, 0, None, marks=_FULL),
     pytest.param("token-mean", 2, 2, 0, 0, None, marks=_FULL),

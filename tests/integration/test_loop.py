@@ -44,7 +44,8 @@ def _assert_same(a: dict, b: dict) -> None:
 
 # each transport once, ZeRO-3 (a bucket's parameters gathered at a time) with the collective one
 @pytest.mark.parametrize(
-    "zero_stage,transport", [pytest.param(2, "object_store", marks=pytest.mark.full), (3, "collective")]
+    "zero_stage,transport",
+    [pytest.param(2, "object_store", marks=pytest.mark.full), (3, "collective")],
 )
 def test_three_steps_two_generators_two_reward_actors_two_ranks(
     ray_local, tiny_model, tmp_path, zero_stage, transport

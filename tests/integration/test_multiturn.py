@@ -14,7 +14,7 @@ from rlalign_ray.trainers import Trainer
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("num_env_actors", [0, 2])
+@pytest.mark.parametrize("num_env_actors", [0, pytest.param(2, marks=pytest.mark.full)])
 def test_two_multiturn_steps(ray_local, tiny_model, tmp_path, num_env_actors):
     cfg = config_from_dict(
         small_config(

@@ -72,6 +72,7 @@ def test_nan_loss_skips_the_step_and_training_goes_on(ray_local, tiny_model, tmp
     assert all(np.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
 
 
+@pytest.mark.full
 def test_nan_loss_every_step_ends_the_run(ray_local, tiny_model, tmp_path):
     cfg = _cfg(
         tiny_model,
@@ -105,6 +106,7 @@ def test_nan_reward_zero_counts_and_trains(ray_local, tiny_model, tmp_path):
     assert all(np.isfinite(r["train/reward_mean"]) for r in rows)
 
 
+@pytest.mark.full
 def test_nan_reward_drop_group_refills_the_step(ray_local, tiny_model, tmp_path):
     cfg = _cfg(
         tiny_model,
@@ -133,7 +135,11 @@ def test_hung_reward_fails_within_reward_timeout(ray_local, tiny_model, tmp_path
 
 @pytest.mark.parametrize(
     "world, zero",
-    [pytest.param(1, 0, marks=pytest.mark.full), pytest.param(2, 0, marks=pytest.mark.full), (2, 2)],
+    [
+        pytest.param(1, 0, marks=pytest.mark.full),
+        pytest.param(2, 0, marks=pytest.mark.full),
+        (2, 2),
+    ],
 )
 def test_nan_loss_on_one_rank_skips_the_step_on_all(ray_local, tiny_model, world, zero):
     """Direct learner ranks: a NaN in micro-batch 0 of rank 0 only leaves every rank's

@@ -170,7 +170,9 @@ def test_load_weights_in_buckets_switches_to_the_new_weights(gen, tiny_model, tm
 
 
 # synchronous; and pipelined (k=1) with seeded chunks pulled by the engines
-@pytest.mark.parametrize("max_staleness,chunk_size", [(0, 0), (1, 1)])
+@pytest.mark.parametrize(
+    "max_staleness,chunk_size", [(0, 0), pytest.param(1, 1, marks=pytest.mark.full)]
+)
 def test_loop_with_two_vllm_generators_two_reward_actors_two_ranks(
     ray_local, tiny_model, tmp_path, max_staleness, chunk_size
 ):

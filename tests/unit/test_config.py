@@ -201,9 +201,15 @@ def test_options_are_checked_by_type_with_every_other_problem():
             "learner": {"placement": {"strategy": "EVERYWHERE"}},
         }
     )
-    assert "sync.transport: use one of auto, collective, cuda_ipc, shared_memory, object_store; got 'nccl'" in probs
+    assert (
+        "sync.transport: use one of auto, collective, cuda_ipc, shared_memory, object_store; got 'nccl'"
+        in probs
+    )
     assert "rollout.dtype: use one of float32, bfloat16, float16 or null; got 'fp8'" in probs
-    assert "learner.placement.strategy: use one of PACK, SPREAD, STRICT_PACK, STRICT_SPREAD; got 'EVERYWHERE'" in probs
+    assert (
+        "learner.placement.strategy: use one of PACK, SPREAD, STRICT_PACK, STRICT_SPREAD; got 'EVERYWHERE'"
+        in probs
+    )
     assert "trainer.steps: must be >= 0, got -1" in probs  # reported with them
     assert config_from_dict({"reward": {"rewards": REWARD}, "rollout": {"dtype": None}})
     cfg = Config()  # built in Python: validate checks the options all the same

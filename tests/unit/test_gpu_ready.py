@@ -37,14 +37,20 @@ def problems(raw: dict) -> list[str]:
 
 
 def test_check_config_refuses_nccl_with_a_generator_on_learner_rank0s_gpu():
-    args = [f"{k}={v}" for k, v in {
-        "rollout.num_actors": 1, "rollout.placement.colocate_with": "learner",
-        "rollout.resources.num_gpus": 0.5, "learner.resources.num_gpus": 0.5,
-        "sync.transport": "collective",
-    }.items()]
+    args = [
+        f"{k}={v}"
+        for k, v in {
+            "rollout.num_actors": 1,
+            "rollout.placement.colocate_with": "learner",
+            "rollout.resources.num_gpus": 0.5,
+            "learner.resources.num_gpus": 0.5,
+            "sync.transport": "collective",
+        }.items()
+    ]
     out = subprocess.run(
         [sys.executable, "-m", "rlalign_ray.cli", "check-config", "configs/demo_cpu.yaml", *args],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 2
     assert "sync.transport: collective (NCCL) cannot include generator 0" in out.stderr
@@ -94,8 +100,14 @@ def test_k1_as_a_kl_loss_term_is_refused_but_not_in_the_reward():
     assert p.startswith("algorithm.kl_estimator: k1 as a loss term")
     for est in ("k2", "k3"):
         assert problems({"algorithm": {"kl_coef": 0.05, "kl_estimator": est}}) == []
-    raw = {"algorithm": {"name": "reinforce_pp", "kl_coef": 0.05, "kl_estimator": "k1",
-                         "kl_in_reward": True}}
+    raw = {
+        "algorithm": {
+            "name": "reinforce_pp",
+            "kl_coef": 0.05,
+            "kl_estimator": "k1",
+            "kl_in_reward": True,
+        }
+    }
     assert problems(raw) == []
 
 
@@ -112,8 +124,9 @@ def test_rows_are_never_dropped_silently():
         split_rows(7, 2, seed=0, step=1)
     from rlalign_ray.pools import LearnerGroup
 
-    cfg = config_from_dict({"reward": {"rewards": REWARD}, "learner": {"world_size": 2,
-                            "micro_batch_size": 4}})
+    cfg = config_from_dict(
+        {"reward": {"rewards": REWARD}, "learner": {"world_size": 2, "micro_batch_size": 4}}
+    )
     group = LearnerGroup(cfg)
     group.check_split(32)
     for n in (30, 16, 0):

@@ -84,7 +84,10 @@ def test_model_loads_and_generates(small_model_dir):
 def test_reward_function():
     prompts = ["2+3="] * 6
     comps = ["5", "5</s>", " 5 \n7", "55", "", "6"]
-    assert arithmetic_exact(prompts=prompts, completions=comps, answer=["5"] * 6) == [1, 1, 1] + [0] * 3
+    assert (
+        arithmetic_exact(prompts=prompts, completions=comps, answer=["5"] * 6)
+        == [1, 1, 1] + [0] * 3
+    )
     assert arithmetic_exact(completions=["18<pad>"], answer=[18], extra_col=[1]) == [1.0]
     assert arithmetic_exact(completions=["18</s><pad>"], answer=[18]) == [1.0]
     with pytest.raises(ValueError):

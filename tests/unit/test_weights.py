@@ -105,9 +105,7 @@ def test_collective_broadcasts_every_bucket_in_the_generators_dtype(overlap):
     params = {f"layer{i}.weight": torch.randn(16, 8 + i) for i in range(5)}
     layout = [(n, p.shape) for n, p in params.items()]
     buckets = plan_buckets(layout, torch.bfloat16, 600)  # several buckets
-    plan = SyncPlan(
-        "collective", "gloo", "bfloat16", buckets, 30.0, world_size=3, overlap=overlap
-    )
+    plan = SyncPlan("collective", "gloo", "bfloat16", buckets, 30.0, world_size=3, overlap=overlap)
     assert len(buckets) > 2
     sender, receivers = _group(plan, 2)
     sinks = [Sink(), Sink()]
