@@ -78,7 +78,7 @@ def _usage(prog: str, parser: argparse.ArgumentParser) -> str:
             parts.append("{" + ",".join(a.choices) + "} ...")
         elif not a.option_strings:
             meta = (a.metavar or a.dest).upper()
-            parts.append(f"[{meta} ...]" if a.nargs == "*" else meta)
+            parts.append({"*": f"[{meta} ...]", "?": f"[{meta}]"}.get(a.nargs, meta))
         else:
             flag = a.option_strings[-1]
             takes = a.nargs != 0
