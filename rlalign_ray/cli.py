@@ -18,7 +18,9 @@ import sys
 from rlalign_ray.errors import RlalignError
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: subcommands, their arguments and help (the CLI reference in
+    ``docs/reference/cli.md`` is generated from it)."""
     parser = argparse.ArgumentParser(prog="rlalign-ray", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     from rlalign_ray.config_doc import config_help
@@ -32,11 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="YAML run config, e.g. configs/demo_cpu.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.steps=20")
     p = sub.add_parser("check-config", help="validate a config and print the resolved tree")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("config", help="YAML run config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, as for train")
     p = sub.add_parser("make-tiny-model", help="build a small model and tokenizer locally")
-    p.add_argument("dir")
-    p.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
+    p.add_argument("dir", help="folder to write the model and tokenizer to")
+    p.add_argument("--arch", default="llama", choices=["llama", "qwen2"], help="architecture")
     p.add_argument(
         "--warmup",
         default=None,
@@ -52,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     from rlalign_ray.bench import add_parser as add_bench
 
     add_bench(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -39,6 +39,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _logged_metrics_are_documented(request):
+    """After an integration test: every key a Trainer run wrote to ``metrics.jsonl`` (a run
+    folder with a ``final/``, under the test's ``tmp_path``) is in the metric catalogue,
+    ``rlalign_ray/metrics_doc.py``, that the metrics reference is generated from."""
+    yield
+    tmp = request.node.funcargs.get("tmp_path") if hasattr(request.node, "funcargs") else None
+    if tmp is None or request.node.get_closest_marker("integration") is None:
+        return
+    import json
+
+    from rlalign_ray.metrics_doc import undocumented
+
+    for path in Path(tmp).rglob("metrics.jsonl"):
+        if (path.parent / "final").is_dir():
+            keys = {k for line in path.read_text().splitlines() for k in json.loads(line)}
+            missing = undocumented(keys)
+            assert not missing, f"{path}: add {missing} to rlalign_ray/metrics_doc.py"
+
+
 TEST_ENV = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}}
 _LOCAL: dict = {}
 

@@ -22,6 +22,7 @@ LOGGERS = {
     "wandb": "wandb",
     "mlflow": "mlflow",
 }  # logger -> the module it imports
+OPTIONAL_LOGGERS = ("wandb", "mlflow")  # pyproject extras of the same name; the rest are core
 
 
 def validate(cfg: Config) -> list[str]:
@@ -393,8 +394,9 @@ def check_trainer(cfg: Config, e: list[str]) -> None:
         if name not in LOGGERS:
             e.append(f"trainer.loggers: unknown logger {name!r}; use any of {', '.join(LOGGERS)}")
         elif LOGGERS[name] and importlib.util.find_spec(LOGGERS[name]) is None:
+            extra = f"'rlalign-ray[{name}]'" if name in OPTIONAL_LOGGERS else LOGGERS[name]
             e.append(
-                f"trainer.loggers: {name} is not installed; pip install 'rlalign-ray[{name}]' "
+                f"trainer.loggers: {name} is not installed; pip install {extra} "
                 f"(or leave {name} out of trainer.loggers)"
             )
     _positive(e, "trainer.log_completions", t.log_completions, allow_zero=True)

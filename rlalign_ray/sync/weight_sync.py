@@ -229,7 +229,7 @@ class WeightSync:
         on rank 0's GPU, is refused: colocate every generator or none). On CPU, with
         every generator on learner rank 0's node and room in its /dev/shm, shared memory:
         the learner's one copy and no serialisation, HF generators copy nothing (bench
-        weights, 100M params fp32, 2 cores: see the README); across CPU nodes the object
+        weights, 100M params fp32, 2 cores: docs/benchmarks.md); across CPU nodes the object
         store, which moves a bucket once per node (gloo broadcasts over TCP to each
         receiver)."""
         if owners is not None:
