@@ -202,7 +202,7 @@ def test_killed_run_resumes_with_the_same_metrics(tiny_model, tmp_path):
         family = _kill_all(proc)
     assert len(family) > 3  # the driver, Ray's daemons and the actors' workers
     assert sorted(_rows(killed)) == [1, 2, 3]
-    assert checkpoint.latest(killed / "checkpoints").name == "step_2"
+    assert Path(checkpoint.latest(killed / "checkpoints")).name == "step_2"
 
     _finish(_train(tmp_path / "killed.yaml", "trainer.resume=auto"))
     a, b = _rows(straight), _rows(killed)
