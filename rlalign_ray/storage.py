@@ -292,18 +292,22 @@ def write_probe(storage: Storage, output_dir: str, token: str) -> str:
     return url
 
 
-def answer_probe(storage: Storage, output_dir: str, token: str, who: str) -> str | None:
-    """Run by a rank on its node: None when it reads the driver's probe in ``output_dir``
-    and writes its own beside it (``PROBE<token>-<who>``), else what went wrong."""
+def answer_probe(storage: Storage, output_dir: str, token: str, who: str) -> tuple:
+    """Run by a rank (``who``, e.g. ``learner1``) on its node: (node IP, node id, ``who``,
+    None or what is wrong); None when it reads the driver's probe in ``output_dir`` and
+    writes its own beside it (``PROBE<token>-<who>``)."""
+    import ray
+
+    ip, node = ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
     try:
         if not is_remote(output_dir):
             url = join(output_dir, PROBE + token)
             if not os.path.isfile(url) or Path(url).read_text() != token:
-                return f"{url} is not there"
+                return ip, node, who, f"{url} is not there"
         storage.write_text(join(output_dir, f"{PROBE}{token}-{who}"), who)
-        return None
+        return ip, node, who, None
     except Exception as e:  # a missing credential, a read-only mount ...
-        return f"{type(e).__name__}: {e}"
+        return ip, node, who, f"{type(e).__name__}: {e}"
 
 
 def probe_answered(storage: Storage, output_dir: str, token: str, who: str) -> bool:

@@ -361,16 +361,10 @@ class DeepSpeedRank:
         if rng_states is not None:
             set_rng_state(rng_states)
 
-    def probe_storage(self, output_dir: str, token: str) -> tuple[str, str, str, str | None]:
-        """(this node's IP, its node id, this rank's probe name, None or what is wrong):
-        whether this rank sees the probe the driver wrote in ``output_dir`` and can write
-        its own beside it (``trainers/outputs.py`` asks before any training)."""
-        import ray
-
-        who = f"{self.section}{self.rank}"
-        problem = answer_probe(self.storage, output_dir, token, who)
-        node = ray.get_runtime_context().get_node_id()
-        return ray.util.get_node_ip_address(), node, who, problem
+    def probe_storage(self, output_dir: str, token: str) -> tuple:
+        """Whether this rank sees the probe the driver wrote in ``output_dir`` and can write
+        its own beside it (``storage.answer_probe``; asked before any training)."""
+        return answer_probe(self.storage, output_dir, token, f"{self.section}{self.rank}")
 
 
 def optimizer_steps(cfg: Config) -> int:
