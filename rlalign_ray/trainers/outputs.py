@@ -55,9 +55,9 @@ def check_output_dir(
         raise StorageError(_message(output_dir, bad, (nodes.get(driver, "?"), driver)))
 
 
-def _unreached(storage, output_dir, token, pools, timeout_s) -> dict[tuple[str, str], list[str]]:
-    """(node IP, node id) -> what each failing rank there reported."""
-    bad: dict[tuple[str, str], list[str]] = {}
+def _unreached(storage, output_dir, token, pools, timeout_s) -> dict[tuple[str, str], dict]:
+    """(node IP, node id) -> {what went wrong: the ranks there it went wrong for}."""
+    bad: dict[tuple[str, str], dict[str, list[str]]] = {}
     for role in WRITERS:
         if role not in pools:
             continue
@@ -70,13 +70,17 @@ def _unreached(storage, output_dir, token, pools, timeout_s) -> dict[tuple[str, 
             if problem is None and not probe_answered(storage, output_dir, token, who):
                 problem = "the driver does not see the file it wrote there"
             if problem is not None:
-                bad.setdefault((ip, node), []).append(f"{role} rank {rank}: {problem}")
+                bad.setdefault((ip, node), {}).setdefault(problem, []).append(f"{role} rank {rank}")
     return bad
 
 
 def _message(output_dir: str, bad: dict, driver: tuple[str, str]) -> str:
     remote = is_remote(output_dir)
-    lines = [f"  node {ip} (node id {node[:12]}): " + "; ".join(p) for (ip, node), p in bad.items()]
+    lines = [
+        f"  node {ip} (node id {node[:12]}): "
+        + "; ".join(f"{', '.join(ranks)}: {problem}" for problem, ranks in problems.items())
+        for (ip, node), problems in bad.items()
+    ]
     if remote:
         head = (
             f"trainer.output_dir: {output_dir!r}: {len(bad)} node(s) running learner or critic "

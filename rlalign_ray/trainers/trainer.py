@@ -120,7 +120,6 @@ class Trainer:
             torch.set_num_threads(cfg.run.driver_threads)
         try:
             self.start()
-            check_output_dir(storage, out, self.pools, cfg.run.call_timeout_s)
             self.rollouts = Rollouts(
                 cfg,
                 self.pools["generator"],
@@ -397,7 +396,13 @@ class Trainer:
             self.pools["env"] = EnvPool(self.cfg)
         cpus = sum(p.spec.num_actors * p.spec.resources.num_cpus for p in self.pools.values())
         self._started_ray = connect(self.cfg.run, cpus)
-        start(list(self.pools.values()), self.cfg.run.placement_timeout_s)
+        timeout = self.cfg.run.call_timeout_s
+        start(
+            list(self.pools.values()),
+            self.cfg.run.placement_timeout_s,
+            # before any model loads: do the nodes that write checkpoints reach output_dir?
+            placed=lambda: check_output_dir(self.storage, self.output_dir, self.pools, timeout),
+        )
         if "env" in self.pools:
             self.pools["env"].attach(self.pools["generator"])
         self.weights = WeightSync(
