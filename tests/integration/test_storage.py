@@ -9,7 +9,9 @@ node's staging folder.
 - with output_dir an S3 URI (moto's server on 127.0.0.1) and both learner ranks (ZeRO-2) on
   the worker node, a run killed with SIGKILL after step 3 resumes from the bucket
   (``trainer.resume=auto``): it logs step 3 exactly as the killed run did, the bucket keeps
-  each step's row once, and its final/ folder loads with ``from_pretrained``.
+  each step's row once, and its final/ folder loads with ``from_pretrained``;
+- (full tier, one node) PPO's critic ranks write and read their shards through the bucket
+  too, and the resumed run's step 3 is the straight run's.
 """
 
 from __future__ import annotations
@@ -112,8 +114,8 @@ def _config(model: str, apart: Path, output_dir: str, **trainer) -> Path:
         output_dir,
         data={"eval": None},
         algorithm={"name": "grpo", "kl_coef": 0.01, "kl_target": 0.05, "kl_horizon": 100},
-        rollout={**small_config(model, "")["rollout"], "resources": head},
-        reward={**small_config(model, "")["reward"], "resources": head},
+        rollout={"resources": head},
+        reward={"resources": head},
         reference={"resources": head},
         learner={
             "world_size": 2,
@@ -241,3 +243,53 @@ def _loads(fs, remote: str, local: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(local)
     assert sum(p.numel() for p in model.parameters()) > 0
     assert AutoTokenizer.from_pretrained(local)("1+1=").input_ids
+
+
+@pytest.mark.full
+def test_ppo_learner_and_critic_shards_resume_from_a_bucket(
+    ray_local, endpoint, tiny_model, tmp_path
+):
+    from helpers.s3 import options
+
+    from rlalign_ray.config import config_from_dict
+    from rlalign_ray.storage import Storage, join
+    from rlalign_ray.trainers import Trainer
+
+    ranks = {"world_size": 2, "zero_stage": 2, "micro_batch_size": 2, "lr": 1e-3}
+    ranks["resources"] = {"num_cpus": 0.5}
+
+    def config(run: str, steps: int, **trainer):
+        return config_from_dict(
+            small_config(
+                tiny_model,
+                run,
+                data={"eval": None},
+                algorithm={"name": "ppo", "kl_coef": 0.05, "kl_in_reward": True, "lam": 0.95},
+                rollout={"n_samples": 1, "prompts_per_step": 4, "num_actors": 1},
+                reward={"num_actors": 1},
+                learner=ranks,
+                critic=ranks,
+                trainer={
+                    "steps": steps,
+                    "save_every": 2,
+                    "storage_options": options(endpoint),  # the embedded Ray has no env
+                    "staging_dir": str(tmp_path / "staging"),
+                    "log_sync_s": 0,
+                    **trainer,
+                },
+                run={"call_timeout_s": 900},
+            )
+        )
+
+    straight, resumed = f"s3://{BUCKET}/ppo-straight", f"s3://{BUCKET}/ppo-resumed"
+    Trainer(config(straight, 3)).fit()
+    Trainer(config(resumed, 2)).fit()
+    storage = Storage(options(endpoint))
+    critic = storage.listdir(join(resumed, "checkpoints", "step_2", "critic", "ds"))
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in critic
+    Trainer(config(resumed, 3, resume="auto")).fit()
+    a = metric_rows(storage.read_text(join(straight, "metrics.jsonl")))
+    b = metric_rows(storage.read_text(join(resumed, "metrics.jsonl")))
+    assert sorted(b) == [1, 2, 3]
+    assert_same(a, b, [3])
+    assert b[3]["critic/value_loss"] == pytest.approx(a[3]["critic/value_loss"], rel=1e-6)
