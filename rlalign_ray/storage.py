@@ -255,13 +255,16 @@ class RunLogs:
             self._sent = self._stamps()
 
     def push(self, every_s: float = 0.0) -> None:
-        """Upload the logs changed since the last push, if ``every_s`` seconds have passed."""
+        """Upload the logs changed since the last push (and remove those deleted here, e.g.
+        an old run's W&B id), if ``every_s`` seconds have passed."""
         if not self.remote or time.monotonic() - self._pushed_at < every_s:
             return
         stamps = self._stamps()
         changed = [r for r, s in stamps.items() if self._sent.get(r) != s]
         self.storage.upload(self.folder, self.output_dir, changed)
-        self._sent.update({r: stamps[r] for r in changed})
+        for gone in set(self._sent) - set(stamps):
+            self.storage.remove(join(self.output_dir, gone))
+        self._sent = {r: stamps[r] for r in stamps}
         self._pushed_at = time.monotonic()
 
     def close(self) -> None:

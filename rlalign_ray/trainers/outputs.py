@@ -118,10 +118,11 @@ def _fix(remote: bool) -> str:
 
 def finish_logs(logs: RunLogs, remove: bool) -> None:
     """At the end of ``fit``: upload the logs (a URI output_dir), or with ``remove`` (a new
-    run that never trained a step) remove what it left in ``output_dir``. An upload that
-    fails keeps the local copy and says where it is."""
+    run that never trained a step) remove the local ``output_dir`` it made (in a URI it
+    uploaded nothing yet). An upload that fails keeps the local copy and says where."""
     if remove:
-        logs.storage.remove(logs.output_dir)
+        if not logs.remote:
+            logs.storage.remove(logs.output_dir)
         logs.close()
         return
     try:

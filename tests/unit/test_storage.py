@@ -100,6 +100,15 @@ def test_logs_are_uploaded_when_changed_and_truncated_on_resume(store):
     assert [(r["step"], r["x"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]
     resumed.push(every_s=3600.0)  # nothing changed, and not due: nothing sent
     resumed.close()
+    # a fresh start over it (no checkpoint) drops the old rows and the old W&B run id
+    storage.write_text(join(run, "wandb_run_id"), "old")
+    fresh = RunLogs(storage, run)
+    fresh.pull()
+    MetricsLogger(str(fresh.folder), 4, tensorboard=False, progress_bar=False, keep_upto=-1).close()
+    fresh.push()
+    assert storage.listdir(run) == ["checkpoints", "metrics.jsonl"]
+    assert storage.read_text(join(run, "metrics.jsonl")) == ""
+    fresh.close()
 
 
 def test_a_uri_needs_its_filesystem_installed():
