@@ -155,7 +155,7 @@ class TrainerConfig:
         "none",
         "none: start a new run (output_dir must be empty or absent); auto: continue from "
         "the latest checkpoint in output_dir (a fresh start if there is none); or the path "
-        "of a checkpoint (checkpoints/step_N) or of a run's output_dir",
+        "or URI of a checkpoint (checkpoints/step_N) or of a run's output_dir",
     )
     output_dir: str = doc(
         "runs/demo",
