@@ -15,13 +15,16 @@
 # ~/.ray/auth_token.
 #
 # Without --no-wait it follows the job's logs and exits 0 only if the job SUCCEEDED.
-# Metrics go to trainer.output_dir on the node that runs the driver (the head); a
-# relative output_dir lands in the job's temporary copy of the working dir there, so
-# pass trainer.output_dir=/abs/path.
+# It prints where the outputs really are: the driver (on the head) writes metrics.jsonl
+# and the logs to trainer.output_dir, but the learner ranks write checkpoints/ and final/
+# from their own nodes. On a cluster of several nodes pass a bucket
+# (trainer.output_dir=s3://BUCKET/PATH, 'rlalign-ray[s3]' and credentials on every node)
+# or a folder every node mounts at the same path; a relative output_dir lands in the
+# job's temporary copy of the working dir on the head and is lost with it.
 set -euo pipefail
 
 die() { echo "submit.sh: $*" >&2; exit 2; }
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 ADDRESS=""
@@ -147,20 +150,36 @@ while :; do
   die "ray job submit failed (exit $rc)"
 done
 
-where_metrics() {
+# How many nodes the cluster has ("?" when the state API does not answer).
+NODES="$("$PY" - "$ADDRESS" <<'EOF' 2>/dev/null || true
+import sys
+from ray.util.state import list_nodes
+print(sum(1 for n in list_nodes(address=sys.argv[1], limit=10000) if n.state == "ALIVE"))
+EOF
+)"
+[[ "$NODES" =~ ^[0-9]+$ ]] || NODES="?"
+
+where_outputs() {
   local d="${OUTPUT_DIR:-<trainer.output_dir>}"
-  if [[ "$d" == /* ]]; then
-    echo "  metrics: $d/metrics.jsonl (tensorboard: $d/tensorboard, policy: $d/final) on the head node"
+  if [[ "$d" == *://* ]]; then
+    echo "  outputs: $d (metrics.jsonl, tensorboard/, checkpoints/, final/; each written from the node that makes it)"
+  elif [[ "$d" == /* ]]; then
+    echo "  outputs: $d (metrics.jsonl from the driver on the head node; checkpoints/ and final/ from the learner ranks' nodes)"
+    if [[ "$NODES" != 1 ]]; then
+      echo "  warning: a local path on a cluster of ${NODES/\?/several} nodes: it must be one volume mounted at $d on every node"
+      echo "           (else the run stops at start-up naming the nodes that do not see it); or pass trainer.output_dir=s3://BUCKET/PATH"
+    fi
   else
-    echo "  metrics: $d/metrics.jsonl relative to the job's copy of the working dir on the head node"
-    echo "           (<ray temp dir>/session_*/runtime_resources/working_dir_files/...); pass trainer.output_dir=/abs/path to keep them"
+    echo "  outputs: $d, relative: inside the job's temporary copy of the working dir on the head node"
+    echo "           (<ray temp dir>/session_*/runtime_resources/working_dir_files/...), lost with it;"
+    echo "           pass trainer.output_dir=s3://BUCKET/PATH or an absolute path on a volume every node mounts"
   fi
 }
 
 echo "submit.sh: job $SUBMISSION_ID submitted"
 echo "  logs:    ray job logs --address $ADDRESS --follow $SUBMISSION_ID"
 echo "  status:  ray job status --address $ADDRESS $SUBMISSION_ID   (stop: ray job stop ...)"
-where_metrics
+where_outputs
 [[ $NO_WAIT -eq 1 ]] && exit 0
 
 set +e
@@ -182,7 +201,7 @@ if info.status != JobStatus.SUCCEEDED and info.message:
 EOF
 )"
 echo "submit.sh: job $SUBMISSION_ID finished with status ${status:-UNKNOWN}"
-where_metrics
+where_outputs
 if [[ "$status" != SUCCEEDED ]]; then
   echo "  details: ray job status --address $ADDRESS $SUBMISSION_ID; ray job logs --address $ADDRESS $SUBMISSION_ID" >&2
   exit 1

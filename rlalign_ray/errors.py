@@ -33,6 +33,11 @@ class ClusterError(RlalignError):
     """The Ray cluster to attach to cannot be reached."""
 
 
+class StorageError(RlalignError):
+    """``trainer.output_dir`` cannot be used by every process that writes there (a local
+    folder the nodes do not share, a URI a node cannot write)."""
+
+
 class PlacementError(RlalignError):
     """The cluster cannot place the requested actors."""
 

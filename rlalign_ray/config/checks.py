@@ -385,11 +385,15 @@ def check_trainer(cfg: Config, e: list[str]) -> None:
     if t.eval_every < 0 or t.save_every < 0:
         e.append("trainer.eval_every / trainer.save_every: must be >= 0")
     _positive(e, "trainer.keep_checkpoints", t.keep_checkpoints, allow_zero=True)
-    if t.resume not in ("none", "auto") and not Path(t.resume).exists():
-        e.append(
-            f"trainer.resume: {t.resume!r} is neither none, auto nor an existing checkpoint "
-            "or run folder"
-        )
+    _check_uri(e, "trainer.output_dir", t.output_dir)
+    if t.resume not in ("none", "auto") and not _check_uri(e, "trainer.resume", t.resume):
+        if not Path(t.resume.removeprefix("file://")).exists():
+            e.append(
+                f"trainer.resume: {t.resume!r} is neither none, auto nor an existing "
+                "checkpoint or run folder"
+            )
+    if t.log_sync_s < 0:
+        e.append("trainer.log_sync_s: must be >= 0")
     for name in t.loggers:
         if name not in LOGGERS:
             e.append(f"trainer.loggers: unknown logger {name!r}; use any of {', '.join(LOGGERS)}")
@@ -407,6 +411,31 @@ def check_trainer(cfg: Config, e: list[str]) -> None:
             "prompt at temperature 0 (greedy) are all the same; set eval_temperature > 0 "
             "(e.g. 1.0) or eval_n_samples: 1"
         )
+
+
+STORAGE_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+
+
+def _check_uri(e: list[str], key: str, url: str) -> bool:
+    """Whether ``url`` is a URI (not a local path); if so, that fsspec knows its protocol
+    and its backend is installed (``s3fs`` for s3://: ``pip install 'rlalign-ray[s3]'``)."""
+    if "://" not in url or url.startswith("file://"):
+        return False
+    import fsspec
+
+    proto = fsspec.core.split_protocol(url)[0]
+    try:
+        fsspec.get_filesystem_class(proto)
+    except ImportError as err:
+        extra = STORAGE_EXTRAS.get(proto)
+        fix = f"pip install 'rlalign-ray[{extra}]'" if extra else str(err)
+        e.append(f"{key}: {url!r} needs the {proto}:// filesystem, not installed: {fix}")
+    except ValueError:
+        e.append(
+            f"{key}: {url!r}: fsspec knows no {proto}:// filesystem; use a local folder, "
+            "s3://bucket/path or gs://bucket/path"
+        )
+    return True
 
 
 CHECKS = (

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from rlalign_ray.config.fields import DistBackend, Placement, Resources, doc
 
@@ -155,9 +155,30 @@ class TrainerConfig:
         "none",
         "none: start a new run (output_dir must be empty or absent); auto: continue from "
         "the latest checkpoint in output_dir (a fresh start if there is none); or the path "
-        "of a checkpoint (checkpoints/step_N) or of a run's output_dir",
+        "or URI of a checkpoint (checkpoints/step_N) or of a run's output_dir",
     )
-    output_dir: str = doc("runs/demo", "metrics.jsonl, TensorBoard logs, checkpoints, final/")
+    output_dir: str = doc(
+        "runs/demo",
+        "metrics.jsonl, TensorBoard logs, checkpoints, final/: a local folder (shared by every "
+        "node that runs learner or critic ranks) or a URI: s3://bucket/run, gs://..., any "
+        "fsspec filesystem",
+    )
+    storage_options: dict[str, Any] = doc(
+        {},
+        "fsspec options for a URI output_dir, e.g. {endpoint_url: http://HOST:9000} for an "
+        "S3-compatible store; credentials: the backend's environment variables on every node",
+    )
+    staging_dir: str | None = doc(
+        None,
+        "with a URI output_dir: the node-local folder each process writes its files in before "
+        "uploading them, and downloads checkpoints to (null: the system temp folder)",
+    )
+    log_sync_s: float = doc(
+        30.0,
+        "with a URI output_dir: upload the changed logs (metrics, completions, samples, "
+        "TensorBoard) after a step at most this often (0: every step); always after a "
+        "checkpoint and at the end",
+    )
     save_merged: bool = doc(
         False, "with learner.lora: also write final/merged, the adapters merged into the model"
     )

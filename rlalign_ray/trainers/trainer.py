@@ -18,17 +18,16 @@ mostly on staleness, not on the update), and the cap bounds the variance.
 
 Every ``trainer.save_every`` steps the driver writes a resumable checkpoint (learner and
 critic ranks' DeepSpeed state, sampler, KL controller, random states: ``checkpoint.py``);
-``trainer.resume`` continues a run from one.
+``trainer.resume`` continues a run from one. ``trainer.output_dir`` is a local folder or a
+URI (``storage.py``: each process writes its own files from its node).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
@@ -56,7 +55,9 @@ from rlalign_ray.preflight import preflight, prepare_data
 from rlalign_ray.run_log import MetricsLogger
 from rlalign_ray.runtime.cluster import connect
 from rlalign_ray.runtime.placement import get, lost_roles
+from rlalign_ray.storage import RunLogs, Storage, is_remote, join, local_path
 from rlalign_ray.topology import Topology
+from rlalign_ray.trainers.outputs import check_output_dir, finish_logs
 from rlalign_ray.trainers.rollouts import Rollouts
 from rlalign_ray.trainers.samples import completion_rows
 
@@ -74,6 +75,9 @@ class Trainer:
         self.rollouts: Rollouts | None = None
         self._started_ray = False
         self.learner_restarts = 0
+        self.storage = Storage.from_config(cfg.trainer)
+        out = cfg.trainer.output_dir
+        self.output_dir = out if is_remote(out) else local_path(out)  # a URI or an absolute path
         a = cfg.algorithm
         self.kl_ctl = (
             AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon)
@@ -98,19 +102,18 @@ class Trainer:
         return train, evals, data_stats
 
     def fit(self) -> dict[str, float]:
-        cfg = self.cfg
+        cfg, out, storage = self.cfg, self.output_dir, self.storage
         train, evals, data_stats = self.load_data()
-        fresh = not Path(cfg.trainer.output_dir).exists()  # removed if no step trains
+        fresh = not storage.exists(out)  # removed if no step trains
         trained = False
-        ckpt = checkpoint.prepare_run(cfg.trainer.output_dir, cfg.trainer.resume)
-        state = checkpoint.TrainerState.read(ckpt) if ckpt else None
+        ckpt = checkpoint.prepare_run(out, cfg.trainer.resume, storage)
+        state = checkpoint.TrainerState.read(ckpt, storage) if ckpt else None
+        self.logs = RunLogs(storage, out)  # for a URI: a staging folder, uploaded
+        self.logs.pull()
         # a fresh start drops an old run's rows
-        logger = MetricsLogger.from_config(cfg, keep_upto=state.step if state else -1)
-        ledger = (
-            SampleLog(cfg.trainer.output_dir, state.step if state else -1)
-            if cfg.trainer.sample_log
-            else None
-        )
+        keep = state.step if state else -1
+        logger = MetricsLogger.from_config(cfg, keep_upto=keep, folder=self.logs.folder)
+        ledger = SampleLog(self.logs.folder, keep) if cfg.trainer.sample_log else None
         last: dict[str, float] = {}
         threads = torch.get_num_threads()
         if cfg.run.driver_threads:  # restored below: a Python API caller keeps its own
@@ -141,7 +144,10 @@ class Trainer:
                     continue
                 step += 1
             self.weights.wait()
-            self.save(Path(cfg.trainer.output_dir) / "final", merged=cfg.trainer.save_merged)
+            final = join(out, "final")
+            if is_remote(final):
+                storage.remove(final)  # an earlier final/ of this run: no stale files
+            self.save(final, merged=cfg.trainer.save_merged)
         except ActorFailure as e:
             e.args = (f"{e}\n{lost_roles(self.pools)}",)
             raise
@@ -150,8 +156,8 @@ class Trainer:
             logger.close()
             ledger and ledger.close()
             self.stop()
-            if fresh and not trained and cfg.trainer.steps > 0:  # a run that never started
-                shutil.rmtree(cfg.trainer.output_dir, ignore_errors=True)
+            # a new run that never started leaves nothing behind
+            finish_logs(self.logs, fresh and not trained and cfg.trainer.steps > 0)
         return last
 
     def train_step(
@@ -207,6 +213,8 @@ class Trainer:
         logger.log(step, metrics)
         if ledger is not None:
             ledger.write(step, rollouts.samples.pop(step, []))
+        saved = cfg.trainer.save_every and step % cfg.trainer.save_every == 0
+        self.logs.push(0.0 if saved else cfg.trainer.log_sync_s)  # a URI output_dir
         logger.advance()
         return metrics
 
@@ -222,7 +230,7 @@ class Trainer:
         dead = [f"{r} rank {i}" for r in groups for i in self.pools[r].dead_actors(10.0)]
         if not dead:
             raise error
-        ckpt = checkpoint.latest(checkpoint.checkpoints_dir(self.cfg.trainer.output_dir))
+        ckpt = checkpoint.latest(checkpoint.checkpoints_dir(self.output_dir), self.storage)
         limit = self.cfg.run.max_learner_restarts
         if self.learner_restarts >= limit or ckpt is None:
             raise ActorFailure(
@@ -232,10 +240,10 @@ class Trainer:
                     if limit
                     else ""
                 )
-                + f". {resume_hint(ckpt)}"
+                + f". {resume_hint(ckpt, self.storage)}"
             ) from None
         self.learner_restarts += 1
-        state = checkpoint.TrainerState.read(ckpt)
+        state = checkpoint.TrainerState.read(ckpt, self.storage)
         log.warning(
             "%s died; restarting the %s from %s (%d of run.max_learner_restarts=%d)",
             ", ".join(dead),
@@ -332,43 +340,48 @@ class Trainer:
             out.update({f"{prefix}/{k}": v for k, v in m.items()})
         return {**out, "time/eval_s": seconds}
 
-    def save(self, path: Path, merged: bool = False) -> None:
+    def save(self, path: str, merged: bool = False) -> None:
+        """The policy as a Hugging Face folder (or URI), written by learner rank 0."""
         self.pools["learner"].save(str(path), merged)
 
     # ---- resumable checkpoints (rlalign_ray/checkpoint.py) ------------------------------
-    def checkpoint(self, step: int) -> Path:
-        """Everything a run needs to continue after ``step``, in
-        ``checkpoints/step_<step>`` (written aside, then renamed)."""
-        t = self.cfg.trainer
-        tmp = checkpoint.staging(t.output_dir, step)
-        self.save(tmp)  # the policy as a Hugging Face folder
+    def checkpoint(self, step: int) -> str:
+        """Everything a run needs to continue after ``step``, in ``checkpoints/step_<step>``
+        (locally written aside, then renamed; in a URI trainer_state.json goes last)."""
+        t, storage = self.cfg.trainer, self.storage
+        folder = checkpoint.begin(self.output_dir, step, storage)
+        self.save(folder)  # the policy as a Hugging Face folder
         for role in ("learner", "critic"):
-            if role in self.pools:
-                self.pools[role].save_checkpoint(str(tmp / role))
-        torch.save(self.pools["generator"].rng_states(), tmp / "generators_rng.pt")
-        torch.save(checkpoint.rng_state(), tmp / "driver_rng.pt")
+            if role in self.pools:  # every rank writes (uploads) its own files
+                self.pools[role].save_checkpoint(join(folder, role))
+        with storage.writing(folder, "driver") as local:
+            torch.save(self.pools["generator"].rng_states(), local / "generators_rng.pt")
+            torch.save(checkpoint.rng_state(), local / "driver_rng.pt")
         checkpoint.TrainerState(
             step=step,
             version=self.version,
             sampler=self.rollouts.resume_state(step),
             kl_coef=self.kl_ctl.value,
             totals=dict(self.rollouts.totals),
-        ).write(tmp)
-        return checkpoint.commit(tmp, step, t.keep_checkpoints)
+        ).write(folder, storage)
+        return checkpoint.commit(folder, step, t.keep_checkpoints, storage)
 
-    def restore(self, path: Path, state: checkpoint.TrainerState) -> None:
+    def restore(self, path: str, state: checkpoint.TrainerState) -> None:
         """Load the checkpoint in ``path`` into the started pools and the driver, and publish
         the restored weights to every generator (as version ``state.version``)."""
         for role in ("learner", "critic"):
             if role in self.pools:
-                self.pools[role].load_checkpoint(str(path / role))
+                self.pools[role].load_checkpoint(join(path, role))
         self.weights.sync(state.version)
         self.version = state.version
-        gens = checkpoint.load(path / "generators_rng.pt")
+        driver_files = {"generators_rng.pt", "driver_rng.pt"}.__contains__
+        with self.storage.reading(path, "driver", driver_files) as local:
+            gens = checkpoint.load(local / "generators_rng.pt")
+            driver_rng = checkpoint.load(local / "driver_rng.pt")
         self.pools["generator"].set_rng_states(gens)
         self.rollouts.resume_from(state.step, state.sampler, state.totals)
         self.kl_ctl.value = state.kl_coef
-        checkpoint.set_rng_state(checkpoint.load(path / "driver_rng.pt"))
+        checkpoint.set_rng_state(driver_rng)
 
     def generators_sleep(self, asleep: bool) -> None:
         """With ``rollout.enable_sleep_mode`` (synchronous only), the vLLM engines give
@@ -383,7 +396,13 @@ class Trainer:
             self.pools["env"] = EnvPool(self.cfg)
         cpus = sum(p.spec.num_actors * p.spec.resources.num_cpus for p in self.pools.values())
         self._started_ray = connect(self.cfg.run, cpus)
-        start(list(self.pools.values()), self.cfg.run.placement_timeout_s)
+        timeout = self.cfg.run.call_timeout_s
+        start(
+            list(self.pools.values()),
+            self.cfg.run.placement_timeout_s,
+            # before any model loads: do the nodes that write checkpoints reach output_dir?
+            placed=lambda: check_output_dir(self.storage, self.output_dir, self.pools, timeout),
+        )
         if "env" in self.pools:
             self.pools["env"].attach(self.pools["generator"])
         self.weights = WeightSync(
@@ -420,14 +439,14 @@ def eval_sets(cfg: Config) -> dict[str, list[PromptItem]]:
     }
 
 
-def resume_hint(ckpt: Path | None) -> str:
+def resume_hint(ckpt: str | None, storage: Storage | None = None) -> str:
     """How to continue a run that stopped, for its error message."""
     if ckpt is None:
         return (
             "No checkpoint was written yet (trainer.save_every), so the run starts again "
             "from the beginning."
         )
-    step = checkpoint.TrainerState.read(ckpt).step
+    step = checkpoint.TrainerState.read(ckpt, storage).step
     return (
         f"The last checkpoint, {ckpt} (step {step}), is intact: continue the run from it "
         "with trainer.resume=auto (the same trainer.output_dir), or set "

@@ -196,7 +196,10 @@ def check_command(words: list[str], env: dict[str, str]) -> list[str]:
 
 
 # other commands a block may run: their file arguments are checked by _paths only
-KNOWN = {"tensorboard", "mlflow", "wandb", "mkdocs", "kubectl", "sbatch", "eval", "cd", "git"}
+KNOWN = {
+    "tensorboard", "mlflow", "wandb", "mkdocs", "kubectl", "sbatch", "eval", "cd", "git",
+    "mkdir", "echo", "aws",
+}  # fmt: skip
 
 
 def _check_python_command(args: list[str]) -> list[str]:

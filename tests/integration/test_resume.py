@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ import psutil
 import pytest
 import yaml
 from conftest import REPO, small_config
+from helpers.resume import assert_same, metric_rows
 
 from rlalign_ray import checkpoint
 from rlalign_ray.config import config_from_dict
@@ -28,7 +28,6 @@ from rlalign_ray.errors import ConfigError
 from rlalign_ray.trainers import Trainer
 
 pytestmark = pytest.mark.integration
-KEYS = ("train/reward_mean", "train/loss", "train/kl")
 
 
 def _config(model: str, out: Path, steps: int = 4, **trainer) -> dict:
@@ -51,16 +50,7 @@ def _config(model: str, out: Path, steps: int = 4, **trainer) -> dict:
 
 
 def _rows(out: Path) -> dict[int, dict]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    rows = [json.loads(x) for x in lines]
-    assert len({r["step"] for r in rows}) == len(rows), "a step is logged twice"
-    return {r["step"]: r for r in rows}
-
-
-def _assert_same(a: dict[int, dict], b: dict[int, dict], steps) -> None:
-    for step in steps:
-        for key in (*KEYS, "train/kl_coef", "weights/version", "train/lr"):
-            assert b[step][key] == pytest.approx(a[step][key], rel=1e-6, abs=1e-9), (step, key)
+    return metric_rows((out / "metrics.jsonl").read_text())
 
 
 @pytest.mark.full
@@ -72,7 +62,7 @@ def test_resumed_run_logs_the_same_metrics_as_the_straight_run(ray_local, tiny_m
     Trainer(config_from_dict(_config(tiny_model, resumed, resume="auto"))).fit()
     a, b = _rows(straight), _rows(resumed)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
-    _assert_same(a, b, [1, 2, 3, 4])
+    assert_same(a, b, [1, 2, 3, 4])
     assert [b[s]["train/lr"] for s in a] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     # the last trainer.keep_checkpoints (2) complete checkpoints are kept, nothing half-written
     names = sorted(p.name for p in (resumed / "checkpoints").iterdir())
@@ -103,7 +93,7 @@ def test_ppo_with_a_critic_and_two_zero2_ranks_resumes_exactly(ray_local, tiny_m
     assert (resumed / "checkpoints" / "step_2" / "critic").is_dir()
     Trainer(config_from_dict(config(resumed, 3, resume="auto"))).fit()
     a, b = _rows(straight), _rows(resumed)
-    _assert_same(a, b, [3])
+    assert_same(a, b, [3])
     assert b[3]["critic/value_loss"] == pytest.approx(a[3]["critic/value_loss"], rel=1e-6)
 
 
@@ -202,12 +192,12 @@ def test_killed_run_resumes_with_the_same_metrics(tiny_model, tmp_path):
         family = _kill_all(proc)
     assert len(family) > 3  # the driver, Ray's daemons and the actors' workers
     assert sorted(_rows(killed)) == [1, 2, 3]
-    assert checkpoint.latest(killed / "checkpoints").name == "step_2"
+    assert Path(checkpoint.latest(killed / "checkpoints")).name == "step_2"
 
     _finish(_train(tmp_path / "killed.yaml", "trainer.resume=auto"))
     a, b = _rows(straight), _rows(killed)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
-    _assert_same(a, b, [3, 4])
+    assert_same(a, b, [3, 4])
     print(f"straight run {t_straight:.0f}s, whole test {time.monotonic() - t0:.0f}s")
 
 
@@ -236,6 +226,6 @@ def test_lora_with_two_zero2_ranks_resumes_exactly(ray_local, tiny_model, tmp_pa
     Trainer(config_from_dict(config(resumed, 3, resume="auto"))).fit()
     a, b = _rows(straight), _rows(resumed)
     assert sorted(b) == [1, 2, 3]
-    _assert_same(a, b, [3])
+    assert_same(a, b, [3])
     assert all(r["train/logprob_mismatch"] < 1e-4 for r in b.values())
     assert (resumed / "final" / "adapter_config.json").exists()

@@ -20,7 +20,7 @@ ROOMS = [  # docs/internals.md's Architecture table, top to bottom
     ["runtime"],
     ["models"],
     ["data", "algorithms", "tasks"],
-    ["ledger", "run_log", "log_backends", "checkpoint"],
+    ["ledger", "run_log", "log_backends", "checkpoint", "storage"],
     ["config"],
     ["roles"],
     ["errors"],
