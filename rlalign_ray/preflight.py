@@ -4,7 +4,8 @@
 the tokenizer's chat template when prompts are message lists (or ``model.chat_template``
 is on), that every function reward imports and can be called as TRL calls one
 (keywords ``prompts``, ``completions``, ``completion_ids``, ``trainer_state`` and the
-dataset's columns), and that an http reward's token variable is set. Each problem is a
+dataset's columns), that a math reward's answer column is in the dataset, and that an http
+reward's token variable is set. Each problem is a
 ``RlalignError`` that names the key and the fix. Roles that run a custom ``actor_class``
 are not checked (their classes may not load the model or the rewards at all), nor are
 local paths through Ray Client (``ray://``), where they are the cluster's.
@@ -62,6 +63,16 @@ def preflight(cfg: Config, topology: Any, prompts: list[PromptItem]) -> None:
         for i, spec in enumerate(cfg.reward.rewards):
             if spec.type == "function":
                 check_reward_function(f"reward.rewards[{i}].path", spec.path, columns)
+            elif spec.type == "math":
+                if spec.answer_key not in columns:
+                    raise ConfigError(
+                        [
+                            f"reward.rewards[{i}].answer_key: the math reward compares with "
+                            f"the column {spec.answer_key!r}, which {cfg.data.train} lacks "
+                            f"(its columns: {columns}); set answer_key to the column that "
+                            "holds the gold answers"
+                        ]
+                    )
             elif spec.type == "http":
                 if spec.token_env and not remote and not os.environ.get(spec.token_env):
                     raise ConfigError(
