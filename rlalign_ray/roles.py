@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import sysconfig
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -98,18 +97,12 @@ def import_object(path: str, kind: str = "object") -> Any:
 
 
 def _not_found(module: str, e: ModuleNotFoundError) -> str:
-    """Where ``module`` was looked for: the working directory and the ``sys.path``
-    entries that are neither the standard library nor installed packages."""
-    system = {
-        os.path.abspath(p)
-        for k in ("stdlib", "platstdlib", "purelib", "platlib")
-        for p in [sysconfig.get_paths().get(k)]
-        if p
-    }
+    """Where ``module`` was looked for: the working directory and the ``sys.path`` entries
+    outside the Python installation (PYTHONPATH's, a script's folder)."""
+    system = tuple(os.path.join(os.path.abspath(p), "") for p in {sys.prefix, sys.base_prefix})
     searched = [os.getcwd()]
-    for p in sys.path:
-        p = os.path.abspath(p)
-        if p not in searched and p not in system and "-packages" not in p and ".zip" not in p:
+    for p in map(os.path.abspath, sys.path):
+        if p not in searched and not os.path.join(p, "").startswith(system):
             searched.append(p)
     head = module.split(".")[0]
     also = f", in {', '.join(searched[1:])}" if searched[1:] else ""
