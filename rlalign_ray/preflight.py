@@ -45,6 +45,14 @@ def preflight(cfg: Config, topology: Any, prompts: list[PromptItem]) -> None:
         chat = cfg.model.chat_template or any(isinstance(p.prompt, list) for p in prompts)
         if chat:
             check_chat_template(cfg)
+        elif cfg.model.system_prompt:
+            raise ConfigError(
+                [
+                    "model.system_prompt: only prompts rendered with the chat template get "
+                    f"it, and the prompts in {cfg.data.train} are plain text; set "
+                    "model.chat_template: true, or put the instruction in the prompts"
+                ]
+            )
     if cfg.env.path and not remote:
         try:
             env_class(cfg.env.path)
@@ -189,6 +197,6 @@ def prepare_data(
     m = cfg.model
     tok = load_tokenizer(m.tokenizer or m.path, m.trust_remote_code)
     renderer = PromptRenderer(
-        tok, m.chat_template, m.chat_template_kwargs, cfg.data.max_prompt_tokens
+        tok, m.chat_template, m.chat_template_kwargs, cfg.data.max_prompt_tokens, m.system_prompt
     )
     return prepare_prompts(items, renderer, cfg.data.truncation, key)

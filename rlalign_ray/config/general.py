@@ -63,6 +63,11 @@ class ModelConfig:
     chat_template_kwargs: dict[str, Any] = doc(
         {}, "extra variables for the chat template (e.g. {enable_thinking: false})"
     )
+    system_prompt: str = doc(
+        "",
+        "a system message put first in every chat-rendered dataset prompt that has none "
+        "(e.g. asking for the final answer in \\boxed{}); empty: none",
+    )
 
 
 @dataclass
