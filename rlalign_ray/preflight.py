@@ -59,39 +59,45 @@ def preflight(cfg: Config, topology: Any, prompts: list[PromptItem]) -> None:
         except EnvError as e:
             raise ConfigError([str(e)]) from None
     if builtin.get("reward"):
-        columns = sorted(prompts[0].columns) if prompts else []
-        clash = sorted(set(columns) & set(RESERVED))
-        if clash:
-            raise ConfigError(
-                [
-                    f"{cfg.data.train}: the dataset has columns named {clash}, which rewards "
-                    "receive as their own arguments; rename those columns"
-                ]
-            )
-        for i, spec in enumerate(cfg.reward.rewards):
-            if spec.type == "function":
-                check_reward_function(f"reward.rewards[{i}].path", spec.path, columns)
-            elif spec.type == "math":
-                if spec.answer_key not in columns:
-                    raise ConfigError(
-                        [
-                            f"reward.rewards[{i}].answer_key: the math reward compares with "
-                            f"the column {spec.answer_key!r}, which {cfg.data.train} lacks "
-                            f"(its columns: {columns}); set answer_key to the column that "
-                            "holds the gold answers"
-                        ]
-                    )
-            elif spec.type == "http":
-                if spec.token_env and not remote and not os.environ.get(spec.token_env):
-                    raise ConfigError(
-                        [
-                            f"reward.rewards[{i}].token_env: the environment variable "
-                            f"{spec.token_env!r} (the bearer token for {spec.url}) is not "
-                            "set; export it before starting the run, or set token_env: ''"
-                        ]
-                    )
-            elif not remote:
-                check_model_path(f"reward.rewards[{i}].path", spec.path)
+        check_rewards(cfg, sorted(prompts[0].columns) if prompts else [], remote)
+
+
+def check_rewards(cfg: Config, columns: list[str], remote: bool) -> None:
+    """Each reward against the dataset's columns: a function imports and takes TRL's
+    keywords, a math reward's answer column is there, an http token is set, a model path
+    exists."""
+    clash = sorted(set(columns) & set(RESERVED))
+    if clash:
+        raise ConfigError(
+            [
+                f"{cfg.data.train}: the dataset has columns named {clash}, which rewards "
+                "receive as their own arguments; rename those columns"
+            ]
+        )
+    for i, spec in enumerate(cfg.reward.rewards):
+        key = f"reward.rewards[{i}]"
+        if spec.type == "function":
+            check_reward_function(f"{key}.path", spec.path, columns)
+        elif spec.type == "math":
+            if spec.answer_key not in columns:
+                raise ConfigError(
+                    [
+                        f"{key}.answer_key: the math reward compares with the column "
+                        f"{spec.answer_key!r}, which {cfg.data.train} lacks (its columns: "
+                        f"{columns}); set answer_key to the column that holds the gold answers"
+                    ]
+                )
+        elif spec.type == "http":
+            if spec.token_env and not remote and not os.environ.get(spec.token_env):
+                raise ConfigError(
+                    [
+                        f"{key}.token_env: the environment variable {spec.token_env!r} (the "
+                        f"bearer token for {spec.url}) is not set; export it before starting "
+                        "the run, or set token_env: ''"
+                    ]
+                )
+        elif not remote:
+            check_model_path(f"{key}.path", spec.path)
 
 
 def _looks_local(path: str) -> bool:
