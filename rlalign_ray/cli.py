@@ -19,6 +19,34 @@ from rlalign_ray.errors import RlalignError
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return COMMANDS[args.command](args)
+    except RlalignError as e:
+        print(f"rlalign-ray: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rlalign-ray: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; dotted overrides may also follow an option (``--resources k=v``)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "overrides", None) is not None:
+        args.overrides += [x for x in extra if not x.startswith("-")]
+        extra = [x for x in extra if x.startswith("-")]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlalign-ray", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     from rlalign_ray.config_doc import config_help
@@ -62,24 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlalign_ray.bench import add_parser as add_bench
 
     add_bench(sub)
-    args, extra = parser.parse_known_args(argv)
-    if getattr(args, "overrides", None) is not None:  # overrides after an option, too
-        args.overrides += [x for x in extra if not x.startswith("-")]
-        extra = [x for x in extra if x.startswith("-")]
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        return COMMANDS[args.command](args)
-    except RlalignError as e:
-        print(f"rlalign-ray: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("rlalign-ray: interrupted", file=sys.stderr)
-        return 130
+    return parser
 
 
 def _train(args: argparse.Namespace) -> int:
