@@ -340,7 +340,10 @@ def report(cfg: Config, name: str, nodes: list[Node], local: bool, sizer: Sizer 
     """``(text, fits)``: the needs table, the models, what there is, and the verdict."""
     sizes: dict[tuple[str, str], ModelSize] = {}
     needs = role_needs(cfg, sizer, sizes)
-    lines = [f"resources for {name}", _row("role", "actors", "CPUs", "GPUs", "memory", "model")]
+    lines = [
+        f"resources for {name}",
+        _row("role", "actors", "CPUs", "GPUs", "reserved", "model memory (estimate)"),
+    ]
     for n in needs:
         r = n.resources
         mem = f"{r.memory_gb:g}G" if r.memory_gb else "-"
