@@ -242,7 +242,7 @@ class MathReward:
                 f"math reward {self.name!r} needs the dataset column {self.key!r} with the "
                 f"gold answers (set answer_key); columns here: {sorted(inputs.columns)}"
             )
-        golds = [gold_answer(g) for g in inputs.columns[self.key]]
+        golds = [gold_answer(g) if _given(g) else "" for g in inputs.columns[self.key]]
         answers = [extract_answer(t)[0] for t in inputs.completion_texts]
         return self.verifier.check(list(zip(answers, golds)))
 
@@ -261,11 +261,16 @@ class MathFormatReward:
         golds = inputs.columns.get(self.key) or [None] * len(inputs)
         out: list[float | None] = []
         for text, gold in zip(inputs.completion_texts, golds):
-            if gold is None or not str(gold).strip():
+            if not _given(gold):
                 out.append(None)
             else:
                 out.append(1.0 if extract_answer(text)[1] in FORMATS else 0.0)
         return out
+
+
+def _given(gold: Any) -> bool:
+    """A gold answer is there (not None, not blank): else neither component applies."""
+    return gold is not None and bool(str(gold).strip())
 
 
 def _verdict(parse: Any, verify: Any, answer: str | None, gold: str, t: int, cache: dict) -> Any:

@@ -51,6 +51,7 @@ CASES = [
     ("<think>17 + 1 = 18. Or was it 17?</think>\nThe answer is 18.", "18", 1.0, 0.0),
     ("<think>The sum is 18.</think>\nThe sum is 17.", "18", 0.0, 0.0),  # thinking skipped
     ("<think>So far 3 + 15 = 18, and then", "18", 0.0, 0.0),  # cut off while thinking
+    ("The answer is 4.", None, None, None),  # no gold answer: neither component applies
 ]  # fmt: skip
 
 
