@@ -106,3 +106,18 @@ def test_config_checks_of_a_math_reward(tmp_path):
     text = str(e.value)
     assert "reward.rewards[0].answer_key: name the dataset column" in text
     assert "reward.rewards[0].path: a math reward takes no path" in text
+
+
+def test_math_reward_without_math_verify_names_the_extra(monkeypatch):
+    import importlib.util
+
+    find = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "math_verify" else find(name, *a),
+    )
+    with pytest.raises(
+        ConfigError, match=r"reward.rewards\[0\].type: math .* pip install 'rlalign-ray\[math\]'"
+    ):
+        config_from_dict({"reward": {"rewards": [{"type": "math"}]}})
