@@ -6,7 +6,8 @@
 #                    CONFIG [dotted.overrides ...]
 #
 # The working dir (default: this repository's root) is uploaded with the job, minus
-# runs/, .git and caches; CONFIG and data paths resolve inside it on the cluster.
+# runs/, .git, caches and weight files (rlalign_ray/runtime/cluster.py WORKING_DIR_EXCLUDES);
+# CONFIG and data paths resolve inside it on the cluster.
 # --address defaults to $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS when it is an
 # http(s):// address, then http://127.0.0.1:8265. --pip adds packages to the job's
 # runtime env; --env K=V sets a variable for the job, --env K forwards this shell's $K.
@@ -24,7 +25,7 @@
 set -euo pipefail
 
 die() { echo "submit.sh: $*" >&2; exit 2; }
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 ADDRESS=""
@@ -101,17 +102,18 @@ EOF
 )"
 [[ "$OUTPUT_DIR" != "!"* ]] || die "invalid config: ${OUTPUT_DIR#!}"
 
-RUNTIME_ENV="$("$PY" - "${#ENV_PAIRS[@]}" "${ENV_PAIRS[@]+"${ENV_PAIRS[@]}"}" "${PIPS[@]+"${PIPS[@]}"}" <<'EOF'
+RUNTIME_ENV="$("$PY" - "$REPO" "${#ENV_PAIRS[@]}" "${ENV_PAIRS[@]+"${ENV_PAIRS[@]}"}" "${PIPS[@]+"${PIPS[@]}"}" <<'EOF'
 import json, sys
-n = int(sys.argv[1])
-pairs, pips = sys.argv[2:2 + n], sys.argv[2 + n:]
+sys.path.insert(0, sys.argv[1])  # this repository's package: the excludes train uses too
+from rlalign_ray.runtime.cluster import WORKING_DIR_EXCLUDES
+n = int(sys.argv[2])
+pairs, pips = sys.argv[3:3 + n], sys.argv[3 + n:]
 env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 env.update(p.split("=", 1) for p in pairs)
 rt = {
     "env_vars": env,
-    # Keep the upload small: outputs, VCS data and caches stay behind.
-    "excludes": ["runs/", ".git/", "**/__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/",
-                 ".ruff_cache/", ".mypy_cache/", ".venv/", "venv/", "*.safetensors", "*.bin"],
+    # Keep the upload small: outputs, VCS data, caches and weight files stay behind.
+    "excludes": WORKING_DIR_EXCLUDES,
 }
 if pips:
     rt["pip"] = pips

@@ -24,6 +24,11 @@ class RewardError(RlalignError):
     """A reward function or model failed on a batch."""
 
 
+class UserCodeError(RlalignError):
+    """A ``module:name`` the config names (a reward function, an environment, an actor
+    class) cannot be imported; the message says where it was looked for."""
+
+
 class NonFiniteError(RlalignError):
     """Training diverged: too many optimizer steps in a row had a non-finite loss or
     gradient norm (``learner.max_skipped_steps``)."""

@@ -4,7 +4,8 @@
 the tokenizer's chat template when prompts are message lists (or ``model.chat_template``
 is on), that every function reward imports and can be called as TRL calls one
 (keywords ``prompts``, ``completions``, ``completion_ids``, ``trainer_state`` and the
-dataset's columns), and that an http reward's token variable is set. Each problem is a
+dataset's columns), that a math reward's answer column is in the dataset, and that an http
+reward's token variable is set. Each problem is a
 ``RlalignError`` that names the key and the fix. Roles that run a custom ``actor_class``
 are not checked (their classes may not load the model or the rewards at all), nor are
 local paths through Ray Client (``ray://``), where they are the cluster's.
@@ -44,35 +45,59 @@ def preflight(cfg: Config, topology: Any, prompts: list[PromptItem]) -> None:
         chat = cfg.model.chat_template or any(isinstance(p.prompt, list) for p in prompts)
         if chat:
             check_chat_template(cfg)
+        elif cfg.model.system_prompt:
+            raise ConfigError(
+                [
+                    "model.system_prompt: only prompts rendered with the chat template get "
+                    f"it, and the prompts in {cfg.data.train} are plain text; set "
+                    "model.chat_template: true, or put the instruction in the prompts"
+                ]
+            )
     if cfg.env.path and not remote:
         try:
             env_class(cfg.env.path)
         except EnvError as e:
             raise ConfigError([str(e)]) from None
     if builtin.get("reward"):
-        columns = sorted(prompts[0].columns) if prompts else []
-        clash = sorted(set(columns) & set(RESERVED))
-        if clash:
-            raise ConfigError(
-                [
-                    f"{cfg.data.train}: the dataset has columns named {clash}, which rewards "
-                    "receive as their own arguments; rename those columns"
-                ]
-            )
-        for i, spec in enumerate(cfg.reward.rewards):
-            if spec.type == "function":
-                check_reward_function(f"reward.rewards[{i}].path", spec.path, columns)
-            elif spec.type == "http":
-                if spec.token_env and not remote and not os.environ.get(spec.token_env):
-                    raise ConfigError(
-                        [
-                            f"reward.rewards[{i}].token_env: the environment variable "
-                            f"{spec.token_env!r} (the bearer token for {spec.url}) is not "
-                            "set; export it before starting the run, or set token_env: ''"
-                        ]
-                    )
-            elif not remote:
-                check_model_path(f"reward.rewards[{i}].path", spec.path)
+        check_rewards(cfg, sorted(prompts[0].columns) if prompts else [], remote)
+
+
+def check_rewards(cfg: Config, columns: list[str], remote: bool) -> None:
+    """Each reward against the dataset's columns: a function imports and takes TRL's
+    keywords, a math reward's answer column is there, an http token is set, a model path
+    exists."""
+    clash = sorted(set(columns) & set(RESERVED))
+    if clash:
+        raise ConfigError(
+            [
+                f"{cfg.data.train}: the dataset has columns named {clash}, which rewards "
+                "receive as their own arguments; rename those columns"
+            ]
+        )
+    for i, spec in enumerate(cfg.reward.rewards):
+        key = f"reward.rewards[{i}]"
+        if spec.type == "function":
+            check_reward_function(f"{key}.path", spec.path, columns)
+        elif spec.type == "math":
+            if spec.answer_key not in columns:
+                raise ConfigError(
+                    [
+                        f"{key}.answer_key: the math reward compares with the column "
+                        f"{spec.answer_key!r}, which {cfg.data.train} lacks (its columns: "
+                        f"{columns}); set answer_key to the column that holds the gold answers"
+                    ]
+                )
+        elif spec.type == "http":
+            if spec.token_env and not remote and not os.environ.get(spec.token_env):
+                raise ConfigError(
+                    [
+                        f"{key}.token_env: the environment variable {spec.token_env!r} (the "
+                        f"bearer token for {spec.url}) is not set; export it before starting "
+                        "the run, or set token_env: ''"
+                    ]
+                )
+        elif not remote:
+            check_model_path(f"{key}.path", spec.path)
 
 
 def _looks_local(path: str) -> bool:
@@ -178,6 +203,6 @@ def prepare_data(
     m = cfg.model
     tok = load_tokenizer(m.tokenizer or m.path, m.trust_remote_code)
     renderer = PromptRenderer(
-        tok, m.chat_template, m.chat_template_kwargs, cfg.data.max_prompt_tokens
+        tok, m.chat_template, m.chat_template_kwargs, cfg.data.max_prompt_tokens, m.system_prompt
     )
     return prepare_prompts(items, renderer, cfg.data.truncation, key)

@@ -196,10 +196,25 @@ def check_reward(cfg: Config, e: list[str]) -> None:
             _positive(e, f"{key}.timeout_s", spec.timeout_s)
             _positive(e, f"{key}.retries", spec.retries, allow_zero=True)
             _positive(e, f"{key}.batch_size", spec.batch_size)
+        elif spec.type == "math":
+            _check_math_reward(spec, key, e)
         elif not spec.path:
             e.append(f"{key}.path: required (module:function or a model path)")
         elif spec.type == "function" and ":" not in spec.path:
             e.append(f"{key}.path: a function reward is 'module:function', got {spec.path!r}")
+
+
+def _check_math_reward(spec: Any, key: str, e: list[str]) -> None:
+    """``type: math``: math-verify is installed and the answers have a column."""
+    if importlib.util.find_spec("math_verify") is None:
+        e.append(
+            f"{key}.type: math checks answers with the math-verify library, which is not "
+            "installed; pip install 'rlalign-ray[math]' (on every node)"
+        )
+    if not spec.answer_key:
+        e.append(f"{key}.answer_key: name the dataset column with the gold answers, e.g. answer")
+    if spec.path:
+        e.append(f"{key}.path: a math reward takes no path (it reads answer_key); remove it")
 
 
 def check_algorithm(cfg: Config, e: list[str]) -> None:

@@ -11,7 +11,7 @@ from rlalign_ray.config.fields import DistBackend, Dtype, Placement, Resources, 
 RolloutBackend = Literal["hf", "vllm"]
 Transport = Literal["auto", "collective", "cuda_ipc", "shared_memory", "object_store"]
 TRANSPORTS = typing.get_args(Transport)
-RewardType = Literal["function", "model", "embedding", "http"]
+RewardType = Literal["function", "model", "embedding", "http", "math"]
 NonfiniteMode = Literal["error", "zero", "drop_group"]
 NONFINITE_MODES = typing.get_args(NonfiniteMode)
 EnvRewardMode = Literal["sum", "last", "rewards-only"]
@@ -93,7 +93,9 @@ class RewardSpec:
 
     name: str = doc("", "label in metrics (default: derived from type and path)")
     type: RewardType = doc(
-        "function", "function (module:fn), model (sequence classifier), embedding"
+        "function",
+        "function (module:fn), model (sequence classifier), embedding, http (a remote "
+        "scorer), math (the final answer checked against answer_key with math-verify)",
     )
     path: str = doc("", "module:function, or a model path for model/embedding")
     weight: float = doc(1.0, "weight in the total reward")
@@ -103,6 +105,14 @@ class RewardSpec:
     timeout_s: float = doc(30.0, "http: seconds one request may take")
     retries: int = doc(2, "http: further tries after a failed or timed-out request")
     token_env: str = doc("", "http: environment variable holding a bearer token (empty: none)")
+    answer_key: str = doc(
+        "answer", "math: dataset column with the gold answer (a number, LaTeX, or '... #### 72')"
+    )
+    format_weight: float = doc(
+        0.0,
+        "math: weight of the format component <name>_format (1 where the final answer is in "
+        "\\boxed{} or after ####), logged even at 0",
+    )
 
 
 @dataclass

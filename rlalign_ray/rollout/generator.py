@@ -60,7 +60,11 @@ class Generator:
         self.max_prompt_tokens = max_prompt_tokens
         self.tok = load_tokenizer(model.tokenizer or model.path, model.trust_remote_code)
         self.renderer = PromptRenderer(
-            self.tok, model.chat_template, model.chat_template_kwargs, max_prompt_tokens
+            self.tok,
+            model.chat_template,
+            model.chat_template_kwargs,
+            max_prompt_tokens,
+            model.system_prompt,
         )
         self.env = env if env is not None and env.path else None
         # multi-turn contexts grow past the prompt: let the engine take the model's length
@@ -73,9 +77,10 @@ class Generator:
         self.rank = rank
 
     # ---- prompts ----------------------------------------------------------------------
-    def render(self, prompt: Any) -> str:
-        """The text the model sees: the chat template for message lists (or when asked)."""
-        return self.renderer.render(prompt)
+    def render(self, prompt: Any, first: bool = True) -> str:
+        """The text the model sees: the chat template for message lists (or when asked);
+        ``first=False`` for an environment's later observations (no system prompt)."""
+        return self.renderer.render(prompt, first)
 
     def encode(self, text: str) -> list[int]:
         """Its tokens: one BOS, at most ``max_prompt_tokens`` (the last ones; the driver has

@@ -138,13 +138,13 @@ def _script_problems(path: str) -> tuple[str, ...]:
 
 
 def _check_cli(args: list[str]) -> list[str]:
-    from rlalign_ray.cli import build_parser
+    from rlalign_ray.cli import _parse
     from rlalign_ray.config import load_config
     from rlalign_ray.errors import ConfigError
 
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            ns = build_parser().parse_args(args)
+            ns = _parse(args)
     except SystemExit:
         return [f"rlalign-ray {' '.join(args)}: the argument parser refuses it"]
     if getattr(ns, "config", None) is None:

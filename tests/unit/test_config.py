@@ -132,7 +132,8 @@ def test_reward_spec_checks():
         for p in probs
     )
     assert any(
-        p == "reward.rewards[1].type: use one of function, model, embedding, http; got 'magic'"
+        p
+        == "reward.rewards[1].type: use one of function, model, embedding, http, math; got 'magic'"
         for p in probs
     )
 
