@@ -6,6 +6,8 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step_N``:
     driver_rng.pt        the driver's torch, Python and NumPy random states (tensors and
                          plain values: read with ``torch.load(weights_only=True)``)
     generators_rng.pt    every generator's random state (rank order)
+    rollout_buffer/      pipelined runs: the chunks sampled for steps after N, with their
+                         rewards and reference log-probs (``trainers/buffer.py``)
     learner/             DeepSpeed's checkpoint of every learner rank (optimizer, ZeRO shards)
     critic/              the same for the critic ranks (PPO)
     *.safetensors ...    the policy as a Hugging Face folder (``from_pretrained`` loads it)
@@ -16,10 +18,9 @@ It is written into ``checkpoints/.tmp-step_N`` and renamed to ``step_N`` once co
 killed while saving leaves a ``.tmp-`` folder, removed at the next start. Learner ranks on
 several nodes need ``output_dir`` on a filesystem they all share.
 
-Synchronous runs (``trainer.max_staleness: 0``) resume exactly: every later step logs the
-same metrics as the run that never stopped. Pipelined runs resume at the step boundary with
-the same sampler, weights and optimizer, but generation for later steps that was in flight
-is dropped and sampled again, so their samples differ.
+Runs resume exactly, synchronous or pipelined: every later step logs the same metrics as
+the run that never stopped. A pipelined run's checkpoint waits for the generation in flight
+for later steps and stores it (the rollout buffer), so nothing is sampled twice or lost.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class TrainerState:
     sampler: dict[str, int]  # PromptSampler.state_dict() before step + 1 was drawn
     kl_coef: float
     totals: dict[str, int] = field(default_factory=dict)  # Rollouts.totals
+    staleness: dict[str, int] = field(default_factory=dict)  # max_staleness: auto's state
 
     def write(self, folder: Path) -> None:
         (folder / STATE_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")

@@ -16,9 +16,14 @@ advantage is weighted by min(pi_proximal / pi_behaviour, ``algorithm.behaviour_i
 around the current policy (a ratio against a policy k versions old would be clipped
 mostly on staleness, not on the update), and the cap bounds the variance.
 
+``trainer.max_staleness: auto`` steers k by the off-policy price each step pays (the
+importance-weight clip fraction and the behaviour-learner mismatch KL:
+``algorithms/staleness.py``), between 0 and ``trainer.max_staleness_cap``.
+
 Every ``trainer.save_every`` steps the driver writes a resumable checkpoint (learner and
-critic ranks' DeepSpeed state, sampler, KL controller, random states: ``checkpoint.py``);
-``trainer.resume`` continues a run from one.
+critic ranks' DeepSpeed state, sampler, KL controller, random states: ``checkpoint.py``;
+pipelined, also the rollout buffer: the chunks sampled for later steps, ``buffer.py``);
+``trainer.resume`` continues a run from one, logging what the run that never stopped logs.
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ from rlalign_ray.run_log import MetricsLogger
 from rlalign_ray.runtime.cluster import connect
 from rlalign_ray.runtime.placement import get, lost_roles
 from rlalign_ray.topology import Topology
+from rlalign_ray.trainers.buffer import FOLDER as BUFFER
+from rlalign_ray.trainers.buffer import RolloutBuffer
 from rlalign_ray.trainers.rollouts import Rollouts
 from rlalign_ray.trainers.samples import completion_rows
 
@@ -162,7 +169,7 @@ class Trainer:
         ledger: SampleLog | None,
     ) -> dict[str, float]:
         """One training step (1-6 above), logged; returns its metrics."""
-        cfg, rollouts, k = self.cfg, self.rollouts, self.cfg.trainer.max_staleness
+        cfg, rollouts, k = self.cfg, self.rollouts, self.rollouts.k  # auto: it moves
         t0, cpu0 = time.perf_counter(), time.process_time()
         idle0 = self.pools["generator"].idle_seconds()
         # 1-3. generation for every step the staleness bound allows (k = 0: this one)
@@ -189,14 +196,15 @@ class Trainer:
         metrics.update(self.data_stats)
         metrics["train/kl_coef"] = self.kl_ctl.value
         self.kl_ctl.update(metrics.get("train/kl", 0.0), cfg.batch_size)
+        metrics["rollout/max_staleness"] = k  # the bound this step's requests and drops used
+        price = (metrics.get(f"train/{m}", 0.0) for m in ("mismatch_kl", "behaviour_is_clipfrac"))
+        rollouts.staleness.update(*price)
         if evals and (
             step == cfg.trainer.steps
             or cfg.trainer.eval_every
             and step % cfg.trainer.eval_every == 0
         ):
             metrics.update(self.evaluate(evals))
-        if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
-            self.checkpoint(step)
         gens = len(self.pools["generator"])
         idle = self.pools["generator"].idle_seconds() - idle0
         metrics["time/generator_idle_s"] = idle / gens
@@ -207,6 +215,9 @@ class Trainer:
         logger.log(step, metrics)
         if ledger is not None:
             ledger.write(step, rollouts.samples.pop(step, []))
+        # after the step's lines: a run killed once its checkpoint is committed lost none
+        if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
+            self.checkpoint(step)
         logger.advance()
         return metrics
 
@@ -217,7 +228,8 @@ class Trainer:
         """After ``error``: if a learner (or critic) rank died, start the groups again from
         the last checkpoint (``run.max_learner_restarts`` times a run) and return its step;
         otherwise, or past the limit, stop with an error naming the checkpoint to resume
-        from. Generation in flight is dropped: it was sampled with later weights."""
+        from. Generation in flight is dropped; the steps the checkpoint buffered (pipelined)
+        train on its chunks, as they did before."""
         groups = [r for r in ("learner", "critic") if r in self.pools]
         dead = [f"{r} rank {i}" for r in groups for i in self.pools[r].dead_actors(10.0)]
         if not dead:
@@ -338,9 +350,12 @@ class Trainer:
     # ---- resumable checkpoints (rlalign_ray/checkpoint.py) ------------------------------
     def checkpoint(self, step: int) -> Path:
         """Everything a run needs to continue after ``step``, in
-        ``checkpoints/step_<step>`` (written aside, then renamed)."""
+        ``checkpoints/step_<step>`` (written aside, then renamed). Pipelined, the chunks
+        requested for later steps land first and are stored (the rollout buffer)."""
         t = self.cfg.trainer
+        buffer = self.rollouts.buffer()  # waits for generation in flight
         tmp = checkpoint.staging(t.output_dir, step)
+        buffer.write(tmp / BUFFER)
         self.save(tmp)  # the policy as a Hugging Face folder
         for role in ("learner", "critic"):
             if role in self.pools:
@@ -353,6 +368,7 @@ class Trainer:
             sampler=self.rollouts.resume_state(step),
             kl_coef=self.kl_ctl.value,
             totals=dict(self.rollouts.totals),
+            staleness=self.rollouts.staleness.state_dict(),
         ).write(tmp)
         return checkpoint.commit(tmp, step, t.keep_checkpoints)
 
@@ -366,7 +382,10 @@ class Trainer:
         self.version = state.version
         gens = checkpoint.load(path / "generators_rng.pt")
         self.pools["generator"].set_rng_states(gens)
-        self.rollouts.resume_from(state.step, state.sampler, state.totals)
+        buffer = RolloutBuffer.read(path / BUFFER)
+        self.rollouts.resume_from(state.step, state.sampler, state.totals, buffer)
+        if state.staleness:
+            self.rollouts.staleness.load_state_dict(state.staleness)
         self.kl_ctl.value = state.kl_coef
         checkpoint.set_rng_state(checkpoint.load(path / "driver_rng.pt"))
 
@@ -391,7 +410,7 @@ class Trainer:
             self.cfg.generator_dtype,
             self.pools["learner"],
             self.pools["generator"],
-            overlap=self.cfg.trainer.max_staleness > 0,
+            overlap=self.cfg.pipelined,
         )
         self.weights.setup()
 
