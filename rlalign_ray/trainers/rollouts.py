@@ -108,16 +108,14 @@ class Rollouts:
     def _buffered(self, s: StepRollout) -> BufferedStep:
         timeout, what = self.cfg.run.call_timeout_s, "checkpoint: buffered chunks"
         batches = get([c.ref for c in s.chunks], what, timeout)
-        own = [c for c in s.chunks if self.gen.prescored(c) is None]
-        shards = dict(zip([c.id for c in own], self._scores(own, s.scored, what) if own else []))
+        shards = self._chunk_scores(s.chunks, s.scored, what)
         refs = [None] * len(s.chunks)
         if self.reference is not None:
             if self.reference.max_restarts:
                 self._check_reference(s)
             refs = get([s.ref_lp[c.id] for c in s.chunks], what, timeout)
         out = BufferedStep(s.step, s.rounds, s.dropped_stale, self.sampler_before.get(s.step))
-        for c, batch, ref in zip(s.chunks, batches, refs):
-            scores = shards[c.id] if c.id in shards else self.gen.joined_scores([c], what)
+        for c, batch, scores, ref in zip(s.chunks, batches, shards, refs):
             out.chunks.append(
                 BufferedChunk(
                     [it.index for it in c.items], c.n, c.seed, c.version, c.actor, c.pinned,
@@ -221,7 +219,7 @@ class Rollouts:
             t_gen = time.perf_counter() - t0
             scores = self.gen.joined_scores(s.chunks, "reward pool")
             if scores is None:  # chunk by chunk: one whose reward actor died is scored again
-                scores = ScoredShard.concat(self._scores(s.chunks, s.scored, "reward pool"))
+                scores = ScoredShard.concat(self._chunk_scores(s.chunks, s.scored, "reward pool"))
             finite = group_finite(scores.scores, n)  # all True unless on_nonfinite: drop_group
             informative = (group_spread(scores.scores, n) > 0) & finite
             if self._enough(finite, informative, s.rounds):
@@ -320,6 +318,16 @@ class Rollouts:
             "rollout/dropped_stale": float(s.dropped_stale),
             "rollout/versions": float(len({c.version for c in s.chunks})),
         }
+
+    def _chunk_scores(self, chunks: list[Chunk], scored: dict[int, Any], what: str) -> list:
+        """Each chunk's ScoredShard, in order: those a dispatcher scored from their runs,
+        the others from their own score refs (``_scores``). A step can hold both: chunks
+        restored from a checkpoint's buffer and chunks sampled after it."""
+        own = [c for c in chunks if self.gen.prescored(c) is None]
+        shards = dict(zip([c.id for c in own], self._scores(own, scored, what) if own else []))
+        return [
+            shards[c.id] if c.id in shards else self.gen.joined_scores([c], what) for c in chunks
+        ]
 
     # ---- dead reward and reference actors ---------------------------------------------------
     def _scores(self, chunks: list[Chunk], scored: dict[int, Any], what: str) -> list[Any]:

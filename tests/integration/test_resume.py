@@ -212,19 +212,26 @@ PIPELINED = {
     0: {},
     1: {"rollout.chunk_size": 1},
     2: {"rollout.chunk_size": 0, "rollout.prompts_per_step": 6},
+    "dispatch": {"rollout.chunk_size": 1, "rollout.dispatch_group": 1},
     "vllm": {"rollout.chunk_size": 1, "rollout.backend": "vllm", "rollout.kv_cache_gb": 0.25,
              "rollout.max_model_len": 64},
 }  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    "case", [0, 1, pytest.param(2, marks=pytest.mark.full), pytest.param("vllm", marks=VLLM)]
+    "case",
+    [
+        0,
+        1,
+        *[pytest.param(c, marks=pytest.mark.full) for c in (2, "dispatch")],
+        pytest.param("vllm", marks=VLLM),
+    ],
 )
 def test_killed_run_resumes_with_the_same_metrics(tiny_model, tmp_path, case):
     """SIGKILL once step 3 is logged (the latest checkpoint is then step 2's, or step 4's
     on a busy machine), resume: every later step logs what the straight run logs.
     Pipelined, the steps after the checkpoint were sampled before it (the buffer)."""
-    k, steps = (1 if case == "vllm" else case), 6
+    k, steps = (case if isinstance(case, int) else 1), 6
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     for out in (straight, killed):
         cfg = _config(tiny_model, out, steps, max_staleness=k, sample_log=True)
