@@ -37,12 +37,13 @@ def off_policy_price(
     """The off-policy price of a batch: ``behaviour_is_clipfrac`` and ``mismatch_kl``.
 
     Shapes: all (B, T); ``mask`` 1 on response tokens. With ``log r = learner - behaviour``
-    (clamped to [-20, 20], as the weight itself is):
+    (clamped to [-20, 20], as the weight itself is; in float64, where (r - 1) - log r
+    of a ratio near 1 would round away):
     ``behaviour_is_clipfrac = masked_mean(r > cap)`` (0 when ``cap <= 0``: no weight) and
     ``mismatch_kl = masked_mean(r - 1 - log r)``, the k3 estimate of KL(behaviour || learner)
     from tokens the behaviour policy sampled (Schulman 2020, "Approximating KL divergence").
     """
-    log_r = (learner_logprobs - behaviour_logprobs).float().clamp(-20, 20)
+    log_r = (learner_logprobs.double() - behaviour_logprobs.double()).clamp(-20, 20)
     r = torch.exp(log_r)
     kl = masked_mean(r - 1 - log_r, mask)
     clipped = masked_mean((r > cap).float(), mask) if cap > 0 else torch.zeros(())
