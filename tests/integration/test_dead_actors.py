@@ -148,25 +148,36 @@ def test_dead_generator_reward_and_reference_are_replaced(ray_local, tiny_model,
     )
 
 
+STALLING_LEARNER = {
+    "world_size": 1,
+    "micro_batch_size": 4,
+    "lr": 1e-3,
+    "resources": {"num_cpus": 0.5},
+    "actor_class": "helpers.stalls:StallingLearner",
+}
+
+
+def _fit_killing(name: str, cfg: dict) -> Killer:
+    """Train ``cfg`` while a ``Killer`` SIGKILLs the actor that stalls at ``name``."""
+    killer = Killer([[name]])
+    killer.start()
+    try:
+        Trainer(config_from_dict(cfg)).fit()
+    finally:
+        killer.done.set()
+    return killer
+
+
 def test_dead_learner_rank_restarts_from_the_checkpoint(ray_local, tiny_model, tmp_path, claims):
     out = tmp_path / "run"
     sections = {
         "algorithm": {"kl_coef": 0.0},  # no reference: fewer actors
-        "learner": {
-            "world_size": 1,
-            "micro_batch_size": 4,
-            "lr": 1e-3,
-            "resources": {"num_cpus": 0.5},
-            "actor_class": "helpers.stalls:StallingLearner",
-        },
+        "learner": STALLING_LEARNER,
         "trainer": {"save_every": 2},
     }
     # no restarts: the run stops naming the checkpoint and how to resume
-    killer = Killer([["learner"]])
-    killer.start()
     with pytest.raises(ActorFailure) as err:
-        Trainer(config_from_dict(_config(tiny_model, out, 4, **sections))).fit()
-    killer.done.set()
+        _fit_killing("learner", _config(tiny_model, out, 4, **sections))
     msg = str(err.value)
     assert "learner rank 0 died" in msg and "trainer.resume=auto" in msg, msg
     assert str(out / "checkpoints" / "step_2") in msg and "(step 2)" in msg, msg
@@ -174,12 +185,7 @@ def test_dead_learner_rank_restarts_from_the_checkpoint(ray_local, tiny_model, t
     # with a restart: the group starts again from step 2's checkpoint and the run completes
     out2 = tmp_path / "run2"
     sections["run"] = {"max_learner_restarts": 1}
-    killer = Killer([["learner"]])
-    killer.start()
-    try:
-        Trainer(config_from_dict(_config(tiny_model, out2, 4, **sections))).fit()
-    finally:
-        killer.done.set()
+    killer = _fit_killing("learner", _config(tiny_model, out2, 4, **sections))
     assert "learner" in killer.killed
     assert sorted(_metrics(out2)) == [1, 2, 3, 4]
     _check_ledger(out2, 4)
@@ -195,24 +201,13 @@ def test_dead_learner_rank_in_a_pipelined_run_continues_exactly(
     sections = {
         "algorithm": {"kl_coef": 0.0},
         "rollout": {"chunk_size": 1},
-        "learner": {
-            "world_size": 1,
-            "micro_batch_size": 4,
-            "lr": 1e-3,
-            "resources": {"num_cpus": 0.5},
-            "actor_class": "helpers.stalls:StallingLearner",
-        },
+        "learner": STALLING_LEARNER,
         "trainer": {"save_every": 2, "max_staleness": 1},
         "run": {"max_learner_restarts": 1},
     }
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     Trainer(config_from_dict(_config(tiny_model, straight, 4, **sections))).fit()
-    killer = Killer([["learner"]])
-    killer.start()
-    try:
-        Trainer(config_from_dict(_config(tiny_model, killed, 4, **sections))).fit()
-    finally:
-        killer.done.set()
+    killer = _fit_killing("learner", _config(tiny_model, killed, 4, **sections))
     assert "learner" in killer.killed
     a, b = _metrics(straight), _metrics(killed)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
