@@ -28,7 +28,7 @@ from rlalign_ray.algorithms import StalenessController
 from rlalign_ray.config import Config
 from rlalign_ray.data.batch import NONFINITE, PromptItem, ScoredShard
 from rlalign_ray.data.prompts import PromptSampler
-from rlalign_ray.errors import ActorFailure, RewardError
+from rlalign_ray.errors import ActorFailure, DataError, RewardError
 from rlalign_ray.pools import Chunk, Experience, Future, GeneratorPool, ReferencePool, RewardPool
 from rlalign_ray.runtime.placement import actor_died, get
 from rlalign_ray.trainers.buffer import BufferedChunk, BufferedStep, RolloutBuffer
@@ -133,6 +133,12 @@ class Rollouts:
         s = StepRollout(b.step, rounds=b.rounds, dropped_stale=b.dropped_stale)
         now = time.perf_counter()
         for bc in b.chunks:
+            if any(i not in items for i in bc.prompts):
+                raise DataError(
+                    f"the checkpoint's rollout buffer holds samples of data.train prompts "
+                    f"{sorted(set(bc.prompts) - set(items))}, which the dataset now lacks; "
+                    "resume with the data.train the run was started with"
+                )
             prompts = [items[i] for i in bc.prompts]
             (c,) = self.gen.chunks(prompts, bc.n, step=b.step, chunk_size=len(prompts))
             c.seed, c.version, c.actor, c.pinned = bc.seed, bc.version, bc.actor, bc.pinned
