@@ -6,6 +6,8 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step_N``:
     driver_rng.pt        the driver's torch, Python and NumPy random states (tensors and
                          plain values: read with ``torch.load(weights_only=True)``)
     generators_rng.pt    every generator's random state (rank order)
+    rollout_buffer/      pipelined runs: the chunks sampled for steps after N, with their
+                         rewards and reference log-probs (``trainers/buffer.py``)
     learner/             DeepSpeed's checkpoint of every learner rank (optimizer, ZeRO shards)
     critic/              the same for the critic ranks (PPO)
     *.safetensors ...    the policy as a Hugging Face folder (``from_pretrained`` loads it)
@@ -18,10 +20,9 @@ In a URI (``storage.py``; object stores have no atomic rename) every writer uplo
 it counts as complete, and one without it is removed at the next start. Then the ``latest``
 marker names the new checkpoint, and only the last ``trainer.keep_checkpoints`` are kept.
 
-Synchronous runs (``trainer.max_staleness: 0``) resume exactly: every later step logs the
-same metrics as the run that never stopped. Pipelined runs resume at the step boundary with
-the same sampler, weights and optimizer, but generation for later steps that was in flight
-is dropped and sampled again, so their samples differ.
+Runs resume exactly, synchronous or pipelined: every later step logs the same metrics as
+the run that never stopped. A pipelined run's checkpoint waits for the generation in flight
+for later steps and stores it (the rollout buffer), so nothing is sampled twice or lost.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class TrainerState:
     sampler: dict[str, int]  # PromptSampler.state_dict() before step + 1 was drawn
     kl_coef: float
     totals: dict[str, int] = field(default_factory=dict)  # Rollouts.totals
+    staleness: dict[str, int] = field(default_factory=dict)  # max_staleness: auto's state
 
     def write(self, folder: str | Path, storage: Storage | None = None) -> None:
         """Written last: its presence marks the checkpoint complete."""

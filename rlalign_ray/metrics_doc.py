@@ -34,6 +34,8 @@ METRICS: list[tuple[str, str, str]] = [
     ("train/kl", "algorithm.kl_coef > 0", "mean per-token KL estimate to the reference (loss term, or the reward penalty with kl_in_reward)"),
     ("train/logprob_mismatch", "unless algorithm.use_behaviour_logprobs", "mean |learner log-prob - generator log-prob| of the sampled tokens before the update"),
     ("train/behaviour_is_weight", "behaviour_is_cap > 0 (pipelined runs by default)", "mean truncated importance weight min(pi_learner / pi_generator, cap)"),
+    ("train/mismatch_kl", "unless algorithm.use_behaviour_logprobs", "k3 estimate of KL(behaviour || learner) over response tokens: the generator's vs the learner's log-probs before the update"),
+    ("train/behaviour_is_clipfrac", "unless algorithm.use_behaviour_logprobs", "share of response tokens whose importance weight pi_learner / pi_generator exceeds behaviour_is_cap"),
     ("train/lr", "every step", "learning rate of the step's first optimizer step"),
     ("train/grad_norm", "when DeepSpeed reports one (ZeRO 1-3, bf16)", "gradient norm of the optimizer steps that were taken"),
     ("train/skipped_steps", "every step", "optimizer steps skipped for a non-finite loss or gradient norm"),
@@ -54,6 +56,7 @@ METRICS: list[tuple[str, str, str]] = [
     ("rollout/staleness_max", "every step", "largest such age; at most trainer.max_staleness"),
     ("rollout/dropped_stale", "every step", "samples dropped (and sampled again) for being too stale"),
     ("rollout/versions", "every step", "distinct weight versions among the step's samples"),
+    ("rollout/max_staleness", "every step", "the staleness bound the step's requests and drops used (trainer.max_staleness, or its auto value)"),
     # ---- time ----
     ("time/step_s", "every step", "wall time of the step"),
     ("time/generate_s", "every step", "from the first chunk's submission to the last chunk's arrival"),

@@ -20,6 +20,7 @@ from .registry import (
     check_algorithm_name,
     outcome_advantages,
 )
+from .staleness import StalenessController, off_policy_price
 from .utils import (
     AGGREGATION_MODES,
     aggregate_loss,
@@ -49,6 +50,8 @@ __all__ = [
     "policy_loss",
     "reinforce_pp_advantages",
     "reinforce_pp_baseline_advantages",
+    "StalenessController",
+    "off_policy_price",
     "rloo_advantages",
     "value_loss",
 ]

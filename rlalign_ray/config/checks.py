@@ -13,6 +13,7 @@ from rlalign_ray.config.fields import field_types, literal_choices
 from rlalign_ray.roles import gpu_layout_problems, role_layout
 
 if TYPE_CHECKING:
+    from rlalign_ray.config.training import TrainerConfig
     from rlalign_ray.config.tree import Config
 
 LOGGERS = {
@@ -102,7 +103,7 @@ def check_rollout(cfg: Config, e: list[str]) -> None:
     _positive(e, "rollout.timeout_s", r.timeout_s)
     _positive(e, "rollout.chunk_size", r.chunk_size, allow_zero=True)
     _positive(e, "rollout.dispatch_group", r.dispatch_group, allow_zero=True)
-    if r.enable_sleep_mode and cfg.trainer.max_staleness > 0:
+    if r.enable_sleep_mode and cfg.pipelined:
         e.append(
             "rollout.enable_sleep_mode: generators cannot sleep while the learner trains "
             "in pipelined training (trainer.max_staleness > 0); turn one of them off"
@@ -227,7 +228,7 @@ def check_algorithm(cfg: Config, e: list[str]) -> None:
             f"rollout.n_samples: {a.name} compares samples within a prompt's group, so it "
             f"needs n_samples >= 2 (got {r.n_samples})"
         )
-    if a.use_behaviour_logprobs and cfg.trainer.max_staleness > 0:
+    if a.use_behaviour_logprobs and cfg.pipelined:
         e.append(
             "algorithm.use_behaviour_logprobs: pipelined training (trainer.max_staleness > "
             "0) needs the learner's own old log-probs to correct for stale samples; set "
@@ -393,10 +394,23 @@ def check_reference(cfg: Config, e: list[str]) -> None:
     _positive(e, "reference.micro_batch_size", cfg.reference.micro_batch_size)
 
 
+def check_staleness(t: TrainerConfig, e: list[str]) -> None:
+    """``trainer.max_staleness``: an integer >= 0 or auto (with its cap and thresholds)."""
+    k = t.max_staleness
+    if isinstance(k, str) and k != "auto":
+        e.append(f"trainer.max_staleness: an integer >= 0 or auto, got {k!r}")
+    elif isinstance(k, int):
+        _positive(e, "trainer.max_staleness", k, allow_zero=True)
+    if t.max_staleness_cap < 1:
+        e.append(f"trainer.max_staleness_cap: must be >= 1, got {t.max_staleness_cap}")
+    for key in ("staleness_kl_high", "staleness_clip_high", "staleness_patience"):
+        _positive(e, f"trainer.{key}", getattr(t, key))
+
+
 def check_trainer(cfg: Config, e: list[str]) -> None:
     t = cfg.trainer
     _positive(e, "trainer.steps", t.steps, allow_zero=True)
-    _positive(e, "trainer.max_staleness", t.max_staleness, allow_zero=True)
+    check_staleness(t, e)
     if t.eval_every < 0 or t.save_every < 0:
         e.append("trainer.eval_every / trainer.save_every: must be >= 0")
     _positive(e, "trainer.keep_checkpoints", t.keep_checkpoints, allow_zero=True)

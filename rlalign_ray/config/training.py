@@ -207,10 +207,25 @@ class TrainerConfig:
         1.0, "an eval sample counts as correct (pass@k) when its total reward is >= this"
     )
     progress_bar: bool = doc(True, "show a progress bar")
-    max_staleness: int = doc(
+    max_staleness: int | str = doc(
         0,
         "pipelining: generation runs up to this many weight versions ahead of the learner "
-        "(0: synchronous)",
+        "(0: synchronous); auto: a bound between 0 and max_staleness_cap that steers "
+        "itself by the off-policy price (docs/guides/async.md)",
+    )
+    max_staleness_cap: int = doc(4, "max_staleness: auto never lets the bound above this")
+    staleness_kl_high: float = doc(
+        0.01,
+        "max_staleness: auto lowers the bound when train/mismatch_kl (behaviour vs learner, "
+        "k3) passes this; it rises after staleness_patience steps under a quarter of it",
+    )
+    staleness_clip_high: float = doc(
+        0.02,
+        "max_staleness: auto lowers the bound when train/behaviour_is_clipfrac (share of "
+        "tokens whose importance weight hits behaviour_is_cap) passes this",
+    )
+    staleness_patience: int = doc(
+        3, "max_staleness: auto raises the bound after this many steps in a row of small price"
     )
     sample_log: bool = doc(
         False,

@@ -53,7 +53,19 @@ class Config:
         """``algorithm.behaviour_is_cap`` resolved: pipelined training corrects for stale
         samples (AReaL's decoupled objective) unless told otherwise."""
         cap = self.algorithm.behaviour_is_cap
-        return cap if cap is not None else (2.0 if self.trainer.max_staleness > 0 else 0.0)
+        return cap if cap is not None else (2.0 if self.pipelined else 0.0)
+
+    @property
+    def pipelined(self) -> bool:
+        """Generation may run ahead of the learner: ``max_staleness`` > 0 or auto."""
+        k = self.trainer.max_staleness
+        return k == "auto" or (isinstance(k, int) and k > 0)
+
+    @property
+    def staleness_cap(self) -> int:
+        """The most the staleness bound can ever be (auto: ``max_staleness_cap``)."""
+        t = self.trainer
+        return t.max_staleness_cap if t.max_staleness == "auto" else int(t.max_staleness)
 
     @property
     def needs_reference(self) -> bool:

@@ -10,6 +10,7 @@ from rlalign_ray.algorithms import (
     aggregate_loss,
     kl_penalty,
     masked_mean,
+    off_policy_price,
     policy_loss,
 )
 from rlalign_ray.config import Config
@@ -81,6 +82,12 @@ class Learner(DeepSpeedRank, WeightSource):
         stats["logprob_mismatch"].append(
             masked_mean((old - batch.logprobs).abs(), batch.response_mask).item()
         )
+        # the off-policy price: what trainer.max_staleness: auto steers by
+        price = off_policy_price(
+            old, batch.logprobs, batch.response_mask, self.cfg.behaviour_is_cap
+        )
+        for key, value in price.items():
+            stats[key].append(value)
         return old
 
     @property

@@ -97,7 +97,9 @@ class WeightSync:
     ``sources``: a ``LearnerGroup`` or actors mixing in ``WeightSource`` (rank 0 first).
     ``generators``: a ``GeneratorPool`` or actors with ``join_weight_sync`` and
     ``load_weights`` (``Generator``). A pool's per-actor ``versions`` are advanced as the
-    loads are queued: every call queued to a generator after them sees the new weights.
+    loads are queued: every call queued to a generator after them sees the new weights
+    (and first, ``before_load``, the pool starts the chunks it still holds, so each samples
+    with the version it was submitted under).
     ``on_gpu``: learner and generators hold their weights on GPUs (``auto`` then picks
     CUDA IPC for generators on a learner rank's GPU, else NCCL); None (the default): ask
     the actors. ``overlap``: the collective sender broadcasts from a thread of its own
@@ -287,6 +289,9 @@ class WeightSync:
         grouped = bool(getattr(self._generators, "dispatchers", None))
         loaders = self._generators.dispatchers if grouped else self.generators
         kind = "dispatcher of generators" if grouped else "generator"
+        before_load = getattr(self._generators, "before_load", None)
+        if before_load is not None:  # a pool starts its queued chunks ahead of the loads
+            before_load(version)
         calls = self._queue_buckets(version, loaders, kind)
         if hasattr(self._generators, "versions"):
             self._generators.versions = [version] * len(self.generators)

@@ -16,10 +16,16 @@ advantage is weighted by min(pi_proximal / pi_behaviour, ``algorithm.behaviour_i
 around the current policy (a ratio against a policy k versions old would be clipped
 mostly on staleness, not on the update), and the cap bounds the variance.
 
+``trainer.max_staleness: auto`` steers k by the off-policy price each step pays (the
+importance-weight clip fraction and the behaviour-learner mismatch KL:
+``algorithms/staleness.py``), between 0 and ``trainer.max_staleness_cap``.
+
 Every ``trainer.save_every`` steps the driver writes a resumable checkpoint (learner and
-critic ranks' DeepSpeed state, sampler, KL controller, random states: ``checkpoint.py``);
-``trainer.resume`` continues a run from one. ``trainer.output_dir`` is a local folder or a
-URI (``storage.py``: each process writes its own files from its node).
+critic ranks' DeepSpeed state, sampler, KL controller, random states: ``checkpoint.py``;
+pipelined, also the rollout buffer: the chunks sampled for later steps, ``buffer.py``);
+``trainer.resume`` continues a run from one, logging what the run that never stopped logs.
+``trainer.output_dir`` is a local folder or a URI (``storage.py``: each process writes its
+own files from its node).
 """
 
 from __future__ import annotations
@@ -47,8 +53,8 @@ from rlalign_ray.algorithms import (
 from rlalign_ray.algorithms.eval_metrics import sample_metrics
 from rlalign_ray.config import Config
 from rlalign_ray.data.batch import PromptItem, ScoredShard, pad_responses
-from rlalign_ray.data.prompts import PromptSampler, load_prompts
-from rlalign_ray.errors import ActorFailure, DataError
+from rlalign_ray.data.prompts import PromptSampler
+from rlalign_ray.errors import ActorFailure
 from rlalign_ray.ledger import SampleLog
 from rlalign_ray.pools import ActorPool, EnvPool, Experience, WeightSync, start, stop
 from rlalign_ray.preflight import preflight, prepare_data
@@ -57,7 +63,10 @@ from rlalign_ray.runtime.cluster import connect
 from rlalign_ray.runtime.placement import get, lost_roles
 from rlalign_ray.storage import RunLogs, Storage, is_remote, join, local_path
 from rlalign_ray.topology import Topology
+from rlalign_ray.trainers.buffer import FOLDER as BUFFER
+from rlalign_ray.trainers.buffer import RolloutBuffer
 from rlalign_ray.trainers.outputs import check_output_dir, finish_logs
+from rlalign_ray.trainers.prompt_sets import eval_sets, prompt_set
 from rlalign_ray.trainers.rollouts import Rollouts
 from rlalign_ray.trainers.samples import completion_rows
 
@@ -90,7 +99,7 @@ class Trainer:
         """The training and evaluation prompts, checked (``preflight``) and measured
         (``data.truncation``), with their ``data/...`` statistics."""
         cfg = self.cfg
-        train = _prompts("data.train", cfg.data.train, cfg.data.prompt_key)
+        train = prompt_set("data.train", cfg.data.train, cfg.data.prompt_key)
         evals = eval_sets(cfg)
         preflight(cfg, self.topology, train)
         train, data_stats = prepare_data(cfg, self.topology, train, "data.train")
@@ -168,7 +177,7 @@ class Trainer:
         ledger: SampleLog | None,
     ) -> dict[str, float]:
         """One training step (1-6 above), logged; returns its metrics."""
-        cfg, rollouts, k = self.cfg, self.rollouts, self.cfg.trainer.max_staleness
+        cfg, rollouts, k = self.cfg, self.rollouts, self.rollouts.k  # auto: it moves
         t0, cpu0 = time.perf_counter(), time.process_time()
         idle0 = self.pools["generator"].idle_seconds()
         # 1-3. generation for every step the staleness bound allows (k = 0: this one)
@@ -195,14 +204,15 @@ class Trainer:
         metrics.update(self.data_stats)
         metrics["train/kl_coef"] = self.kl_ctl.value
         self.kl_ctl.update(metrics.get("train/kl", 0.0), cfg.batch_size)
+        metrics["rollout/max_staleness"] = k  # the bound this step's requests and drops used
+        price = (metrics.get(f"train/{m}", 0.0) for m in ("mismatch_kl", "behaviour_is_clipfrac"))
+        rollouts.staleness.update(*price)
         if evals and (
             step == cfg.trainer.steps
             or cfg.trainer.eval_every
             and step % cfg.trainer.eval_every == 0
         ):
             metrics.update(self.evaluate(evals))
-        if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
-            self.checkpoint(step)
         gens = len(self.pools["generator"])
         idle = self.pools["generator"].idle_seconds() - idle0
         metrics["time/generator_idle_s"] = idle / gens
@@ -210,13 +220,23 @@ class Trainer:
         # the driver's own work: CPU of this process (Python and Ray's threads in it)
         metrics["time/driver_cpu_s"] = time.process_time() - cpu0
         metrics["run/actor_restarts"] = sum(p.restarts for p in self.pools.values())
+        self.record(step, metrics, logger, ledger)
+        return metrics
+
+    def record(
+        self, step: int, metrics: dict, logger: MetricsLogger, ledger: SampleLog | None
+    ) -> None:
+        """The step's metrics and ledger lines, then (every ``trainer.save_every`` steps) its
+        checkpoint: the lines reach a URI output_dir first, so a run killed once its
+        checkpoint is committed lost none."""
         logger.log(step, metrics)
         if ledger is not None:
-            ledger.write(step, rollouts.samples.pop(step, []))
-        saved = cfg.trainer.save_every and step % cfg.trainer.save_every == 0
-        self.logs.push(0.0 if saved else cfg.trainer.log_sync_s)  # a URI output_dir
+            ledger.write(step, self.rollouts.samples.pop(step, []))
+        saved = self.cfg.trainer.save_every and step % self.cfg.trainer.save_every == 0
+        self.logs.push(0.0 if saved else self.cfg.trainer.log_sync_s)
+        if saved:
+            self.checkpoint(step)
         logger.advance()
-        return metrics
 
     # ---- a learner rank that died ----------------------------------------------------------
     def restart_learners(
@@ -225,7 +245,8 @@ class Trainer:
         """After ``error``: if a learner (or critic) rank died, start the groups again from
         the last checkpoint (``run.max_learner_restarts`` times a run) and return its step;
         otherwise, or past the limit, stop with an error naming the checkpoint to resume
-        from. Generation in flight is dropped: it was sampled with later weights."""
+        from. Generation in flight is dropped; the steps the checkpoint buffered (pipelined)
+        train on its chunks, as they did before."""
         groups = [r for r in ("learner", "critic") if r in self.pools]
         dead = [f"{r} rank {i}" for r in groups for i in self.pools[r].dead_actors(10.0)]
         if not dead:
@@ -347,9 +368,14 @@ class Trainer:
     # ---- resumable checkpoints (rlalign_ray/checkpoint.py) ------------------------------
     def checkpoint(self, step: int) -> str:
         """Everything a run needs to continue after ``step``, in ``checkpoints/step_<step>``
-        (locally written aside, then renamed; in a URI trainer_state.json goes last)."""
+        (locally written aside, then renamed; in a URI trainer_state.json goes last).
+        Pipelined, the chunks requested for later steps land first and are stored (the
+        rollout buffer)."""
         t, storage = self.cfg.trainer, self.storage
+        buffer = self.rollouts.buffer()  # waits for generation in flight
         folder = checkpoint.begin(self.output_dir, step, storage)
+        with storage.writing(join(folder, BUFFER), "driver") as local:
+            buffer.write(local)
         self.save(folder)  # the policy as a Hugging Face folder
         for role in ("learner", "critic"):
             if role in self.pools:  # every rank writes (uploads) its own files
@@ -363,6 +389,7 @@ class Trainer:
             sampler=self.rollouts.resume_state(step),
             kl_coef=self.kl_ctl.value,
             totals=dict(self.rollouts.totals),
+            staleness=self.rollouts.staleness.state_dict(),
         ).write(folder, storage)
         return checkpoint.commit(folder, step, t.keep_checkpoints, storage)
 
@@ -374,12 +401,18 @@ class Trainer:
                 self.pools[role].load_checkpoint(join(path, role))
         self.weights.sync(state.version)
         self.version = state.version
-        driver_files = {"generators_rng.pt", "driver_rng.pt"}.__contains__
+
+        def driver_files(name: str) -> bool:
+            return name in ("generators_rng.pt", "driver_rng.pt") or name.startswith(BUFFER)
+
         with self.storage.reading(path, "driver", driver_files) as local:
             gens = checkpoint.load(local / "generators_rng.pt")
             driver_rng = checkpoint.load(local / "driver_rng.pt")
+            buffer = RolloutBuffer.read(local / BUFFER)
         self.pools["generator"].set_rng_states(gens)
-        self.rollouts.resume_from(state.step, state.sampler, state.totals)
+        self.rollouts.resume_from(state.step, state.sampler, state.totals, buffer)
+        if state.staleness:
+            self.rollouts.staleness.load_state_dict(state.staleness)
         self.kl_ctl.value = state.kl_coef
         checkpoint.set_rng_state(driver_rng)
 
@@ -410,7 +443,7 @@ class Trainer:
             self.cfg.generator_dtype,
             self.pools["learner"],
             self.pools["generator"],
-            overlap=self.cfg.trainer.max_staleness > 0,
+            overlap=self.cfg.pipelined,
         )
         self.weights.setup()
 
@@ -423,20 +456,6 @@ class Trainer:
         if self._started_ray:
             ray.shutdown()
             self._started_ray = False
-
-
-def eval_sets(cfg: Config) -> dict[str, list[PromptItem]]:
-    """``data.eval`` loaded: a single file as the set "" (metrics ``eval/...``), a mapping
-    name -> file as named sets (``eval/<name>/...``); {} without evaluation."""
-    d = cfg.data
-    if not d.eval:
-        return {}
-    if isinstance(d.eval, str):
-        return {"": _prompts("data.eval", d.eval, d.prompt_key, d.eval_limit)}
-    return {
-        name: _prompts(f"data.eval.{name}", path, d.prompt_key, d.eval_limit)
-        for name, path in d.eval.items()
-    }
 
 
 def resume_hint(ckpt: str | None, storage: Storage | None = None) -> str:
@@ -452,14 +471,6 @@ def resume_hint(ckpt: str | None, storage: Storage | None = None) -> str:
         "with trainer.resume=auto (the same trainer.output_dir), or set "
         "run.max_learner_restarts to restart the learner group inside the run."
     )
-
-
-def _prompts(key: str, path: str, prompt_key: str, limit: int = 0) -> list[PromptItem]:
-    """``load_prompts``, its errors prefixed with the config key that named the file."""
-    try:
-        return load_prompts(path, prompt_key, limit)
-    except DataError as e:
-        raise DataError(f"{key}: {e}") from None
 
 
 def rollout_metrics(scores: ScoredShard, prefix: str) -> dict[str, float]:
