@@ -26,6 +26,7 @@ from rlalign_ray.config.fields import (
     doc,
     field_types,
     literal_choices,
+    registry_options,
 )
 from rlalign_ray.config.general import DataConfig, ModelConfig, RunConfig, Truncation
 from rlalign_ray.config.generation import (
@@ -47,13 +48,10 @@ from rlalign_ray.config.loading import _build, _coerce, config_from_dict, load_c
 from rlalign_ray.config.training import (
     LR_SCHEDULERS,
     AlgorithmConfig,
-    AlgorithmName,
     CriticConfig,
     DeepSpeedRole,
-    KlEstimator,
     LearnerConfig,
     LoraSpec,
-    LossAgg,
     LrScheduler,
     Optimizer,
     ReferenceConfig,
@@ -72,7 +70,6 @@ __all__ = [
     "STRATEGIES",
     "TRANSPORTS",
     "AlgorithmConfig",
-    "AlgorithmName",
     "Config",
     "CriticConfig",
     "DataConfig",
@@ -81,10 +78,8 @@ __all__ = [
     "Dtype",
     "EnvConfig",
     "EnvRewardMode",
-    "KlEstimator",
     "LearnerConfig",
     "LoraSpec",
-    "LossAgg",
     "LrScheduler",
     "ModelConfig",
     "NonfiniteMode",
@@ -108,6 +103,7 @@ __all__ = [
     "doc",
     "field_types",
     "literal_choices",
+    "registry_options",
     "load_config",
     "validate",
     "_build",

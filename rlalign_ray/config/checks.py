@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlalign_ray.config.fields import field_types, literal_choices
+from rlalign_ray.config.fields import field_types, literal_choices, registry_options
 from rlalign_ray.roles import gpu_layout_problems, role_layout
 
 if TYPE_CHECKING:
@@ -45,12 +46,15 @@ def _positive(e: list[str], key: str, value: float, allow_zero: bool = False) ->
 
 
 def check_options(cfg: Config, e: list[str]) -> None:
-    """Every option field (typed ``Literal[...]``) holds one of its values."""
+    """Every option field (typed ``Literal[...]``, or ``doc(..., options=...)``: a registry's
+    names, or a user's ``module:function`` that resolves) holds one of its values."""
     _check_options(cfg, "", e)
 
 
 def _check_options(node: Any, prefix: str, e: list[str]) -> None:
-    for name, tp in field_types(type(node)).items():
+    types_ = field_types(type(node))
+    for f in dataclasses.fields(node):
+        name, tp = f.name, types_[f.name]
         value, key = getattr(node, name), prefix + name
         if dataclasses.is_dataclass(value):
             _check_options(value, key + ".", e)
@@ -59,9 +63,31 @@ def _check_options(node: Any, prefix: str, e: list[str]) -> None:
                 if dataclasses.is_dataclass(item):
                     _check_options(item, f"{key}[{i}].", e)
         allowed, nullable = literal_choices(tp)
-        if allowed and value not in allowed and not (nullable and value is None):
+        if f.metadata.get("options"):
+            _check_registered(f, key, value, type(None) in typing.get_args(tp), e)
+        elif allowed and value not in allowed and not (nullable and value is None):
             also = " or null" if nullable else ""
             e.append(f"{key}: use one of {', '.join(map(str, allowed))}{also}; got {value!r}")
+
+
+def _check_registered(
+    f: dataclasses.Field, key: str, value: Any, nullable: bool, e: list[str]
+) -> None:
+    """A registry's option: one of its names, null where the field allows it, or (for a
+    registry of functions) a user's ``module:function`` that imports and fits."""
+    names, registry = registry_options(f)
+    if (nullable and value is None) or value in names:
+        return
+    if registry is not None and isinstance(value, str) and ":" in value:
+        try:
+            registry.resolve(value)
+        except ValueError as err:
+            e.append(f"{key}: {err}")
+        return
+    also = (", or a module:function" if registry is not None else "") + (
+        " or null" if nullable else ""
+    )
+    e.append(f"{key}: use one of {', '.join(names)}{also}; got {value!r}")
 
 
 def check_run(cfg: Config, e: list[str]) -> None:
@@ -202,10 +228,10 @@ def check_reward(cfg: Config, e: list[str]) -> None:
 
 
 def check_algorithm(cfg: Config, e: list[str]) -> None:
-    from rlalign_ray.algorithms import ADVANTAGE_ESTIMATORS
+    from rlalign_ray.algorithms import ADVANTAGE_ESTIMATORS, POLICY_LOSSES
 
     a, r = cfg.algorithm, cfg.rollout
-    est = ADVANTAGE_ESTIMATORS.get(a.name)
+    est = _entry(ADVANTAGE_ESTIMATORS, a.name)  # None: named by check_options
     if est and est.needs_groups and r.n_samples < 2:
         e.append(
             f"rollout.n_samples: {a.name} compares samples within a prompt's group, so it "
@@ -219,9 +245,14 @@ def check_algorithm(cfg: Config, e: list[str]) -> None:
         )
     if a.behaviour_is_cap is not None and a.behaviour_is_cap < 0:
         e.append(f"algorithm.behaviour_is_cap: must be >= 0 (0: off), got {a.behaviour_is_cap}")
-    if a.dual_clip is not None and a.dual_clip <= 1:
-        e.append(f"algorithm.dual_clip: must be > 1 (e.g. 3.0) or null, got {a.dual_clip}")
-    if a.kl_in_reward and a.name in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"):
+    _check_seq_mask(cfg, e)
+    loss = _entry(POLICY_LOSSES, a.policy_loss)
+    if a.dual_clip is not None and (a.dual_clip <= 1 or loss and not loss.dual_clip):
+        e.append(
+            f"algorithm.dual_clip: a constant > 1 (e.g. 3.0) for ppo_clip, or null (gspo and "
+            f"cispo have none), got {a.dual_clip} with policy_loss {a.policy_loss}"
+        )
+    if a.kl_in_reward and est and est.per_sequence:
         e.append(
             f"algorithm.kl_in_reward: {a.name} scores whole sequences; use the KL loss "
             "term (kl_in_reward: false), or ppo / reinforce_pp"
@@ -233,6 +264,35 @@ def check_algorithm(cfg: Config, e: list[str]) -> None:
         )
     if a.kl_coef < 0:
         e.append(f"algorithm.kl_coef: must be >= 0, got {a.kl_coef}")
+    if a.kl_target > 0 and a.kl_coef == 0:
+        e.append(
+            "algorithm.kl_target: the adaptive controller scales kl_coef, which is 0 (no "
+            "reference model, no KL): set kl_coef > 0 as its starting value, or kl_target: 0"
+        )
+
+
+def _entry(registry: Any, key: str) -> Any:
+    """The registry's entry for ``key``, or None when it does not resolve."""
+    try:
+        return registry.resolve(key)
+    except ValueError:
+        return None
+
+
+def _check_seq_mask(cfg: Config, e: list[str]) -> None:
+    bounds = cfg.algorithm.behaviour_seq_mask
+    if not bounds:
+        return
+    if len(bounds) != 2 or not 0 <= bounds[0] <= 1 <= bounds[1] or bounds[0] == bounds[1]:
+        e.append(
+            "algorithm.behaviour_seq_mask: give [lo, hi] with 0 <= lo <= 1 <= hi, lo < hi "
+            f"(a row with no mismatch has ratio 1 and is kept), e.g. [0.5, 2.0]; got {bounds}"
+        )
+    if cfg.algorithm.use_behaviour_logprobs:
+        e.append(
+            "algorithm.behaviour_seq_mask: compares the learner's log-probs with the "
+            "generator's, but use_behaviour_logprobs: true makes them the same; turn one off"
+        )
 
 
 def check_sampling_math(cfg: Config, e: list[str]) -> None:
@@ -242,22 +302,25 @@ def check_sampling_math(cfg: Config, e: list[str]) -> None:
     if r.top_p < 1 or r.top_k > 0:
         uses = []
         if a.use_behaviour_logprobs:
-            uses.append("algorithm.use_behaviour_logprobs (the old log-probs of the ratio)")
-        if a.kl_in_reward and (a.kl_coef > 0 or a.kl_target > 0):
-            uses.append("algorithm.kl_in_reward (the in-reward KL)")
+            uses.append(
+                "algorithm.use_behaviour_logprobs (the old log-probs of the ratio and of "
+                "the in-reward KL)"
+            )
         if cfg.behaviour_is_cap > 0 and not a.use_behaviour_logprobs:
             uses.append(
                 "algorithm.behaviour_is_cap (the importance weight; on by default when "
                 "trainer.max_staleness > 0)"
             )
+        if a.behaviour_seq_mask:
+            uses.append("algorithm.behaviour_seq_mask (the sequence ratio)")
         if uses:
             e.append(
                 f"rollout.top_p={r.top_p:g} / rollout.top_k={r.top_k}: the generators record "
                 "log-probs of the truncated distribution they sample from, while the learner "
                 "scores the full softmax; " + " and ".join(uses) + " would use the truncated "
                 "ones as the policy's and bias the update. Sample with top_p: 1 and top_k: 0, "
-                "or turn those off (use_behaviour_logprobs: false, kl_in_reward: false, "
-                "behaviour_is_cap: 0)"
+                "or turn those off (use_behaviour_logprobs: false, behaviour_is_cap: 0, "
+                "behaviour_seq_mask: [])"
             )
     kl_on = a.kl_coef > 0 or a.kl_target > 0
     if kl_on and not a.kl_in_reward and a.kl_estimator == "k1":
@@ -266,6 +329,14 @@ def check_sampling_math(cfg: Config, e: list[str]) -> None:
             "(its gradient is the score function, whose mean is 0), so it does not pull the "
             "policy towards the reference; use k3 (GRPO's) or k2 (its gradient is the KL's) "
             "as a loss term, or k1 with kl_in_reward: true"
+        )
+    if kl_on and a.kl_in_reward and a.kl_estimator not in (None, "k1"):
+        e.append(
+            f"algorithm.kl_estimator: {a.kl_estimator} in the reward (kl_in_reward: true) "
+            "does not regularise towards the reference: a reward term k reaches the gradient "
+            "as E[k * grad log pi], which is the KL's gradient only for k = k1 (k2, k3 and "
+            "abs push the policy away from the reference); use k1 (or null) in the reward, "
+            "or k3 as a loss term (kl_in_reward: false)"
         )
 
 
@@ -328,7 +399,7 @@ def _check_batches(cfg: Config, e: list[str]) -> None:
             f"(prompts_per_step * n_samples) must split into mini-batches of {mini}; "
             f"pick a divisor of {batch}"
         )
-    if mini % cfg.rollout.n_samples and cfg.algorithm.name != "ppo":
+    if mini % cfg.rollout.n_samples and not cfg.needs_critic:
         e.append(
             f"learner.mini_batch_size: {mini} should hold whole groups of "
             f"rollout.n_samples={cfg.rollout.n_samples}; use a multiple of it"
