@@ -167,10 +167,12 @@ def mismatch_metrics(
     """How far the generator's log-probs (behaviour) are from the learner's (old), over
     the response tokens: ``logprob_mismatch`` = mean |old - behaviour|; ``mismatch_kl`` =
     mean k3 estimate of KL(behaviour || learner), ``exp(-d) + d - 1`` with ``d = behaviour -
-    old`` (non-negative, unbiased under the behaviour's samples)."""
+    old`` (non-negative, unbiased under the behaviour's samples; computed as ``expm1(-d) + d``
+    in float64, so that the tiny mismatches of the same model do not round below 0)."""
+    d = torch.clamp(behaviour_logp - old_logp, -20.0, 20.0).double()
     return {
         "logprob_mismatch": masked_mean((old_logp - behaviour_logp).abs(), mask).item(),
-        "mismatch_kl": masked_mean(kl_penalty(behaviour_logp, old_logp, "k3"), mask).item(),
+        "mismatch_kl": masked_mean(torch.expm1(-d) + d, mask).item(),
     }
 
 

@@ -109,11 +109,18 @@ def test_reinforce_pp_kl_in_reward_dynamic_sampling_overlong(ray_local, tiny_mod
     ],
 )
 def test_policy_losses_train(ray_local, tiny_model, tmp_path, loss):
+    """With the user's loss, the user's estimator too (per sequence: one value per row)."""
+    user = loss.startswith("helpers.")
     cfg = config_from_dict(
         small_config(
             tiny_model,
             str(tmp_path / "run"),
-            algorithm={"kl_coef": 0.0, "policy_loss": loss, "behaviour_seq_mask": [0.5, 2.0]},
+            algorithm={
+                "name": "helpers.objectives:median_baseline" if user else "grpo",
+                "kl_coef": 0.0,
+                "policy_loss": loss,
+                "behaviour_seq_mask": [0.5, 2.0],
+            },
             rollout={"num_actors": 1},
             reward={"num_actors": 1},
         )
