@@ -9,8 +9,8 @@ impossible combinations are reported together, before any actor starts, as a
 The modules: ``fields`` (``doc``, resources, placement), the sections (``general``: run,
 model, data; ``generation``: rollout, sync, reward, env; ``training``: algorithm, learner,
 critic, reference, trainer), ``tree`` (``Config``), ``loading`` (YAML, overrides, types),
-``checks`` (``validate``, one check per section; the roles' GPU layout checks live in
-``rlalign_ray.roles``).
+``checks`` (``validate``, one check per section; the algorithm's in ``checks_algorithm``,
+the roles' GPU layout checks in ``rlalign_ray.roles``).
 Import from here.
 """
 
