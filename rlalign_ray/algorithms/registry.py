@@ -50,7 +50,7 @@ class Registry(dict):
         module, _, name = key.partition(":")
         try:
             obj = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as e:
+        except Exception as e:  # not found, or the module failed while importing
             raise ValueError(
                 f"cannot import the {self.kind} {key!r} ({type(e).__name__}: {e}); check the "
                 "module is importable (on PYTHONPATH, also for Ray workers) and names it"
