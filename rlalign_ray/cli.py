@@ -18,6 +18,17 @@ import sys
 from rlalign_ray.errors import RlalignError
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose epilog may be a function, called only when the help is
+    printed (train's lists every config key, whose options are read from the algorithms'
+    registries: it imports torch, which other commands need not)."""
+
+    def format_help(self) -> str:
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(
@@ -50,13 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The whole command line: subcommands, their arguments and help (the CLI reference in
     ``docs/reference/cli.md`` is generated from it)."""
     parser = argparse.ArgumentParser(prog="rlalign-ray", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     from rlalign_ray.config_doc import config_help
 
     p = sub.add_parser(
         "train",
         help="train a policy (starts a local Ray instance if none is given)",
-        epilog=config_help(),  # every config key: type, default, doc line
+        epilog=config_help,  # every config key: type, default, doc line
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", help="YAML run config, e.g. configs/demo_cpu.yaml")

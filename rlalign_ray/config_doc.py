@@ -9,7 +9,7 @@ import types
 import typing
 from typing import Any
 
-from rlalign_ray.config import Config
+from rlalign_ray.config import Config, registry_options
 
 
 def _type_name(tp: Any) -> str:
@@ -24,6 +24,17 @@ def _type_name(tp: Any) -> str:
     if origin is typing.Literal:  # an option: its values, e.g. hf|vllm
         return "|".join(str(a) for a in args)
     return getattr(tp, "__name__", str(tp))
+
+
+def _option_names(f: dataclasses.Field, tp: Any) -> str:
+    """A registry's option as its names, e.g. ppo_clip|gspo|cispo|module:function ("" for
+    other fields)."""
+    names, registry = registry_options(f)
+    if not names:
+        return ""
+    more = ["module:function"] if registry is not None else []
+    more += ["null"] if type(None) in typing.get_args(tp) else []
+    return "|".join([*names, *more])
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -52,7 +63,7 @@ def config_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, st
         if dataclasses.is_dataclass(tp):
             out += config_keys(tp, key + ".")
             continue
-        out.append((key, _type_name(tp), _show(_default(f)), doc))
+        out.append((key, _option_names(f, tp) or _type_name(tp), _show(_default(f)), doc))
         if typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]):
             out += config_keys(args[0], key + "[].")
     return out

@@ -15,39 +15,15 @@ as either number passes its threshold, and raises it by one (up to
 ``trainer.max_staleness_cap``) after ``patience`` steps in a row on which both stay under a
 quarter of their thresholds (``LOW_FRACTION``): a price in between keeps the bound, the
 gap between the two levels is the hysteresis that stops it from flapping.
+The price itself is measured on each learner rank: ``objective.mismatch_metrics``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from .utils import masked_mean
-
 LOW_FRACTION = 0.25  # the bound rises only while the price stays under this share of its threshold
 
-
-def off_policy_price(
-    learner_logprobs: torch.Tensor,
-    behaviour_logprobs: torch.Tensor,
-    mask: torch.Tensor,
-    cap: float,
-) -> dict[str, float]:
-    """The off-policy price of a batch: ``behaviour_is_clipfrac`` and ``mismatch_kl``.
-
-    Shapes: all (B, T); ``mask`` 1 on response tokens. With ``log r = learner - behaviour``
-    (clamped to [-20, 20], as the weight itself is; in float64, where (r - 1) - log r
-    of a ratio near 1 would round away):
-    ``behaviour_is_clipfrac = masked_mean(r > cap)`` (0 when ``cap <= 0``: no weight) and
-    ``mismatch_kl = masked_mean(r - 1 - log r)``, the k3 estimate of KL(behaviour || learner)
-    from tokens the behaviour policy sampled (Schulman 2020, "Approximating KL divergence").
-    """
-    log_r = (learner_logprobs.double() - behaviour_logprobs.double()).clamp(-20, 20)
-    r = torch.exp(log_r)
-    kl = masked_mean(r - 1 - log_r, mask)
-    clipped = masked_mean((r > cap).float(), mask) if cap > 0 else torch.zeros(())
-    return {"behaviour_is_clipfrac": float(clipped), "mismatch_kl": float(kl)}
 
 
 @dataclass

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlalign_ray.config.fields import field_types, literal_choices
+from rlalign_ray.config.checks_algorithm import check_algorithm, check_sampling_math
+from rlalign_ray.config.fields import field_types, literal_choices, registry_options
 from rlalign_ray.roles import gpu_layout_problems, role_layout
 
 if TYPE_CHECKING:
@@ -47,12 +49,15 @@ def _positive(e: list[str], key: str, value: float, allow_zero: bool = False) ->
 
 
 def check_options(cfg: Config, e: list[str]) -> None:
-    """Every option field (typed ``Literal[...]``) holds one of its values."""
+    """Every option field (typed ``Literal[...]``, or ``doc(..., options=...)``: a registry's
+    names, or a user's ``module:function`` that resolves) holds one of its values."""
     _check_options(cfg, "", e)
 
 
 def _check_options(node: Any, prefix: str, e: list[str]) -> None:
-    for name, tp in field_types(type(node)).items():
+    types_ = field_types(type(node))
+    for f in dataclasses.fields(node):
+        name, tp = f.name, types_[f.name]
         value, key = getattr(node, name), prefix + name
         if dataclasses.is_dataclass(value):
             _check_options(value, key + ".", e)
@@ -61,9 +66,31 @@ def _check_options(node: Any, prefix: str, e: list[str]) -> None:
                 if dataclasses.is_dataclass(item):
                     _check_options(item, f"{key}[{i}].", e)
         allowed, nullable = literal_choices(tp)
-        if allowed and value not in allowed and not (nullable and value is None):
+        if f.metadata.get("options"):
+            _check_registered(f, key, value, type(None) in typing.get_args(tp), e)
+        elif allowed and value not in allowed and not (nullable and value is None):
             also = " or null" if nullable else ""
             e.append(f"{key}: use one of {', '.join(map(str, allowed))}{also}; got {value!r}")
+
+
+def _check_registered(
+    f: dataclasses.Field, key: str, value: Any, nullable: bool, e: list[str]
+) -> None:
+    """A registry's option: one of its names, null where the field allows it, or (for a
+    registry of functions) a user's ``module:function`` that imports and fits."""
+    names, registry = registry_options(f)
+    if (nullable and value is None) or value in names:
+        return
+    if registry is not None and isinstance(value, str) and ":" in value:
+        try:
+            registry.resolve(value)
+        except ValueError as err:
+            e.append(f"{key}: {err}")
+        return
+    also = (", or a module:function" if registry is not None else "") + (
+        " or null" if nullable else ""
+    )
+    e.append(f"{key}: use one of {', '.join(names)}{also}; got {value!r}")
 
 
 def check_run(cfg: Config, e: list[str]) -> None:
@@ -218,74 +245,6 @@ def _check_math_reward(spec: Any, key: str, e: list[str]) -> None:
         e.append(f"{key}.path: a math reward takes no path (it reads answer_key); remove it")
 
 
-def check_algorithm(cfg: Config, e: list[str]) -> None:
-    from rlalign_ray.algorithms import ADVANTAGE_ESTIMATORS
-
-    a, r = cfg.algorithm, cfg.rollout
-    est = ADVANTAGE_ESTIMATORS.get(a.name)
-    if est and est.needs_groups and r.n_samples < 2:
-        e.append(
-            f"rollout.n_samples: {a.name} compares samples within a prompt's group, so it "
-            f"needs n_samples >= 2 (got {r.n_samples})"
-        )
-    if a.use_behaviour_logprobs and cfg.pipelined:
-        e.append(
-            "algorithm.use_behaviour_logprobs: pipelined training (trainer.max_staleness > "
-            "0) needs the learner's own old log-probs to correct for stale samples; set "
-            "it to false"
-        )
-    if a.behaviour_is_cap is not None and a.behaviour_is_cap < 0:
-        e.append(f"algorithm.behaviour_is_cap: must be >= 0 (0: off), got {a.behaviour_is_cap}")
-    if a.dual_clip is not None and a.dual_clip <= 1:
-        e.append(f"algorithm.dual_clip: must be > 1 (e.g. 3.0) or null, got {a.dual_clip}")
-    if a.kl_in_reward and a.name in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"):
-        e.append(
-            f"algorithm.kl_in_reward: {a.name} scores whole sequences; use the KL loss "
-            "term (kl_in_reward: false), or ppo / reinforce_pp"
-        )
-    if a.overlong_buffer >= r.max_new_tokens:
-        e.append(
-            f"algorithm.overlong_buffer: must be < rollout.max_new_tokens "
-            f"({r.max_new_tokens}), got {a.overlong_buffer}"
-        )
-    if a.kl_coef < 0:
-        e.append(f"algorithm.kl_coef: must be >= 0, got {a.kl_coef}")
-
-
-def check_sampling_math(cfg: Config, e: list[str]) -> None:
-    """Combinations whose math is biased: truncated sampling with the generator's log-probs
-    used as probabilities, and KL estimators placed where their gradient is wrong."""
-    r, a = cfg.rollout, cfg.algorithm
-    if r.top_p < 1 or r.top_k > 0:
-        uses = []
-        if a.use_behaviour_logprobs:
-            uses.append("algorithm.use_behaviour_logprobs (the old log-probs of the ratio)")
-        if a.kl_in_reward and (a.kl_coef > 0 or a.kl_target > 0):
-            uses.append("algorithm.kl_in_reward (the in-reward KL)")
-        if cfg.behaviour_is_cap > 0 and not a.use_behaviour_logprobs:
-            uses.append(
-                "algorithm.behaviour_is_cap (the importance weight; on by default when "
-                "trainer.max_staleness > 0)"
-            )
-        if uses:
-            e.append(
-                f"rollout.top_p={r.top_p:g} / rollout.top_k={r.top_k}: the generators record "
-                "log-probs of the truncated distribution they sample from, while the learner "
-                "scores the full softmax; " + " and ".join(uses) + " would use the truncated "
-                "ones as the policy's and bias the update. Sample with top_p: 1 and top_k: 0, "
-                "or turn those off (use_behaviour_logprobs: false, kl_in_reward: false, "
-                "behaviour_is_cap: 0)"
-            )
-    kl_on = a.kl_coef > 0 or a.kl_target > 0
-    if kl_on and not a.kl_in_reward and a.kl_estimator == "k1":
-        e.append(
-            "algorithm.kl_estimator: k1 as a loss term has zero expected gradient on-policy "
-            "(its gradient is the score function, whose mean is 0), so it does not pull the "
-            "policy towards the reference; use k3 (GRPO's) or k2 (its gradient is the KL's) "
-            "as a loss term, or k1 with kl_in_reward: true"
-        )
-
-
 def check_learner(cfg: Config, e: list[str]) -> None:
     lr = cfg.learner
     _positive(e, "learner.world_size", lr.world_size)
@@ -345,7 +304,7 @@ def _check_batches(cfg: Config, e: list[str]) -> None:
             f"(prompts_per_step * n_samples) must split into mini-batches of {mini}; "
             f"pick a divisor of {batch}"
         )
-    if mini % cfg.rollout.n_samples and cfg.algorithm.name != "ppo":
+    if mini % cfg.rollout.n_samples and not cfg.needs_critic:
         e.append(
             f"learner.mini_batch_size: {mini} should hold whole groups of "
             f"rollout.n_samples={cfg.rollout.n_samples}; use a multiple of it"

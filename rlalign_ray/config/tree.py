@@ -75,8 +75,19 @@ class Config:
     def needs_critic(self) -> bool:
         from rlalign_ray.algorithms import ADVANTAGE_ESTIMATORS
 
-        est = ADVANTAGE_ESTIMATORS.get(self.algorithm.name)
+        est = ADVANTAGE_ESTIMATORS.get(self.algorithm.name)  # a user's estimator: no critic
         return bool(est and est.needs_critic)
+
+    @property
+    def objective(self) -> Any:
+        """The objective's settings resolved (``algorithms.objective.Objective``): the
+        estimator and policy loss from their registries (a user's module:function imported),
+        the loss's defaults where the config says null, the KL estimator for where it goes."""
+        from rlalign_ray.algorithms.objective import Objective
+
+        return Objective.resolve(
+            dataclasses.asdict(self.algorithm), self.rollout.max_new_tokens, self.behaviour_is_cap
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

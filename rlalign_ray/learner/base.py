@@ -42,6 +42,7 @@ class DeepSpeedRank:
         self.section = "critic" if role is cfg.critic else "learner"
         self.device = default_device(role.resources.num_gpus, f"{self.section}.resources.num_gpus")
         self.storage = Storage.from_config(cfg.trainer)  # where checkpoints go (storage.py)
+        self.objective = cfg.objective  # the loss's settings, resolved (its normaliser: agg)
         self.engine: Any = None
         self.step = 0  # the training step being run (``train_step``)
         self.skipped_in_row = 0  # optimizer steps skipped one after another (non-finite)
@@ -187,7 +188,7 @@ class DeepSpeedRank:
         With a token budget, ranks split their largest micro-batches until all run as many
         backward calls as the rank with the most (ZeRO reduces inside backward); ranks hold
         equally many rows, so a rank can always split down to the most."""
-        mode = self.cfg.algorithm.loss_agg
+        mode = self.objective.agg
         micro = self.micro_batches(batch, rows)
         if self.role.max_tokens_per_micro_batch:
             most = int(self.all_reduce(torch.tensor(len(micro)), "max"))

@@ -38,18 +38,7 @@ from dataclasses import replace
 import torch
 
 from rlalign_ray import checkpoint
-from rlalign_ray.algorithms import (
-    ADVANTAGE_ESTIMATORS,
-    AdaptiveKLController,
-    FixedKLController,
-    compute_token_rewards,
-    gae,
-    kl_penalty,
-    masked_mean,
-    masked_whiten,
-    outcome_advantages,
-    overlong_penalty,
-)
+from rlalign_ray.algorithms import AdaptiveKLController, FixedKLController, masked_mean, objective
 from rlalign_ray.algorithms.eval_metrics import sample_metrics
 from rlalign_ray.config import Config
 from rlalign_ray.data.batch import PromptItem, ScoredShard, pad_responses
@@ -87,6 +76,7 @@ class Trainer:
         self.storage = Storage.from_config(cfg.trainer)
         out = cfg.trainer.output_dir
         self.output_dir = out if is_remote(out) else local_path(out)  # a URI or an absolute path
+        self.objective = cfg.objective  # registries resolved once (algorithms/objective.py)
         a = cfg.algorithm
         self.kl_ctl = (
             AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon)
@@ -286,36 +276,36 @@ class Trainer:
 
     # ---- 4. advantages ------------------------------------------------------------------
     def advantages(self, exp: Experience, step: int):
-        """(B, T) advantages; for PPO also the returns and the critic's values."""
-        a, cfg = self.cfg.algorithm, self.cfg
-        s = exp.scores
-        mask, stats = s.response_mask, {}
-        scores = s.scores
-        if a.overlong_buffer:
-            penalty = overlong_penalty(
-                s.response_len, cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty
-            )
-            scores = scores + penalty
-            stats["train/overlong_penalty"] = float(penalty.mean())
+        """(B, T) advantages; for PPO also the returns and the critic's values
+        (``algorithms/objective.py`` holds the math)."""
+        o, s = self.objective, exp.scores
+        mask = s.response_mask
+        scores, shaped = objective.shaped_scores(o, s.scores, s.response_len)
+        stats = {f"train/{k}": v for k, v in shaped.items()}
+        values = self.pools["critic"].values(exp, step) if self.cfg.needs_critic else None
         kl = None
-        if a.kl_in_reward and exp.ref_logprobs:
-            ref = pad_responses(get(exp.ref_logprobs, "reference", cfg.run.call_timeout_s))
-            ref = ref[exp.rows] if exp.rows is not None else ref
-            kl = kl_penalty(s.logprobs, ref[:, : mask.shape[1]], a.kl_estimator) * mask
+        if o.kl_in_reward and exp.ref_logprobs:
+            kl = self.reward_kl(exp, step)
             stats["train/kl"] = float(masked_mean(kl, mask))
-        groups = torch.arange(len(s)) // cfg.rollout.n_samples
-        if not cfg.needs_critic:
-            adv = outcome_advantages(
-                a.name, scores, groups, mask, gamma=a.gamma, kl=kl, kl_coef=self.kl_ctl.value
-            )
-            return adv, None, None, stats
-        values = self.rollouts.wait(self.pools["critic"].values(exp, step))
-        token_rewards = compute_token_rewards(scores, mask, kl=kl, kl_coef=self.kl_ctl.value)
-        adv, returns = gae(token_rewards, values, mask, a.gamma, a.lam)
-        if a.whiten_advantages:
-            adv = masked_whiten(adv, mask) * mask
-        stats["train/values_mean"] = float(masked_mean(values, mask))
+        if values is not None:
+            values = self.rollouts.wait(values)
+            stats["train/values_mean"] = float(masked_mean(values, mask))
+        groups = torch.arange(len(s)) // self.cfg.rollout.n_samples
+        adv, returns = objective.advantages(o, scores, groups, mask, kl, self.kl_ctl.value, values)
         return adv, returns, values, stats
+
+    def reward_kl(self, exp: Experience, step: int) -> torch.Tensor:
+        """(B, T) per-token KL to the reference for the reward, from the learner's old
+        log-probs (which its ranks keep for the update), or the generator's with
+        ``algorithm.use_behaviour_logprobs``."""
+        cfg, mask = self.cfg, exp.scores.response_mask
+        if cfg.algorithm.use_behaviour_logprobs:
+            old = exp.scores.logprobs
+        else:
+            old = self.rollouts.wait(self.pools["learner"].old_logprobs(exp, step))
+        ref = pad_responses(get(exp.ref_logprobs, "reference", cfg.run.call_timeout_s))
+        ref = ref[exp.rows] if exp.rows is not None else ref
+        return objective.reward_kl(old, ref[:, : mask.shape[1]], mask, self.objective.kl_estimator)
 
     # ---- 5-6. update and broadcast ------------------------------------------------------
     def learn(
@@ -325,7 +315,7 @@ class Trainer:
     ) -> dict[str, float]:
         """Policy (and critic) updates, run together; chunks keep landing meanwhile."""
         self.generators_sleep(True)
-        per_sequence = ADVANTAGE_ESTIMATORS[self.cfg.algorithm.name].per_sequence
+        per_sequence = self.objective.estimator.per_sequence
         policy = self.pools["learner"].update(exp, self.kl_ctl.value, step, per_sequence)
         critic = self.pools["critic"].update(exp, step) if "critic" in self.pools else None
         metrics = self.rollouts.wait(policy)

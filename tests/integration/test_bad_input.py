@@ -58,6 +58,8 @@ CASES = [
     Case("wrong_type_section", ["learner=3"], ["learner", "expected a mapping"]),
     Case("bad_algorithm", ["algorithm.name=ppx"], ["algorithm.name", "'ppx'", "use one of ppo, grpo"]),
     Case("bad_kl_estimator", ["algorithm.kl_estimator=k9"], ["algorithm.kl_estimator", "use one of"]),
+    Case("bad_policy_loss", ["algorithm.policy_loss=helpers.rewards:nope"], ["algorithm.policy_loss", "cannot import the policy loss"]),
+    Case("k3_in_reward", ["algorithm.name=reinforce_pp", "algorithm.kl_coef=0.01", "algorithm.kl_in_reward=true", "algorithm.kl_estimator=k3"], ["algorithm.kl_estimator: k3 in the reward", "E[k * grad log pi]"], full=True),
     Case("bad_backend", ["rollout.backend=tgi"], ["rollout.backend", "use one of hf, vllm"]),
     Case("bad_sync_transport", ["sync.transport=pigeon"], ["sync.transport", "use one of auto, collective"]),
     Case("negative_samples", ["rollout.n_samples=-1"], ["rollout.n_samples", "must be > 0"]),

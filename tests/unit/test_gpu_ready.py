@@ -79,10 +79,7 @@ def test_cuda_ipc_needs_colocated_generators():
     "raw, names",
     [
         ({"algorithm": {"use_behaviour_logprobs": True}}, "use_behaviour_logprobs"),
-        (
-            {"algorithm": {"name": "reinforce_pp", "kl_in_reward": True, "kl_coef": 0.1}},
-            "kl_in_reward",
-        ),
+        ({"algorithm": {"behaviour_seq_mask": [0.5, 2.0]}}, "behaviour_seq_mask"),
         ({"trainer": {"max_staleness": 1}}, "behaviour_is_cap"),
     ],
 )
@@ -93,6 +90,9 @@ def test_truncated_sampling_with_behaviour_logprobs_as_probabilities_is_refused(
         assert len(got) == 1 and got[0].startswith("rollout.top_p=") and names in got[0]
     plain = problems({"rollout": {"top_p": 0.9}})
     assert plain == []  # the learner's own old log-probs: nothing biased
+    in_reward = {"name": "reinforce_pp", "kl_in_reward": True, "kl_coef": 0.1}
+    # the in-reward KL uses the learner's own old log-probs too: nothing biased
+    assert problems({"algorithm": in_reward, "rollout": {"top_p": 0.9}}) == []
 
 
 def test_k1_as_a_kl_loss_term_is_refused_but_not_in_the_reward():

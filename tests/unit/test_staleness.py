@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from rlalign_ray.algorithms import StalenessController, off_policy_price
+from rlalign_ray.algorithms import StalenessController
+from rlalign_ray.algorithms.objective import mismatch_metrics
 from rlalign_ray.config import load_config
 from rlalign_ray.data.batch import RolloutBatch, ScoredShard
 from rlalign_ray.errors import ConfigError
@@ -23,14 +24,14 @@ def test_the_price_by_hand():
     behaviour = torch.zeros(1, 4)
     learner = torch.tensor([[math.log(3.0), 0.0, math.log(0.5), 5.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    price = off_policy_price(learner, behaviour, mask, cap=2.0)
+    price = mismatch_metrics(learner, behaviour, mask, cap=2.0)
     # r = 3 > cap on 1 of 3 tokens; k3 = (r - 1) - log r: (2 - log 3) + 0 + (-0.5 + log 2)
     assert price["behaviour_is_clipfrac"] == pytest.approx(1 / 3)
     k3 = (2 - math.log(3)) + (-0.5 + math.log(2))
     assert price["mismatch_kl"] == pytest.approx(k3 / 3, rel=1e-6)
-    assert off_policy_price(learner, behaviour, mask, cap=0.0)["behaviour_is_clipfrac"] == 0
-    same = off_policy_price(behaviour, behaviour, mask, cap=2.0)
-    assert same == {"behaviour_is_clipfrac": 0.0, "mismatch_kl": 0.0}
+    assert mismatch_metrics(learner, behaviour, mask, cap=0.0)["behaviour_is_clipfrac"] == 0
+    same = mismatch_metrics(behaviour, behaviour, mask, cap=2.0)
+    assert same["behaviour_is_clipfrac"] == 0.0 and same["mismatch_kl"] == 0.0
 
 
 def test_the_bound_falls_with_a_rising_drift_and_rises_when_it_passes():
