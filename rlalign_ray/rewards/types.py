@@ -239,9 +239,13 @@ def check_reward_specs(specs: list[RewardSpec]) -> list[str]:
     for i, spec in enumerate(specs):
         key = f"reward.rewards[{i}]"
         try:
-            e += reward_type(spec.type).check(spec, key)
+            kind = reward_type(spec.type)
         except RewardError as err:
             e.append(f"{key}.type: {err}")
+            continue
+        if spec.kwargs and "kwargs" not in kind.keys:
+            e.append(f"{key}.kwargs: a {spec.type} reward takes no kwargs; remove them")
+        e += kind.check(spec, key)
     return e
 
 

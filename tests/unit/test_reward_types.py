@@ -53,6 +53,8 @@ def test_a_type_that_does_not_exist_or_is_not_a_reward_type_is_a_config_error():
     assert "has no class 'Nope'" in missing
     (wrong,) = _problems({"type": "helpers.reward_types:NotAType"})
     assert "not a subclass of rlalign_ray.rewards.types.RewardType" in wrong
+    (extra,) = _problems({"type": "math", "kwargs": {"word": "7"}})
+    assert extra == "reward.rewards[0].kwargs: a math reward takes no kwargs; remove them"
 
 
 def test_the_registry_and_its_checks_import_no_torch():
