@@ -1,6 +1,11 @@
-"""The errors a user sees. Each carries a message that names what failed and how to fix it."""
+"""The errors a user sees. Each carries a message that names what failed and how to fix it;
+and the warning a moved module's old name gives (``moved_module``)."""
 
 from __future__ import annotations
+
+import sys
+import warnings
+from types import ModuleType
 
 
 class RlalignError(Exception):
@@ -53,3 +58,17 @@ class ActorFailure(RlalignError):
 
 class WeightSyncError(ActorFailure):
     """A weight sync failed or timed out (the message names the transport and the actor)."""
+
+
+def moved_module(old: str, module: ModuleType, new: str = "") -> None:
+    """In the module ``old``, kept as an alias for one release after it moved: warn
+    (``DeprecationWarning``, pointed at the code that imported it) and make ``old`` the
+    ``module`` it moved to, so every name imports either way. ``new``: the name to tell
+    users (default: the module's)."""
+    warnings.warn(  # stacklevel 3: who imported the alias (warn skips importlib's frames)
+        f"{old} is deprecated: import {new or module.__name__} instead (the old name goes in "
+        "the next release)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    sys.modules[old] = module

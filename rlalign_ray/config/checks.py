@@ -207,6 +207,11 @@ def check_env(cfg: Config, e: list[str]) -> None:
 
 
 def check_reward(cfg: Config, e: list[str]) -> None:
+    """The pool's keys; each reward's own keys are checked by its type (the reward-type
+    registry: a torch-free module, read here rather than at load time since rewards/ is
+    a room above the config's)."""
+    from rlalign_ray.rewards.types import check_reward_specs
+
     _positive(e, "reward.num_actors", cfg.reward.num_actors)
     _positive(e, "reward.timeout_s", cfg.reward.timeout_s, allow_zero=True)
     if not cfg.reward.rewards and not (cfg.env.path and cfg.env.reward != "rewards-only"):
@@ -214,35 +219,7 @@ def check_reward(cfg: Config, e: list[str]) -> None:
             "reward.rewards: give at least one reward, e.g. "
             "[{type: function, path: 'rlalign_ray.rewards.builtin:arithmetic_exact'}]"
         )
-    for i, spec in enumerate(cfg.reward.rewards):
-        key = f"reward.rewards[{i}]"
-        if spec.type == "http":
-            if not spec.url.startswith(("http://", "https://")):
-                e.append(
-                    f"{key}.url: an http reward needs an http:// or https:// URL, got {spec.url!r}"
-                )
-            _positive(e, f"{key}.timeout_s", spec.timeout_s)
-            _positive(e, f"{key}.retries", spec.retries, allow_zero=True)
-            _positive(e, f"{key}.batch_size", spec.batch_size)
-        elif spec.type == "math":
-            _check_math_reward(spec, key, e)
-        elif not spec.path:
-            e.append(f"{key}.path: required (module:function or a model path)")
-        elif spec.type == "function" and ":" not in spec.path:
-            e.append(f"{key}.path: a function reward is 'module:function', got {spec.path!r}")
-
-
-def _check_math_reward(spec: Any, key: str, e: list[str]) -> None:
-    """``type: math``: math-verify is installed and the answers have a column."""
-    if importlib.util.find_spec("math_verify") is None:
-        e.append(
-            f"{key}.type: math checks answers with the math-verify library, which is not "
-            "installed; pip install 'rlalign-ray[math]' (on every node)"
-        )
-    if not spec.answer_key:
-        e.append(f"{key}.answer_key: name the dataset column with the gold answers, e.g. answer")
-    if spec.path:
-        e.append(f"{key}.path: a math reward takes no path (it reads answer_key); remove it")
+    e += check_reward_specs(cfg.reward.rewards)
 
 
 def check_learner(cfg: Config, e: list[str]) -> None:

@@ -11,7 +11,6 @@ from rlalign_ray.config.fields import DistBackend, Dtype, Placement, Resources, 
 RolloutBackend = Literal["hf", "vllm"]
 Transport = Literal["auto", "collective", "cuda_ipc", "shared_memory", "object_store"]
 TRANSPORTS = typing.get_args(Transport)
-RewardType = Literal["function", "model", "embedding", "http", "math"]
 NonfiniteMode = Literal["error", "zero", "drop_group"]
 NONFINITE_MODES = typing.get_args(NonfiniteMode)
 EnvRewardMode = Literal["sum", "last", "rewards-only"]
@@ -92,10 +91,10 @@ class RewardSpec:
     """One reward; the total is the weighted sum."""
 
     name: str = doc("", "label in metrics (default: derived from type and path)")
-    type: RewardType = doc(
+    type: str = doc(
         "function",
-        "function (module:fn), model (sequence classifier), embedding, http (a remote "
-        "scorer), math (the final answer checked against answer_key with math-verify)",
+        "the reward's type, which reads the keys named after it and checks them "
+        "(rlalign_ray/rewards/types.py); module:Class: a RewardType of your own",
     )
     path: str = doc("", "module:function, or a model path for model/embedding")
     weight: float = doc(1.0, "weight in the total reward")
@@ -112,6 +111,9 @@ class RewardSpec:
         0.0,
         "math: weight of the format component <name>_format (1 where the final answer is in "
         "\\boxed{} or after ####), logged even at 0",
+    )
+    kwargs: dict[str, Any] = doc(
+        {}, "options of a reward type of your own (type: module:Class), which reads them"
     )
 
 

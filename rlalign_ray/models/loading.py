@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rlalign_ray.algorithms import entropy_from_logits
 from rlalign_ray.data.batch import RolloutBatch
-from rlalign_ray.errors import RlalignError
+from rlalign_ray.errors import ConfigError, RlalignError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,6 +25,40 @@ def resolve(path: str) -> str:
     from rlalign_ray.models.builtin import resolve_model_path
 
     return resolve_model_path(path)
+
+
+def _looks_local(path: str) -> bool:
+    """A filesystem path rather than a hub id (``name`` or ``org/name``)."""
+    return (
+        os.path.isabs(path)
+        or path.startswith((".", "~"))
+        or path.count("/") > 1
+        or os.path.exists(path)
+    )
+
+
+def check_model_path(key: str, path: str, need_config: bool = True) -> None:
+    if path.startswith("builtin:"):
+        return
+    if not _looks_local(path):
+        return  # a hub id: the actors download it
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(
+            [
+                f"{key}: {path!r} does not exist (relative paths start at {Path.cwd()}); "
+                "give a local model folder, a Hugging Face hub id, or builtin:tiny-arith"
+            ]
+        )
+    if not p.is_dir():
+        raise ConfigError([f"{key}: {path!r} is a file; give the model's folder"])
+    if need_config and not (p / "config.json").is_file():
+        raise ConfigError(
+            [
+                f"{key}: {path!r} has no config.json, so it is not a saved Hugging Face "
+                "model; point it at the folder save_pretrained() wrote"
+            ]
+        )
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:

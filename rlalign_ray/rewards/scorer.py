@@ -1,7 +1,7 @@
 """The reward scorer: every configured reward on a rollout shard, summed with weights.
 
-A plain class; ``rlalign_ray.runtime.actors`` wraps it as a reward actor. Each reward
-call runs at most ``reward.timeout_s``; a NaN or infinite value is handled as
+A plain class; ``pools/reward.py`` runs it as Ray actors (``runtime/placement.py`` makes them).
+Each reward call runs at most ``reward.timeout_s``; a NaN or infinite value is handled as
 ``reward.on_nonfinite`` says: ``error`` stops the run naming the reward and the sample,
 ``zero`` scores it 0, ``drop_group`` marks its row (total NaN) so that the driver leaves
 its prompt's whole group out of the step. In the last two modes the shard's breakdown

@@ -1,5 +1,6 @@
 """Reward sources: Python functions (sync or async), sequence-classifier reward models,
-embedding similarity, remote rewards over HTTP, and math answers (``math_answer.py``).
+embedding similarity, remote rewards over HTTP; math answers are in ``math_answer.py``, and
+which ``type:`` builds which source is ``types.py``'s registry.
 
 Every source is called as ``source(inputs: RewardInputs) -> list[float | None]``, one value
 per completion (``None``: the reward does not apply to that sample). ``load_reward`` builds
@@ -29,7 +30,7 @@ from rlalign_ray.config import RewardSpec
 from rlalign_ray.data.render import encode_one_bos, uses_bos
 from rlalign_ray.errors import RewardError, UserCodeError
 from rlalign_ray.models.loading import resolve
-from rlalign_ray.rewards.math_answer import MathFormatReward, MathReward
+from rlalign_ray.rewards.types import reward_type
 from rlalign_ray.roles import import_object
 
 RewardFn = Callable[..., list[float]]
@@ -392,27 +393,19 @@ def _embedding_path(path: str) -> str:
     return path
 
 
-REWARD_TYPES: dict[str, Callable[[RewardSpec, torch.device], Any]] = {
-    "function": lambda spec, device: FunctionReward(spec),
-    "model": ModelReward,
-    "embedding": EmbeddingReward,
-    "http": lambda spec, device: HttpReward(spec),
-    "math": lambda spec, device: MathReward(spec),
-}
-# Components a type adds besides its reward, each with its own weight and metric.
-EXTRA_COMPONENTS: dict[str, Callable[[RewardSpec], list[tuple[Any, float]]]] = {
-    "math": lambda spec: [(MathFormatReward(spec), spec.format_weight)],
-}
-
-
 def load_reward(spec: RewardSpec, device: torch.device) -> Callable[[RewardInputs], list[Any]]:
-    if spec.type not in REWARD_TYPES:
-        raise RewardError(f"unknown reward type {spec.type!r}; use one of {sorted(REWARD_TYPES)}")
-    return REWARD_TYPES[spec.type](spec, device)
+    """The source ``spec`` names, built by its type (``rewards/types.py``)."""
+    return _type_of(spec).build(spec, device)
 
 
 def load_components(spec: RewardSpec, device: torch.device) -> list[tuple[Any, float]]:
     """``(source, weight)`` for each part of the total that ``spec`` adds: its reward, and
     the components its type adds (``type: math``: the format component)."""
-    extra = EXTRA_COMPONENTS.get(spec.type)
-    return [(load_reward(spec, device), spec.weight), *(extra(spec) if extra else [])]
+    return _type_of(spec).components(spec, device)
+
+
+def _type_of(spec: RewardSpec) -> Any:
+    try:
+        return reward_type(spec.type)
+    except RewardError as e:
+        raise RewardError(f"reward type {spec.type!r}: {e}") from None

@@ -1,6 +1,6 @@
 """The generator: a policy copy that samples responses for a shard of prompts.
 
-A plain class; ``rlalign_ray.runtime.actors`` wraps it as a Ray actor.
+A plain class; ``pools/generator.py`` runs it as Ray actors (``runtime/placement.py`` makes them).
 """
 
 from __future__ import annotations

@@ -373,17 +373,12 @@ class Rollouts:
                 s.ref_lp[c.id], s.ref_epoch[c.id] = self.reference.logprobs(c.ref), now
 
     # ---- evaluation -------------------------------------------------------------------------
-    def evaluate(self, items: list[PromptItem], n_samples: int = 1) -> tuple[ScoredShard, float]:
-        """``n_samples`` samples per prompt of ``items`` at ``rollout.eval_temperature`` (0:
-        greedy), queued ahead of training chunks, scored."""
-        scores, seconds = self.evaluate_sets({"": items}, n_samples)
-        return scores[""], seconds
-
     def evaluate_sets(
         self, sets: dict[str, list[PromptItem]], n_samples: int = 1
     ) -> tuple[dict[str, ScoredShard], float]:
-        """``evaluate`` for several eval sets at once (all their chunks queued together):
-        each set's scores, and the seconds until the last chunk landed."""
+        """``n_samples`` samples per prompt of each eval set at ``rollout.eval_temperature``
+        (0: greedy), all their chunks queued together ahead of training chunks, scored: each
+        set's scores, and the seconds until the last chunk landed."""
         t0 = time.perf_counter()
         size = self.cfg.rollout.chunk_size
         owner: dict[int, str] = {}

@@ -2,7 +2,8 @@
 ``rlalign-ray`` console script (whose ``sys.path`` does not hold the working directory, as
 ``python -m`` would) trains two steps with a reward function and a generator class from a
 file in the folder it runs in; both import in the driver (the checks before Ray starts) and
-in the actors. The same run scores with ``type: math`` inside a reward actor."""
+in the actors. The same run scores with ``type: math`` inside a reward actor, and with a
+reward type of the folder's own (``type: my_rewards:HasDigitType``)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,26 @@ from conftest import REPO, small_config
 pytestmark = pytest.mark.integration
 
 MY_REWARDS = '''
+from rlalign_ray.rewards.types import RewardType
 from rlalign_ray.rollout.generator import Generator
 
 
 def contains_answer(completions, answer, **kwargs):
     return [float(a in c) for c, a in zip(completions, answer)]
+
+
+class HasDigit:
+    name = "has_digit"
+
+    def __call__(self, inputs):
+        return [float(any(ch.isdigit() for ch in t)) for t in inputs.completion_texts]
+
+
+class HasDigitType(RewardType):
+    """A reward type of this folder's own (type: my_rewards:HasDigitType)."""
+
+    def build(self, spec, device):
+        return HasDigit()
 
 
 class MyGenerator(Generator):
@@ -50,6 +66,7 @@ def test_cli_run_imports_modules_from_its_working_directory(tiny_model, tmp_path
             "rewards": [
                 {"type": "function", "path": "my_rewards:contains_answer"},
                 {"type": "math", "weight": 0.5, "format_weight": 0.1},
+                {"type": "my_rewards:HasDigitType", "weight": 0.1},
             ],
         },
         algorithm={"name": "grpo", "kl_coef": 0.0},
@@ -75,7 +92,7 @@ def test_cli_run_imports_modules_from_its_working_directory(tiny_model, tmp_path
     assert proc.returncode == 0, out[-4000:]
     rows = [json.loads(x) for x in (run / "out/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
-    for key in ("contains_answer", "math", "math_format"):
+    for key in ("contains_answer", "math", "math_format", "has_digit"):
         assert 0.0 <= rows[-1][f"train/reward/{key}"] <= 1.0, rows[-1]
 
 

@@ -195,6 +195,17 @@ def test_the_architecture_table_is_the_rooms_the_tests_enforce():
     assert rooms == ROOMS
 
 
+def test_the_transport_table_lists_every_transport():
+    from rlalign_ray.config import TRANSPORTS
+
+    text = (REPO / "docs/internals.md").read_text().split("`sync.transport`:", 1)[1]
+    table = text.split("\n\n", 2)[1]
+    rows = [line.split("|")[1].strip() for line in table.splitlines()[2:]]
+    assert sorted(rows) == sorted(
+        f"`{t}`" + (" (default)" if t == "auto" else "") for t in TRANSPORTS
+    )
+
+
 def test_install_hints_name_extras_that_exist():
     """``pip install 'rlalign-ray[X]'`` / ``".[X]"`` in the code, scripts and docs."""
     from helpers.doc_snippets import extras
