@@ -246,7 +246,6 @@ class Trainer:
         )
         for r in groups:
             self.pools[r].restart_all()
-        self.generators_sleep(False)  # awake (a no-op if so) before the restore loads weights
         self.pools["generator"].abandon()  # not trained: the rollouts ignore what lands
         self.weights.abandon()  # broken by the dead rank; the restore syncs again
         self.weights.setup()
