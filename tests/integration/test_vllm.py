@@ -8,12 +8,11 @@ stop strings in an actor, two generator actors in the loop test).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import VLLM_TESTS, small_config
 
 from rlalign_ray.config import EnvConfig, ModelConfig, RolloutConfig, config_from_dict
 from rlalign_ray.data.batch import PromptItem
@@ -22,14 +21,7 @@ from rlalign_ray.rollout.backend import truncate
 from rlalign_ray.rollout.generator import Generator
 from rlalign_ray.trainers import Trainer
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.vllm,
-    pytest.mark.skipif(
-        importlib.util.find_spec("vllm") is None,
-        reason="vllm is not installed (bash launch/install_vllm.sh)",
-    ),
-]
+pytestmark = VLLM_TESTS
 ENGINE = {"backend": "vllm", "kv_cache_gb": 0.25, "max_model_len": 64}
 TEMPERATURE = 0.7
 ITEMS = [PromptItem(i, p) for i, p in enumerate(["1+2=", "123+456=", "9+", "77+8=", "5", "+"])]
