@@ -4,7 +4,8 @@
 - a learner rank (DeepSpeed, NCCL) on a model with dropout in its config: PPO's ratio is
   exactly 1 on the first mini-batch (and is not with ``model.keep_dropout``);
 - the colocated layout's weight sync: a ZeRO-3 learner rank and an HF generator in two
-  processes on one GPU, through CUDA IPC: the generator holds the learner's weights;
+  processes on one GPU, through CUDA IPC: the generator holds the learner's weights, and
+  the rank's IPC buffers are freed once it does;
 - an actor that asked for a GPU gets it.
 """
 
@@ -73,4 +74,5 @@ def test_colocated_sync_through_cuda_ipc(model_dir, zero_stage):
     print("cuda_ipc", zero_stage, got)
     assert got["device"].startswith("cuda") and got["names"]
     assert got["max_diff"] == 0.0
+    assert got["freed"] >= 0.9  # the IPC buffers' memory, once the generator holds it
     assert all(p.exitcode == 0 for p in procs)

@@ -161,6 +161,30 @@ def test_load_weights_in_buckets_switches_to_the_new_weights(gen, tiny_model, tm
     assert (_learner_logprobs(old, back) - back.logprobs).abs().max() < 1e-4
 
 
+def test_sleep_then_wake_weights_load_a_version_then_the_kv_cache(gen, tiny_model):
+    """Sleep mode's order (level 2: nothing kept): wake the weights' memory, load a whole
+    version, and only then the KV cache; generating in between is refused. On CPU vLLM's
+    worker frees no memory, but the engine pauses and resumes as on a GPU."""
+    engine = gen.backend.llm.llm_engine
+    gen.backend.sleep()
+    assert engine.is_sleeping()
+    with pytest.raises(RuntimeError, match="asleep"):
+        gen.generate(ITEMS, n_samples=2)
+    gen.backend.wake_up()  # the weights' memory
+    gen.backend.wake_up()  # a second wake changes nothing
+    assert engine.is_sleeping()  # the KV cache still is
+    with pytest.raises(RuntimeError, match="no full weight version loaded"):
+        gen.generate(ITEMS, n_samples=2)
+    params = list(load_causal_lm(tiny_model).named_parameters())
+    gen.backend.load_weights(params[:5])
+    assert engine.is_sleeping()
+    gen.backend.load_weights(params[5:])
+    gen.backend.finish_weight_update()  # the last bucket: the KV cache comes back
+    assert not engine.is_sleeping()
+    b = gen.generate(ITEMS, n_samples=4)
+    assert (_learner_logprobs(load_causal_lm(tiny_model), b) - b.logprobs).abs().max() < 1e-4
+
+
 # synchronous; and pipelined (k=1) with seeded chunks pulled by the engines
 @pytest.mark.parametrize(
     "max_staleness,chunk_size", [(0, 0), pytest.param(1, 1, marks=pytest.mark.full)]
