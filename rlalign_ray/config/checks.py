@@ -80,15 +80,6 @@ def check_model(cfg: Config, e: list[str]) -> None:
                 f"the optimizer on {cfg.model.dtype} weights with no float32 master copy "
                 f"(updates lost to rounding); set {role}.bf16: true, or model.dtype: float32"
             )
-    bf16 = cfg.learner.bf16 or cfg.model.dtype == "bfloat16"
-    if bf16 and cfg.generator_dtype == "float16":
-        key = "rollout.dtype" if cfg.rollout.dtype else "model.dtype"
-        e.append(
-            f"{key}: float16 generators with a bfloat16 learner (learner.bf16 or model.dtype): "
-            "weights travel in float16, whose range ends at 65504, so any weight or "
-            "activation beyond it becomes inf in the generators. Set rollout.dtype: bfloat16 "
-            "(or float32)"
-        )
 
 
 def check_data(cfg: Config, e: list[str]) -> None:

@@ -25,7 +25,7 @@ import torch
 from rlalign_ray.config import SyncConfig
 from rlalign_ray.errors import ActorFailure, WeightSyncError
 from rlalign_ray.runtime.placement import Future, get
-from rlalign_ray.sync.buckets import SyncPlan, plan_buckets
+from rlalign_ray.sync.buckets import SyncPlan, check_half_range, plan_buckets
 from rlalign_ray.sync.plan import duplicate_gpus, gpu_uuids
 from rlalign_ray.sync.transports import (
     SharedMemoryTransport,
@@ -94,7 +94,12 @@ class WeightSource:
         generator) sends it and returns the payload."""
         params = self._sync_params[bucket]
         with self.gathered([*params, *self.weight_extras(params)]):
-            return self._sync.send(bucket, self.weight_values(params)) if self._sync else None
+            if not self._sync:
+                return None
+            values = self.weight_values(params)
+            if self._sync.plan.dtype == "float16":  # from bf16 / fp32: no value may become inf
+                check_half_range(self._sync.plan.buckets[bucket].names, values)
+            return self._sync.send(bucket, values)
 
 
 class WeightSync:

@@ -201,15 +201,17 @@ def test_setup_refuses_generators_whose_nccl_ranks_share_a_gpu():
     _check_distinct_gpus(["L"], [["A", "L"]], [1])  # a TP=1 engine uses its first GPU only
 
 
-def test_bf16_learner_with_fp16_generators_is_refused():
-    (p,) = problems({"learner": {"bf16": True}, "rollout": {"dtype": "float16"}})
-    assert p.startswith("rollout.dtype: float16 generators with a bfloat16 learner")
-    raw = {"model": {"dtype": "bfloat16"}, "learner": {"bf16": True}}
-    (p,) = problems({**raw, "rollout": {"dtype": "float16"}})
-    assert p.startswith("rollout.dtype: float16")
-    (p,) = problems({"model": {"dtype": "float16"}, "learner": {"bf16": True}})
-    assert p.startswith("model.dtype: float16")
-    assert problems({"learner": {"bf16": True}, "rollout": {"dtype": "bfloat16"}}) == []
+def test_weights_beyond_float16s_range_are_refused_before_they_travel_as_inf():
+    """A bfloat16 (or float32) learner with float16 generators: the cast would give inf."""
+    from rlalign_ray.sync.buckets import check_half_range
+
+    names = ["a", "b", "c"]
+    fine = [torch.full((3,), 6e4, dtype=torch.bfloat16), torch.ones(2), torch.empty(0)]
+    check_half_range(names, fine)
+    big = [fine[0], torch.tensor([1.0, -7e4]), fine[2]]
+    with pytest.raises(WeightSyncError, match=r"b holds -?7e\+04, beyond float16's range"):
+        check_half_range(names, big)
+    check_half_range(["h"], [torch.full((2,), 6e4, dtype=torch.float16)])  # already half
 
 
 def test_gpu_ids_come_from_what_ray_assigned():
