@@ -264,7 +264,9 @@ def response_logprobs(
     them at a time (0: all at once); with a graph, each chunk's head and log-softmax are
     recomputed in backward (``torch.utils.checkpoint``), so only hidden states are kept,
     never (B, T, V) logits. ``agree`` maps this rank's chunk count to the one all ranks use
-    (ZeRO-3 gathers the head's weights at every call, so every rank must call it as often).
+    (ZeRO-3 gathers the head's weights at every call of the head module, so every rank must
+    call it as often). A ZeRO-3 learner's model holds a ``LogprobHead``
+    (``attach_logprob_head``), which applies the head in one module call.
     """
     hidden = response_hidden(model, batch, device)
     mask = batch.response_mask.to(device) != 0
