@@ -13,7 +13,8 @@
 #
 #   case             GPUs  layout
 #   vllm+nccl+zero3  3     2 ZeRO-3 learner ranks + 1 vLLM generator, weights over NCCL
-#   vllm-tp2         3     1 learner rank + 1 vLLM generator over 2 GPUs (tensor parallel)
+#   vllm-tp2         3     1 learner rank + 1 vLLM generator over 2 GPUs (tensor parallel;
+#                          both engine workers join the NCCL group; 6 buckets a version)
 #   colocated        1     1 learner rank + 1 sleeping vLLM generator on the same GPU,
 #                          weights over sync.transport auto (CUDA IPC)
 #
@@ -50,6 +51,7 @@ CASE_NCCL_ZERO3=(
 CASE_TP2=(
   learner.resources.num_gpus=1
   rollout.tensor_parallel_size=2 rollout.resources.num_gpus=2
+  sync.bucket_mb=0.25  # six buckets of whole layers: each worker loads many, not one
 )
 CASE_COLOCATED=(
   learner.resources.num_gpus=0.5
