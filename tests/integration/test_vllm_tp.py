@@ -57,6 +57,9 @@ def engine(wide_model):
     bind = "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
     if bind:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
+    import vllm.envs
+
+    vllm.envs.disable_envs_cache()  # an engine started earlier in this process cached them
     rollout = RolloutConfig(
         backend="vllm",
         tensor_parallel_size=2,
