@@ -172,8 +172,8 @@ def bundle_gpus(roles: Layout) -> dict[str, list]:
 def gpu_layout_problems(roles: Layout, sync: SyncConfig) -> list[str]:
     """Layouts that would fail on GPUs: a colocated bundle of a fractional GPU count above 1
     (Ray may give its actors different GPUs, so they share nothing), and an NCCL weight sync
-    that includes a generator on learner rank 0's GPU (NCCL refuses two ranks on one
-    GPU: "Duplicate GPU detected")."""
+    that includes a generator on learner rank 0's GPU or generators on fractional GPUs of
+    their own (NCCL refuses two ranks on one GPU: "Duplicate GPU detected")."""
     e: list[str] = []
     for host, bundles in bundle_gpus(roles).items():
         for k, (gpus, members) in enumerate(bundles):
@@ -189,6 +189,7 @@ def gpu_layout_problems(roles: Layout, sync: SyncConfig) -> list[str]:
                     "each colocated bundle's GPUs sum to at most 1 (sharing one GPU, e.g. "
                     "0.5 + 0.5) or to a whole number (one GPU each)"
                 )
+    e += _fractional_nccl_problems(roles, sync)
     learner = bundle_gpus(roles).get("learner")
     if not learner or sync.transport != "collective" or sync.backend == "gloo":
         return e
@@ -202,3 +203,27 @@ def gpu_layout_problems(roles: Layout, sync: SyncConfig) -> list[str]:
             "generators that share a learner rank's GPU) or cuda_ipc"
         )
     return e
+
+
+def _fractional_nccl_problems(roles: Layout, sync: SyncConfig) -> list[str]:
+    """Generators on a fraction of a GPU, not colocated, in a weight sync that goes over
+    NCCL (``collective``, or ``auto``, which picks NCCL for generators with GPUs of their
+    own): Ray packs fractional actors onto one GPU, so two generators (or one and a
+    fractional learner rank) can hold two ranks of the group on one GPU."""
+    gen = roles.get("generator")
+    if gen is None or sync.transport not in ("auto", "collective") or sync.backend == "gloo":
+        return []
+    section, _, res, placement = gen
+    gpus = res.num_gpus
+    if placement.colocate_with or gpus <= 0 or abs(gpus - round(gpus)) < 1e-9:
+        return []
+    return [
+        f"{section}.resources.num_gpus: {gpus:g} GPU per generator, not colocated "
+        f"({section}.placement.colocate_with unset), with sync.transport: {sync.transport} "
+        f"(NCCL on GPUs): Ray may pack two generators, or a generator and a learner rank, "
+        "onto one GPU, and NCCL refuses two ranks of the weight-sync group on one GPU "
+        '("Duplicate GPU detected", shown as "could not join the nccl group"). Give each '
+        f"generator whole GPUs ({section}.resources.num_gpus: 1), colocate the generators "
+        f"with the learner ({section}.placement.colocate_with: learner, CUDA IPC), or sync "
+        "through host memory (sync.transport: object_store)"
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -12,6 +13,15 @@ from rlalign_ray.runtime.cluster import LOOPBACK
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 REPO = Path(__file__).resolve().parents[1]
+# the marks of a module whose tests start vLLM engines
+VLLM_TESTS = [
+    pytest.mark.integration,
+    pytest.mark.vllm,
+    pytest.mark.skipif(
+        importlib.util.find_spec("vllm") is None,
+        reason="vllm is not installed (bash launch/install_vllm.sh)",
+    ),
+]
 
 
 @pytest.fixture(scope="session")

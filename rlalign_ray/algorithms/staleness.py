@@ -25,7 +25,6 @@ from dataclasses import dataclass
 LOW_FRACTION = 0.25  # the bound rises only while the price stays under this share of its threshold
 
 
-
 @dataclass
 class StalenessController:
     """The staleness bound of ``trainer.max_staleness: auto``, steered by the off-policy price.

@@ -170,6 +170,9 @@ class SimulatedGenerator:
         }
         return SimulatedRollout(self.version, ids, lengths), info
 
+    def weight_ranks(self) -> int:
+        return 1
+
     def join_weight_sync(self, plan: Any, address: Any, rank: int) -> None:
         self.plan = plan
 

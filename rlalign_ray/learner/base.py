@@ -76,7 +76,8 @@ class DeepSpeedRank:
             MASTER_PORT=str(master_port),
             RANK=str(self.rank),
             WORLD_SIZE=str(self.world_size),
-            LOCAL_RANK="0",
+            # DeepSpeed puts the engine on cuda:LOCAL_RANK: the GPU Ray assigned this rank
+            LOCAL_RANK=str(self.device.index or 0),
         )
         if master_addr.startswith("127."):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -118,6 +119,13 @@ class DeepSpeedRank:
         if self.engine.lr_scheduler is not None:  # see ``lr_schedule``: skip the zero-lr start
             self.engine.lr_scheduler.step(lr_schedule(self.role, self.cfg)[1])
         return self.rank
+
+    def release_cached_memory(self) -> None:
+        """After a step's update, with sleeping generators on this GPU
+        (``rollout.enable_sleep_mode``): hand the blocks torch keeps cached back to the
+        driver, so that the engines can wake into them."""
+        if self.device.type == "cuda" and self.cfg.rollout.enable_sleep_mode:
+            torch.cuda.empty_cache()
 
     def current_lr(self) -> float:
         """The learning rate the next optimizer step uses (DeepSpeed's scheduler sets it)."""

@@ -95,4 +95,5 @@ class Critic(DeepSpeedRank):
         for mini in self.mini_batches(len(batch), step):
             skipped += self._update(batch, mini, returns, old_values, stats)
         stats["skipped_steps"].append(float(skipped))
+        self.release_cached_memory()
         return self.reduce_stats(stats)

@@ -17,7 +17,12 @@ from rlalign_ray.config import Config
 from rlalign_ray.data.batch import RolloutBatch, packed
 from rlalign_ray.learner.base import DeepSpeedRank
 from rlalign_ray.learner.lora import adapter_params, apply_lora, merged_sources, merged_value
-from rlalign_ray.models.loading import batch_logprobs, load_causal_lm, response_logprobs
+from rlalign_ray.models.loading import (
+    attach_logprob_head,
+    batch_logprobs,
+    load_causal_lm,
+    response_logprobs,
+)
 from rlalign_ray.sync.weight_sync import WeightSource
 
 
@@ -35,6 +40,8 @@ class Learner(DeepSpeedRank, WeightSource):
             model = apply_lora(model, self.cfg.learner.lora)
             if self.role.gradient_checkpointing:  # frozen embeddings: inputs need a grad
                 model.enable_input_require_grads()
+        if self.role.zero_stage == 3:  # the head over response tokens in one module call
+            attach_logprob_head(model)
         return model
 
     @property
@@ -71,6 +78,7 @@ class Learner(DeepSpeedRank, WeightSource):
         for mini in self.mini_batches(len(batch), step):
             skipped += self._update(batch, mini, old, adv, ref, kl_coef, stats)
         stats["skipped_steps"].append(float(skipped))
+        self.release_cached_memory()
         return self.reduce_stats(stats)
 
     def old_logprobs(self, part: tuple[RolloutBatch, None], step: int) -> torch.Tensor:

@@ -73,6 +73,7 @@ class Generator:
         self.multiturn = None  # built on first use (rollout/multiturn.py)
         self._env_client = None  # an environment pool's client (set_env_actors)
         self.transport: WeightTransport | None = None  # set by join_weight_sync
+        self.in_engine = False  # the backend's workers receive the weights themselves
         self.version = 0
         self.rank = rank
 
@@ -215,16 +216,27 @@ class Generator:
         )
 
     # ---- weights ----------------------------------------------------------------------
+    def weight_ranks(self) -> int:
+        """Ranks this generator takes in a collective weight sync (its engine's workers')."""
+        return self.backend.weight_ranks
+
     def join_weight_sync(self, plan: SyncPlan, address: Any, rank: int) -> None:
-        """Build this generator's end of the weight transport (``rank`` in the sync)."""
+        """Build this generator's end of the weight transport (``rank``: its first rank in
+        the sync); a backend that can receives in its engine's workers instead."""
         if self.transport:
             self.transport.close()
         self.transport = make_transport(plan)
-        self.transport.connect(address, rank)
+        who = f"generator {self.rank}"
+        self.in_engine = self.backend.join_weight_sync(self.transport, address, rank, who)
+        if not self.in_engine:
+            self.transport.connect(address, rank)
 
     def load_weights(self, handle: WeightHandle) -> int:
         """Load one bucket; returns the version now held (-1 while a version is half in)."""
-        self.transport.receive(handle, self.backend)
+        if self.in_engine:
+            self.backend.receive_weights(handle)
+        else:
+            self.transport.receive(handle, self.backend)
         self.version = handle.version if handle.is_last(self.transport.plan) else -1
         return self.version
 

@@ -14,15 +14,16 @@ log = logging.getLogger(__name__)
 
 
 def worker_env(cpu_only: bool) -> dict[str, str]:
-    """Environment variables for rlalign-ray's actors."""
+    """Environment variables for rlalign-ray's actors (``cpu_only``: it asked for no GPU)."""
     env = {
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONWARNINGS": "ignore::FutureWarning",
         "TRANSFORMERS_VERBOSITY": "error",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     }
-    if cpu_only:
-        env["DS_ACCELERATOR"] = "cpu"
+    # DeepSpeed otherwise guesses its accelerator from what it can import and see, and may
+    # pick the CPU on a GPU node whose driver check fails late, or CUDA on a CPU actor
+    env["DS_ACCELERATOR"] = "cpu" if cpu_only else "cuda"
     cache = os.environ.get("RLALIGN_RAY_CACHE")
     if cache:
         env["RLALIGN_RAY_CACHE"] = cache

@@ -315,13 +315,15 @@ class Trainer:
     ) -> dict[str, float]:
         """Policy (and critic) updates, run together; chunks keep landing meanwhile."""
         self.generators_sleep(True)
-        per_sequence = self.objective.estimator.per_sequence
-        policy = self.pools["learner"].update(exp, self.kl_ctl.value, step, per_sequence)
-        critic = self.pools["critic"].update(exp, step) if "critic" in self.pools else None
-        metrics = self.rollouts.wait(policy)
-        if critic is not None:
-            metrics.update(self.rollouts.wait(critic))
-        self.generators_sleep(False)
+        try:
+            per_sequence = self.objective.estimator.per_sequence
+            policy = self.pools["learner"].update(exp, self.kl_ctl.value, step, per_sequence)
+            critic = self.pools["critic"].update(exp, step) if "critic" in self.pools else None
+            metrics = self.rollouts.wait(policy)
+            if critic is not None:
+                metrics.update(self.rollouts.wait(critic))
+        finally:  # also when a rank died: a restart's restore syncs weights into them
+            self.generators_sleep(False)
         return metrics
 
     def broadcast(self, version: int) -> int:
@@ -408,7 +410,8 @@ class Trainer:
 
     def generators_sleep(self, asleep: bool) -> None:
         """With ``rollout.enable_sleep_mode`` (synchronous only), the vLLM engines give
-        their GPU memory to the learner while it trains and take it back after."""
+        their GPU memory to the learner while it trains and take it back after (the weights'
+        memory: the next weight version fills it, and then the KV cache comes back)."""
         if self.cfg.rollout.enable_sleep_mode:
             self.pools["generator"].sleep(asleep)
 

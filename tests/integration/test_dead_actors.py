@@ -7,7 +7,10 @@
 - a learner rank killed in step 3 restarts the group from step 2's checkpoint inside the
   run (``run.max_learner_restarts``); without restarts left the run stops, naming the
   checkpoint and ``trainer.resume=auto``; in a pipelined run the restarted steps train on
-  the checkpoint's rollout buffer and log what the run without a kill logs.
+  the checkpoint's rollout buffer and log what the run without a kill logs. With generators
+  that sleep while the learner trains (``rollout.enable_sleep_mode``, played by
+  ``SleepLogGenerator``), the rank's death still wakes them, and no weights are loaded into a
+  sleeping generator.
 (``test_failures.py`` checks ``run.max_actor_restarts`` running out.)
 """
 
@@ -24,9 +27,9 @@ from pathlib import Path
 
 import pytest
 from conftest import small_config
-from helpers.stalls import CLAIMS
+from helpers.stalls import CLAIMS, SLEEP_LOG
 
-from rlalign_ray.config import config_from_dict
+from rlalign_ray.config import Config, config_from_dict
 from rlalign_ray.errors import ActorFailure
 from rlalign_ray.ledger import read
 from rlalign_ray.trainers import Trainer
@@ -157,12 +160,12 @@ STALLING_LEARNER = {
 }
 
 
-def _fit_killing(name: str, cfg: dict) -> Killer:
+def _fit_killing(name: str, cfg: dict | Config) -> Killer:
     """Train ``cfg`` while a ``Killer`` SIGKILLs the actor that stalls at ``name``."""
     killer = Killer([[name]])
     killer.start()
     try:
-        Trainer(config_from_dict(cfg)).fit()
+        Trainer(cfg if isinstance(cfg, Config) else config_from_dict(cfg)).fit()
     finally:
         killer.done.set()
     return killer
@@ -182,13 +185,33 @@ def test_dead_learner_rank_restarts_from_the_checkpoint(ray_local, tiny_model, t
     assert "learner rank 0 died" in msg and "trainer.resume=auto" in msg, msg
     assert str(out / "checkpoints" / "step_2") in msg and "(step 2)" in msg, msg
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_2"
-    # with a restart: the group starts again from step 2's checkpoint and the run completes
+    # with a restart: the group starts again from step 2's checkpoint and the run completes;
+    # generators asleep while the learner trains are woken when its rank dies
     out2 = tmp_path / "run2"
     sections["run"] = {"max_learner_restarts": 1}
-    killer = _fit_killing("learner", _config(tiny_model, out2, 4, **sections))
+    sections["rollout"] = {"actor_class": "helpers.stalls:SleepLogGenerator"}
+    cfg = config_from_dict(_config(tiny_model, out2, 4, **sections))
+    cfg.rollout.enable_sleep_mode = True  # vllm only at check-config: the class plays it
+    shutil.rmtree(SLEEP_LOG, ignore_errors=True)
+    killer = _fit_killing("learner", cfg)
     assert "learner" in killer.killed
     assert sorted(_metrics(out2)) == [1, 2, 3, 4]
     _check_ledger(out2, 4)
+    _check_sleep_log(updates=5)  # steps 1-4, and the update of step 3 the kill cut short
+
+
+def _check_sleep_log(updates: int) -> None:
+    """Each generator slept once per update and woke after each (the killed one too), and
+    loaded every weight version awake."""
+    logs = [p.read_text().split("\n")[:-1] for p in SLEEP_LOG.iterdir()]
+    shutil.rmtree(SLEEP_LOG, ignore_errors=True)
+    assert logs
+    for events in logs:
+        assert [e for e in events if e.startswith(("sleep", "wake"))] == [
+            "sleep awake",
+            "wake asleep",
+        ] * updates, events
+        assert "load asleep" not in events and "load awake" in events, events
 
 
 @pytest.mark.full
