@@ -77,8 +77,9 @@ class BackendType:
         """On the driver before Ray starts: raise a ``ConfigError`` naming the key and fix."""
 
     def sleeps(self, rollout: RolloutConfig) -> bool:
-        """Whether its generators free their GPU memory while the learner trains."""
-        return False
+        """Whether its generators free their GPU memory while the learner trains (by
+        default: whenever it can; a backend with a switch for it reads that)."""
+        return self.capabilities.sleep
 
     def gpus_per_engine(self, rollout: RolloutConfig) -> int:
         """GPUs one engine spans (tensor parallel), which its actor must hold."""
