@@ -11,6 +11,7 @@ import torch
 from rlalign_ray.algorithms import masked_mean, value_loss
 from rlalign_ray.config import Config
 from rlalign_ray.data.batch import RolloutBatch
+from rlalign_ray.data.packing import pack
 from rlalign_ray.learner.base import DeepSpeedRank
 from rlalign_ray.models.loading import DTYPES, position_ids, resolve, without_dropout
 
@@ -32,7 +33,15 @@ class Critic(DeepSpeedRank):
         return model if m.keep_dropout else without_dropout(model)
 
     def _values(self, model: Any, batch: RolloutBatch) -> torch.Tensor:
-        """(B, T): V(s_t), the value of the state before each response token."""
+        """(B, T): V(s_t), the value of the state before each response token (packed: on
+        the counted tokens of ``response_mask``, zero elsewhere)."""
+        if self.packing:
+            rows = pack(batch)
+            dev = self.device
+            ids, pos = rows.input_ids.to(dev), rows.position_ids.to(dev)
+            out = model(input_ids=ids, position_ids=pos, use_cache=False)
+            v = out.logits[0, rows.predictors.to(dev), 0].float()
+            return torch.zeros(rows.mask.shape, device=dev).masked_scatter(rows.mask.to(dev), v)
         ids = batch.input_ids().to(self.device)
         attn = batch.attention_mask().to(self.device)
         out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn))
@@ -45,7 +54,7 @@ class Critic(DeepSpeedRank):
         batch, _ = part
         self.engine.eval()
         values = torch.zeros_like(batch.response_mask)
-        for r in self.micro_batches(batch, torch.arange(len(batch))):
+        for r in self.lockstep_micro_batches(batch, torch.arange(len(batch))):
             mb = batch.select(r).trimmed()
             values[r, : mb.response_ids.shape[1]] = self._values(self.engine.module, mb).cpu()
         return values * batch.response_mask

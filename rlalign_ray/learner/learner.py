@@ -77,6 +77,8 @@ class Learner(DeepSpeedRank, WeightSource):
             self.device,
             self.role.logprob_chunk_size,
             self.agree_chunks,
+            groups=self.lockstep_micro_batches(batch, torch.arange(len(batch))),
+            packed=self.packing,
         )
         stats["logprob_mismatch"].append(
             masked_mean((old - batch.logprobs).abs(), batch.response_mask).item()
@@ -140,6 +142,7 @@ class Learner(DeepSpeedRank, WeightSource):
             self.role.logprob_chunk_size,
             entropy="loss" if a.entropy_coef else "metric",
             agree=self.agree_chunks,
+            packed=self.packing,
         )
         pg_loss, m = policy_loss(
             logp,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rlalign_ray.algorithms import entropy_from_logits
 from rlalign_ray.data.batch import RolloutBatch
+from rlalign_ray.data.packing import pack
 from rlalign_ray.errors import RlalignError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -141,8 +143,9 @@ def hf_model(model: Any) -> Any:
     return hf.get_base_model() if hasattr(hf, "get_base_model") else hf
 
 
-def response_hidden(model: Any, batch: RolloutBatch, device: torch.device) -> torch.Tensor:
-    """(B, T, H) final hidden states that predict each response token.
+def base_hidden(model: Any, device: torch.device, **inputs: torch.Tensor) -> torch.Tensor:
+    """(B, L, H) final hidden states of ``model``'s base model on ``inputs`` (moved to
+    ``device``; no cache).
 
     ``model`` (a Hugging Face causal LM, or a DeepSpeed engine around one) runs whole, so
     ZeRO-3's hooks see an ordinary forward; the hidden states are taken from its base
@@ -151,8 +154,6 @@ def response_hidden(model: Any, batch: RolloutBatch, device: torch.device) -> to
     hf = hf_model(model)
     if hf.base_model is hf:
         raise ValueError(f"{type(hf).__name__} has no base model to take hidden states from")
-    ids = batch.input_ids().to(device)
-    attn = batch.attention_mask().to(device)
     keep = (
         {"logits_to_keep": 1}
         if "logits_to_keep" in inspect.signature(hf.forward).parameters
@@ -161,17 +162,32 @@ def response_hidden(model: Any, batch: RolloutBatch, device: torch.device) -> to
     captured: list[torch.Tensor] = []
     hook = hf.base_model.register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
     try:
-        model(
-            input_ids=ids,
-            attention_mask=attn,
-            position_ids=position_ids(attn),
-            use_cache=False,
-            **keep,
-        )
+        model(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False, **keep)
     finally:
         hook.remove()
+    return captured[0]
+
+
+def response_hidden(model: Any, batch: RolloutBatch, device: torch.device) -> torch.Tensor:
+    """(B, T, H) final hidden states that predict each response token (padded rows)."""
+    attn = batch.attention_mask()
+    hidden = base_hidden(
+        model,
+        device,
+        input_ids=batch.input_ids(),
+        attention_mask=attn,
+        position_ids=position_ids(attn),
+    )
     p, t = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
-    return captured[0][:, p - 1 : p + t - 1]
+    return hidden[:, p - 1 : p + t - 1]
+
+
+def packed_response_hidden(model: Any, batch: RolloutBatch, device: torch.device) -> torch.Tensor:
+    """(N, H) final hidden states that predict the N counted response tokens (those of
+    ``response_mask``, row by row), from one forward of the packed rows (``data.packing``)."""
+    rows = pack(batch)
+    hidden = base_hidden(model, device, input_ids=rows.input_ids, position_ids=rows.position_ids)
+    return hidden[0, rows.predictors.to(device)]
 
 
 class _TokenLogprob(torch.autograd.Function):
@@ -238,6 +254,7 @@ def response_logprobs(
     chunk_size: int = 0,
     entropy: str = "none",
     agree: Callable[[int], int] | None = None,
+    packed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, T) log-probs of the response tokens under softmax(logits / temperature), zero
     outside ``response_mask``, and their (B, T) entropy when ``entropy`` is ``"loss"``
@@ -248,10 +265,15 @@ def response_logprobs(
     recomputed in backward (``torch.utils.checkpoint``), so only hidden states are kept,
     never (B, T, V) logits. ``agree`` maps this rank's chunk count to the one all ranks use
     (ZeRO-3 gathers the head's weights at every call, so every rank must call it as often).
+    ``packed``: one forward of the rows packed end to end (``packed_response_hidden``),
+    the same values as the padded forward (``packing_problem`` checks a model for it).
     """
-    hidden = response_hidden(model, batch, device)
     mask = batch.response_mask.to(device) != 0
-    h, tokens = hidden[mask], batch.response_ids.to(device)[mask]
+    if packed:
+        h = packed_response_hidden(model, batch, device)
+    else:
+        h = response_hidden(model, batch, device)[mask]
+    tokens = batch.response_ids.to(device)[mask]
     hf = hf_model(model)
     head, transform = hf.get_output_embeddings(), logit_transform(hf.config)
     chunks = max(-(-len(h) // chunk_size) if chunk_size else 1, 1)
@@ -281,12 +303,67 @@ def batch_logprobs(
     device: torch.device,
     chunk_size: int = 0,
     agree: Callable[[int], int] | None = None,
+    groups: list[torch.Tensor] | None = None,
+    packed: bool = False,
 ) -> torch.Tensor:
-    """(B, T) log-probs of the response tokens, micro-batched, zero on padding."""
-    outs = []
-    width = batch.response_ids.shape[1]
-    for start in range(0, len(batch), micro_batch_size):
-        mb = batch.select(list(range(start, min(start + micro_batch_size, len(batch))))).trimmed()
-        lp, _ = response_logprobs(model, mb, device, temperature, chunk_size, agree=agree)
-        outs.append(torch.nn.functional.pad(lp.cpu(), (0, width - lp.shape[1])))
-    return torch.cat(outs)
+    """(B, T) log-probs of the response tokens, zero on padding: one forward per
+    ``micro_batch_size`` rows, or per group of row indices in ``groups``; ``packed``: each
+    forward on packed rows (``response_logprobs``)."""
+    if groups is None:
+        step = micro_batch_size
+        groups = [torch.arange(s, min(s + step, len(batch))) for s in range(0, len(batch), step)]
+    out = torch.zeros(batch.response_ids.shape, dtype=torch.float32)
+    for rows in groups:
+        mb = batch.select(rows).trimmed()
+        lp, _ = response_logprobs(
+            model, mb, device, temperature, chunk_size, agree=agree, packed=packed
+        )
+        out[rows, : lp.shape[1]] = lp.cpu()
+    return out
+
+
+@torch.no_grad()
+def packing_problem(model: Any, device: torch.device) -> str | None:
+    """Why packed rows would not give ``model`` the padded rows' results (None: they do).
+
+    Runs two short rows packed end to end and the second one alone: its hidden states must
+    agree (to float rounding of the model's dtype). A model (or attention implementation)
+    that ignores packed position ids would let the second row attend to the first, or give
+    it the wrong positions. Every rank of a ZeRO-3 group must call it (it runs a forward)."""
+    hf = hf_model(model)
+    vocab = int(getattr(hf.config, "vocab_size", 0) or 2)
+    ids = torch.randint(0, vocab, (1, 11), generator=torch.Generator().manual_seed(0))
+    first, second = 6, 5
+    positions = torch.cat([torch.arange(first), torch.arange(second)])[None]
+    training = hf.training
+    hf.eval()
+    try:
+        packed = base_hidden(model, device, input_ids=ids, position_ids=positions)
+        alone = base_hidden(model, device, input_ids=ids[:, first:])
+    except Exception as e:  # noqa: BLE001 (any failure means: do not pack)
+        return f"a packed forward failed ({type(e).__name__}: {e})"
+    finally:
+        hf.train(training)
+    a, b = alone[0].float(), packed[0, first:].float()
+    tol = 1e-3 if packed.dtype == torch.float32 else 5e-2
+    err = float((a - b).abs().max() / a.abs().max().clamp(min=1e-6))
+    if not err <= tol:
+        impl = getattr(hf.config, "_attn_implementation", None)
+        return (
+            f"{type(hf).__name__} (attention {impl!r}) lets packed rows see each other or "
+            f"ignores their position ids (relative difference {err:.2g} from the row alone)"
+        )
+    return None
+
+
+def use_packing(model: Any, device: torch.device, key: str) -> bool:
+    """Whether the role whose ``key`` (``learner.packing``, ...) is on can pack ``model``'s
+    rows; if not, a warning says why and the role runs padded rows (the same results)."""
+    problem = packing_problem(model, device)
+    if problem:
+        logging.getLogger("rlalign_ray").warning(
+            "%s: %s; running padded micro-batches instead (the same results, more compute)",
+            key,
+            problem,
+        )
+    return problem is None
