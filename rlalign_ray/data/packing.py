@@ -23,19 +23,25 @@ from rlalign_ray.data.batch import RolloutBatch
 class PackedRows:
     """One packed micro-batch and where its response tokens are."""
 
-    input_ids: torch.Tensor  # (1, L) long, the rows' real tokens end to end
-    position_ids: torch.Tensor  # (1, L) long, 0, 1, ... restarting at each row
-    predictors: torch.Tensor  # (N,) long, the position (in L) whose output predicts each
-    # counted response token, in the row-major order of ``mask``
+    input_ids: torch.Tensor  # (k, W) long: k bins of W tokens, the rows' real tokens end
+    # to end (a bin's unused tail is filler that forms a sequence of its own)
+    position_ids: torch.Tensor  # (k, W) long, 0, 1, ... restarting at each row
+    predictors: torch.Tensor  # (N,) long, the position (in the flattened k x W) whose
+    # output predicts each counted response token, in the row-major order of ``mask``
     mask: torch.Tensor  # (b, t) bool, response_mask != 0
 
     @property
     def tokens(self) -> int:
-        return int(self.input_ids.shape[1])
+        """Tokens computed (real ones and bin tails)."""
+        return int(self.input_ids.numel())
 
 
-def pack(batch: RolloutBatch) -> PackedRows:
-    """The rows of ``batch`` packed (see the module docstring).
+def pack(batch: RolloutBatch, width: int | None = None) -> PackedRows:
+    """The rows of ``batch`` packed (see the module docstring): into one sequence
+    (``width`` None), or first-fit into bins of ``width`` tokens, at least the longest row's
+    (0: exactly that). One sequence suits attention kernels that skip other rows' blocks
+    (flash attention's varlen path); with a dense mask (sdpa, eager) attention costs the
+    square of the sequence, so bins as wide as the longest row cost no more than padding.
 
     Each row's tokens are those of ``batch.attention_mask()`` (real prompt tokens, then the
     ``response_len`` generated ones), at the positions ``loading.position_ids`` gives them in
@@ -49,12 +55,27 @@ def pack(batch: RolloutBatch) -> PackedRows:
     mask = batch.response_mask != 0
     if bool((mask & ~keep[:, p:]).any()):
         raise ValueError("response_mask counts tokens past response_len; they cannot be packed")
-    place = keep.flatten().long().cumsum(0).view(keep.shape) - 1  # (b, P+T) index in L
-    positions = keep.long().cumsum(1) - 1
+    sizes = keep.sum(1).tolist()
+    w = sum(sizes) if width is None else max(width, *sizes)
+    tokens = batch.input_ids()
+    start = torch.zeros(len(batch), dtype=torch.long)  # each row's first index, flattened
+    ids, positions = [], []
+    for k, rows in enumerate(budget_groups(sizes, w)):
+        end, parts, pos = k * w, [], []
+        for i in rows:
+            start[i], end = end, end + sizes[i]
+            parts.append(tokens[i][keep[i]])
+            pos.append(torch.arange(sizes[i]))
+        tail = (k + 1) * w - end  # filler: a sequence of its own (positions from 0)
+        parts.append(torch.full((tail,), batch.pad_id, dtype=torch.long))
+        pos.append(torch.arange(tail))
+        ids.append(torch.cat(parts))
+        positions.append(torch.cat(pos))
+    first = start + keep[:, :p].sum(1) - 1  # predicts each row's first response token
     return PackedRows(
-        input_ids=batch.input_ids()[keep][None],
-        position_ids=positions[keep][None],
-        predictors=(place[:, p:] - 1)[mask],
+        input_ids=torch.stack(ids),
+        position_ids=torch.stack(positions),
+        predictors=(first[:, None] + torch.arange(mask.shape[1]))[mask],
         mask=mask,
     )
 

@@ -11,9 +11,8 @@ import torch
 from rlalign_ray.algorithms import masked_mean, value_loss
 from rlalign_ray.config import Config
 from rlalign_ray.data.batch import RolloutBatch
-from rlalign_ray.data.packing import pack
 from rlalign_ray.learner.base import DeepSpeedRank
-from rlalign_ray.models.loading import DTYPES, position_ids, resolve, without_dropout
+from rlalign_ray.models.loading import DTYPES, pack_for, position_ids, resolve, without_dropout
 
 
 class Critic(DeepSpeedRank):
@@ -36,11 +35,11 @@ class Critic(DeepSpeedRank):
         """(B, T): V(s_t), the value of the state before each response token (packed: on
         the counted tokens of ``response_mask``, zero elsewhere)."""
         if self.packing:
-            rows = pack(batch)
+            rows = pack_for(model, batch)
             dev = self.device
             ids, pos = rows.input_ids.to(dev), rows.position_ids.to(dev)
             out = model(input_ids=ids, position_ids=pos, use_cache=False)
-            v = out.logits[0, rows.predictors.to(dev), 0].float()
+            v = out.logits.flatten(0, 1)[rows.predictors.to(dev), 0].float()
             return torch.zeros(rows.mask.shape, device=dev).masked_scatter(rows.mask.to(dev), v)
         ids = batch.input_ids().to(self.device)
         attn = batch.attention_mask().to(self.device)

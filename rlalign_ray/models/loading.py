@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rlalign_ray.algorithms import entropy_from_logits
 from rlalign_ray.data.batch import RolloutBatch
-from rlalign_ray.data.packing import pack
+from rlalign_ray.data.packing import PackedRows, pack
 from rlalign_ray.errors import RlalignError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -182,12 +182,20 @@ def response_hidden(model: Any, batch: RolloutBatch, device: torch.device) -> to
     return hidden[:, p - 1 : p + t - 1]
 
 
+def pack_for(model: Any, batch: RolloutBatch) -> PackedRows:
+    """``batch``'s rows packed for ``model``: one sequence under flash attention (its
+    varlen kernels attend within each row only), else bins as wide as the longest row (a
+    dense mask costs the square of its sequence; see ``data.packing.pack``)."""
+    impl = str(getattr(hf_model(model).config, "_attn_implementation", "") or "")
+    return pack(batch, None if "flash" in impl else 0)
+
+
 def packed_response_hidden(model: Any, batch: RolloutBatch, device: torch.device) -> torch.Tensor:
     """(N, H) final hidden states that predict the N counted response tokens (those of
-    ``response_mask``, row by row), from one forward of the packed rows (``data.packing``)."""
-    rows = pack(batch)
+    ``response_mask``, row by row), from one forward of the packed rows (``pack_for``)."""
+    rows = pack_for(model, batch)
     hidden = base_hidden(model, device, input_ids=rows.input_ids, position_ids=rows.position_ids)
-    return hidden[0, rows.predictors.to(device)]
+    return hidden.flatten(0, 1)[rows.predictors.to(device)]
 
 
 class _TokenLogprob(torch.autograd.Function):

@@ -9,7 +9,13 @@ import torch
 from test_logprobs import _batch
 
 from rlalign_ray.data.packing import budget_groups, pack, split_largest, token_groups
-from rlalign_ray.models.loading import load_causal_lm, packing_problem, response_logprobs
+from rlalign_ray.models.loading import (
+    base_hidden,
+    load_causal_lm,
+    packing_problem,
+    response_hidden,
+    response_logprobs,
+)
 from rlalign_ray.roles import split_rows
 
 CPU = torch.device("cpu")
@@ -28,7 +34,7 @@ def _grads(model, loss):
 
 def test_pack_layout():
     b = _batch(64)  # prompts 2/4/3 (left-padded to 5), responses 4/1/6, a masked token in row 2
-    rows = pack(b)
+    rows = pack(b)  # one sequence
     assert rows.tokens == (2 + 4) + (4 + 1) + (3 + 6)
     assert rows.position_ids.tolist() == [
         [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 7, 8]
@@ -38,6 +44,26 @@ def test_pack_layout():
     # row 0's response starts at packed index 2 (predicted from index 1), row 1's at 10,
     # row 2's at 14 with its token 3 (index 17, predicted from 16) not counted
     assert rows.predictors.tolist() == [1, 2, 3, 4, 9, 13, 14, 15, 17, 18]
+    bins = pack(b, 0)  # bins of the longest row (9): row 2 | row 0 + filler | row 1 + filler
+    assert bins.input_ids.shape == (3, 9)
+    assert bins.position_ids.tolist() == [
+        list(range(9)),
+        [0, 1, 2, 3, 4, 5, 0, 1, 2],
+        [0, 1, 2, 3, 4, 0, 1, 2, 3],
+    ]
+    assert bins.input_ids[0].tolist() == want[11:].tolist()
+    assert bins.input_ids[1, :6].tolist() == want[:6].tolist()
+    # row 0 from flat index 9 + 2 - 1, row 1 from 18 + 4 - 1, row 2 from 0 + 3 - 1
+    assert bins.predictors.tolist() == [10, 11, 12, 13, 21, 2, 3, 4, 6, 7]
+
+
+@pytest.mark.parametrize("width", [None, 0, 12])
+def test_packed_hidden_states_in_any_layout(model, width):
+    b = _batch(model.config.vocab_size)
+    rows = pack(b, width)
+    hidden = base_hidden(model, CPU, input_ids=rows.input_ids, position_ids=rows.position_ids)
+    want = response_hidden(model, b, CPU)[b.response_mask != 0]
+    torch.testing.assert_close(hidden.flatten(0, 1)[rows.predictors], want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("chunk", [0, 3])
