@@ -24,8 +24,13 @@ class Critic(DeepSpeedRank):
 
         m = self.cfg.model
         path = resolve(self.cfg.critic.path or m.path)
+        kernel = {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
         model = AutoModelForTokenClassification.from_pretrained(
-            path, num_labels=1, dtype=DTYPES[m.dtype], trust_remote_code=m.trust_remote_code
+            path,
+            num_labels=1,
+            dtype=DTYPES[m.dtype],
+            trust_remote_code=m.trust_remote_code,
+            **kernel,
         )
         if model.config.pad_token_id is None:
             model.config.pad_token_id = model.config.eos_token_id

@@ -26,7 +26,9 @@ class Learner(DeepSpeedRank, WeightSource):
 
     def build_model(self) -> torch.nn.Module:
         m = self.cfg.model
-        model = load_causal_lm(m.path, m.dtype, m.trust_remote_code, dropout=m.keep_dropout)
+        model = load_causal_lm(
+            m.path, m.dtype, m.trust_remote_code, m.keep_dropout, m.attn_implementation
+        )
         model.config.use_cache = False
         if self.lora:
             model = apply_lora(model, self.cfg.learner.lora)

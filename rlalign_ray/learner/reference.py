@@ -22,7 +22,9 @@ class Reference:
         self.device = default_device(cfg.resources.num_gpus, "reference.resources.num_gpus")
         path = model.reference or model.path
         self.model = (
-            load_causal_lm(path, model.dtype, model.trust_remote_code, dropout=False)
+            load_causal_lm(
+                path, model.dtype, model.trust_remote_code, False, model.attn_implementation
+            )
             .to(self.device)
             .eval()
         )

@@ -41,14 +41,20 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
 
 
 def load_causal_lm(
-    path: str, dtype: str = "float32", trust_remote_code: bool = False, dropout: bool = True
+    path: str,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    dropout: bool = True,
+    attn_implementation: str | None = None,
 ) -> Any:
     """A causal LM from a folder, hub id or ``builtin:NAME``; ``dropout=False`` turns every
-    dropout off (``without_dropout``)."""
+    dropout off (``without_dropout``); ``attn_implementation``: transformers' attention
+    kernel (None: its default)."""
     from transformers import AutoModelForCausalLM
 
+    kernel = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(
-        resolve(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        resolve(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **kernel
     )
     return model if dropout else without_dropout(model)
 

@@ -104,7 +104,8 @@ def _ignore_the_mask(module, q, k, v, attention_mask, scaling=None, dropout=0.0,
 def test_models_that_cannot_pack_are_found(model, tiny_model):
     from transformers import AttentionInterface
 
-    assert packing_problem(model, CPU) is None
+    assert packing_problem(model, CPU) is None  # sdpa
+    assert packing_problem(load_causal_lm(tiny_model, attn_implementation="eager"), CPU) is None
     AttentionInterface.register("causal_only", _ignore_the_mask)
     other = load_causal_lm(tiny_model)
     other.set_attn_implementation("causal_only")
