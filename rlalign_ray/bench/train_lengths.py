@@ -124,7 +124,7 @@ def measure_path(path: str, args: argparse.Namespace, sigma: float) -> dict:
         learner.train_step((batch, None), adv, 0.0, 2)
         elapsed = time.perf_counter() - start
     real = int(row_tokens(batch).sum())
-    computed = real if packing else sum(_padded_tokens(batch, r) for r in micro)
+    computed = sum(_computed_tokens(learner, batch.select(r).trimmed()) for r in micro)
     return {
         "path": args.path,
         "rows": args.rows,
@@ -137,8 +137,12 @@ def measure_path(path: str, args: argparse.Namespace, sigma: float) -> dict:
     }
 
 
-def _padded_tokens(batch: Any, rows: Any) -> int:
-    mb = batch.select(rows).trimmed()
+def _computed_tokens(learner: Any, mb: Any) -> int:
+    """Tokens the model runs on for the micro-batch ``mb``: padded, or packed (bin tails)."""
+    from rlalign_ray.models.loading import pack_for
+
+    if learner.packing:
+        return pack_for(learner.engine.module, mb).tokens
     return int(mb.prompt_ids.numel() + mb.response_ids.numel())
 
 
