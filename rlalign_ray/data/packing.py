@@ -1,12 +1,12 @@
 """Packed rows: a micro-batch laid end to end without padding, and how rows are grouped.
 
-A packed micro-batch of b rows is one sequence of L = sum_i (p_i + r_i) tokens: row i's p_i
-real prompt tokens, then its r_i response tokens (``response_len``), rows one after another.
-Position ids restart at 0 on every row; with no attention mask, that is what confines each
-token's attention to its own row (transformers' mask builders and flash attention's varlen
-path read it). The hidden state before each counted response token is then gathered back
-into the (b, t) right-padded layout the losses take, so a packed forward gives what the
-padded forward gives, with no pad token computed.
+A packed micro-batch lays each row's p_i real prompt tokens and r_i response tokens
+(``response_len``) end to end, with no pad token between them: in one sequence, or in bins of
+a fixed width (``pack``). Position ids restart at 0 on every row; with no attention mask,
+that is what confines each token's attention to its own row (transformers' mask builders and
+flash attention's varlen path read it). The hidden state before each counted response token
+is then gathered back into the (b, t) right-padded layout the losses take, so a packed
+forward gives what the padded forward gives.
 """
 
 from __future__ import annotations

@@ -36,8 +36,8 @@ class Reference:
 
     def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         """(B, T) reference log-probs of the sampled response tokens: ``micro_batch_size``
-        rows per forward, or with a token budget as many as fit it (``learner.base``'s
-        ``micro_batches``), packed or padded."""
+        rows per forward, or with a token budget as many as fit it
+        (``data.packing.token_groups``), packed or padded."""
         groups = None
         if self.budget:
             plen, rlen = batch.prompt_mask.sum(1), batch.response_len
