@@ -150,3 +150,27 @@ def test_token_budgets_and_rank_balance():
     assert [p.tolist() for p in parts] == [
         p.tolist() for p in split_rows(64, 4, seed=0, step=1, lengths=torch.tensor(lengths))
     ]
+
+
+def test_critic_values_packed_equal_padded(tiny_model):
+    from rlalign_ray.config import config_from_dict
+    from rlalign_ray.learner.critic import Critic
+
+    reward = [{"type": "function", "path": "rlalign_ray.rewards.builtin:arithmetic_exact"}]
+    cfg = config_from_dict(
+        {
+            "model": {"path": tiny_model},
+            "reward": {"rewards": reward},
+            "algorithm": {"name": "ppo"},
+            "critic": {"packing": True},
+        }
+    )
+    critic = Critic(cfg, 0, 1)
+    torch.manual_seed(0)
+    head = critic.build_model()
+    b = _batch(head.config.vocab_size)
+    critic.packing = False
+    padded = critic._values(head, b) * b.response_mask
+    critic.packing = True
+    packed = critic._values(head, b)
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
