@@ -11,12 +11,12 @@ at once) and once for ``--chunk N``, so ``/usr/bin/time -v rlalign-ray bench tra
 logits tensor (B = micro-batch, T = seq, V = vocab).
 
 With ``--lengths lognormal:S`` the rows' response lengths are drawn around ``--seq``
-(median ``--seq``, sigma S, capped at 8x ``--seq``) and one step over ``--rows`` rows runs
-twice, each in a fresh process: padded (``--micro-batch`` rows per micro-batch, each padded
-to its longest row) and packed (``learner.packing`` with a budget of ``--max-tokens`` real
-tokens). Reported: real (non-pad) tokens/s, peak memory, and the loss and gradient
-differences between the two paths (the same model and rows; the gradient of the whole step,
-before the optimizer). The limit is the padded path measured in the same run.
+(median ``--seq``, sigma S, capped at 8x ``--seq``) and a step over ``--rows`` rows runs
+padded (``--micro-batch`` rows per micro-batch, each padded to its longest row) and packed
+(``learner.packing`` with a budget of ``--max-tokens`` real tokens); see
+``bench/train_lengths.py``. Reported: real (non-pad) tokens/s, peak memory, and the loss and
+gradient differences between the two paths (the same model and rows). The limit is the
+padded path measured in the same run.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from typing import Any
 from rlalign_ray.bench.common import PeakMemory, add_model_arguments, bench_model, gb, print_table
 
 PROMPT_TOKENS = 16
-PATHS = ("padded", "packed")
 COLUMNS = (
     "chunk",
     "micro_batch",
@@ -76,7 +75,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         help="lognormal: the packed path's token budget (0: --micro-batch x (16 + --seq))",
     )
-    p.add_argument("--path", choices=PATHS, default="padded", help="lognormal, --in-process")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="lognormal: timed steps per path (the fastest)"
+    )
+    p.add_argument(
+        "--path",
+        choices=("padded", "packed", "alternate"),
+        default="padded",
+        help="lognormal, --in-process: one path (memory, gradient) or both in turn (speed)",
+    )
     p.add_argument("--grads", default=None, help="lognormal, --in-process: save the gradient")
 
 
