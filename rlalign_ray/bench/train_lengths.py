@@ -96,7 +96,7 @@ def _compare(padded: str, packed: str) -> tuple[float, float]:
     """|loss difference| and ||g_packed - g_padded|| / ||g_padded|| over all parameters."""
     import torch
 
-    a, b = torch.load(padded), torch.load(packed)
+    a, b = torch.load(padded, weights_only=True), torch.load(packed, weights_only=True)
     diff = sum(float((a["grads"][k] - b["grads"][k]).double().square().sum()) for k in a["grads"])
     norm = sum(float(g.double().square().sum()) for g in a["grads"].values())
     return abs(a["loss"] - b["loss"]), math.sqrt(diff / max(norm, 1e-300))

@@ -12,8 +12,8 @@ from rlalign_ray.models.loading import (
     default_device,
     load_causal_lm,
     set_threads,
-    use_packing,
 )
+from rlalign_ray.models.packing_probe import use_packing
 
 
 class Reference:

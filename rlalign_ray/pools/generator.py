@@ -14,6 +14,15 @@ of their own, so their samples do not depend on which actor ran them.
 The pool knows, for every actor, the weight version it will hold when the next call
 queued to it runs (``WeightSync`` queues the loads), so every chunk records the version
 that sampled it; the actor reports it too and the two must agree.
+
+The determinism rule: a chunk samples with the latest version published when it was
+submitted, whichever actor runs it and whenever. ``WeightSync`` calls ``before_load``
+before it queues a new version's loads, and the chunks still queued here go to actors
+then, ahead of the load (``max_inflight`` gives way for them), so no chunk waits here across
+a weight update. Which version samples a chunk thus follows from the order of the driver's
+requests and publishes alone; with its seed (or, pinned, its actor's random stream, which
+only it uses), its samples too. Not so for a chunk re-issued after its actor died: it
+samples with whatever its new actor holds.
 """
 
 from __future__ import annotations
@@ -144,6 +153,18 @@ class GeneratorPool(ActorPool):
             self.queue.extend(chunks)
         self._dispatch()
         return list(chunks)
+
+    def before_load(self, version: int) -> None:
+        """``WeightSync`` is about to queue ``version``'s loads: start every queued chunk now
+        (pinned ones on their actor, others on the least loaded), so each samples with the
+        version it was submitted under (the determinism rule above). With dispatchers every
+        chunk reached one at submit already."""
+        while self.queue and not self.dispatchers:
+            chunk = self.queue.popleft()
+            actor = chunk.pinned
+            if actor is None:
+                actor = min(range(len(self.actors)), key=lambda i: self.load[i])
+            self._start(chunk, actor)
 
     def _dispatch_groups(self, chunks: list[Chunk]) -> None:
         """One ``run`` call per dispatcher with its share of ``chunks`` (the least loaded

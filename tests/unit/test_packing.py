@@ -12,10 +12,10 @@ from rlalign_ray.data.packing import budget_groups, pack, split_largest, token_g
 from rlalign_ray.models.loading import (
     base_hidden,
     load_causal_lm,
-    packing_problem,
     response_hidden,
     response_logprobs,
 )
+from rlalign_ray.models.packing_probe import packing_problem
 from rlalign_ray.roles import split_rows
 
 CPU = torch.device("cpu")
