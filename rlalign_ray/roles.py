@@ -135,10 +135,14 @@ def role_layout(cfg: Config, pools: dict[str, tuple] | None = None) -> Layout:
     return {r: (ROLES[r].section if r in ROLES else r, *spec) for r, spec in pools.items()}
 
 
-def split_rows(n: int, world_size: int, seed: int, step: int) -> list[Any]:
+def split_rows(n: int, world_size: int, seed: int, step: int, lengths: Any = None) -> list[Any]:
     """Each rank's rows of an n-row batch: a seeded split, the same wherever it is computed
     (the split task cuts token batches with it, the driver per-row tensors). Every rank
-    gets n / world_size rows; a batch that does not divide is refused, never cut short."""
+    gets n / world_size rows; a batch that does not divide is refused, never cut short.
+
+    With ``lengths`` ((n,) tokens per row; packed training) the split is balanced by tokens:
+    rows, longest first (ties in the seeded order), each go to the rank with the fewest
+    tokens among those not yet full (a greedy equal-count partition)."""
     import torch
 
     if n % world_size:
@@ -149,7 +153,16 @@ def split_rows(n: int, world_size: int, seed: int, step: int) -> list[Any]:
     g = torch.Generator().manual_seed(seed * 7919 + step)
     perm = torch.randperm(n, generator=g)
     per = n // world_size
-    return [perm[k * per : (k + 1) * per].sort().values for k in range(world_size)]
+    if lengths is None or world_size == 1:
+        return [perm[k * per : (k + 1) * per].sort().values for k in range(world_size)]
+    size = torch.as_tensor(lengths)[perm].tolist()
+    parts: list[list[int]] = [[] for _ in range(world_size)]
+    load = [0] * world_size
+    for i in sorted(range(n), key=lambda k: -size[k]):  # stable: ties in the seeded order
+        k = min((k for k in range(world_size) if len(parts[k]) < per), key=lambda k: load[k])
+        parts[k].append(int(perm[i]))
+        load[k] += size[i]
+    return [torch.tensor(sorted(p), dtype=torch.long) for p in parts]
 
 
 def bundle_gpus(roles: Layout) -> dict[str, list]:

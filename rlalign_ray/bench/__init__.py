@@ -4,6 +4,7 @@ printed as a ratio against a limit measured in the same run.
     rlalign-ray bench weights  --params 100M --receivers 1,4 [--transport ...]
     rlalign-ray bench generate --backend hf,vllm --batch 64 --max-new-tokens 512 [--in-process]
     rlalign-ray bench train    --micro-batch 8 --seq 512 [--in-process]
+    rlalign-ray bench train    --lengths lognormal:1.0 [--rows 32 --seq 128 --max-tokens N]
     rlalign-ray bench step     CONFIG [overrides]
     rlalign-ray bench pipeline CONFIG [overrides] --max-staleness 0,1,2
     rlalign-ray bench pipeline --simulate gen=0.2,train=0.3[,tail=lognormal:1.0] [--max-staleness 0,1]

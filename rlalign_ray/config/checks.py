@@ -242,17 +242,26 @@ def _check_optimizer(cfg: Config, role: str, e: list[str]) -> None:
     _positive(e, f"{role}.grad_clip", sec.grad_clip, allow_zero=True)
     _positive(e, f"{role}.weight_decay", sec.weight_decay, allow_zero=True)
     _positive(e, f"{role}.logprob_chunk_size", sec.logprob_chunk_size, allow_zero=True)
-    longest = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
-    budget = sec.max_tokens_per_micro_batch
-    if budget < 0 or 0 < budget < longest:
-        e.append(
-            f"{role}.max_tokens_per_micro_batch: must be 0 (off) or hold one full row of "
-            f"data.max_prompt_tokens + rollout.max_new_tokens = {longest} tokens, got "
-            f"{budget}; raise it or lower those limits"
-        )
+    _check_budget(cfg, role, e)
     _positive(e, f"{role}.lr_warmup_steps", sec.lr_warmup_steps, allow_zero=True)
     if not 0 <= sec.lr_min_ratio <= 1:
         e.append(f"{role}.lr_min_ratio: must be in [0, 1], got {sec.lr_min_ratio}")
+
+
+def _check_budget(cfg: Config, role: str, e: list[str]) -> None:
+    """A token budget: packed rows longer than it run alone; padded ones must fit it."""
+    sec = getattr(cfg, role)
+    longest = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+    budget = sec.max_tokens_per_micro_batch
+    if budget < 0:
+        e.append(f"{role}.max_tokens_per_micro_batch: must be >= 0 (0: off), got {budget}")
+    elif 0 < budget < longest and not sec.packing:
+        e.append(
+            f"{role}.max_tokens_per_micro_batch: without {role}.packing it must be 0 (off) or "
+            f"hold one full row of data.max_prompt_tokens + rollout.max_new_tokens = "
+            f"{longest} tokens, got {budget}; raise it, lower those limits, or set "
+            f"{role}.packing: true (a longer packed row runs alone)"
+        )
 
 
 def _check_batches(cfg: Config, e: list[str]) -> None:
@@ -317,6 +326,7 @@ def check_critic(cfg: Config, e: list[str]) -> None:
 def check_reference(cfg: Config, e: list[str]) -> None:
     _positive(e, "reference.logprob_chunk_size", cfg.reference.logprob_chunk_size, True)
     _positive(e, "reference.micro_batch_size", cfg.reference.micro_batch_size)
+    _check_budget(cfg, "reference", e)
 
 
 def check_staleness(t: TrainerConfig, e: list[str]) -> None:

@@ -53,6 +53,11 @@ class ModelConfig:
     reference: str | None = doc(None, "reference model path; null: the initial policy")
     dtype: Dtype = doc("float32", "parameter dtype: float32, bfloat16 or float16")
     trust_remote_code: bool = doc(False, "allow model code from the hub")
+    attn_implementation: str | None = doc(
+        None,
+        "attention kernel of the learner, critic and reference models: null (transformers' "
+        "default, sdpa), sdpa, eager, flash_attention_2 (GPU; packed rows run as one sequence)",
+    )
     keep_dropout: bool = doc(
         False,
         "train policy and critic with the model's own dropout (its config's *dropout* "

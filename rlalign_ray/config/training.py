@@ -108,10 +108,16 @@ class DeepSpeedRole:
         "log-probs computed for this many response tokens at a time, recomputed in backward "
         "(0: all at once)",
     )
+    packing: bool = doc(
+        False,
+        "packed micro-batches: rows end to end with per-row positions and attention confined "
+        "to each row, no pad token computed (the same loss as padded rows)",
+    )
     max_tokens_per_micro_batch: int = doc(
         0,
-        "token-budget micro-batches in the update: at most this many padded (prompt+response) "
-        "tokens each, instead of micro_batch_size rows (0: off)",
+        "token-budget micro-batches: as many rows as fit this many prompt+response tokens "
+        "(real tokens with packing, padded ones without) instead of micro_batch_size rows; "
+        "a longer row is a micro-batch of its own (0: off)",
     )
     gradient_checkpointing: bool = doc(False, "recompute activations in backward")
     lr_scheduler: LrScheduler = doc(
@@ -164,6 +170,10 @@ class ReferenceConfig:
     micro_batch_size: int = doc(16, "sequences per forward pass")
     logprob_chunk_size: int = doc(
         512, "log-probs computed for this many response tokens at a time (0: all at once)"
+    )
+    packing: bool = doc(False, "packed forward passes (see learner.packing)")
+    max_tokens_per_micro_batch: int = doc(
+        0, "token-budget forward passes (see learner.max_tokens_per_micro_batch; 0: off)"
     )
 
 

@@ -188,9 +188,15 @@ class ScoredShard:
     response_len: torch.Tensor  # (B,) tokens generated
     response_mask: torch.Tensor  # (B, T) float, as in the RolloutBatch
     logprobs: torch.Tensor  # (B, T) behaviour log-probs, as in the RolloutBatch
+    prompt_len: torch.Tensor | None = None  # (B,) real prompt tokens (balances packed ranks)
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
+
+    def row_tokens(self) -> torch.Tensor:
+        """(B,) real tokens per row, prompt + response (the response alone if the prompt
+        lengths are not known)."""
+        return self.response_len + (0 if self.prompt_len is None else self.prompt_len)
 
     def __reduce__(self):
         return _packed_fields(self)
@@ -203,6 +209,7 @@ class ScoredShard:
             self.response_len[rows],
             self.response_mask[rows],
             self.logprobs[rows],
+            None if self.prompt_len is None else self.prompt_len[rows],
         )
 
     def narrow(self, width: int) -> ScoredShard:
@@ -214,6 +221,7 @@ class ScoredShard:
             self.response_len,
             _pad_right(self.response_mask[:, :width], width, 0),
             _pad_right(self.logprobs[:, :width], width, 0),
+            self.prompt_len,
         )
 
     @staticmethod
@@ -226,6 +234,9 @@ class ScoredShard:
             response_len=torch.cat([s.response_len for s in shards]),
             response_mask=torch.cat([_pad_right(s.response_mask, t, 0) for s in shards]),
             logprobs=torch.cat([_pad_right(s.logprobs, t, 0) for s in shards]),
+            prompt_len=None
+            if any(s.prompt_len is None for s in shards)
+            else torch.cat([s.prompt_len for s in shards]),
         )
 
 

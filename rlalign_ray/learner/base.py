@@ -27,10 +27,12 @@ from rlalign_ray.checkpoint import (
 )
 from rlalign_ray.config import Config, DeepSpeedRole
 from rlalign_ray.data.batch import RolloutBatch, packed, pad_responses
+from rlalign_ray.data.packing import row_tokens, split_largest, token_groups
 from rlalign_ray.data.picks import shard_objects
 from rlalign_ray.errors import NonFiniteError
 from rlalign_ray.learner.lora import save_merged
 from rlalign_ray.models.loading import default_device, load_tokenizer, set_threads
+from rlalign_ray.models.packing_probe import use_packing
 from rlalign_ray.rollout.backends import sleeps
 from rlalign_ray.storage import Storage, answer_probe
 
@@ -45,6 +47,7 @@ class DeepSpeedRank:
         self.storage = Storage.from_config(cfg.trainer)  # where checkpoints go (storage.py)
         self.objective = cfg.objective  # the loss's settings, resolved (its normaliser: agg)
         self.engine: Any = None
+        self.packing = role.packing  # off after ``setup`` if the model cannot pack exactly
         self.step = 0  # the training step being run (``train_step``)
         self.skipped_in_row = 0  # optimizer steps skipped one after another (non-finite)
 
@@ -119,6 +122,8 @@ class DeepSpeedRank:
         )
         if self.engine.lr_scheduler is not None:  # see ``lr_schedule``: skip the zero-lr start
             self.engine.lr_scheduler.step(lr_schedule(self.role, self.cfg)[1])
+        if self.packing:
+            self.packing = use_packing(self.engine.module, self.device, f"{self.section}.packing")
         return self.rank
 
     def release_cached_memory(self) -> None:
@@ -174,37 +179,35 @@ class DeepSpeedRank:
 
     def micro_batches(self, batch: RolloutBatch, rows: torch.Tensor) -> list[torch.Tensor]:
         """``micro_batch_size`` rows each, or with ``max_tokens_per_micro_batch`` as many
-        rows as fit that many (trimmed, padded) prompt+response tokens."""
+        rows as fit that many prompt+response tokens: real ones when packing (first-fit
+        decreasing), else trimmed, padded ones. A longer row is a micro-batch of its own."""
         budget = self.role.max_tokens_per_micro_batch
         if not budget:
             mb = self.role.micro_batch_size
             return [rows[i : i + mb] for i in range(0, len(rows), mb)]
         plen, rlen = batch.prompt_mask.sum(1)[rows], batch.response_len[rows]
-        micro: list[list[int]] = []
-        width = (0, 0)  # the current micro-batch's longest prompt and response
-        for i in torch.argsort(plen + rlen, descending=True, stable=True).tolist():
-            grown = (max(width[0], int(plen[i])), max(width[1], int(rlen[i])))
-            if micro and (len(micro[-1]) + 1) * sum(grown) <= budget:
-                micro[-1].append(i)
-                width = grown
-            else:
-                micro.append([i])
-                width = (int(plen[i]), int(rlen[i]))
-        return [rows[sorted(m)] for m in micro]
+        return [rows[g] for g in token_groups(plen, rlen, budget, self.packing)]
+
+    def lockstep_micro_batches(self, batch: RolloutBatch, rows: torch.Tensor):
+        """``micro_batches``, as many on every rank: with a token budget, ranks split their
+        largest micro-batches until all run as many forward (and backward) calls as the rank
+        with the most (ZeRO reduces inside backward and gathers in every ZeRO-3 forward);
+        ranks hold equally many rows, so a rank can always split down to the most."""
+        micro = self.micro_batches(batch, rows)
+        if not self.role.max_tokens_per_micro_batch:
+            return micro
+        most = int(self.all_reduce(torch.tensor(len(micro)), "max"))
+        if most == len(micro):
+            return micro
+        tokens = dict(zip(rows.tolist(), row_tokens(batch)[rows].tolist()))
+        groups = split_largest([m.tolist() for m in micro], tokens, most)
+        return [torch.tensor(g, dtype=torch.long) for g in groups]
 
     def weighted_micro_batches(self, batch: RolloutBatch, rows: torch.Tensor):
-        """Micro-batches of ``rows`` with the loss scale that makes the gradient global.
-        With a token budget, ranks split their largest micro-batches until all run as many
-        backward calls as the rank with the most (ZeRO reduces inside backward); ranks hold
-        equally many rows, so a rank can always split down to the most."""
+        """Micro-batches of ``rows`` (``lockstep_micro_batches``) with the loss scale that
+        makes the gradient global."""
         mode = self.objective.agg
-        micro = self.micro_batches(batch, rows)
-        if self.role.max_tokens_per_micro_batch:
-            most = int(self.all_reduce(torch.tensor(len(micro)), "max"))
-            while len(micro) < most:
-                big = max(range(len(micro)), key=lambda k: len(micro[k]))
-                half = (len(micro[big]) + 1) // 2
-                micro[big : big + 1] = [micro[big][:half], micro[big][half:]]
+        micro = self.lockstep_micro_batches(batch, rows)
         counts = [count_for(mode, batch.response_mask[r]) for r in micro]
         total = (
             None

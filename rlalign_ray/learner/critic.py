@@ -12,7 +12,7 @@ from rlalign_ray.algorithms import masked_mean, value_loss
 from rlalign_ray.config import Config
 from rlalign_ray.data.batch import RolloutBatch
 from rlalign_ray.learner.base import DeepSpeedRank
-from rlalign_ray.models.loading import DTYPES, position_ids, resolve, without_dropout
+from rlalign_ray.models.loading import DTYPES, pack_for, position_ids, resolve, without_dropout
 
 
 class Critic(DeepSpeedRank):
@@ -24,15 +24,28 @@ class Critic(DeepSpeedRank):
 
         m = self.cfg.model
         path = resolve(self.cfg.critic.path or m.path)
+        kernel = {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
         model = AutoModelForTokenClassification.from_pretrained(
-            path, num_labels=1, dtype=DTYPES[m.dtype], trust_remote_code=m.trust_remote_code
+            path,
+            num_labels=1,
+            dtype=DTYPES[m.dtype],
+            trust_remote_code=m.trust_remote_code,
+            **kernel,
         )
         if model.config.pad_token_id is None:
             model.config.pad_token_id = model.config.eos_token_id
         return model if m.keep_dropout else without_dropout(model)
 
     def _values(self, model: Any, batch: RolloutBatch) -> torch.Tensor:
-        """(B, T): V(s_t), the value of the state before each response token."""
+        """(B, T): V(s_t), the value of the state before each response token (packed: on
+        the counted tokens of ``response_mask``, zero elsewhere)."""
+        if self.packing:
+            rows = pack_for(model, batch)
+            dev = self.device
+            ids, pos = rows.input_ids.to(dev), rows.position_ids.to(dev)
+            out = model(input_ids=ids, position_ids=pos, use_cache=False)
+            v = out.logits.flatten(0, 1)[rows.predictors.to(dev), 0].float()
+            return torch.zeros(rows.mask.shape, device=dev).masked_scatter(rows.mask.to(dev), v)
         ids = batch.input_ids().to(self.device)
         attn = batch.attention_mask().to(self.device)
         out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn))
@@ -45,7 +58,7 @@ class Critic(DeepSpeedRank):
         batch, _ = part
         self.engine.eval()
         values = torch.zeros_like(batch.response_mask)
-        for r in self.micro_batches(batch, torch.arange(len(batch))):
+        for r in self.lockstep_micro_batches(batch, torch.arange(len(batch))):
             mb = batch.select(r).trimmed()
             values[r, : mb.response_ids.shape[1]] = self._values(self.engine.module, mb).cpu()
         return values * batch.response_mask

@@ -34,7 +34,9 @@ class Learner(DeepSpeedRank, WeightSource):
 
     def build_model(self) -> torch.nn.Module:
         m = self.cfg.model
-        model = load_causal_lm(m.path, m.dtype, m.trust_remote_code, dropout=m.keep_dropout)
+        model = load_causal_lm(
+            m.path, m.dtype, m.trust_remote_code, m.keep_dropout, m.attn_implementation
+        )
         model.config.use_cache = False
         if self.lora:
             model = apply_lora(model, self.cfg.learner.lora)
@@ -104,6 +106,8 @@ class Learner(DeepSpeedRank, WeightSource):
             self.device,
             self.role.logprob_chunk_size,
             self.agree_chunks,
+            groups=self.lockstep_micro_batches(batch, torch.arange(len(batch))),
+            packed=self.packing,
         )
         # logprob_mismatch, mismatch_kl, behaviour_is_clipfrac: the off-policy price that
         # trainer.max_staleness: auto steers by
@@ -171,6 +175,7 @@ class Learner(DeepSpeedRank, WeightSource):
             self.role.logprob_chunk_size,
             entropy="loss" if o.entropy_coef else "metric",
             agree=self.agree_chunks,
+            packed=self.packing,
         )
         return policy_objective(
             o,

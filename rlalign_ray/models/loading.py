@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rlalign_ray.algorithms import entropy_from_logits
 from rlalign_ray.data.batch import RolloutBatch
+from rlalign_ray.data.packing import PackedRows, pack
 from rlalign_ray.errors import ConfigError, RlalignError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,14 +75,20 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
 
 
 def load_causal_lm(
-    path: str, dtype: str = "float32", trust_remote_code: bool = False, dropout: bool = True
+    path: str,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    dropout: bool = True,
+    attn_implementation: str | None = None,
 ) -> Any:
     """A causal LM from a folder, hub id or ``builtin:NAME``; ``dropout=False`` turns every
-    dropout off (``without_dropout``)."""
+    dropout off (``without_dropout``); ``attn_implementation``: transformers' attention
+    kernel (None: its default)."""
     from transformers import AutoModelForCausalLM
 
+    kernel = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(
-        resolve(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        resolve(path), dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **kernel
     )
     return model if dropout else without_dropout(model)
 
@@ -193,8 +200,9 @@ def hf_model(model: Any) -> Any:
     return hf.get_base_model() if hasattr(hf, "get_base_model") else hf
 
 
-def response_hidden(model: Any, batch: RolloutBatch, device: torch.device) -> torch.Tensor:
-    """(B, T, H) final hidden states that predict each response token.
+def base_hidden(model: Any, device: torch.device, **inputs: torch.Tensor) -> torch.Tensor:
+    """(B, L, H) final hidden states of ``model``'s base model on ``inputs`` (moved to
+    ``device``; no cache).
 
     ``model`` (a Hugging Face causal LM, or a DeepSpeed engine around one) runs whole, so
     ZeRO-3's hooks see an ordinary forward; the hidden states are taken from its base
@@ -203,8 +211,6 @@ def response_hidden(model: Any, batch: RolloutBatch, device: torch.device) -> to
     hf = hf_model(model)
     if hf.base_model is hf:
         raise ValueError(f"{type(hf).__name__} has no base model to take hidden states from")
-    ids = batch.input_ids().to(device)
-    attn = batch.attention_mask().to(device)
     keep = (
         {"logits_to_keep": 1}
         if "logits_to_keep" in inspect.signature(hf.forward).parameters
@@ -213,17 +219,40 @@ def response_hidden(model: Any, batch: RolloutBatch, device: torch.device) -> to
     captured: list[torch.Tensor] = []
     hook = hf.base_model.register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
     try:
-        model(
-            input_ids=ids,
-            attention_mask=attn,
-            position_ids=position_ids(attn),
-            use_cache=False,
-            **keep,
-        )
+        model(**{k: v.to(device) for k, v in inputs.items()}, use_cache=False, **keep)
     finally:
         hook.remove()
+    return captured[0]
+
+
+def response_hidden(model: Any, batch: RolloutBatch, device: torch.device) -> torch.Tensor:
+    """(B, T, H) final hidden states that predict each response token (padded rows)."""
+    attn = batch.attention_mask()
+    hidden = base_hidden(
+        model,
+        device,
+        input_ids=batch.input_ids(),
+        attention_mask=attn,
+        position_ids=position_ids(attn),
+    )
     p, t = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
-    return captured[0][:, p - 1 : p + t - 1]
+    return hidden[:, p - 1 : p + t - 1]
+
+
+def pack_for(model: Any, batch: RolloutBatch) -> PackedRows:
+    """``batch``'s rows packed for ``model``: one sequence under flash attention (its
+    varlen kernels attend within each row only), else bins as wide as the longest row (a
+    dense mask costs the square of its sequence; see ``data.packing.pack``)."""
+    impl = str(getattr(hf_model(model).config, "_attn_implementation", "") or "")
+    return pack(batch, None if "flash" in impl else 0)
+
+
+def packed_response_hidden(model: Any, batch: RolloutBatch, device: torch.device) -> torch.Tensor:
+    """(N, H) final hidden states that predict the N counted response tokens (those of
+    ``response_mask``, row by row), from one forward of the packed rows (``pack_for``)."""
+    rows = pack_for(model, batch)
+    hidden = base_hidden(model, device, input_ids=rows.input_ids, position_ids=rows.position_ids)
+    return hidden.flatten(0, 1)[rows.predictors.to(device)]
 
 
 class _TokenLogprob(torch.autograd.Function):
@@ -290,6 +319,7 @@ def response_logprobs(
     chunk_size: int = 0,
     entropy: str = "none",
     agree: Callable[[int], int] | None = None,
+    packed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, T) log-probs of the response tokens under softmax(logits / temperature), zero
     outside ``response_mask``, and their (B, T) entropy when ``entropy`` is ``"loss"``
@@ -301,11 +331,16 @@ def response_logprobs(
     never (B, T, V) logits. ``agree`` maps this rank's chunk count to the one all ranks use
     (ZeRO-3 gathers the head's weights at every call of the head module, so every rank must
     call it as often). A ZeRO-3 learner's model holds a ``LogprobHead``
-    (``attach_logprob_head``), which applies the head in one module call.
+    (``attach_logprob_head``), which applies the head in one module call. ``packed``: one
+    forward of the rows packed end to end (``packed_response_hidden``), the same values as
+    the padded forward (``packing_problem`` checks a model for it).
     """
-    hidden = response_hidden(model, batch, device)
     mask = batch.response_mask.to(device) != 0
-    h, tokens = hidden[mask], batch.response_ids.to(device)[mask]
+    if packed:
+        h = packed_response_hidden(model, batch, device)
+    else:
+        h = response_hidden(model, batch, device)[mask]
+    tokens = batch.response_ids.to(device)[mask]
     hf = hf_model(model)
     head, transform = hf.get_output_embeddings(), logit_transform(hf.config)
     chunks = max(-(-len(h) // chunk_size) if chunk_size else 1, 1)
@@ -393,12 +428,20 @@ def batch_logprobs(
     device: torch.device,
     chunk_size: int = 0,
     agree: Callable[[int], int] | None = None,
+    groups: list[torch.Tensor] | None = None,
+    packed: bool = False,
 ) -> torch.Tensor:
-    """(B, T) log-probs of the response tokens, micro-batched, zero on padding."""
-    outs = []
-    width = batch.response_ids.shape[1]
-    for start in range(0, len(batch), micro_batch_size):
-        mb = batch.select(list(range(start, min(start + micro_batch_size, len(batch))))).trimmed()
-        lp, _ = response_logprobs(model, mb, device, temperature, chunk_size, agree=agree)
-        outs.append(torch.nn.functional.pad(lp.cpu(), (0, width - lp.shape[1])))
-    return torch.cat(outs)
+    """(B, T) log-probs of the response tokens, zero on padding: one forward per
+    ``micro_batch_size`` rows, or per group of row indices in ``groups``; ``packed``: each
+    forward on packed rows (``response_logprobs``)."""
+    if groups is None:
+        step = micro_batch_size
+        groups = [torch.arange(s, min(s + step, len(batch))) for s in range(0, len(batch), step)]
+    out = torch.zeros(batch.response_ids.shape, dtype=torch.float32)
+    for rows in groups:
+        mb = batch.select(rows).trimmed()
+        lp, _ = response_logprobs(
+            model, mb, device, temperature, chunk_size, agree=agree, packed=packed
+        )
+        out[rows, : lp.shape[1]] = lp.cpu()
+    return out

@@ -23,7 +23,7 @@ from rlalign_ray.data.batch import ScoredShard, packed
 from rlalign_ray.data.picks import Picks
 from rlalign_ray.learner.base import split_for_ranks
 from rlalign_ray.pools.base import ActorPool, Future
-from rlalign_ray.roles import split_rows
+from rlalign_ray.roles import ROLES, split_rows
 from rlalign_ray.runtime.placement import get
 
 
@@ -100,10 +100,17 @@ class DeepSpeedGroup(ActorPool):
             f"divisor of {n} that is a multiple of the ranks x micro_batch_size"
         )
 
+    def rows(self, exp: Experience, step: int) -> list[torch.Tensor]:
+        """This step's rows per rank: a seeded split, balanced by tokens when the role packs
+        its micro-batches (``roles.split_rows``)."""
+        packing = getattr(self.cfg, ROLES[self.role].section).packing
+        lengths = exp.scores.row_tokens() if packing else None
+        return split_rows(len(exp.scores), len(self.actors), self.cfg.run.seed, step, lengths)
+
     def parts(self, exp: Experience, step: int, ref_logprobs: list[Any] | None):
         """This step's rows per rank and each rank's batch ref (cut by rank 0)."""
         self.check_split(len(exp.scores))
-        rows = split_rows(len(exp.scores), len(self.actors), self.cfg.run.seed, step)
+        rows = self.rows(exp, step)
         return rows, split_for_ranks(
             self.actors[0], exp.sources(), exp.rows, ref_logprobs, rows, exp.picks
         )
@@ -196,7 +203,7 @@ class CriticGroup(DeepSpeedGroup):
         if exp.returns is None or exp.values is None:
             raise ValueError(f"{self.name}.update: the Experience has no returns and values")
         returns, values = exp.returns, exp.values
-        rows = split_rows(len(exp.scores), len(self.actors), self.cfg.run.seed, step)
+        rows = self.rows(exp, step)
         calls = [
             c.train_step.remote(p, packed(returns[k]), packed(values[k]), step)
             for c, p, k in zip(self.actors, parts, rows)

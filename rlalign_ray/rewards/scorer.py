@@ -84,6 +84,7 @@ class RewardScorer:
             response_len=batch.response_len,
             response_mask=batch.response_mask,
             logprobs=batch.logprobs,
+            prompt_len=batch.prompt_mask.sum(1),
         )
 
     def _call(self, source: Any, inputs: RewardInputs, batch: RolloutBatch) -> list[Any]:

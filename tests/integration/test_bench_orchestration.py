@@ -41,3 +41,20 @@ def test_bench_scale_on_a_two_node_cluster(no_ray, tmp_path):
     assert [set(r) for r in result["results"]] == [{"actors", "driver_s_per_step"}]
     assert result["results"][0]["actors"] == 4 and result["results"][0]["driver_s_per_step"] > 0
     assert result["runs"][0]["nodes"] == 2
+
+
+@pytest.mark.full
+def test_bench_train_padded_vs_packed_writes_its_results(tmp_path):
+    """Both paths on the same rows, in fresh processes; the loss and gradient agree."""
+    out = tmp_path / "train.json"
+    argv = ["bench", "train", "--lengths", "lognormal:1.0", "--hidden", "64", "--layers", "1",
+            "--vocab", "256", "--rows", "8", "--seq", "8", "--micro-batch", "4",
+            "--cache-dir", str(tmp_path / "models"), "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert [r["path"] for r in result["results"]] == ["padded", "packed"]
+    padded, packed = result["results"]
+    assert padded["real_tokens"] == packed["real_tokens"] <= packed["computed_tokens"]
+    assert padded["computed_tokens"] > padded["real_tokens"]
+    assert result["padded_tokens_per_s"] > 0 and result["packed_tokens_per_s"] > 0
+    assert result["loss_abs_diff"] <= 1e-5 and result["grad_rel_diff"] <= 1e-4

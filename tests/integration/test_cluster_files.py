@@ -112,7 +112,8 @@ def test_cluster_launcher_config():
         # the learner ranks on the GPU workers write checkpoints and final/: to a bucket
         out = _check_train_command(cmd, "aws_gpu.yaml")
         assert out.startswith("s3://"), f"aws_gpu.yaml: {cmd} writes to {out}, not a bucket"
-    assert any("[s3]" in c for c in cfg["setup_commands"]), "install 'rlalign-ray[s3]'"
+    extras = [re.findall(r"rlalign-ray\[([a-z0-9,]+)\]", c) for c in cfg["setup_commands"]]
+    assert any("s3" in e.split(",") for es in extras for e in es), "install 'rlalign-ray[s3]'"
     for name in workers_of(cfg):  # every node that runs learner ranks may write the bucket
         assert types[name]["node_config"].get("IamInstanceProfile"), f"{name}: no IAM profile"
     assert "rsync-down" not in text, "the head holds no checkpoint: copy from the bucket"

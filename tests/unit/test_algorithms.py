@@ -34,6 +34,8 @@ from rlalign_ray.algorithms import (
     rloo_advantages,
     value_loss,
 )
+from rlalign_ray.data.packing import budget_groups
+from rlalign_ray.learner.base import count_for
 
 D = torch.float64
 
@@ -145,6 +147,38 @@ def test_token_sum_micro_batches_match_full_token_mean(n_micro):
         accumulated = accumulated + mb.detach()
     torch.testing.assert_close(accumulated, full.detach(), atol=1e-6, rtol=0)
     torch.testing.assert_close(mb_param.grad, full_param.grad, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mode", AGGREGATION_MODES)
+def test_packed_token_budget_micro_batches_match_the_full_batch(mode):
+    """Token-budget micro-batches of packed rows (``data.packing``: each micro-batch's
+    counted tokens arrive as one stream and are scattered back into its rows), each loss
+    weighted by its share of the global normaliser (``learner.base.count_for``, as
+    ``loss_scale`` does; token-sum: 1), add up to the full batch's loss and gradient."""
+    gen = torch.Generator().manual_seed(0)
+    lens = torch.tensor([6, 1, 4, 6, 2, 5, 3, 6])  # response tokens per row
+    mask = (torch.arange(6)[None, :] < lens[:, None]).to(D)
+    mask[2, 1] = 0.0  # a masked token inside a response
+    mask[4] = 0.0  # a row with no counted token
+    base = torch.randn(8, 6, generator=gen, dtype=D)
+    weight = torch.randn(8, 6, generator=gen, dtype=D)
+    full_param = base.clone().requires_grad_(True)
+    full = aggregate_loss(full_param * weight, mask, mode, norm_len=6)
+    full.backward()
+
+    param = base.clone().requires_grad_(True)
+    total = count_for(mode, mask)
+    accumulated = torch.zeros((), dtype=D)
+    for rows in budget_groups((lens + 3).tolist(), 14):  # 3 prompt tokens a row
+        m = mask[rows] != 0
+        stream = (param[rows] * weight[rows])[m]  # the packed forward's (N,) per-token loss
+        per_token = torch.zeros(m.shape, dtype=D).masked_scatter(m, stream)
+        share = 1.0 if mode == "token-sum" else count_for(mode, mask[rows]) / total
+        loss = aggregate_loss(per_token, mask[rows], mode, norm_len=6) * share
+        loss.backward()
+        accumulated = accumulated + loss.detach()
+    close(accumulated, full.detach(), atol=1e-12)
+    close(param.grad, full_param.grad, atol=1e-12)
 
 
 def test_entropy_from_logits():

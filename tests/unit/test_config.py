@@ -168,12 +168,15 @@ def test_logprob_chunks_and_token_budgets():
     assert "learner.logprob_chunk_size: must be >= 0, got -1" in probs
     assert "run.driver_threads: must be >= 0, got -1" in probs
     budget = [p for p in probs if "max_tokens_per_micro_batch" in p]
-    assert budget[0].startswith("learner.max_tokens_per_micro_batch: must be 0 (off) or hold")
+    assert budget[0].startswith("learner.max_tokens_per_micro_batch: without learner.packing")
     assert "= 128 tokens, got 127" in budget[0] and budget[1].startswith("critic.")
     cfg = config_from_dict(
         {"reward": {"rewards": REWARD}, "learner": {"max_tokens_per_micro_batch": 528}}
     )
     assert cfg.learner.max_tokens_per_micro_batch == 528
+    packed = {"packing": True, "max_tokens_per_micro_batch": 64}  # longer rows run alone
+    cfg = config_from_dict({"reward": {"rewards": REWARD}, "learner": packed, "reference": packed})
+    assert cfg.learner.packing and cfg.reference.max_tokens_per_micro_batch == 64
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

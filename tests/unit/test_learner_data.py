@@ -64,3 +64,23 @@ def test_token_budget_micro_batches_fit_and_cover_the_rows():
         mb = batch.select(r).trimmed()
         assert len(r) == 1 or mb.prompt_ids.numel() + mb.response_ids.numel() <= 16
     assert len(micro) < len(rows)  # short rows share a micro-batch
+
+
+def test_packed_token_budget_counts_real_tokens():
+    cfg = config_from_dict(
+        {
+            "reward": {"rewards": REWARD},
+            "data": {"max_prompt_tokens": 4},
+            "rollout": {"max_new_tokens": 6},
+            "learner": {"max_tokens_per_micro_batch": 8, "packing": True},
+        }
+    )
+    rank = DeepSpeedRank(cfg, 0, 1, cfg.learner)
+    batch = _shard([3, 2, 4, 1, 2, 2], [5, 1, 2, 6, 2, 1], 0)  # 8, 3, 6, 7, 4, 3 tokens
+    rows = torch.tensor([5, 0, 3, 2, 1, 4])
+    micro = rank.lockstep_micro_batches(batch, rows)  # one rank: as micro_batches
+    assert sorted(torch.cat(micro).tolist()) == list(range(6))
+    tokens = [sum([8, 3, 6, 7, 4, 3][i] for i in r.tolist()) for r in micro]
+    # first-fit decreasing: 8 | 7 | 6 | 4 + 3 | 3 (31 tokens need at least 4 micro-batches,
+    # but no two of 8, 7 and 6 share one, and 3 + 3 + 4 > 8)
+    assert all(t <= 8 for t in tokens) and sorted(tokens) == [3, 6, 7, 7, 8]

@@ -31,6 +31,7 @@ def _batch(n: int = 4) -> Batch:
         response_len=torch.ones(n, dtype=torch.long),
         response_mask=torch.ones(n, 1),
         logprobs=torch.zeros(n, 1),
+        prompt_mask=torch.ones(n, 1),
     )
 
 
