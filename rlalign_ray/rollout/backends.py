@@ -47,8 +47,6 @@ class Capabilities:
 
     sleep: bool = False  # frees its accelerator memory while the learner trains (sleep/wake_up)
     tensor_parallel: bool = False  # one engine over several GPUs of its actor
-    gpu_share: bool = False  # on GPU it takes a share of each GPU (weights + KV cache)
-    kv_cache: bool = False  # on CPU it holds a KV cache of a configured size besides weights
 
 
 @dataclass(frozen=True)
@@ -105,7 +103,7 @@ class VLLMType(BackendType):
     description = "a vLLM engine per generator (keys in rollout.vllm)"
     section = "vllm"
     backend = "rlalign_ray.rollout.vllm_backend:VLLMBackend"
-    capabilities = Capabilities(sleep=True, tensor_parallel=True, gpu_share=True, kv_cache=True)
+    capabilities = Capabilities(sleep=True, tensor_parallel=True)
 
     def check(self, rollout: RolloutConfig, key: str) -> list[str]:
         e: list[str] = []
@@ -144,15 +142,11 @@ BACKENDS: dict[str, BackendType] = {t.name: t for t in (HFType(), VLLMType())}
 class _ClassType(BackendType):
     """A user's ``GenerationBackend`` subclass named by path: the defaults, nothing declared."""
 
-    def __init__(self, path: str):
-        self.backend = path
+    def __init__(self, path: str, cls: type):
+        self.backend, self._cls = path, cls
 
     def load(self) -> type:
         return self._cls
-
-    def bind(self, cls: type) -> _ClassType:
-        self._cls = cls
-        return self
 
 
 def backend_type(name: str) -> BackendType:
@@ -170,7 +164,7 @@ def backend_type(name: str) -> BackendType:
     if isinstance(cls, type) and issubclass(cls, BackendType):
         return cls()
     if isinstance(cls, type) and _is_generation_backend(cls):
-        return _ClassType(name).bind(cls)
+        return _ClassType(name, cls)
     raise _refused(
         f"{name!r} is a {type(cls).__name__}, not a subclass of rlalign_ray.rollout.backend."
         "GenerationBackend or rlalign_ray.rollout.backends.BackendType; point it at one"
@@ -211,7 +205,12 @@ def check_backend(rollout: RolloutConfig, kind: BackendType, key: str = "rollout
     if rollout.kwargs and rollout.backend in BACKENDS:
         e.append(f"{key}.kwargs: the {rollout.backend} backend takes no kwargs; remove them")
     tp = kind.gpus_per_engine(rollout)
-    if tp > 1 and rollout.resources.num_gpus < tp:
+    if tp > 1 and not kind.capabilities.tensor_parallel:
+        e.append(
+            f"rollout.backend: {rollout.backend} declares no tensor parallelism, but an "
+            f"engine of it spans {tp} GPUs; declare Capabilities(tensor_parallel=True)"
+        )
+    elif tp > 1 and rollout.resources.num_gpus < tp:
         e.append(
             f"{key}.resources.num_gpus: each generator runs a {rollout.backend} engine over "
             f"{tp} GPUs (tensor parallel); ask for at least that many "
