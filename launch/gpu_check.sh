@@ -41,7 +41,7 @@ START=$SECONDS
 # Every case: the tiny model in float32, vLLM generators, no reference (kl_coef 0), CPU rewards.
 COMMON=(
   model.path=builtin:tiny-arith model.dtype=float32 algorithm.kl_coef=0
-  rollout.backend=vllm rollout.num_actors=1 rollout.gpu_memory_utilization=0.2
+  rollout.backend=vllm rollout.num_actors=1 rollout.vllm.gpu_memory_utilization=0.2
   trainer.eval_every=0 trainer.progress_bar=false 'trainer.loggers=[jsonl]'
 )
 CASE_NCCL_ZERO3=(
@@ -50,13 +50,13 @@ CASE_NCCL_ZERO3=(
 )
 CASE_TP2=(
   learner.resources.num_gpus=1
-  rollout.tensor_parallel_size=2 rollout.resources.num_gpus=2
+  rollout.vllm.tensor_parallel_size=2 rollout.resources.num_gpus=2
   sync.bucket_mb=0.25  # six buckets of whole layers: each worker loads many, not one
 )
 CASE_COLOCATED=(
   learner.resources.num_gpus=0.5
   rollout.resources.num_gpus=0.5 rollout.placement.colocate_with=learner
-  rollout.enable_sleep_mode=true sync.transport=auto
+  rollout.vllm.enable_sleep_mode=true sync.transport=auto
 )
 # name, GPUs needed, overrides array
 CASES=(

@@ -11,6 +11,7 @@ from typing import Any
 
 from rlalign_ray.config import Config, registry_options
 from rlalign_ray.rewards.types import REWARD_TYPES
+from rlalign_ray.rollout.backends import BACKENDS
 
 
 def _type_name(tp: Any) -> str:
@@ -61,9 +62,16 @@ def _reward_types() -> tuple[str, str]:
     return names, what
 
 
+def _backends() -> tuple[str, str]:
+    """``rollout.backend``: its values and what each is, from the registry."""
+    names = "|".join([*BACKENDS, "module:Class"])
+    what = "; ".join(f"{name}: {t.description}" for name, t in BACKENDS.items())
+    return names, what
+
+
 # Keys whose values a registry holds and describes, beyond the fields declared with
 # ``doc(..., options=...)`` (``_option_names``): (values, what each is).
-REGISTRY_KEYS = {"reward.rewards[].type": _reward_types}
+REGISTRY_KEYS = {"reward.rewards[].type": _reward_types, "rollout.backend": _backends}
 
 
 def config_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:

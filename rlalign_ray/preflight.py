@@ -26,6 +26,7 @@ from rlalign_ray.models.loading import check_model_path, load_tokenizer
 from rlalign_ray.rewards.sources import RESERVED
 from rlalign_ray.rewards.types import RewardContext, preflight_rewards
 from rlalign_ray.roles import resolve_class
+from rlalign_ray.rollout.backends import backend_type
 
 
 def preflight(cfg: Config, topology: Any, prompts: list[PromptItem]) -> None:
@@ -53,6 +54,8 @@ def preflight(cfg: Config, topology: Any, prompts: list[PromptItem]) -> None:
                     "model.chat_template: true, or put the instruction in the prompts"
                 ]
             )
+    if builtin.get("generator"):
+        backend_type(cfg.rollout.backend).preflight(cfg.rollout)
     if cfg.env.path and not remote:
         try:
             env_class(cfg.env.path)

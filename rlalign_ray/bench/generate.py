@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _generator(args: argparse.Namespace, backend: str, max_new: int, model: str):
     """The real generator, configured like a training run's (one micro-batch)."""
-    from rlalign_ray.config import ModelConfig, Resources, RolloutConfig
+    from rlalign_ray.config import ModelConfig, Resources, RolloutConfig, VLLMConfig
 
     rollout = RolloutConfig(
         backend=backend,
@@ -58,7 +58,7 @@ def _generator(args: argparse.Namespace, backend: str, max_new: int, model: str)
         ignore_eos=args.ignore_eos,
         micro_batch_size=args.batch,
         resources=Resources(num_cpus=args.threads),
-        max_model_len=args.prompt_tokens + max_new + 8,
+        vllm=VLLMConfig(max_model_len=args.prompt_tokens + max_new + 8),
     )
     return ModelConfig(path=model), rollout
 

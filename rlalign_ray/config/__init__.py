@@ -38,10 +38,10 @@ from rlalign_ray.config.generation import (
     NonfiniteMode,
     RewardConfig,
     RewardSpec,
-    RolloutBackend,
     RolloutConfig,
     SyncConfig,
     Transport,
+    VLLMConfig,
 )
 from rlalign_ray.config.loading import _build, _coerce, config_from_dict, load_config
 from rlalign_ray.config.training import (
@@ -88,7 +88,6 @@ __all__ = [
     "Resources",
     "RewardConfig",
     "RewardSpec",
-    "RolloutBackend",
     "RolloutConfig",
     "RunConfig",
     "Strategy",
@@ -96,6 +95,7 @@ __all__ = [
     "TrainerConfig",
     "Transport",
     "Truncation",
+    "VLLMConfig",
     "check_options",
     "config_from_dict",
     "doc",

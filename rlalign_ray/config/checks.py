@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from rlalign_ray.config.checks_algorithm import check_algorithm, check_sampling_math
 from rlalign_ray.config.fields import field_types, literal_choices, registry_options
+from rlalign_ray.errors import ConfigError
 from rlalign_ray.roles import gpu_layout_problems, role_layout
 
 if TYPE_CHECKING:
@@ -130,46 +131,34 @@ def check_rollout(cfg: Config, e: list[str]) -> None:
     _positive(e, "rollout.timeout_s", r.timeout_s)
     _positive(e, "rollout.chunk_size", r.chunk_size, allow_zero=True)
     _positive(e, "rollout.dispatch_group", r.dispatch_group, allow_zero=True)
-    if r.enable_sleep_mode and cfg.pipelined:
-        e.append(
-            "rollout.enable_sleep_mode: generators cannot sleep while the learner trains "
-            "in pipelined training (trainer.max_staleness > 0); turn one of them off"
-        )
     if r.temperature <= 0:
         e.append(
             "rollout.temperature: must be > 0 for sampling (use eval_temperature=0 for greedy)"
         )
     if not 0 < r.top_p <= 1:
         e.append(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
-    _positive(e, "rollout.tensor_parallel_size", r.tensor_parallel_size)
-    _check_vllm(cfg, e)
+    _check_backend(cfg, e)
     if any(not isinstance(s, str) or not s for s in r.stop):
         e.append(f"rollout.stop: stop strings must be non-empty, got {r.stop}")
 
 
-def _check_vllm(cfg: Config, e: list[str]) -> None:
-    r = cfg.rollout
-    if r.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+def _check_backend(cfg: Config, e: list[str]) -> None:
+    """The backend's own keys, checked by its type (the backend registry: a torch-free
+    module, read here rather than at load time since rollout/ is a room above the
+    config's), and what its capabilities ask of the rest of the config."""
+    from rlalign_ray.rollout.backends import backend_type, check_backend
+
+    try:
+        kind = backend_type(cfg.rollout.backend)
+    except ConfigError as err:
+        e += err.problems
+        return
+    e += check_backend(cfg.rollout, kind)
+    if kind.sleeps(cfg.rollout) and cfg.pipelined:
         e.append(
-            "rollout.backend: vllm is not installed; run `bash launch/install_vllm.sh` "
-            "(or use rollout.backend: hf)"
+            f"rollout.{kind.section or 'backend'}: {cfg.rollout.backend} generators cannot sleep while the "
+            "learner trains in pipelined training (trainer.max_staleness > 0); turn one off"
         )
-    if r.enable_sleep_mode and r.backend != "vllm":
-        e.append(
-            "rollout.enable_sleep_mode: only the vllm backend sleeps; set rollout.backend: vllm"
-        )
-    if r.tensor_parallel_size > 1 and r.resources.num_gpus < r.tensor_parallel_size:
-        e.append(
-            f"rollout.resources.num_gpus: each generator runs a vLLM engine over "
-            f"rollout.tensor_parallel_size={r.tensor_parallel_size} GPUs; ask for at least "
-            f"that many (got {r.resources.num_gpus:g})"
-        )
-    if not 0 < r.gpu_memory_utilization <= 1:
-        e.append(
-            f"rollout.gpu_memory_utilization: must be in (0, 1], got {r.gpu_memory_utilization}"
-        )
-    _positive(e, "rollout.kv_cache_gb", r.kv_cache_gb)
-    _positive(e, "rollout.max_model_len", r.max_model_len, allow_zero=True)
 
 
 def check_sync(cfg: Config, e: list[str]) -> None:

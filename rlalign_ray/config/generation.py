@@ -8,13 +8,40 @@ from typing import Any, Literal
 
 from rlalign_ray.config.fields import DistBackend, Dtype, Placement, Resources, doc
 
-RolloutBackend = Literal["hf", "vllm"]
 Transport = Literal["auto", "collective", "cuda_ipc", "shared_memory", "object_store"]
 TRANSPORTS = typing.get_args(Transport)
 NonfiniteMode = Literal["error", "zero", "drop_group"]
 NONFINITE_MODES = typing.get_args(NonfiniteMode)
 EnvRewardMode = Literal["sum", "last", "rewards-only"]
 ENV_REWARD_MODES = typing.get_args(EnvRewardMode)
+
+
+@dataclass
+class VLLMConfig:
+    """The vllm backend's keys (``rollout.vllm``)."""
+
+    tensor_parallel_size: int = doc(1, "GPUs per engine (tensor parallel)")
+    gpu_memory_utilization: float = doc(0.5, "on GPU: share of the GPU for weights + KV")
+    kv_cache_gb: float = doc(1.0, "on CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
+    max_model_len: int = doc(0, "context length (0: max_prompt_tokens + max_new_tokens)")
+    enable_sleep_mode: bool = doc(
+        False, "on GPU: free weights and KV cache while the learner trains (colocation)"
+    )
+    enforce_eager: bool = doc(True, "no CUDA graphs / compilation (faster start)")
+
+
+# Keys that moved into a backend's section: refused where they were, naming where they went.
+MOVED_KEYS = {
+    f"rollout.{f}": f"rollout.vllm.{f}"
+    for f in (
+        "tensor_parallel_size",
+        "gpu_memory_utilization",
+        "kv_cache_gb",
+        "max_model_len",
+        "enable_sleep_mode",
+        "enforce_eager",
+    )
+}
 
 
 @dataclass
@@ -27,20 +54,18 @@ class RolloutConfig:
     top_k: int = doc(0, "top-k sampling (0: off)")
     eval_temperature: float = doc(0.0, "0: greedy evaluation")
     ignore_eos: bool = doc(False, "always sample max_new_tokens, even past EOS (benchmarks)")
-    backend: RolloutBackend = doc(
-        "hf", "generation backend: hf (transformers, own sampling loop) or vllm (vLLM engine)"
+    backend: str = doc(
+        "hf",
+        "generation backend, which reads its own section (rollout.<name>) and checks it "
+        "(rlalign_ray/rollout/backends.py); module:Class: a backend of your own",
     )
     dtype: Dtype | None = doc(
         None, "generator weights dtype (weights travel in it); null: model.dtype"
     )
-    tensor_parallel_size: int = doc(1, "vllm: GPUs per engine (tensor parallel)")
-    gpu_memory_utilization: float = doc(0.5, "vllm on GPU: share of the GPU for weights + KV")
-    kv_cache_gb: float = doc(1.0, "vllm on CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)")
-    max_model_len: int = doc(0, "vllm: context length (0: max_prompt_tokens + max_new_tokens)")
-    enable_sleep_mode: bool = doc(
-        False, "vllm on GPU: free weights and KV cache while the learner trains (colocation)"
+    vllm: VLLMConfig = doc(VLLMConfig(), "the vllm backend's keys")
+    kwargs: dict[str, Any] = doc(
+        {}, "options of a backend of your own (backend: module:Class), which reads them"
     )
-    enforce_eager: bool = doc(True, "vllm: no CUDA graphs / compilation (faster start)")
     num_actors: int = doc(2, "generator actors in the pool")
     resources: Resources = doc(Resources(), "per generator actor")
     placement: Placement = doc(Placement(), "where the generators go")

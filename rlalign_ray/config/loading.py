@@ -16,6 +16,7 @@ import yaml
 
 from rlalign_ray.config.checks import validate
 from rlalign_ray.config.fields import _copy, field_types, is_union
+from rlalign_ray.config.generation import MOVED_KEYS
 from rlalign_ray.config.tree import Config
 from rlalign_ray.errors import ConfigError
 
@@ -100,6 +101,10 @@ def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
     types_ = field_types(cls)
     kwargs = {}
     for key, value in raw.items():
+        if f"{prefix}{key}" in MOVED_KEYS:
+            new = MOVED_KEYS[f"{prefix}{key}"]
+            errors.append(f"{prefix}{key} moved to {new}; write it there")
+            continue
         if key not in types_:
             close = difflib.get_close_matches(str(key), list(types_), n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else ""

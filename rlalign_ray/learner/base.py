@@ -33,6 +33,7 @@ from rlalign_ray.errors import NonFiniteError
 from rlalign_ray.learner.lora import save_merged
 from rlalign_ray.models.loading import default_device, load_tokenizer, set_threads
 from rlalign_ray.models.packing_probe import use_packing
+from rlalign_ray.rollout.backends import sleeps
 from rlalign_ray.storage import Storage, answer_probe
 
 
@@ -127,9 +128,9 @@ class DeepSpeedRank:
 
     def release_cached_memory(self) -> None:
         """After a step's update, with sleeping generators on this GPU
-        (``rollout.enable_sleep_mode``): hand the blocks torch keeps cached back to the
+        (a backend that sleeps, e.g. ``rollout.vllm.enable_sleep_mode``): hand the blocks torch keeps cached back to the
         driver, so that the engines can wake into them."""
-        if self.device.type == "cuda" and self.cfg.rollout.enable_sleep_mode:
+        if self.device.type == "cuda" and sleeps(self.cfg.rollout):
             torch.cuda.empty_cache()
 
     def current_lr(self) -> float:

@@ -475,7 +475,7 @@ class GeneratorPool(ActorPool):
         return dropped
 
     def sleep(self, asleep: bool) -> None:
-        """vLLM with ``rollout.enable_sleep_mode``: free (or take back) the engines' GPU memory."""
+        """A backend that sleeps (``rollout.vllm.enable_sleep_mode``): free (or take back) the engines' GPU memory."""
         self.gather("sleep" if asleep else "wake_up")
 
 

@@ -1,7 +1,9 @@
 """Generation backends: turn token prompts into sampled responses with their log-probs.
 
 ``HFBackend`` samples a transformers model with its own KV-cached loop; ``VLLMBackend``
-(``rollout/vllm_backend.py``) runs a vLLM engine. Both implement ``GenerationBackend``.
+(``rollout/vllm_backend.py``) runs a vLLM engine. Both implement ``GenerationBackend``;
+``rollout/backends.py`` registers them (what ``rollout.backend`` names, their config
+sections and capabilities).
 """
 
 from __future__ import annotations
@@ -54,8 +56,12 @@ class GenerationBackend(ABC):
     """What a generator needs from an inference engine.
 
     Constructed as ``cls(model_cfg, rollout_cfg, tokenizer, max_prompt_tokens)``; loads the
-    policy itself (in ``rollout_cfg.dtype or model_cfg.dtype``).
+    policy itself (in ``rollout_cfg.dtype or model_cfg.dtype``). Its registry entry
+    (``rollout/backends.py``: ``BackendType``) declares what it can do for the config
+    checks; an instance answers for itself: ``eos_ids``, ``max_context``, ``sleep``.
     """
+
+    eos_ids: list[int]  # token ids that end a response (the model's and the tokenizer's)
 
     @abstractmethod
     def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> Generation:
@@ -105,6 +111,21 @@ class GenerationBackend(ABC):
         """The policy's parameters by Hugging Face name (for tests; optional)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose its parameters")
 
+    def max_context(self) -> int:
+        """The longest context (prompt + response tokens) the engine takes (by default: the
+        tokenizer's ``model_max_length``, if the backend keeps its tokenizer as ``tok``)."""
+        limit = getattr(getattr(self, "tok", None), "model_max_length", None)
+        return int(min(limit or 1 << 20, 1 << 20))
+
+    def sleep(self) -> None:
+        """Free the engine's accelerator memory while the learner trains (a backend whose
+        ``BackendType.sleeps``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not sleep")
+
+    def wake_up(self) -> None:
+        """Take the memory back before the next weight load and generation."""
+        raise NotImplementedError(f"{type(self).__name__} does not sleep")
+
 
 class HFBackend(GenerationBackend):
     """A transformers model sampled by our own KV-cached loop.
@@ -132,6 +153,10 @@ class HFBackend(GenerationBackend):
 
     def named_parameters(self) -> Iterable[tuple[str, torch.Tensor]]:
         return self._model.named_parameters()
+
+    def max_context(self) -> int:
+        limit = getattr(self._model.config, "max_position_embeddings", None)
+        return int(limit) if limit else super().max_context()
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -281,9 +306,8 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
 
 
 def backend_class(name: str) -> type[GenerationBackend]:
-    """The backend for ``rollout.backend`` (vLLM is imported only when asked for)."""
-    if name == "vllm":
-        from rlalign_ray.rollout.vllm_backend import VLLMBackend
+    """The backend ``rollout.backend`` names (``rollout/backends.py``; a backend's module,
+    e.g. vLLM's, is imported only when asked for)."""
+    from rlalign_ray.rollout.backends import backend_type
 
-        return VLLMBackend
-    return HFBackend
+    return backend_type(name).load()

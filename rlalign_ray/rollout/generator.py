@@ -25,20 +25,6 @@ from rlalign_ray.sync.transports import WeightHandle, WeightTransport, make_tran
 ENV_REWARD = "env_reward"  # RolloutBatch column: the environment's part of the reward
 
 
-def max_context(backend: Any, tok: Any) -> int:
-    """The longest context the backend's model takes (position embeddings, or vLLM's
-    ``max_model_len``)."""
-    llm = getattr(backend, "llm", None)
-    if llm is not None:
-        try:
-            return int(llm.llm_engine.model_config.max_model_len)
-        except AttributeError:
-            pass
-    config = getattr(getattr(backend, "_model", None), "config", None)
-    limit = getattr(config, "max_position_embeddings", None)
-    return int(limit or min(getattr(tok, "model_max_length", 1 << 20), 1 << 20))
-
-
 class StaleWeightsError(ActorFailure):
     """A generator was asked to sample with weights other than the learner's latest."""
 
@@ -193,7 +179,7 @@ class Generator:
                 self.encode,
                 self.render,
                 self.backend.eos_ids,
-                max_context(self.backend, self.tok),
+                self.backend.max_context(),
                 self._env_client,
             )
         episodes = self.multiturn.run(items, n, params)
@@ -240,7 +226,7 @@ class Generator:
         self.version = handle.version if handle.is_last(self.transport.plan) else -1
         return self.version
 
-    # ---- GPU colocation (vllm with rollout.enable_sleep_mode) ---------------------------
+    # ---- GPU colocation (a backend that sleeps, e.g. rollout.vllm.enable_sleep_mode) ---------------------------
     def sleep(self) -> None:
         """Free the engine's GPU memory (weights, KV cache) while the learner trains."""
         self.backend.sleep()

@@ -12,7 +12,7 @@ Weights arrive in the engine's workers (``rollout/vllm_worker.py``): each joins 
 sync itself and loads its own shard, so no bucket crosses a process boundary; only the
 object store's buckets, which only Ray can fetch, come through the actor.
 
-Sleep mode (``rollout.enable_sleep_mode``, colocated with the learner): ``sleep`` drops
+Sleep mode (``rollout.vllm.enable_sleep_mode``, colocated with the learner): ``sleep`` drops
 weights and KV cache from the GPU (level 2: nothing is copied to host memory, since the
 next version overwrites the weights anyway); ``wake_up`` maps the weights' memory back;
 the weights are then garbage until every bucket of the next version is loaded, after
@@ -120,10 +120,10 @@ class VLLMBackend(GenerationBackend):
         check_vllm_version()  # sets vLLM's environment, then imports it
         gpus = rollout_cfg.resources.num_gpus
         on_gpu = default_device(gpus, "rollout.resources.num_gpus").type == "cuda"
-        if rollout_cfg.enable_sleep_mode and not on_gpu:
+        if rollout_cfg.vllm.enable_sleep_mode and not on_gpu:
             raise ConfigError(
                 [
-                    "rollout.enable_sleep_mode: needs a CUDA GPU in each generator actor "
+                    "rollout.vllm.enable_sleep_mode: needs a CUDA GPU in each generator actor "
                     "(set rollout.resources.num_gpus), or turn it off on CPU"
                 ]
             )
@@ -135,12 +135,12 @@ class VLLMBackend(GenerationBackend):
         self.tok = tokenizer
         self.eos_ids = _eos_ids(_with_generation_config(path, hf_config), tokenizer)
         memory = (
-            {"gpu_memory_utilization": rollout_cfg.gpu_memory_utilization}
+            {"gpu_memory_utilization": rollout_cfg.vllm.gpu_memory_utilization}
             if on_gpu
             # VLLM_CPU_KVCACHE_SPACE takes whole GiB only; this engine argument takes bytes.
-            else {"kv_cache_memory_bytes": int(rollout_cfg.kv_cache_gb * 1024**3)}
+            else {"kv_cache_memory_bytes": int(rollout_cfg.vllm.kv_cache_gb * 1024**3)}
         )
-        tp = self.tp = rollout_cfg.tensor_parallel_size
+        tp = self.tp = rollout_cfg.vllm.tensor_parallel_size
         self.llm = LLM(
             model=path,
             dtype=rollout_cfg.dtype or model_cfg.dtype,
@@ -149,10 +149,10 @@ class VLLMBackend(GenerationBackend):
             # tp > 1: worker processes of this actor on its GPUs ("ray" would look for GPUs
             # in our placement group, which the actors have taken already)
             distributed_executor_backend="mp" if tp > 1 else "uni",
-            max_model_len=rollout_cfg.max_model_len
+            max_model_len=rollout_cfg.vllm.max_model_len
             or _context_length(hf_config, max_prompt_tokens + rollout_cfg.max_new_tokens),
-            enforce_eager=rollout_cfg.enforce_eager,
-            enable_sleep_mode=rollout_cfg.enable_sleep_mode,
+            enforce_eager=rollout_cfg.vllm.enforce_eager,
+            enable_sleep_mode=rollout_cfg.vllm.enable_sleep_mode,
             # The Generator seeds torch per rank (seed * 1000 + rank) before building us.
             seed=torch.initial_seed() % 2**31,
             generation_config="vllm",
@@ -277,6 +277,10 @@ class VLLMBackend(GenerationBackend):
             self._asleep = ""
         else:
             self.llm.reset_prefix_cache()
+
+    def max_context(self) -> int:
+        """The engine's ``max_model_len`` (``rollout.vllm.max_model_len`` or derived)."""
+        return int(self.llm.llm_engine.model_config.max_model_len)
 
     # ---- sleep mode -------------------------------------------------------------------
     def sleep(self) -> None:

@@ -5,9 +5,10 @@ Per role: actors x (CPUs, GPUs, reserved memory, custom resources), as Ray place
 from the parameter count P (read from the model's config.json: no weights are loaded) and
 the bytes per parameter:
 
-- generator: P x bytes(rollout.dtype or model.dtype); a vLLM engine on GPU also takes its KV
-  cache, up to ``rollout.gpu_memory_utilization`` of each of its GPUs (on CPU:
-  ``rollout.kv_cache_gb``)
+- generator: P x bytes(rollout.dtype or model.dtype), plus what its backend says it takes
+  (``BackendType.memory``, ``rollout/backends.py``): a vLLM engine on GPU takes its KV
+  cache, up to ``rollout.vllm.gpu_memory_utilization`` of each of its GPUs (on CPU:
+  ``rollout.vllm.kv_cache_gb``)
 - reference: P x bytes(model.dtype)
 - learner and critic (DeepSpeed, N = world_size ranks; their own P): weights w.P +
   gradients w.P + optimizer states k.P, w = 2 with bf16 else 4, k = 12 with bf16 (fp32
@@ -98,11 +99,13 @@ def _memory(cfg: Config, role: str, size: Callable) -> tuple[float | None, float
     m, r = cfg.model, cfg.rollout
     if role == "generator":
         p, b = size(m.path), DTYPE_BYTES[r.dtype or m.dtype]
-        if r.backend == "vllm" and r.resources.num_gpus:
-            frac = f"{r.gpu_memory_utilization:.0%}"
-            return _gb(p, b), r.gpu_memory_utilization, f"weights; vLLM takes {frac} of its GPU"
-        kv = r.kv_cache_gb if r.backend == "vllm" else 0.0
-        return _gb(p, b, kv), 0.0, "weights + vLLM KV cache" if kv else "weights"
+        from rlalign_ray.rollout.backends import backend_type
+
+        more = backend_type(r.backend).memory(r, on_gpu=bool(r.resources.num_gpus))
+        if more.gpu_share:
+            return _gb(p, b), more.gpu_share, f"weights; {more.note}"
+        note = f"weights + {more.note}" if more.host_gb else "weights"
+        return _gb(p, b, more.host_gb), 0.0, note
     if role == "reference":
         return _gb(size(m.reference or m.path), DTYPE_BYTES[m.dtype]), 0.0, "weights"
     if role in ("learner", "critic"):
@@ -310,23 +313,25 @@ def _memory_fits(needs: list[Need], nodes: list[Node], where: str, notes: list[s
         if not g or mem is None:
             continue
         packed = 1 if g >= 1 else math.floor(1 / g + 1e-9)  # such bundles on one GPU
-        fixed, vllm = (mem / g, share) if g >= 1 else (mem * packed, share * packed)
-        what = f"{fixed:.1f} GiB of models" + (f" + {vllm:.0%} of it for vLLM" if vllm else "")
+        fixed, engine = (mem / g, share) if g >= 1 else (mem * packed, share * packed)
+        what = f"{fixed:.1f} GiB of models" + (
+            f" + {engine:.0%} of it for engines" if engine else ""
+        )
         if gpu is None:
             notes.append(f"GPU memory: each GPU of a {role} bundle holds {what} ({why})")
-        elif fixed + vllm * gpu > gpu + 1e-9:
+        elif fixed + engine * gpu > gpu + 1e-9:
             out.append(
                 f"GPU memory: each GPU of a {role} bundle ({g:g} GPU) holds {what}, "
-                f"{fixed + vllm * gpu:.1f} GiB; the smallest GPU {where} has {gpu:.1f} GiB"
+                f"{fixed + engine * gpu:.1f} GiB; the smallest GPU {where} has {gpu:.1f} GiB"
             )
     for n in needs:
         if n.gpu_share and gpu is not None and n.memory_gb is not None:
             budget = n.gpu_share * gpu * max(1.0, n.resources.num_gpus)
             if n.memory_gb > budget:
                 out.append(
-                    f"GPU memory: a {n.role}'s weights ({n.memory_gb:.1f} GiB) exceed vLLM's "
-                    f"share of its GPU ({n.gpu_share:.0%} of {gpu:.1f} GiB); raise "
-                    "rollout.gpu_memory_utilization or the GPUs per generator"
+                    f"GPU memory: a {n.role}'s weights ({n.memory_gb:.1f} GiB) exceed its "
+                    f"engine's share of its GPU ({n.gpu_share:.0%} of {gpu:.1f} GiB); raise "
+                    "that share (rollout.vllm.gpu_memory_utilization) or the GPUs per generator"
                 )
     return out
 

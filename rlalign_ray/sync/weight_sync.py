@@ -241,7 +241,7 @@ class WeightSync:
             raise WeightSyncError(
                 f"cuda_ipc weight sync: generators {[i for i, r in enumerate(ranks) if r > 1]} "
                 "run a tensor-parallel engine over several GPUs, which a learner rank's GPU "
-                "buffer cannot serve; use rollout.tensor_parallel_size: 1 or sync.transport: "
+                "buffer cannot serve; use rollout.vllm.tensor_parallel_size: 1 or sync.transport: "
                 "collective"
             )
         if transport == "collective" and backend == "nccl" and owners and 0 in owners:

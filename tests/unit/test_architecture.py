@@ -36,6 +36,8 @@ LAZY_UP = {
     ("config/tree.py", "rlalign_ray.algorithms"): "Config.needs_critic reads the estimators",
     ("config/tree.py", "rlalign_ray.algorithms.objective"): "Config.objective resolves them",
     ("config/checks.py", "rlalign_ray.rewards.types"): "check_reward reads the reward types",
+    ("config/checks.py", "rlalign_ray.rollout.backends"): "_check_backend reads the backends",
+    ("runtime/resources.py", "rlalign_ray.rollout.backends"): "a generator's memory: its backend",
     ("models/tiny_eval.py", "rlalign_ray.rewards.builtin"): "the tiny model's accuracy",
 }
 

@@ -28,21 +28,18 @@ def test_missing_vllm_names_the_install_script(monkeypatch):
 
 
 def test_engine_keys_are_checked():
-    problems = _problems(
-        backend="hf",
-        enable_sleep_mode=True,
-        tensor_parallel_size=2,
-        resources={"num_gpus": 1},
-        gpu_memory_utilization=1.5,
-        kv_cache_gb=0,
-        max_model_len=-1,
-    )
+    vllm = {"gpu_memory_utilization": 1.5, "kv_cache_gb": 0, "max_model_len": -1}
+    problems = _problems(backend="hf", vllm={**vllm, "enable_sleep_mode": True})
     for key in (
-        "rollout.enable_sleep_mode: only the vllm backend",
-        "rollout.resources.num_gpus: each generator runs a vLLM engine over "
-        "rollout.tensor_parallel_size=2 GPUs",
-        "rollout.gpu_memory_utilization: must be in (0, 1]",
-        "rollout.kv_cache_gb: must be > 0",
-        "rollout.max_model_len: must be >= 0",
+        "rollout.vllm: asks the vllm backend to sleep, but rollout.backend is hf",
+        "rollout.vllm.gpu_memory_utilization: must be in (0, 1]",
+        "rollout.vllm.kv_cache_gb: must be > 0",
+        "rollout.vllm.max_model_len: must be >= 0",
     ):
         assert any(p.startswith(key) for p in problems), (key, problems)
+    (problem,) = _problems(
+        backend="vllm", vllm={"tensor_parallel_size": 2}, resources={"num_gpus": 1}
+    )
+    assert problem.startswith(
+        "rollout.resources.num_gpus: each generator runs a vllm engine over 2 GPUs"
+    ), problem
