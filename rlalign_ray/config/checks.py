@@ -114,8 +114,28 @@ def check_rollout(cfg: Config, e: list[str]) -> None:
         e.append(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
     _positive(e, "rollout.tensor_parallel_size", r.tensor_parallel_size)
     _check_vllm(cfg, e)
+    _check_inflight(cfg, e)
     if any(not isinstance(s, str) or not s for s in r.stop):
         e.append(f"rollout.stop: stop strings must be non-empty, got {r.stop}")
+
+
+def _check_inflight(cfg: Config, e: list[str]) -> None:
+    """In-flight weight updates (``rollout.inflight_updates``) and what they need."""
+    r = cfg.rollout
+    if not r.inflight_updates:
+        return
+    if cfg.trainer.max_staleness < 1:
+        e.append(
+            "rollout.inflight_updates: a synchronous run (trainer.max_staleness: 0) loads "
+            "weights only while no generator samples; set trainer.max_staleness >= 1 or "
+            "turn inflight_updates off"
+        )
+    if r.dispatch_group > 0:
+        e.append(
+            "rollout.inflight_updates: dispatchers (rollout.dispatch_group > 0) load weights "
+            "after their group's chunks; set rollout.dispatch_group: 0 or turn "
+            "inflight_updates off"
+        )
 
 
 def _check_vllm(cfg: Config, e: list[str]) -> None:

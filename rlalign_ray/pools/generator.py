@@ -13,7 +13,11 @@ of their own, so their samples do not depend on which actor ran them.
 
 The pool knows, for every actor, the weight version it will hold when the next call
 queued to it runs (``WeightSync`` queues the loads), so every chunk records the version
-that sampled it; the actor reports it too and the two must agree.
+that sampled it; the actor reports it too and the two must agree. With in-flight weight
+updates (``rollout.inflight_updates``) a load reaches an actor while it samples (its
+``weights`` concurrency group) and the chunk goes on with the new version: the chunk
+starts with at least the expected version, and records the oldest version among its
+tokens (each token's is in the batch's ``token_versions``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from rlalign_ray.errors import ActorFailure
 from rlalign_ray.pools.base import ActorPool
 from rlalign_ray.pools.chunks import Chunk, DispatchRun, dispatch_runs, run_scores, split
 from rlalign_ray.pools.learner import Experience
+from rlalign_ray.rollout.inflight import CONCURRENCY_GROUPS
 from rlalign_ray.runtime.dispatch import start_dispatchers
 from rlalign_ray.runtime.placement import actor_died, get
 
@@ -61,6 +66,9 @@ class GeneratorPool(ActorPool):
         max_inflight: int = 1,
     ):
         super().__init__(cfg, num_actors, resources, placement, cls, name)
+        self.inflight_updates = cfg.rollout.inflight_updates
+        if self.inflight_updates:  # weight loads run beside the chunk being sampled
+            self.spec.concurrency_groups = dict(CONCURRENCY_GROUPS)
         self.max_inflight = max_inflight
         self.versions: list[int] = []  # per actor: the version its next queued call sees
         self.queue: deque[Chunk] = deque()
@@ -279,11 +287,7 @@ class GeneratorPool(ActorPool):
             infos = get([c.info_ref for c in finished], f"{self.name} pool", self.timeout_s)
         now = time.perf_counter()
         for chunk, info in zip(finished, infos):
-            if not chunk.greedy and info["version"] != chunk.version:
-                raise ActorFailure(
-                    f"{self.name} {chunk.actor} sampled chunk {chunk.id} with weight version "
-                    f"{info['version']}, the pool expected {chunk.version}"
-                )
+            self._check_version(chunk, info)
             chunk.done, chunk.finished_s = True, now
             chunk.extra["info"] = info
             self.load[chunk.actor] -= 1
@@ -293,6 +297,21 @@ class GeneratorPool(ActorPool):
                 self._busy_since.pop(chunk.actor)
         self._dispatch()
         return finished
+
+    def _check_version(self, chunk: Chunk, info: dict[str, Any]) -> None:
+        """The actor sampled ``chunk`` with the version the pool expected. In-flight
+        updates: with that one or a newer one (a load sent later may have been applied
+        first, in the actor's other thread), which the chunk records: the oldest of its
+        tokens' versions, what the staleness bound counts."""
+        if chunk.greedy or info["version"] == chunk.version:
+            return
+        if self.inflight_updates and info["version"] > chunk.version:
+            chunk.version = info["version"]
+            return
+        raise ActorFailure(
+            f"{self.name} {chunk.actor} sampled chunk {chunk.id} with weight version "
+            f"{info['version']}, the pool expected {chunk.version}"
+        )
 
     # ---- dead generators --------------------------------------------------------------
     def _recover(self, finished: list[Chunk]) -> list[Chunk] | None:

