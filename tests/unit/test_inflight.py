@@ -235,3 +235,27 @@ def test_config_needs_pipelining_and_no_dispatchers():
     assert "rollout.inflight_updates" in problems and "trainer.max_staleness >= 1" in problems
     assert "rollout.dispatch_group: 0" in problems
     assert config_from_dict({**raw, "trainer": {"max_staleness": 1}}).rollout.inflight_updates
+
+
+def test_simulated_generator_goes_on_with_a_load_mid_chunk():
+    """The bench's simulated generator (``bench pipeline --simulate --inflight-updates``):
+    a long chunk lets the load in between two decode steps and goes on with it."""
+    from rlalign_ray.bench.simulated import SimulatedGenerator, Workload
+    from rlalign_ray.sync.plan import SyncPlan, WeightHandle
+
+    work = Workload(gen_s=0.4, batch_rows=4, generators=1, tokens=20)  # 0.1 s a row
+    cls = type("SimulatedGenerator", (SimulatedGenerator,), {"work": work})
+    gen = cls(None, RolloutConfig(inflight_updates=True), 0)
+    gen.join_weight_sync(SyncPlan("object_store", "gloo", "float32", ((),), 30.0, 2), None, 1)
+    loader = threading.Thread(
+        target=lambda: (
+            _wait(gen.gate, lambda g: g._sampling and g.steps >= 5),
+            gen.load_weights(WeightHandle(1, 0)),
+        )
+    )
+    loader.start()
+    rollout, info = gen.generate_chunk([PromptItem(0, "p")], 2, expected_version=0)
+    loader.join(10)
+    assert rollout.version == info["version"] == 0 and info["inflight_loads"] == 1
+    summary = info["token_versions"]
+    assert all(0 < s < n for s, n in zip(summary["sum"], summary["tokens"]))  # 0s, then 1s
