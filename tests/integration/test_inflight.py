@@ -1,5 +1,7 @@
-"""In-flight weight updates in a real pipelined run: HF generators in Ray actors load each new
-version between two decode steps of the chunk they sample (``rollout.inflight_updates``).
+"""In-flight weight updates in a real pipelined run: generators in Ray actors load each new
+version between two decode steps of the chunk they sample (``rollout.inflight_updates``);
+HF, and vLLM in the extended tier (its engine runs in the actor's default-group thread, the
+loads come in the ``weights`` thread).
 
 Generation is made the long pole (every response runs to max_new_tokens, one chunk per
 generator and step), so a version published after a step's update finds the generators
@@ -7,6 +9,8 @@ in the middle of the next step's chunks.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 from conftest import small_config
@@ -31,8 +35,20 @@ class BatchTrainer(Trainer):
         return super().fit()
 
 
+VLLM = pytest.param(
+    {"backend": "vllm", "kv_cache_gb": 0.25, "max_model_len": 192},
+    marks=[
+        pytest.mark.full,
+        pytest.mark.vllm,
+        pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="no vllm"),
+    ],
+    id="vllm",
+)
+
+
+@pytest.mark.parametrize("engine", [pytest.param({}, id="hf"), VLLM])
 def test_pipelined_run_loads_weights_mid_chunk_and_records_each_tokens_version(
-    ray_local, tiny_model, tmp_path
+    ray_local, tiny_model, tmp_path, engine
 ):
     out = tmp_path / "run"
     raw = small_config(
@@ -46,6 +62,7 @@ def test_pipelined_run_loads_weights_mid_chunk_and_records_each_tokens_version(
             "num_actors": 2,
             "resources": {"num_cpus": 0.5},
             "inflight_updates": True,
+            **engine,
         },
         learner={"world_size": 1, "micro_batch_size": 16, "resources": {"num_cpus": 0.5}},
         trainer={"steps": 4, "eval_every": 0, "max_staleness": 1, "output_dir": str(out)},
