@@ -5,7 +5,6 @@ A plain class; ``rlalign_ray.runtime.actors`` wraps it as a Ray actor.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,12 @@ from rlalign_ray.data.render import PromptRenderer
 from rlalign_ray.envs.host import RemoteEnvs
 from rlalign_ray.models.loading import load_tokenizer, set_threads
 from rlalign_ray.rollout.backend import SamplingParams, backend_class, cut_at_stop
-from rlalign_ray.rollout.inflight import LoadGate, StaleWeightsError, version_summary
+from rlalign_ray.rollout.inflight import (
+    EngineThread,
+    LoadGate,
+    StaleWeightsError,
+    version_summary,
+)
 from rlalign_ray.rollout.multiturn import MultiTurnRollout, episode_return, episodes_tensors
 from rlalign_ray.sync.buckets import SyncPlan
 from rlalign_ray.sync.transports import WeightHandle, WeightTransport, make_transport
@@ -60,18 +64,28 @@ class Generator:
             self.tok, model.chat_template, model.chat_template_kwargs, max_prompt_tokens
         )
         self.env = env if env is not None and env.path else None
+        # rollout.inflight_updates: loads come in the actor's other thread and are applied
+        # between two decode steps of the chunk in progress; one thread of its own runs the
+        # backend: built, sampled and loaded there (rollout/inflight.py)
+        self.gate = LoadGate() if rollout.inflight_updates else None
+        self.engine = EngineThread() if rollout.inflight_updates else None
+        self.inflight_loads = 0  # versions loaded during the last generate call
         # multi-turn contexts grow past the prompt: let the engine take the model's length
         context = max_prompt_tokens if self.env is None else 1 << 30
-        self.backend = backend_class(rollout.backend)(model, rollout, self.tok, context)
+        self.backend = self._on_engine(self._build_backend, model, rollout, context)
         self.multiturn = None  # built on first use (rollout/multiturn.py)
         self._env_client = None  # an environment pool's client (set_env_actors)
         self.transport: WeightTransport | None = None  # set by join_weight_sync
         self.version = 0
         self.rank = rank
-        # rollout.inflight_updates: loads come in another thread and are applied between
-        # two decode steps of the chunk in progress (rollout/inflight.py)
-        self.gate = LoadGate() if rollout.inflight_updates else None
-        self.inflight_loads = 0  # versions loaded during the last generate call
+
+    def _build_backend(self, model: ModelConfig, rollout: RolloutConfig, context: int) -> Any:
+        set_threads(rollout.resources.num_cpus)  # per thread: again in the engine's
+        return backend_class(rollout.backend)(model, rollout, self.tok, context)
+
+    def _on_engine(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` in the engine thread (in-flight updates), else here."""
+        return self.engine.run(fn, *args) if self.engine is not None else fn(*args)
 
     # ---- prompts ----------------------------------------------------------------------
     def render(self, prompt: Any) -> str:
@@ -114,19 +128,22 @@ class Generator:
             seed=seed,
             stop=tuple(c.stop),
         )
-        gate = self.gate.sampling(expected_version) if self.gate else nullcontext()
-        pause = {"pause": self.gate.between_steps} if self.gate else {}
-        with gate:
-            if self.env is not None:
-                batch = self._episodes(items, n_samples, params, pause)
-            else:
-                texts = [self.render(it.prompt) for it in items]
-                encoded = [self.encode(t) for t in texts]
-                rows = [(i, s) for i in range(len(items)) for s in range(n_samples)]
-                gen = self.backend.generate(encoded, params, n_samples, **pause)
-                batch = self._assemble(items, texts, encoded, rows, gen)
-        self.inflight_loads = gate.loads if self.gate else 0
+        if self.gate is None:
+            return self._sample(items, n_samples, params, {})
+        with self.gate.sampling(expected_version) as run:  # in the engine thread, pausing
+            pause = {"pause": self.gate.between_steps}  # between decode steps for loads
+            batch = self.engine.run(self._sample, items, n_samples, params, pause)
+        self.inflight_loads = run.loads
         return batch
+
+    def _sample(self, items, n_samples, params, pause: dict[str, Any]) -> RolloutBatch:
+        if self.env is not None:
+            return self._episodes(items, n_samples, params, pause)
+        texts = [self.render(it.prompt) for it in items]
+        encoded = [self.encode(t) for t in texts]
+        rows = [(i, s) for i in range(len(items)) for s in range(n_samples)]
+        gen = self.backend.generate(encoded, params, n_samples, **pause)
+        return self._assemble(items, texts, encoded, rows, gen)
 
     def generate_chunk(
         self,
@@ -249,7 +266,7 @@ class Generator:
         if self.gate is None:
             return self._receive(handle)
         handle = handle.resolve()  # the learner's publish, waited for before pausing anyone
-        return self.gate.load(lambda: self._receive(handle))
+        return self.gate.load(lambda: self.engine.run(self._receive, handle))
 
     def _receive(self, handle: WeightHandle) -> int:
         self.transport.receive(handle, self.backend)

@@ -164,7 +164,9 @@ class VLLMBackend(GenerationBackend):
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=params.top_k,
-            stop_token_ids=self.eos_ids,  # vLLM keeps a stop token in the output, as HF does
+            # vLLM keeps a stop token in the output, as HF does; stop tokens end a row even
+            # with ignore_eos, so none then (every row runs to max_tokens, as on HF)
+            stop_token_ids=[] if params.ignore_eos else self.eos_ids,
             ignore_eos=params.ignore_eos,
             logprobs=0,  # the sampled token's log-prob only
             # stop strings: vLLM keeps the tokens up to the one completing the match (the
@@ -184,8 +186,8 @@ class VLLMBackend(GenerationBackend):
         engine = self.llm.llm_engine
         version = pause()
         engine.set_weight_version(str(version))
-        ids = self.llm.enqueue(inputs, sampling, use_tqdm=False)  # final outputs only
-        finished, loaded = {}, False
+        self.llm.enqueue(inputs, sampling, use_tqdm=False)  # final outputs only
+        finished, loaded = [], False
         while engine.has_unfinished_requests():
             held = pause()  # the engine is idle here: a load may run meanwhile
             if held != version:
@@ -193,12 +195,10 @@ class VLLMBackend(GenerationBackend):
                 engine.set_weight_version(str(version))
                 if self.recompute:  # running requests recompute their KV when rescheduled
                     self.llm.reset_prefix_cache(reset_running_requests=True)
-            for out in engine.step():
-                if out.finished:
-                    finished[out.request_id] = out
+            finished += [out for out in engine.step() if out.finished]
         if loaded and not self.recompute:
             self.llm.reset_prefix_cache()  # blocks the old weights computed, now all free
-        return [finished[i] for i in ids]
+        return sorted(finished, key=lambda out: int(out.request_id))  # as LLM.generate
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         # vLLM's in-place reload processes a layer once all of its weights have arrived (the
