@@ -22,7 +22,8 @@ step's chunks goes on to the next step's instead of waiting for the step's strag
 ``--inflight-updates`` runs every k >= 1 a second time with ``rollout.inflight_updates``
 (a new version is loaded between two decode steps of the chunk in progress instead of
 after it; simulated generators sleep step by step and let the load in between), and
-reports its per-token ``rollout/version_lag_mean`` and ``rollout/inflight_loads``.
+reports its per-token ``rollout/version_lag_mean`` and ``rollout/inflight_loads`` beside
+every run's per-row ``rollout/staleness_mean`` (a row's oldest token).
 Target: with in-flight updates, k = 1 within 1.05x the ideal.
 """
 
@@ -41,7 +42,8 @@ from rlalign_ray.bench.common import (
 )
 
 PHASES = ("time/step_s", "time/generate_s", "time/train_s", "time/driver_cpu_s")
-INFLIGHT = ("rollout/version_lag_mean", "rollout/inflight_loads", "rollout/staleness_mean")
+LAG = ("rollout/staleness_mean",)  # per row (its oldest token): every pipelined run
+INFLIGHT = ("rollout/version_lag_mean", "rollout/inflight_loads")  # per token, in-flight
 RATIO_TARGET = 1.1  # k = 1: step time <= 1.1x max(generate, train)
 INFLIGHT_TARGET = 1.05  # k = 1 with in-flight updates: step time <= 1.05x the ideal
 CUT_TARGET = 0.25  # long tail: pulled chunks cut the static split's step time by >= 25%
@@ -121,7 +123,7 @@ def report(args: argparse.Namespace, out: dict[str, Any]) -> None:
     columns = ["max_staleness", "inflight_updates", "step_s", "ideal_s", "ratio", "generate_s"]
     columns += ["train_s", "driver_cpu_s"]
     if args.inflight_updates:
-        columns += ["version_lag_mean", "inflight_loads"]
+        columns += ["staleness_mean", "version_lag_mean", "inflight_loads"]
     print_table(
         f"pipeline: {out['source']}; median of steps > {args.skip}; ideal = max(generate, "
         "train) of the k=0 run",
@@ -161,7 +163,7 @@ def _real(args: argparse.Namespace, variants: list[tuple[int, bool]]) -> dict[tu
 
 
 def _medians(rows: list[dict[str, Any]], inflight: bool) -> dict[str, float]:
-    return medians(rows, PHASES + (INFLIGHT if inflight else ()))
+    return medians(rows, PHASES + LAG + (INFLIGHT if inflight else ()))
 
 
 def _simulated(
