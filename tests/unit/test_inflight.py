@@ -184,31 +184,45 @@ def test_rollout_batch_keeps_token_versions_through_select_and_concat():
 
 
 # ---- a generator whose load comes from another thread ------------------------------------
-def test_generator_loads_mid_chunk_from_another_thread(tiny_model, new_model):
-    """The actor's two threads, without Ray: a chunk samples while the weights thread loads
-    version 1 through the shared-memory transport; the chunk goes on with it."""
+def _sync_pair(transport: str, g: Generator, new_model) -> tuple[object, list]:
+    """A sender for ``g`` over ``transport`` with new_model's weights published in buckets
+    (collective: broadcasts queued on the sender's thread, joined by g's loads); returns the
+    sender and each bucket's payload."""
     from rlalign_ray.sync.buckets import plan_buckets
     from rlalign_ray.sync.plan import SyncPlan
-    from rlalign_ray.sync.transports import SharedMemoryTransport, WeightHandle
+    from rlalign_ray.sync.transports import CollectiveTransport, SharedMemoryTransport
+
+    layout = [(name, tuple(p.shape)) for name, p in new_model.named_parameters()]
+    buckets = plan_buckets(layout, torch.float32, 64 * 1024)
+    assert len(buckets) > 2
+    overlap = transport == "collective"
+    plan = SyncPlan(transport, "gloo", "float32", buckets, 30.0, 2, overlap=overlap)
+    sender = (CollectiveTransport if overlap else SharedMemoryTransport)(plan)
+    address = sender.open()
+    joining = threading.Thread(target=g.join_weight_sync, args=(plan, address, 1))
+    joining.start()  # the collective group's rendezvous needs both ends
+    sender.connect(address, 0)
+    joining.join(30)
+    params = dict(new_model.named_parameters())
+    sent = [sender.send(b, [params[n] for n in b_.names]) for b, b_ in enumerate(buckets)]
+    return sender, [None if overlap else [slot] for slot in sent]
+
+
+@pytest.mark.parametrize("transport", ["shared_memory", "collective"])
+def test_generator_loads_mid_chunk_from_another_thread(tiny_model, new_model, transport):
+    """The actor's threads without Ray: a chunk samples while the weights thread loads
+    version 1 bucket by bucket (shared memory: HF shares the slot; collective over gloo:
+    each broadcast joined inside the pause); the chunk goes on with it."""
+    from rlalign_ray.sync.transports import WeightHandle
 
     cfg = RolloutConfig(max_new_tokens=200, ignore_eos=True, inflight_updates=True)
     g = Generator(ModelConfig(path=tiny_model), cfg, seed=0)
-    layout = [(name, tuple(p.shape)) for name, p in new_model.named_parameters()]
-    plan = SyncPlan("shared_memory", "gloo", "float32", plan_buckets(layout, torch.float32, 4096),
-                    30.0, 2)  # fmt: skip
-    sender = SharedMemoryTransport(plan)
-    address = sender.open()
-    sender.connect(address, 0)
-    g.join_weight_sync(plan, address, 1)
-    params = dict(new_model.named_parameters())
-    slots = [
-        sender.send(b, [params[n] for n in bucket.names]) for b, bucket in enumerate(plan.buckets)
-    ]
+    sender, payloads = _sync_pair(transport, g, new_model)
 
     def load():  # once the chunk is a few decode steps in
         _wait(g.gate, lambda gate: gate._sampling and gate.steps >= 3)
-        for b, slot in enumerate(slots):
-            g.load_weights(WeightHandle(1, b, [slot]))
+        for b, payload in enumerate(payloads):
+            g.load_weights(WeightHandle(1, b, payload))
 
     loader = threading.Thread(target=load)
     loader.start()
@@ -221,6 +235,8 @@ def test_generator_loads_mid_chunk_from_another_thread(tiny_model, new_model):
     assert (v[:, 1:] >= v[:, :-1]).all()  # one switch, at the same step in every row
     assert info["token_versions"]["tokens"] == [200, 200]
     assert g.get_version() == 1
+    held = dict(g.backend.named_parameters())
+    assert all(torch.equal(held[n], p) for n, p in new_model.named_parameters())
 
 
 def test_config_needs_pipelining_and_no_dispatchers():
