@@ -15,6 +15,7 @@ from rlalign_ray.config import EnvConfig, ModelConfig, RolloutConfig
 from rlalign_ray.data.batch import PromptItem, RolloutBatch, pad_prompts
 from rlalign_ray.data.render import PromptRenderer
 from rlalign_ray.envs.host import RemoteEnvs
+from rlalign_ray.errors import ConfigError
 from rlalign_ray.models.loading import load_tokenizer, set_threads
 from rlalign_ray.rollout.backend import SamplingParams, backend_class, cut_at_stop
 from rlalign_ray.rollout.inflight import (
@@ -80,8 +81,14 @@ class Generator:
         self.rank = rank
 
     def _build_backend(self, model: ModelConfig, rollout: RolloutConfig, context: int) -> Any:
+        cls = backend_class(rollout.backend)
+        if rollout.inflight_updates and not cls.inflight_updates:
+            raise ConfigError(
+                [f"rollout.inflight_updates: the {rollout.backend} backend cannot load weights "
+                 "between decode steps; turn inflight_updates off"]
+            )  # fmt: skip
         set_threads(rollout.resources.num_cpus)  # per thread: again in the engine's
-        return backend_class(rollout.backend)(model, rollout, self.tok, context)
+        return cls(model, rollout, self.tok, context)
 
     def _on_engine(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` in the engine thread (in-flight updates), else here."""
