@@ -239,6 +239,36 @@ def test_generator_loads_mid_chunk_from_another_thread(tiny_model, new_model, tr
     assert all(torch.equal(held[n], p) for n, p in new_model.named_parameters())
 
 
+def test_multiturn_episode_records_versions_on_generated_tokens_only(tiny_model, new_model):
+    """A load during an episode's second turn: its generated tokens switch from 0 to 1, the
+    observation tokens (no model sampled them) and the padding record -1."""
+    from rlalign_ray.config import EnvConfig
+    from rlalign_ray.sync.transports import WeightHandle
+
+    cfg = RolloutConfig(max_new_tokens=16, ignore_eos=True, inflight_updates=True)
+    env = EnvConfig(path="helpers.envs:EchoEnv", max_turns=3)
+    g = Generator(ModelConfig(path=tiny_model), cfg, seed=0, env=env)
+    sender, payloads = _sync_pair("shared_memory", g, new_model)
+
+    def load():  # in the second turn (16 decode steps a turn)
+        _wait(g.gate, lambda gate: gate._sampling and gate.steps >= 20)
+        for b, payload in enumerate(payloads):
+            g.load_weights(WeightHandle(1, b, payload))
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    batch, info = g.generate_chunk([PromptItem(0, "1+2=")], 2, expected_version=0)
+    loader.join(30)
+    sender.close()
+    v, sampled = batch.token_versions, batch.response_mask > 0
+    assert (v[~sampled] == -1).all() and info["inflight_loads"] == 1
+    for row in v:
+        generated = row[row >= 0].tolist()
+        assert len(generated) == 48 and generated[:16] == [0] * 16 and generated[-1] == 1
+        assert generated == sorted(generated)
+    assert batch.version == 0
+
+
 def test_config_needs_pipelining_and_no_dispatchers():
     from rlalign_ray.config import config_from_dict
     from rlalign_ray.errors import ConfigError
