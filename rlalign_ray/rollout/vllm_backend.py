@@ -184,17 +184,16 @@ class VLLMBackend(GenerationBackend):
         """``LLM.generate`` one engine step at a time, ``pause`` before each (see the class
         docstring); the finished outputs in request order."""
         engine = self.llm.llm_engine
-        version = pause()
-        engine.set_weight_version(str(version))
         self.llm.enqueue(inputs, sampling, use_tqdm=False)  # final outputs only
-        finished, loaded = [], False
+        finished, version, loaded = [], None, False
         while engine.has_unfinished_requests():
             held = pause()  # the engine is idle here: a load may run meanwhile
             if held != version:
-                version, loaded = held, True
-                engine.set_weight_version(str(version))
-                if self.recompute:  # running requests recompute their KV when rescheduled
-                    self.llm.reset_prefix_cache(reset_running_requests=True)
+                engine.set_weight_version(str(held))  # labels the tokens of later steps
+                if version is not None and self.recompute:  # running requests recompute
+                    self.llm.reset_prefix_cache(reset_running_requests=True)  # their KV
+                loaded |= version is not None
+                version = held
             finished += [out for out in engine.step() if out.finished]
         if loaded and not self.recompute:
             self.llm.reset_prefix_cache()  # blocks the old weights computed, now all free

@@ -3,9 +3,9 @@ version between two decode steps of the chunk they sample (``rollout.inflight_up
 HF, and vLLM in the extended tier (its engine runs in the actor's default-group thread, the
 loads come in the ``weights`` thread).
 
-Generation is made the long pole (every response runs to max_new_tokens, one chunk per
-generator and step), so a version published after a step's update finds the generators
-in the middle of the next step's chunks.
+One chunk per generator and step; from step 2 on each generator holds its chunk at the
+second decode step until the new version's load arrives (``helpers.inflight``), so every
+such chunk spans two versions whatever the machine's timing.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class BatchTrainer(Trainer):
 
 
 VLLM = pytest.param(
-    {"backend": "vllm", "kv_cache_gb": 0.25, "max_model_len": 192},
+    {"backend": "vllm", "kv_cache_gb": 0.25, "max_model_len": 64},
     marks=[
         pytest.mark.full,
         pytest.mark.vllm,
@@ -57,20 +57,21 @@ def test_pipelined_run_loads_weights_mid_chunk_and_records_each_tokens_version(
         rollout={
             "prompts_per_step": 4,
             "n_samples": 4,
-            "max_new_tokens": 160,
+            "max_new_tokens": 12,
             "ignore_eos": True,
+            "actor_class": "helpers.inflight:HoldingGenerator",
             "num_actors": 2,
             "resources": {"num_cpus": 0.5},
             "inflight_updates": True,
             **engine,
         },
         learner={"world_size": 1, "micro_batch_size": 16, "resources": {"num_cpus": 0.5}},
-        trainer={"steps": 4, "eval_every": 0, "max_staleness": 1, "output_dir": str(out)},
+        trainer={"steps": 3, "eval_every": 0, "max_staleness": 1, "output_dir": str(out)},
     )
     raw["data"].pop("eval")
     trainer = BatchTrainer(config_from_dict(raw))
     rows = [r for r in _rows(out, trainer) if r["step"] > 0]
-    assert max(r["rollout/inflight_loads"] for r in rows) > 0, rows
+    assert [r["rollout/inflight_loads"] for r in rows] == [0, 2, 2]  # both generators
     for (learner, batches), row in zip(trainer.seen, rows):
         lags = []
         for b in batches:
