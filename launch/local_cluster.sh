@@ -5,6 +5,7 @@
 #   launch/local_cluster.sh start  [--workers N] [--temp-dir DIR] [--head-cpus N]
 #                                  [--worker-cpus N] [--object-store-mb MB] [--timeout S]
 #                                  [--node-resources NODE=JSON ...]   (NODE: head, a, b, ...)
+#                                  [--isolate PATH]
 #   launch/local_cluster.sh status [--temp-dir DIR]
 #   launch/local_cluster.sh env    [--temp-dir DIR]     # prints `export ...` lines to eval
 #   launch/local_cluster.sh stop   [--temp-dir DIR]
@@ -24,6 +25,12 @@
 # (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN_PATH=DIR/auth_token); ~/.ray/auth_token is
 # neither read nor written. Clients need the same two variables: see `env`.
 #
+# --isolate PATH: the worker nodes do not share PATH with the head, as separate machines
+# would not: each worker runs in a private mount namespace (`unshare -m`; `unshare -r -m`
+# when not root) with an empty tmpfs mounted over PATH (an existing folder), so what the
+# head writes there is not on the workers, nor the other way round. For trying storage that
+# must be shared (trainer.output_dir: a local folder is refused at start-up, a URI works).
+#
 # State (addresses, ports, pids) lives in DIR/cluster.env. `stop` signals only the
 # pids recorded there and then sweeps leftovers whose command line names DIR; it never
 # runs `ray stop` (which would stop every Ray instance on the machine).
@@ -33,7 +40,7 @@ set -euo pipefail
 
 DEFAULT_DIR="/tmp/rlalign_ray_cluster"
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 die() { echo "local_cluster.sh: $*" >&2; exit 1; }
 
 [[ $# -ge 1 ]] || usage
@@ -46,6 +53,7 @@ WORKER_CPUS=2
 OBJ_MB=512
 TIMEOUT=120
 EXTRA_RESOURCES=()
+ISOLATE=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --workers) WORKERS="$2"; shift 2 ;;
@@ -55,6 +63,7 @@ while [[ $# -gt 0 ]]; do
     --object-store-mb) OBJ_MB="$2"; shift 2 ;;
     --timeout) TIMEOUT="$2"; shift 2 ;;
     --node-resources) EXTRA_RESOURCES+=("$2"); shift 2 ;;
+    --isolate) ISOLATE="$2"; shift 2 ;;
     -h|--help) usage 0 ;;
     *) die "unknown argument: $1" ;;
   esac
@@ -127,10 +136,27 @@ print(json.dumps(res))
 EOF
 }
 
+# The command prefix that runs a worker node with an empty tmpfs over $ISOLATE (--isolate).
+UNSHARE=()
+isolation() {
+  [[ -n "$ISOLATE" ]] || return 0
+  [[ -d "$ISOLATE" ]] || die "--isolate $ISOLATE is not an existing folder"
+  ISOLATE="$(cd "$ISOLATE" && pwd -P)"
+  [[ "$TEMP_DIR/" != "$ISOLATE/"* ]] || die "--isolate $ISOLATE must not hold the temp dir $TEMP_DIR"
+  local flags=(-m)
+  [[ "$(id -u)" == 0 ]] || flags=(-r -m)
+  # shellcheck disable=SC2016  # expanded by the inner sh
+  UNSHARE=(unshare "${flags[@]}" sh -c 'mount -t tmpfs rlalign-isolated "$0" && exec "$@"' "$ISOLATE")
+  "${UNSHARE[@]}" true 2>/dev/null || die "--isolate: cannot mount a tmpfs in a private mount namespace here (unshare ${flags[*]} needs root or unprivileged user namespaces)"
+}
+
 # Start one node as a background `ray start --block` in its own session; echo its pid.
+# With WRAP=1, inside the --isolate mount namespace.
 launch_node() {
   local log="$1"; shift
-  setsid "$RAY" start --block --disable-usage-stats --node-ip-address "$LOOPBACK" \
+  local wrap=()
+  [[ "${WRAP:-0}" == 1 ]] && wrap=("${UNSHARE[@]}")
+  setsid "${wrap[@]}" "$RAY" start --block --disable-usage-stats --node-ip-address "$LOOPBACK" \
     --temp-dir "$TEMP_DIR" "$@" > "$log" 2>&1 < /dev/null &
   echo $!
 }
@@ -151,6 +177,7 @@ cmd_start() {
     die "a cluster from $TEMP_DIR is already running (head pid $(state_get HEAD_PID)); stop it first"
   fi
   cluster_env
+  isolation
   if [[ ! -s "$RAY_AUTH_TOKEN_PATH" ]]; then
     (umask 077; "$PY" -c 'import secrets; print(secrets.token_hex(32), end="")' > "$RAY_AUTH_TOKEN_PATH")
   fi
@@ -165,6 +192,7 @@ cmd_start() {
     echo "RAY_AUTH_MODE=token"
     echo "RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
     echo "WORKERS=$WORKERS"
+    [[ -z "$ISOLATE" ]] || echo "ISOLATED=$ISOLATE"
   } > "$STATE"
 
   local head_pid
@@ -189,7 +217,7 @@ cmd_start() {
   local k letter pid
   for ((k = 0; k < WORKERS; k++)); do
     letter="$(printf "\\x$(printf %x $((97 + k)))")"
-    pid="$(launch_node "$TEMP_DIR/worker_$letter.out" --address "$LOOPBACK:$gcs_port" \
+    pid="$(WRAP=1 launch_node "$TEMP_DIR/worker_$letter.out" --address "$LOOPBACK:$gcs_port" \
       --dashboard-agent-listen-port "${ports[i]}" --dashboard-agent-grpc-port "${ports[i+1]}" \
       --metrics-export-port "${ports[i+2]}" --runtime-env-agent-port "${ports[i+3]}" \
       --include-log-monitor false \
@@ -219,6 +247,7 @@ cmd_start() {
   echo "STARTED=$(date +%s)" >> "$STATE"
 
   echo "local_cluster.sh: $want nodes up on $LOOPBACK (state: $STATE)"
+  [[ -z "$ISOLATE" ]] || echo "  the workers see an empty $ISOLATE of their own (--isolate)"
   echo "  RAY_ADDRESS=$LOOPBACK:$gcs_port            (ray.init / rlalign-ray train run.ray_address)"
   echo "  RAY_API_SERVER_ADDRESS=http://127.0.0.1:$dash_port  (dashboard, ray job submit --address)"
   echo "  token auth: RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"

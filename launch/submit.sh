@@ -6,7 +6,8 @@
 #                    CONFIG [dotted.overrides ...]
 #
 # The working dir (default: this repository's root) is uploaded with the job, minus
-# runs/, .git and caches; CONFIG and data paths resolve inside it on the cluster.
+# runs/, .git, caches and weight files (rlalign_ray/runtime/cluster.py WORKING_DIR_EXCLUDES);
+# CONFIG and data paths resolve inside it on the cluster.
 # --address defaults to $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS when it is an
 # http(s):// address, then http://127.0.0.1:8265. --pip adds packages to the job's
 # runtime env; --env K=V sets a variable for the job, --env K forwards this shell's $K.
@@ -15,13 +16,16 @@
 # ~/.ray/auth_token.
 #
 # Without --no-wait it follows the job's logs and exits 0 only if the job SUCCEEDED.
-# Metrics go to trainer.output_dir on the node that runs the driver (the head); a
-# relative output_dir lands in the job's temporary copy of the working dir there, so
-# pass trainer.output_dir=/abs/path.
+# It prints where the outputs really are: the driver (on the head) writes metrics.jsonl
+# and the logs to trainer.output_dir, but the learner ranks write checkpoints/ and final/
+# from their own nodes. On a cluster of several nodes pass a bucket
+# (trainer.output_dir=s3://BUCKET/PATH, 'rlalign-ray[s3]' and credentials on every node)
+# or a folder every node mounts at the same path; a relative output_dir lands in the
+# job's temporary copy of the working dir on the head and is lost with it.
 set -euo pipefail
 
 die() { echo "submit.sh: $*" >&2; exit 2; }
-usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"
 ADDRESS=""
@@ -98,17 +102,18 @@ EOF
 )"
 [[ "$OUTPUT_DIR" != "!"* ]] || die "invalid config: ${OUTPUT_DIR#!}"
 
-RUNTIME_ENV="$("$PY" - "${#ENV_PAIRS[@]}" "${ENV_PAIRS[@]+"${ENV_PAIRS[@]}"}" "${PIPS[@]+"${PIPS[@]}"}" <<'EOF'
+RUNTIME_ENV="$("$PY" - "$REPO" "${#ENV_PAIRS[@]}" "${ENV_PAIRS[@]+"${ENV_PAIRS[@]}"}" "${PIPS[@]+"${PIPS[@]}"}" <<'EOF'
 import json, sys
-n = int(sys.argv[1])
-pairs, pips = sys.argv[2:2 + n], sys.argv[2 + n:]
+sys.path.insert(0, sys.argv[1])  # this repository's package: the excludes train uses too
+from rlalign_ray.runtime.cluster import WORKING_DIR_EXCLUDES
+n = int(sys.argv[2])
+pairs, pips = sys.argv[3:3 + n], sys.argv[3 + n:]
 env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 env.update(p.split("=", 1) for p in pairs)
 rt = {
     "env_vars": env,
-    # Keep the upload small: outputs, VCS data and caches stay behind.
-    "excludes": ["runs/", ".git/", "**/__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/",
-                 ".ruff_cache/", ".mypy_cache/", ".venv/", "venv/", "*.safetensors", "*.bin"],
+    # Keep the upload small: outputs, VCS data, caches and weight files stay behind.
+    "excludes": WORKING_DIR_EXCLUDES,
 }
 if pips:
     rt["pip"] = pips
@@ -147,20 +152,36 @@ while :; do
   die "ray job submit failed (exit $rc)"
 done
 
-where_metrics() {
+# How many nodes the cluster has ("?" when the state API does not answer).
+NODES="$("$PY" - "$ADDRESS" <<'EOF' 2>/dev/null || true
+import sys
+from ray.util.state import list_nodes
+print(sum(1 for n in list_nodes(address=sys.argv[1], limit=10000) if n.state == "ALIVE"))
+EOF
+)"
+[[ "$NODES" =~ ^[0-9]+$ ]] || NODES="?"
+
+where_outputs() {
   local d="${OUTPUT_DIR:-<trainer.output_dir>}"
-  if [[ "$d" == /* ]]; then
-    echo "  metrics: $d/metrics.jsonl (tensorboard: $d/tensorboard, policy: $d/final) on the head node"
+  if [[ "$d" == *://* ]]; then
+    echo "  outputs: $d (metrics.jsonl, tensorboard/, checkpoints/, final/; each written from the node that makes it)"
+  elif [[ "$d" == /* ]]; then
+    echo "  outputs: $d (metrics.jsonl from the driver on the head node; checkpoints/ and final/ from the learner ranks' nodes)"
+    if [[ "$NODES" != 1 ]]; then
+      echo "  warning: a local path on a cluster of ${NODES/\?/several} nodes: it must be one volume mounted at $d on every node"
+      echo "           (else the run stops at start-up naming the nodes that do not see it); or pass trainer.output_dir=s3://BUCKET/PATH"
+    fi
   else
-    echo "  metrics: $d/metrics.jsonl relative to the job's copy of the working dir on the head node"
-    echo "           (<ray temp dir>/session_*/runtime_resources/working_dir_files/...); pass trainer.output_dir=/abs/path to keep them"
+    echo "  outputs: $d, relative: inside the job's temporary copy of the working dir on the head node"
+    echo "           (<ray temp dir>/session_*/runtime_resources/working_dir_files/...), lost with it;"
+    echo "           pass trainer.output_dir=s3://BUCKET/PATH or an absolute path on a volume every node mounts"
   fi
 }
 
 echo "submit.sh: job $SUBMISSION_ID submitted"
 echo "  logs:    ray job logs --address $ADDRESS --follow $SUBMISSION_ID"
 echo "  status:  ray job status --address $ADDRESS $SUBMISSION_ID   (stop: ray job stop ...)"
-where_metrics
+where_outputs
 [[ $NO_WAIT -eq 1 ]] && exit 0
 
 set +e
@@ -182,7 +203,7 @@ if info.status != JobStatus.SUCCEEDED and info.message:
 EOF
 )"
 echo "submit.sh: job $SUBMISSION_ID finished with status ${status:-UNKNOWN}"
-where_metrics
+where_outputs
 if [[ "$status" != SUCCEEDED ]]; then
   echo "  details: ray job status --address $ADDRESS $SUBMISSION_ID; ray job logs --address $ADDRESS $SUBMISSION_ID" >&2
   exit 1

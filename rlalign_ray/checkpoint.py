@@ -6,20 +6,23 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step_N``:
     driver_rng.pt        the driver's torch, Python and NumPy random states (tensors and
                          plain values: read with ``torch.load(weights_only=True)``)
     generators_rng.pt    every generator's random state (rank order)
+    rollout_buffer/      pipelined runs: the chunks sampled for steps after N, with their
+                         rewards and reference log-probs (``trainers/buffer.py``)
     learner/             DeepSpeed's checkpoint of every learner rank (optimizer, ZeRO shards)
     critic/              the same for the critic ranks (PPO)
     *.safetensors ...    the policy as a Hugging Face folder (``from_pretrained`` loads it)
 
-It is written into ``checkpoints/.tmp-step_N`` and renamed to ``step_N`` once complete
-(atomic on one filesystem), then the ``latest`` marker names it; only the last
-``trainer.keep_checkpoints`` are kept. A folder named ``step_N`` is always complete: a run
-killed while saving leaves a ``.tmp-`` folder, removed at the next start. Learner ranks on
-several nodes need ``output_dir`` on a filesystem they all share.
+In a local ``output_dir`` it is written into ``checkpoints/.tmp-step_N`` and renamed to
+``step_N`` once complete (atomic on one filesystem), so a folder named ``step_N`` is always
+complete and a run killed while saving leaves a ``.tmp-`` folder, removed at the next start.
+In a URI (``storage.py``; object stores have no atomic rename) every writer uploads into
+``step_N`` itself and the driver writes ``trainer_state.json`` last: only a folder holding
+it counts as complete, and one without it is removed at the next start. Then the ``latest``
+marker names the new checkpoint, and only the last ``trainer.keep_checkpoints`` are kept.
 
-Synchronous runs (``trainer.max_staleness: 0``) resume exactly: every later step logs the
-same metrics as the run that never stopped. Pipelined runs resume at the step boundary with
-the same sampler, weights and optimizer, but generation for later steps that was in flight
-is dropped and sampled again, so their samples differ.
+Runs resume exactly, synchronous or pipelined: every later step logs the same metrics as
+the run that never stopped. A pipelined run's checkpoint waits for the generation in flight
+for later steps and stores it (the rollout buffer), so nothing is sampled twice or lost.
 """
 
 from __future__ import annotations
@@ -38,12 +41,14 @@ import numpy as np
 import torch
 
 from rlalign_ray.errors import ConfigError
+from rlalign_ray.storage import Storage, basename, is_remote, join, local_path
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
 _STEP = re.compile(r"^step_(\d+)$")
+_RANK_FILE = re.compile(r"(?:pp_rank_|rng_rank)(\d+)")
 
 
 @dataclass
@@ -55,13 +60,16 @@ class TrainerState:
     sampler: dict[str, int]  # PromptSampler.state_dict() before step + 1 was drawn
     kl_coef: float
     totals: dict[str, int] = field(default_factory=dict)  # Rollouts.totals
+    staleness: dict[str, int] = field(default_factory=dict)  # max_staleness: auto's state
 
-    def write(self, folder: Path) -> None:
-        (folder / STATE_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+    def write(self, folder: str | Path, storage: Storage | None = None) -> None:
+        """Written last: its presence marks the checkpoint complete."""
+        text = json.dumps(asdict(self), indent=2) + "\n"
+        (storage or LOCAL).write_text(join(str(folder), STATE_FILE), text)
 
     @classmethod
-    def read(cls, folder: Path) -> TrainerState:
-        return cls(**json.loads((folder / STATE_FILE).read_text()))
+    def read(cls, folder: str | Path, storage: Storage | None = None) -> TrainerState:
+        return cls(**json.loads((storage or LOCAL).read_text(join(str(folder), STATE_FILE))))
 
 
 # ---- random states --------------------------------------------------------------------
@@ -151,65 +159,75 @@ SAFE_GLOBALS = [
 
 
 # ---- folders ----------------------------------------------------------------------------
-def checkpoints_dir(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
+LOCAL = Storage()  # plain local paths need no options
 
 
-def staging(output_dir: str | Path, step: int) -> Path:
-    """An empty ``checkpoints/.tmp-step_N`` to write step N's checkpoint into."""
-    tmp = checkpoints_dir(output_dir) / f".tmp-step_{step}"
+def checkpoints_dir(output_dir: str | Path) -> str:
+    return join(str(output_dir), "checkpoints")
+
+
+def begin(output_dir: str, step: int, storage: Storage = LOCAL) -> str:
+    """The empty folder to write step N's checkpoint into: ``checkpoints/.tmp-step_N`` in a
+    local ``output_dir`` (renamed by ``commit``); in a URI ``checkpoints/step_N`` itself,
+    rid of what an interrupted save left there (``trainer_state.json``, written last,
+    marks it complete: object stores have no atomic rename)."""
+    if is_remote(output_dir):
+        folder = join(checkpoints_dir(output_dir), f"step_{step}")
+        storage.remove(folder)
+        return folder
+    tmp = Path(checkpoints_dir(output_dir)) / f".tmp-step_{step}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    return tmp
+    return str(tmp)
 
 
-def commit(tmp: Path, step: int, keep: int) -> Path:
-    """Rename the finished ``tmp`` to ``step_N``, point ``latest`` at it, and keep only the
-    last ``keep`` checkpoints (0: all)."""
-    root = tmp.parent
-    final = root / f"step_{step}"
-    if final.exists():  # a run resumed from an earlier step writes this step again
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    marker = root / f".{LATEST}.tmp"
-    marker.write_text(final.name + "\n")
-    os.replace(marker, root / LATEST)
+def commit(folder: str, step: int, keep: int, storage: Storage = LOCAL) -> str:
+    """Make the written ``folder`` checkpoint ``step_N`` (a local one is renamed), point
+    ``latest`` at it, and keep only the last ``keep`` checkpoints (0: all)."""
+    root = folder.rstrip("/").rsplit("/", 1)[0] if is_remote(folder) else str(Path(folder).parent)
+    final = join(root, f"step_{step}")
+    if not is_remote(folder):
+        if os.path.exists(final):  # a run resumed from an earlier step writes this step again
+            shutil.rmtree(final)
+        os.rename(folder, final)
+    storage.write_text(join(root, LATEST), f"step_{step}\n")
     if keep:
-        for old in complete(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in complete(root, storage)[:-keep]:
+            storage.remove(old)
     return final
 
 
-def complete(root: Path) -> list[Path]:
+def complete(root: str | Path, storage: Storage = LOCAL) -> list[str]:
     """The complete checkpoints under ``root``, oldest first."""
-    if not root.is_dir():
-        return []
     found = [
-        (int(m.group(1)), p)
-        for p in root.iterdir()
-        if (m := _STEP.match(p.name)) and (p / STATE_FILE).is_file()
+        (int(m.group(1)), join(str(root), name))
+        for name in storage.listdir(str(root))
+        if (m := _STEP.match(name))
     ]
-    return [p for _, p in sorted(found)]
+    return [p for _, p in sorted(found) if storage.is_file(join(p, STATE_FILE))]
 
 
-def latest(root: Path) -> Path | None:
+def latest(root: str | Path, storage: Storage = LOCAL) -> str | None:
     """The checkpoint ``latest`` names (or, without the marker, the newest complete one)."""
-    marker = root / LATEST
-    if marker.is_file():
-        named = root / marker.read_text().strip()
-        if (named / STATE_FILE).is_file():
+    root = str(root)
+    marker = join(root, LATEST)
+    if storage.is_file(marker):
+        named = join(root, storage.read_text(marker).strip())
+        if storage.is_file(join(named, STATE_FILE)):
             return named
-    found = complete(root)
+    found = complete(root, storage)
     return found[-1] if found else None
 
 
-def prepare_run(output_dir: str, resume: str) -> Path | None:
+def prepare_run(output_dir: str, resume: str, storage: Storage = LOCAL) -> str | None:
     """Check ``output_dir`` against ``trainer.resume`` and return the checkpoint to resume
-    from (None: a new run). Leftover ``.tmp-`` folders of an interrupted save go."""
-    out = Path(output_dir)
+    from (None: a new run). What an interrupted save left goes: local ``.tmp-`` folders,
+    and in a URI the ``step_N`` folders without ``trainer_state.json``."""
     if resume == "none":
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if storage.exists(output_dir) and (
+            not _is_dir(output_dir, storage) or storage.listdir(output_dir)
+        ):
             raise ConfigError(
                 [
                     f"trainer.output_dir: {output_dir!r} already holds a run; resume it with "
@@ -218,20 +236,41 @@ def prepare_run(output_dir: str, resume: str) -> Path | None:
             )
         return None
     if resume == "auto":
-        ckpt = latest(checkpoints_dir(out))
+        ckpt = latest(checkpoints_dir(output_dir), storage)
     else:
-        path = Path(resume)
-        ckpt = path if (path / STATE_FILE).is_file() else latest(checkpoints_dir(path))
+        path = resume if is_remote(resume) else local_path(resume)
+        ckpt = path if storage.is_file(join(path, STATE_FILE)) else None
+        ckpt = ckpt or latest(checkpoints_dir(path), storage)
         if ckpt is None:
             raise ConfigError(
                 [f"trainer.resume: {resume!r} holds no complete checkpoint ({STATE_FILE})"]
             )
-    root = checkpoints_dir(out)
-    if root.is_dir():
-        for tmp in root.glob(".tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+    _clean(checkpoints_dir(output_dir), storage)
     if ckpt is None:
         log.info("trainer.resume=auto: no checkpoint in %s; starting a new run", output_dir)
     else:
         log.info("resuming from %s", ckpt)
     return ckpt
+
+
+def _is_dir(path: str, storage: Storage) -> bool:
+    return not storage.is_file(path) if is_remote(path) else os.path.isdir(path)
+
+
+def _clean(root: str, storage: Storage) -> None:
+    """Remove what an interrupted save left under the checkpoints folder ``root``."""
+    for name in storage.listdir(root):
+        path = join(root, name)
+        if is_remote(root):
+            if _STEP.match(name) and not storage.is_file(join(path, STATE_FILE)):
+                storage.remove(path)
+        elif name.startswith(".tmp-"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def other_ranks_file(rel: str, rank: int) -> bool:
+    """Whether the DeepSpeed checkpoint file ``rel`` is another data-parallel rank's (its
+    ZeRO partition ``*zero_pp_rank_<r>_*`` or our ``rng_rank<r>.pt``): a rank loading a
+    checkpoint from a URI downloads only its own and the shared ones."""
+    m = _RANK_FILE.search(basename(rel))
+    return m is not None and int(m.group(1)) != rank

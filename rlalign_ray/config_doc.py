@@ -9,7 +9,8 @@ import types
 import typing
 from typing import Any
 
-from rlalign_ray.config import Config
+from rlalign_ray.config import Config, registry_options
+from rlalign_ray.rewards.types import REWARD_TYPES
 
 
 def _type_name(tp: Any) -> str:
@@ -26,6 +27,17 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _option_names(f: dataclasses.Field, tp: Any) -> str:
+    """A registry's option as its names, e.g. ppo_clip|gspo|cispo|module:function ("" for
+    other fields)."""
+    names, registry = registry_options(f)
+    if not names:
+        return ""
+    more = ["module:function"] if registry is not None else []
+    more += ["null"] if type(None) in typing.get_args(tp) else []
+    return "|".join([*names, *more])
+
+
 def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -40,6 +52,20 @@ def _show(value: Any) -> str:
     return json.dumps(value)
 
 
+def _reward_types() -> tuple[str, str]:
+    """``reward.rewards[].type``: its values and what each is, from the registry."""
+    names = "|".join([*REWARD_TYPES, "module:Class"])
+    what = "; ".join(
+        f"{name} ({', '.join(t.keys)}): {t.description}" for name, t in REWARD_TYPES.items()
+    )
+    return names, what
+
+
+# Keys whose values a registry holds and describes, beyond the fields declared with
+# ``doc(..., options=...)`` (``_option_names``): (values, what each is).
+REGISTRY_KEYS = {"reward.rewards[].type": _reward_types}
+
+
 def config_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """``(key, type, default, doc)`` of every leaf key, depth first in declaration order.
     A list of sections (``reward.rewards``) is listed, then its items' keys as
@@ -52,7 +78,11 @@ def config_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, st
         if dataclasses.is_dataclass(tp):
             out += config_keys(tp, key + ".")
             continue
-        out.append((key, _type_name(tp), _show(_default(f)), doc))
+        tp_name = _option_names(f, tp) or _type_name(tp)
+        if key in REGISTRY_KEYS:
+            tp_name, what = REGISTRY_KEYS[key]()
+            doc = f"{doc}. {what}"
+        out.append((key, tp_name, _show(_default(f)), doc))
         if typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]):
             out += config_keys(args[0], key + "[].")
     return out

@@ -1,6 +1,11 @@
-"""The errors a user sees. Each carries a message that names what failed and how to fix it."""
+"""The errors a user sees. Each carries a message that names what failed and how to fix it;
+and the warning a moved module's old name gives (``moved_module``)."""
 
 from __future__ import annotations
+
+import sys
+import warnings
+from types import ModuleType
 
 
 class RlalignError(Exception):
@@ -24,6 +29,11 @@ class RewardError(RlalignError):
     """A reward function or model failed on a batch."""
 
 
+class UserCodeError(RlalignError):
+    """A ``module:name`` the config names (a reward function, an environment, an actor
+    class) cannot be imported; the message says where it was looked for."""
+
+
 class NonFiniteError(RlalignError):
     """Training diverged: too many optimizer steps in a row had a non-finite loss or
     gradient norm (``learner.max_skipped_steps``)."""
@@ -31,6 +41,11 @@ class NonFiniteError(RlalignError):
 
 class ClusterError(RlalignError):
     """The Ray cluster to attach to cannot be reached."""
+
+
+class StorageError(RlalignError):
+    """``trainer.output_dir`` cannot be used by every process that writes there (a local
+    folder the nodes do not share, a URI a node cannot write)."""
 
 
 class PlacementError(RlalignError):
@@ -43,3 +58,17 @@ class ActorFailure(RlalignError):
 
 class WeightSyncError(ActorFailure):
     """A weight sync failed or timed out (the message names the transport and the actor)."""
+
+
+def moved_module(old: str, module: ModuleType, new: str = "") -> None:
+    """In the module ``old``, kept as an alias for one release after it moved: warn
+    (``DeprecationWarning``, pointed at the code that imported it) and make ``old`` the
+    ``module`` it moved to, so every name imports either way. ``new``: the name to tell
+    users (default: the module's)."""
+    warnings.warn(  # stacklevel 3: who imported the alias (warn skips importlib's frames)
+        f"{old} is deprecated: import {new or module.__name__} instead (the old name goes in "
+        "the next release)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    sys.modules[old] = module

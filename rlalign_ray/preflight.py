@@ -2,9 +2,11 @@
 
 ``preflight(cfg, topology, prompts)`` checks the model path (a folder with a config.json),
 the tokenizer's chat template when prompts are message lists (or ``model.chat_template``
-is on), that every function reward imports and can be called as TRL calls one
-(keywords ``prompts``, ``completions``, ``completion_ids``, ``trainer_state`` and the
-dataset's columns), and that an http reward's token variable is set. Each problem is a
+is on), and each reward by its type's own preflight (``rewards/types.py``: a function
+reward imports and can be called as TRL calls one, with the keywords ``prompts``,
+``completions``, ``completion_ids``, ``trainer_state`` and the dataset's columns; a math
+reward's answer column is in the dataset; an http reward's token variable is set; a reward
+model's path exists). Each problem is a
 ``RlalignError`` that names the key and the fix. Roles that run a custom ``actor_class``
 are not checked (their classes may not load the model or the rewards at all), nor are
 local paths through Ray Client (``ray://``), where they are the cluster's.
@@ -12,18 +14,17 @@ local paths through Ray Client (``ray://``), where they are the cluster's.
 
 from __future__ import annotations
 
-import inspect
 import os
-from pathlib import Path
 from typing import Any
 
 from rlalign_ray.config import Config
 from rlalign_ray.data.batch import PromptItem
 from rlalign_ray.data.render import PromptRenderer, prepare_prompts
 from rlalign_ray.envs.base import EnvError, env_class
-from rlalign_ray.errors import ConfigError, RewardError
-from rlalign_ray.models.loading import load_tokenizer
-from rlalign_ray.rewards.sources import RESERVED, import_function
+from rlalign_ray.errors import ConfigError
+from rlalign_ray.models.loading import check_model_path, load_tokenizer
+from rlalign_ray.rewards.sources import RESERVED
+from rlalign_ray.rewards.types import RewardContext, preflight_rewards
 from rlalign_ray.roles import resolve_class
 
 
@@ -44,69 +45,37 @@ def preflight(cfg: Config, topology: Any, prompts: list[PromptItem]) -> None:
         chat = cfg.model.chat_template or any(isinstance(p.prompt, list) for p in prompts)
         if chat:
             check_chat_template(cfg)
+        elif cfg.model.system_prompt:
+            raise ConfigError(
+                [
+                    "model.system_prompt: only prompts rendered with the chat template get "
+                    f"it, and the prompts in {cfg.data.train} are plain text; set "
+                    "model.chat_template: true, or put the instruction in the prompts"
+                ]
+            )
     if cfg.env.path and not remote:
         try:
             env_class(cfg.env.path)
         except EnvError as e:
             raise ConfigError([str(e)]) from None
     if builtin.get("reward"):
-        columns = sorted(prompts[0].columns) if prompts else []
-        clash = sorted(set(columns) & set(RESERVED))
-        if clash:
-            raise ConfigError(
-                [
-                    f"{cfg.data.train}: the dataset has columns named {clash}, which rewards "
-                    "receive as their own arguments; rename those columns"
-                ]
-            )
-        for i, spec in enumerate(cfg.reward.rewards):
-            if spec.type == "function":
-                check_reward_function(f"reward.rewards[{i}].path", spec.path, columns)
-            elif spec.type == "http":
-                if spec.token_env and not remote and not os.environ.get(spec.token_env):
-                    raise ConfigError(
-                        [
-                            f"reward.rewards[{i}].token_env: the environment variable "
-                            f"{spec.token_env!r} (the bearer token for {spec.url}) is not "
-                            "set; export it before starting the run, or set token_env: ''"
-                        ]
-                    )
-            elif not remote:
-                check_model_path(f"reward.rewards[{i}].path", spec.path)
+        check_rewards(cfg, sorted(prompts[0].columns) if prompts else [], remote)
 
 
-def _looks_local(path: str) -> bool:
-    """A filesystem path rather than a hub id (``name`` or ``org/name``)."""
-    return (
-        os.path.isabs(path)
-        or path.startswith((".", "~"))
-        or path.count("/") > 1
-        or os.path.exists(path)
-    )
-
-
-def check_model_path(key: str, path: str, need_config: bool = True) -> None:
-    if path.startswith("builtin:"):
-        return
-    if not _looks_local(path):
-        return  # a hub id: the actors download it
-    p = Path(path).expanduser()
-    if not p.exists():
+def check_rewards(cfg: Config, columns: list[str], remote: bool) -> None:
+    """No dataset column shadows a reward's own arguments; then each reward's own
+    preflight (its type's, ``rewards/types.py``): a function imports and takes TRL's
+    keywords, a math reward's answer column is there, an http token is set, a model path
+    exists."""
+    clash = sorted(set(columns) & set(RESERVED))
+    if clash:
         raise ConfigError(
             [
-                f"{key}: {path!r} does not exist (relative paths start at {Path.cwd()}); "
-                "give a local model folder, a Hugging Face hub id, or builtin:tiny-arith"
+                f"{cfg.data.train}: the dataset has columns named {clash}, which rewards "
+                "receive as their own arguments; rename those columns"
             ]
         )
-    if not p.is_dir():
-        raise ConfigError([f"{key}: {path!r} is a file; give the model's folder"])
-    if need_config and not (p / "config.json").is_file():
-        raise ConfigError(
-            [
-                f"{key}: {path!r} has no config.json, so it is not a saved Hugging Face "
-                "model; point it at the folder save_pretrained() wrote"
-            ]
-        )
+    preflight_rewards(cfg.reward.rewards, RewardContext(columns, cfg.data.train, remote))
 
 
 def check_actor_class(key: str, path: str) -> None:
@@ -142,27 +111,6 @@ def check_chat_template(cfg: Config) -> None:
         )
 
 
-def check_reward_function(key: str, path: str, columns: list[str]) -> None:
-    try:
-        fn = import_function(path)
-    except RewardError as e:
-        raise RewardError(f"{key}: {e}") from None
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return  # a builtin or C function: nothing to check
-    name = path.rpartition(":")[2]
-    try:
-        sig.bind(**{k: None for k in RESERVED}, **{c: [None] for c in columns})
-    except TypeError as e:
-        raise RewardError(
-            f"{key}: reward function {path!r} cannot be called as TRL calls reward functions, "
-            f"with the keywords {', '.join(RESERVED)} and the dataset's columns {columns} "
-            f"({e}); add **kwargs to take the ones it does not use, e.g. "
-            f"def {name}(completions, **kwargs) -> list[float]"
-        ) from None
-
-
 def prepare_data(
     cfg: Config, topology: Any, items: list[PromptItem], key: str = "data.train"
 ) -> tuple[list[PromptItem], dict[str, float]]:
@@ -178,6 +126,6 @@ def prepare_data(
     m = cfg.model
     tok = load_tokenizer(m.tokenizer or m.path, m.trust_remote_code)
     renderer = PromptRenderer(
-        tok, m.chat_template, m.chat_template_kwargs, cfg.data.max_prompt_tokens
+        tok, m.chat_template, m.chat_template_kwargs, cfg.data.max_prompt_tokens, m.system_prompt
     )
     return prepare_prompts(items, renderer, cfg.data.truncation, key)

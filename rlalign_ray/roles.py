@@ -9,10 +9,12 @@ topologies, the learner's split): it imports only the config. Built-in classes a
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from rlalign_ray.errors import ConfigError
+from rlalign_ray.errors import ConfigError, UserCodeError
 
 if TYPE_CHECKING:  # the config imports this module (its GPU layout checks)
     from rlalign_ray.config import Config, SyncConfig
@@ -51,16 +53,65 @@ def roles_of(cfg: Config) -> list[str]:
 
 
 def resolve_class(cls: type | str) -> type:
-    """A class, or ``module:Class`` imported; a clear error naming it otherwise."""
+    """A class, or ``module:Class`` imported (``import_object``); a clear error naming it
+    otherwise."""
     if isinstance(cls, type):
         return cls
-    module, _, name = cls.partition(":")
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise ConfigError(
-            [f"actor_class {cls!r}: cannot load it ({e}); write module:Class"]
+        return import_object(cls, "class")
+    except UserCodeError as e:
+        raise ConfigError([f"actor_class {cls!r} (module:Class): {e}"]) from None
+
+
+def import_object(path: str, kind: str = "object") -> Any:
+    """``module:name`` -> the object: how a config names the user's reward functions,
+    environments and actor classes. The working directory is searched too (appended to
+    ``sys.path``, so a file there never hides an installed module), in the driver as in
+    the workers (whose working directory is the run's: ``runtime.cluster.connect``). A
+    ``UserCodeError`` says what failed, where the module was looked for, and the fix."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise UserCodeError(f"write it as 'package.module:{kind}', got {path!r}")
+    cwd = os.getcwd()
+    if cwd not in {os.path.abspath(p) for p in sys.path}:
+        sys.path.append(cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+            raise UserCodeError(_not_found(module_name, e)) from None
+        raise UserCodeError(
+            f"importing module {module_name!r} raised ModuleNotFoundError: {e}; install "
+            "what the module needs (in every node's environment), or fix the module"
         ) from None
+    except Exception as e:  # the user's module fails while importing
+        raise UserCodeError(
+            f"importing module {module_name!r} raised {type(e).__name__}: {e}; fix the module"
+        ) from None
+    if not hasattr(module, attr):
+        where = getattr(module, "__file__", None) or module_name
+        raise UserCodeError(
+            f"module {module_name!r} ({where}) has no {kind} {attr!r}; check the name after the ':'"
+        )
+    return getattr(module, attr)
+
+
+def _not_found(module: str, e: ModuleNotFoundError) -> str:
+    """Where ``module`` was looked for: the working directory and the ``sys.path`` entries
+    outside the Python installation (PYTHONPATH's, a script's folder)."""
+    system = tuple(os.path.join(os.path.abspath(p), "") for p in {sys.prefix, sys.base_prefix})
+    searched = [os.getcwd()]
+    for p in map(os.path.abspath, sys.path):
+        if p not in searched and not os.path.join(p, "").startswith(system):
+            searched.append(p)
+    head = module.split(".")[0]
+    also = f", in {', '.join(searched[1:])}" if searched[1:] else ""
+    return (
+        f"cannot import module {module!r} ({e}); looked in the working directory "
+        f"{searched[0]}{also} and in the installed packages. Put {head}.py (or the package "
+        f"folder {head}/) in the working directory you run rlalign-ray from, install it, "
+        "or add its folder to PYTHONPATH"
+    )
 
 
 def role_class(role: str, cls: type | str | None = None, cfg: Config | None = None) -> type:
@@ -121,8 +172,8 @@ def bundle_gpus(roles: Layout) -> dict[str, list]:
 def gpu_layout_problems(roles: Layout, sync: SyncConfig) -> list[str]:
     """Layouts that would fail on GPUs: a colocated bundle of a fractional GPU count above 1
     (Ray may give its actors different GPUs, so they share nothing), and an NCCL weight sync
-    that includes a generator on learner rank 0's GPU (NCCL refuses two ranks on one
-    GPU: "Duplicate GPU detected")."""
+    that includes a generator on learner rank 0's GPU or generators on fractional GPUs of
+    their own (NCCL refuses two ranks on one GPU: "Duplicate GPU detected")."""
     e: list[str] = []
     for host, bundles in bundle_gpus(roles).items():
         for k, (gpus, members) in enumerate(bundles):
@@ -138,6 +189,7 @@ def gpu_layout_problems(roles: Layout, sync: SyncConfig) -> list[str]:
                     "each colocated bundle's GPUs sum to at most 1 (sharing one GPU, e.g. "
                     "0.5 + 0.5) or to a whole number (one GPU each)"
                 )
+    e += _fractional_nccl_problems(roles, sync)
     learner = bundle_gpus(roles).get("learner")
     if not learner or sync.transport != "collective" or sync.backend == "gloo":
         return e
@@ -151,3 +203,27 @@ def gpu_layout_problems(roles: Layout, sync: SyncConfig) -> list[str]:
             "generators that share a learner rank's GPU) or cuda_ipc"
         )
     return e
+
+
+def _fractional_nccl_problems(roles: Layout, sync: SyncConfig) -> list[str]:
+    """Generators on a fraction of a GPU, not colocated, in a weight sync that goes over
+    NCCL (``collective``, or ``auto``, which picks NCCL for generators with GPUs of their
+    own): Ray packs fractional actors onto one GPU, so two generators (or one and a
+    fractional learner rank) can hold two ranks of the group on one GPU."""
+    gen = roles.get("generator")
+    if gen is None or sync.transport not in ("auto", "collective") or sync.backend == "gloo":
+        return []
+    section, _, res, placement = gen
+    gpus = res.num_gpus
+    if placement.colocate_with or gpus <= 0 or abs(gpus - round(gpus)) < 1e-9:
+        return []
+    return [
+        f"{section}.resources.num_gpus: {gpus:g} GPU per generator, not colocated "
+        f"({section}.placement.colocate_with unset), with sync.transport: {sync.transport} "
+        f"(NCCL on GPUs): Ray may pack two generators, or a generator and a learner rank, "
+        "onto one GPU, and NCCL refuses two ranks of the weight-sync group on one GPU "
+        '("Duplicate GPU detected", shown as "could not join the nccl group"). Give each '
+        f"generator whole GPUs ({section}.resources.num_gpus: 1), colocate the generators "
+        f"with the learner ({section}.placement.colocate_with: learner, CUDA IPC), or sync "
+        "through host memory (sync.transport: object_store)"
+    ]

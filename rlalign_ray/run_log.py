@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rlalign_ray.storage import basename, is_remote
+
 BAR_KEYS = {
     "train/reward_mean": "reward",
     "eval/reward_mean": "eval",
@@ -80,17 +82,22 @@ class MetricsLogger:
         self._shown: dict[str, str] = {}
 
     @classmethod
-    def from_config(cls, cfg: Any, keep_upto: int | None) -> MetricsLogger:
+    def from_config(
+        cls, cfg: Any, keep_upto: int | None, folder: str | Path | None = None
+    ) -> MetricsLogger:
+        """``folder``: where the files go (default ``trainer.output_dir``; for a URI output_dir
+        the driver's staging folder, ``storage.RunLogs``)."""
         t = cfg.trainer
+        run_name = t.run_name or (basename(t.output_dir) if is_remote(t.output_dir) else None)
         return cls(
-            t.output_dir,
+            str(folder or t.output_dir),
             t.steps,
             t.tensorboard,
             t.progress_bar,
             keep_upto=keep_upto,
             loggers=t.loggers,
             project=t.project,
-            run_name=t.run_name,
+            run_name=run_name,
             mlflow_tracking_uri=t.mlflow_tracking_uri,
             run_config=cfg.to_dict(),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -12,6 +13,15 @@ from rlalign_ray.runtime.cluster import LOOPBACK
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 REPO = Path(__file__).resolve().parents[1]
+# the marks of a module whose tests start vLLM engines
+VLLM_TESTS = [
+    pytest.mark.integration,
+    pytest.mark.vllm,
+    pytest.mark.skipif(
+        importlib.util.find_spec("vllm") is None,
+        reason="vllm is not installed (bash launch/install_vllm.sh)",
+    ),
+]
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +47,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("full"):
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _logged_metrics_are_documented(request):
+    """After an integration test: every key a Trainer run wrote to ``metrics.jsonl`` (a run
+    folder with a ``final/``, under the test's ``tmp_path``) is in the metric catalogue,
+    ``rlalign_ray/metrics_doc.py``, that the metrics reference is generated from."""
+    yield
+    tmp = request.node.funcargs.get("tmp_path") if hasattr(request.node, "funcargs") else None
+    if tmp is None or request.node.get_closest_marker("integration") is None:
+        return
+    import json
+
+    from rlalign_ray.metrics_doc import undocumented
+
+    for path in Path(tmp).rglob("metrics.jsonl"):
+        if (path.parent / "final").is_dir():
+            keys = {k for line in path.read_text().splitlines() for k in json.loads(line)}
+            missing = undocumented(keys)
+            assert not missing, f"{path}: add {missing} to rlalign_ray/metrics_doc.py"
 
 
 TEST_ENV = {"env_vars": {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}}

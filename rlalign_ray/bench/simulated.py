@@ -194,6 +194,9 @@ class SimulatedGenerator:
         }
         return {"version": at[0], "inflight_loads": run.loads, "token_versions": summary}
 
+    def weight_ranks(self) -> int:
+        return 1
+
     def join_weight_sync(self, plan: Any, address: Any, rank: int) -> None:
         self.plan = plan
 
@@ -259,7 +262,7 @@ class SimulatedLearner:
     work = Workload()
 
     def __init__(self, cfg: Any, rank: int, world_size: int):
-        self.rank = rank
+        self.cfg, self.rank = cfg, rank
 
     def address(self) -> tuple[str, int]:
         return "127.0.0.1", 0
@@ -297,6 +300,13 @@ class SimulatedLearner:
 
     def save_pretrained(self, path: str) -> None:
         pass
+
+    def probe_storage(self, output_dir: str, token: str) -> tuple:
+        """As a real rank: whether this node reaches ``output_dir`` (``trainers/outputs.py``)."""
+        from rlalign_ray.storage import Storage, answer_probe
+
+        storage = Storage.from_config(self.cfg.trainer)
+        return answer_probe(storage, output_dir, token, f"learner{self.rank}")
 
     def ping(self) -> int:
         return self.rank

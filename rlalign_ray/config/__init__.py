@@ -9,8 +9,8 @@ impossible combinations are reported together, before any actor starts, as a
 The modules: ``fields`` (``doc``, resources, placement), the sections (``general``: run,
 model, data; ``generation``: rollout, sync, reward, env; ``training``: algorithm, learner,
 critic, reference, trainer), ``tree`` (``Config``), ``loading`` (YAML, overrides, types),
-``checks`` (``validate``, one check per section; the roles' GPU layout checks live in
-``rlalign_ray.roles``).
+``checks`` (``validate``, one check per section; the algorithm's in ``checks_algorithm``,
+the roles' GPU layout checks in ``rlalign_ray.roles``).
 Import from here.
 """
 
@@ -26,6 +26,7 @@ from rlalign_ray.config.fields import (
     doc,
     field_types,
     literal_choices,
+    registry_options,
 )
 from rlalign_ray.config.general import DataConfig, ModelConfig, RunConfig, Truncation
 from rlalign_ray.config.generation import (
@@ -37,7 +38,6 @@ from rlalign_ray.config.generation import (
     NonfiniteMode,
     RewardConfig,
     RewardSpec,
-    RewardType,
     RolloutBackend,
     RolloutConfig,
     SyncConfig,
@@ -47,13 +47,10 @@ from rlalign_ray.config.loading import _build, _coerce, config_from_dict, load_c
 from rlalign_ray.config.training import (
     LR_SCHEDULERS,
     AlgorithmConfig,
-    AlgorithmName,
     CriticConfig,
     DeepSpeedRole,
-    KlEstimator,
     LearnerConfig,
     LoraSpec,
-    LossAgg,
     LrScheduler,
     Optimizer,
     ReferenceConfig,
@@ -72,7 +69,6 @@ __all__ = [
     "STRATEGIES",
     "TRANSPORTS",
     "AlgorithmConfig",
-    "AlgorithmName",
     "Config",
     "CriticConfig",
     "DataConfig",
@@ -81,10 +77,8 @@ __all__ = [
     "Dtype",
     "EnvConfig",
     "EnvRewardMode",
-    "KlEstimator",
     "LearnerConfig",
     "LoraSpec",
-    "LossAgg",
     "LrScheduler",
     "ModelConfig",
     "NonfiniteMode",
@@ -94,7 +88,6 @@ __all__ = [
     "Resources",
     "RewardConfig",
     "RewardSpec",
-    "RewardType",
     "RolloutBackend",
     "RolloutConfig",
     "RunConfig",
@@ -108,6 +101,7 @@ __all__ = [
     "doc",
     "field_types",
     "literal_choices",
+    "registry_options",
     "load_config",
     "validate",
     "_build",

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlalign_ray.config.fields import field_types, literal_choices
+from rlalign_ray.config.checks_algorithm import check_algorithm, check_sampling_math
+from rlalign_ray.config.fields import field_types, literal_choices, registry_options
 from rlalign_ray.roles import gpu_layout_problems, role_layout
 
 if TYPE_CHECKING:
+    from rlalign_ray.config.training import TrainerConfig
     from rlalign_ray.config.tree import Config
 
 LOGGERS = {
@@ -22,6 +25,7 @@ LOGGERS = {
     "wandb": "wandb",
     "mlflow": "mlflow",
 }  # logger -> the module it imports
+OPTIONAL_LOGGERS = ("wandb", "mlflow")  # pyproject extras of the same name; the rest are core
 
 
 def validate(cfg: Config) -> list[str]:
@@ -45,12 +49,15 @@ def _positive(e: list[str], key: str, value: float, allow_zero: bool = False) ->
 
 
 def check_options(cfg: Config, e: list[str]) -> None:
-    """Every option field (typed ``Literal[...]``) holds one of its values."""
+    """Every option field (typed ``Literal[...]``, or ``doc(..., options=...)``: a registry's
+    names, or a user's ``module:function`` that resolves) holds one of its values."""
     _check_options(cfg, "", e)
 
 
 def _check_options(node: Any, prefix: str, e: list[str]) -> None:
-    for name, tp in field_types(type(node)).items():
+    types_ = field_types(type(node))
+    for f in dataclasses.fields(node):
+        name, tp = f.name, types_[f.name]
         value, key = getattr(node, name), prefix + name
         if dataclasses.is_dataclass(value):
             _check_options(value, key + ".", e)
@@ -59,9 +66,31 @@ def _check_options(node: Any, prefix: str, e: list[str]) -> None:
                 if dataclasses.is_dataclass(item):
                     _check_options(item, f"{key}[{i}].", e)
         allowed, nullable = literal_choices(tp)
-        if allowed and value not in allowed and not (nullable and value is None):
+        if f.metadata.get("options"):
+            _check_registered(f, key, value, type(None) in typing.get_args(tp), e)
+        elif allowed and value not in allowed and not (nullable and value is None):
             also = " or null" if nullable else ""
             e.append(f"{key}: use one of {', '.join(map(str, allowed))}{also}; got {value!r}")
+
+
+def _check_registered(
+    f: dataclasses.Field, key: str, value: Any, nullable: bool, e: list[str]
+) -> None:
+    """A registry's option: one of its names, null where the field allows it, or (for a
+    registry of functions) a user's ``module:function`` that imports and fits."""
+    names, registry = registry_options(f)
+    if (nullable and value is None) or value in names:
+        return
+    if registry is not None and isinstance(value, str) and ":" in value:
+        try:
+            registry.resolve(value)
+        except ValueError as err:
+            e.append(f"{key}: {err}")
+        return
+    also = (", or a module:function" if registry is not None else "") + (
+        " or null" if nullable else ""
+    )
+    e.append(f"{key}: use one of {', '.join(names)}{also}; got {value!r}")
 
 
 def check_run(cfg: Config, e: list[str]) -> None:
@@ -101,7 +130,7 @@ def check_rollout(cfg: Config, e: list[str]) -> None:
     _positive(e, "rollout.timeout_s", r.timeout_s)
     _positive(e, "rollout.chunk_size", r.chunk_size, allow_zero=True)
     _positive(e, "rollout.dispatch_group", r.dispatch_group, allow_zero=True)
-    if r.enable_sleep_mode and cfg.trainer.max_staleness > 0:
+    if r.enable_sleep_mode and cfg.pipelined:
         e.append(
             "rollout.enable_sleep_mode: generators cannot sleep while the learner trains "
             "in pipelined training (trainer.max_staleness > 0); turn one of them off"
@@ -124,11 +153,11 @@ def _check_inflight(cfg: Config, e: list[str]) -> None:
     r = cfg.rollout
     if not r.inflight_updates:
         return
-    if cfg.trainer.max_staleness < 1:
+    if not cfg.pipelined:
         e.append(
             "rollout.inflight_updates: a synchronous run (trainer.max_staleness: 0) loads "
-            "weights only while no generator samples; set trainer.max_staleness >= 1 or "
-            "turn inflight_updates off"
+            "weights only while no generator samples; set trainer.max_staleness >= 1 (or "
+            "auto) or turn inflight_updates off"
         )
     if r.dispatch_group > 0:
         e.append(
@@ -198,6 +227,11 @@ def check_env(cfg: Config, e: list[str]) -> None:
 
 
 def check_reward(cfg: Config, e: list[str]) -> None:
+    """The pool's keys; each reward's own keys are checked by its type (the reward-type
+    registry: a torch-free module, read here rather than at load time since rewards/ is
+    a room above the config's)."""
+    from rlalign_ray.rewards.types import check_reward_specs
+
     _positive(e, "reward.num_actors", cfg.reward.num_actors)
     _positive(e, "reward.timeout_s", cfg.reward.timeout_s, allow_zero=True)
     if not cfg.reward.rewards and not (cfg.env.path and cfg.env.reward != "rewards-only"):
@@ -205,88 +239,7 @@ def check_reward(cfg: Config, e: list[str]) -> None:
             "reward.rewards: give at least one reward, e.g. "
             "[{type: function, path: 'rlalign_ray.rewards.builtin:arithmetic_exact'}]"
         )
-    for i, spec in enumerate(cfg.reward.rewards):
-        key = f"reward.rewards[{i}]"
-        if spec.type == "http":
-            if not spec.url.startswith(("http://", "https://")):
-                e.append(
-                    f"{key}.url: an http reward needs an http:// or https:// URL, got {spec.url!r}"
-                )
-            _positive(e, f"{key}.timeout_s", spec.timeout_s)
-            _positive(e, f"{key}.retries", spec.retries, allow_zero=True)
-            _positive(e, f"{key}.batch_size", spec.batch_size)
-        elif not spec.path:
-            e.append(f"{key}.path: required (module:function or a model path)")
-        elif spec.type == "function" and ":" not in spec.path:
-            e.append(f"{key}.path: a function reward is 'module:function', got {spec.path!r}")
-
-
-def check_algorithm(cfg: Config, e: list[str]) -> None:
-    from rlalign_ray.algorithms import ADVANTAGE_ESTIMATORS
-
-    a, r = cfg.algorithm, cfg.rollout
-    est = ADVANTAGE_ESTIMATORS.get(a.name)
-    if est and est.needs_groups and r.n_samples < 2:
-        e.append(
-            f"rollout.n_samples: {a.name} compares samples within a prompt's group, so it "
-            f"needs n_samples >= 2 (got {r.n_samples})"
-        )
-    if a.use_behaviour_logprobs and cfg.trainer.max_staleness > 0:
-        e.append(
-            "algorithm.use_behaviour_logprobs: pipelined training (trainer.max_staleness > "
-            "0) needs the learner's own old log-probs to correct for stale samples; set "
-            "it to false"
-        )
-    if a.behaviour_is_cap is not None and a.behaviour_is_cap < 0:
-        e.append(f"algorithm.behaviour_is_cap: must be >= 0 (0: off), got {a.behaviour_is_cap}")
-    if a.dual_clip is not None and a.dual_clip <= 1:
-        e.append(f"algorithm.dual_clip: must be > 1 (e.g. 3.0) or null, got {a.dual_clip}")
-    if a.kl_in_reward and a.name in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"):
-        e.append(
-            f"algorithm.kl_in_reward: {a.name} scores whole sequences; use the KL loss "
-            "term (kl_in_reward: false), or ppo / reinforce_pp"
-        )
-    if a.overlong_buffer >= r.max_new_tokens:
-        e.append(
-            f"algorithm.overlong_buffer: must be < rollout.max_new_tokens "
-            f"({r.max_new_tokens}), got {a.overlong_buffer}"
-        )
-    if a.kl_coef < 0:
-        e.append(f"algorithm.kl_coef: must be >= 0, got {a.kl_coef}")
-
-
-def check_sampling_math(cfg: Config, e: list[str]) -> None:
-    """Combinations whose math is biased: truncated sampling with the generator's log-probs
-    used as probabilities, and KL estimators placed where their gradient is wrong."""
-    r, a = cfg.rollout, cfg.algorithm
-    if r.top_p < 1 or r.top_k > 0:
-        uses = []
-        if a.use_behaviour_logprobs:
-            uses.append("algorithm.use_behaviour_logprobs (the old log-probs of the ratio)")
-        if a.kl_in_reward and (a.kl_coef > 0 or a.kl_target > 0):
-            uses.append("algorithm.kl_in_reward (the in-reward KL)")
-        if cfg.behaviour_is_cap > 0 and not a.use_behaviour_logprobs:
-            uses.append(
-                "algorithm.behaviour_is_cap (the importance weight; on by default when "
-                "trainer.max_staleness > 0)"
-            )
-        if uses:
-            e.append(
-                f"rollout.top_p={r.top_p:g} / rollout.top_k={r.top_k}: the generators record "
-                "log-probs of the truncated distribution they sample from, while the learner "
-                "scores the full softmax; " + " and ".join(uses) + " would use the truncated "
-                "ones as the policy's and bias the update. Sample with top_p: 1 and top_k: 0, "
-                "or turn those off (use_behaviour_logprobs: false, kl_in_reward: false, "
-                "behaviour_is_cap: 0)"
-            )
-    kl_on = a.kl_coef > 0 or a.kl_target > 0
-    if kl_on and not a.kl_in_reward and a.kl_estimator == "k1":
-        e.append(
-            "algorithm.kl_estimator: k1 as a loss term has zero expected gradient on-policy "
-            "(its gradient is the score function, whose mean is 0), so it does not pull the "
-            "policy towards the reference; use k3 (GRPO's) or k2 (its gradient is the KL's) "
-            "as a loss term, or k1 with kl_in_reward: true"
-        )
+    e += check_reward_specs(cfg.reward.rewards)
 
 
 def check_learner(cfg: Config, e: list[str]) -> None:
@@ -348,7 +301,7 @@ def _check_batches(cfg: Config, e: list[str]) -> None:
             f"(prompts_per_step * n_samples) must split into mini-batches of {mini}; "
             f"pick a divisor of {batch}"
         )
-    if mini % cfg.rollout.n_samples and cfg.algorithm.name != "ppo":
+    if mini % cfg.rollout.n_samples and not cfg.needs_critic:
         e.append(
             f"learner.mini_batch_size: {mini} should hold whole groups of "
             f"rollout.n_samples={cfg.rollout.n_samples}; use a multiple of it"
@@ -397,24 +350,42 @@ def check_reference(cfg: Config, e: list[str]) -> None:
     _positive(e, "reference.micro_batch_size", cfg.reference.micro_batch_size)
 
 
+def check_staleness(t: TrainerConfig, e: list[str]) -> None:
+    """``trainer.max_staleness``: an integer >= 0 or auto (with its cap and thresholds)."""
+    k = t.max_staleness
+    if isinstance(k, str) and k != "auto":
+        e.append(f"trainer.max_staleness: an integer >= 0 or auto, got {k!r}")
+    elif isinstance(k, int):
+        _positive(e, "trainer.max_staleness", k, allow_zero=True)
+    if t.max_staleness_cap < 1:
+        e.append(f"trainer.max_staleness_cap: must be >= 1, got {t.max_staleness_cap}")
+    for key in ("staleness_kl_high", "staleness_clip_high", "staleness_patience"):
+        _positive(e, f"trainer.{key}", getattr(t, key))
+
+
 def check_trainer(cfg: Config, e: list[str]) -> None:
     t = cfg.trainer
     _positive(e, "trainer.steps", t.steps, allow_zero=True)
-    _positive(e, "trainer.max_staleness", t.max_staleness, allow_zero=True)
+    check_staleness(t, e)
     if t.eval_every < 0 or t.save_every < 0:
         e.append("trainer.eval_every / trainer.save_every: must be >= 0")
     _positive(e, "trainer.keep_checkpoints", t.keep_checkpoints, allow_zero=True)
-    if t.resume not in ("none", "auto") and not Path(t.resume).exists():
-        e.append(
-            f"trainer.resume: {t.resume!r} is neither none, auto nor an existing checkpoint "
-            "or run folder"
-        )
+    _check_uri(e, "trainer.output_dir", t.output_dir)
+    if t.resume not in ("none", "auto") and not _check_uri(e, "trainer.resume", t.resume):
+        if not Path(t.resume.removeprefix("file://")).exists():
+            e.append(
+                f"trainer.resume: {t.resume!r} is neither none, auto nor an existing "
+                "checkpoint or run folder"
+            )
+    if t.log_sync_s < 0:
+        e.append("trainer.log_sync_s: must be >= 0")
     for name in t.loggers:
         if name not in LOGGERS:
             e.append(f"trainer.loggers: unknown logger {name!r}; use any of {', '.join(LOGGERS)}")
         elif LOGGERS[name] and importlib.util.find_spec(LOGGERS[name]) is None:
+            extra = f"'rlalign-ray[{name}]'" if name in OPTIONAL_LOGGERS else LOGGERS[name]
             e.append(
-                f"trainer.loggers: {name} is not installed; pip install 'rlalign-ray[{name}]' "
+                f"trainer.loggers: {name} is not installed; pip install {extra} "
                 f"(or leave {name} out of trainer.loggers)"
             )
     _positive(e, "trainer.log_completions", t.log_completions, allow_zero=True)
@@ -425,6 +396,31 @@ def check_trainer(cfg: Config, e: list[str]) -> None:
             "prompt at temperature 0 (greedy) are all the same; set eval_temperature > 0 "
             "(e.g. 1.0) or eval_n_samples: 1"
         )
+
+
+STORAGE_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+
+
+def _check_uri(e: list[str], key: str, url: str) -> bool:
+    """Whether ``url`` is a URI (not a local path); if so, that fsspec knows its protocol
+    and its backend is installed (``s3fs`` for s3://: ``pip install 'rlalign-ray[s3]'``)."""
+    if "://" not in url or url.startswith("file://"):
+        return False
+    import fsspec
+
+    proto = fsspec.core.split_protocol(url)[0]
+    try:
+        fsspec.get_filesystem_class(proto)
+    except ImportError as err:
+        extra = STORAGE_EXTRAS.get(proto)
+        fix = f"pip install 'rlalign-ray[{extra}]'" if extra else str(err)
+        e.append(f"{key}: {url!r} needs the {proto}:// filesystem, not installed: {fix}")
+    except ValueError:
+        e.append(
+            f"{key}: {url!r}: fsspec knows no {proto}:// filesystem; use a local folder, "
+            "s3://bucket/path or gs://bucket/path"
+        )
+    return True
 
 
 CHECKS = (

@@ -6,18 +6,38 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
-def doc(default: Any, text: str) -> Any:
-    """A dataclass field with a default (copied if mutable) and a one-line doc."""
+def doc(default: Any, text: str, options: str | None = None) -> Any:
+    """A dataclass field with a default (copied if mutable) and a one-line doc.
+
+    ``options``: ``"module:NAME"`` of the collection whose keys are the field's allowed
+    values (an option read from a registry, e.g. the policy losses), imported only when the
+    config is checked or ``train --help`` prints; a registry with ``resolve`` also takes a
+    user's ``module:function`` (``registry_options``)."""
+    meta = {"doc": text} if options is None else {"doc": text, "options": options}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         factory = lambda d=default: _copy(d)  # noqa: E731
-        return field(default_factory=factory, metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def registry_options(f: dataclasses.Field) -> tuple[tuple[str, ...], Any]:
+    """``(allowed names, the registry or None)`` of a field declared with ``doc(...,
+    options=...)``: the registry is returned when it resolves a user's ``module:function``
+    (its ``resolve`` raises ``ValueError`` saying why a key is refused); ``((), None)`` for
+    any other field. Imports the registry's module (the algorithms: torch)."""
+    spec = f.metadata.get("options")
+    if spec is None:
+        return (), None
+    module, _, name = spec.partition(":")
+    registry = getattr(importlib.import_module(module), name)
+    return tuple(registry), registry if hasattr(registry, "resolve") else None
 
 
 def _copy(value: Any) -> Any:

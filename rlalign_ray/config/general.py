@@ -19,6 +19,12 @@ class RunConfig:
     num_cpus: float | None = doc(
         None, "CPUs of the embedded instance; null: enough for every role (roles take turns)"
     )
+    ship_working_dir: bool = doc(
+        True,
+        "attached to a cluster (not inside a Ray job, which has its own): upload the working "
+        "directory to every node (runtime_env working_dir, minus runs/, .git/, caches and "
+        "weight files), so module:name paths of files there import on the workers",
+    )
     placement_timeout_s: float = doc(120.0, "fail if the actors cannot be placed within this")
     call_timeout_s: float = doc(1800.0, "fail if one actor call takes longer than this")
     max_actor_restarts: int = doc(
@@ -56,6 +62,11 @@ class ModelConfig:
     chat_template: bool = doc(False, "wrap prompts with the tokenizer's chat template")
     chat_template_kwargs: dict[str, Any] = doc(
         {}, "extra variables for the chat template (e.g. {enable_thinking: false})"
+    )
+    system_prompt: str = doc(
+        "",
+        "a system message put first in every chat-rendered dataset prompt that has none "
+        "(e.g. asking for the final answer in \\boxed{}); empty: none",
     )
 
 

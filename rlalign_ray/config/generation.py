@@ -12,7 +12,6 @@ RolloutBackend = Literal["hf", "vllm"]
 InflightKV = Literal["recompute", "keep"]
 Transport = Literal["auto", "collective", "cuda_ipc", "shared_memory", "object_store"]
 TRANSPORTS = typing.get_args(Transport)
-RewardType = Literal["function", "model", "embedding", "http"]
 NonfiniteMode = Literal["error", "zero", "drop_group"]
 NONFINITE_MODES = typing.get_args(NonfiniteMode)
 EnvRewardMode = Literal["sum", "last", "rewards-only"]
@@ -104,8 +103,10 @@ class RewardSpec:
     """One reward; the total is the weighted sum."""
 
     name: str = doc("", "label in metrics (default: derived from type and path)")
-    type: RewardType = doc(
-        "function", "function (module:fn), model (sequence classifier), embedding"
+    type: str = doc(
+        "function",
+        "the reward's type, which reads the keys named after it and checks them "
+        "(rlalign_ray/rewards/types.py); module:Class: a RewardType of your own",
     )
     path: str = doc("", "module:function, or a model path for model/embedding")
     weight: float = doc(1.0, "weight in the total reward")
@@ -115,6 +116,17 @@ class RewardSpec:
     timeout_s: float = doc(30.0, "http: seconds one request may take")
     retries: int = doc(2, "http: further tries after a failed or timed-out request")
     token_env: str = doc("", "http: environment variable holding a bearer token (empty: none)")
+    answer_key: str = doc(
+        "answer", "math: dataset column with the gold answer (a number, LaTeX, or '... #### 72')"
+    )
+    format_weight: float = doc(
+        0.0,
+        "math: weight of the format component <name>_format (1 where the final answer is in "
+        "\\boxed{} or after ####), logged even at 0",
+    )
+    kwargs: dict[str, Any] = doc(
+        {}, "options of a reward type of your own (type: module:Class), which reads them"
+    )
 
 
 @dataclass

@@ -121,6 +121,8 @@ def _coerce(tp: Any, value: Any, key: str, errors: list[str]) -> Any:
             kind = typing.get_origin(a) or a
             if isinstance(kind, type) and kind in (dict, list) and isinstance(value, kind):
                 return _coerce(a, value, key, errors)
+            if kind is str and isinstance(value, str):  # int | str: "auto" stays a string
+                return value
         return _coerce(inner[0], value, key, errors)
     if origin is typing.Literal:
         # an option: coerced to its values' type; checks.check_options names those allowed

@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import typing
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from rlalign_ray.config.fields import DistBackend, Placement, Resources, doc
 
-# the same names as rlalign_ray.algorithms' ADVANTAGE_ESTIMATORS, KL_KINDS and
-# AGGREGATION_MODES (tests/unit/test_config.py checks; the config does not import torch)
-AlgorithmName = Literal["ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
-KlEstimator = Literal["k1", "k2", "k3", "abs"]
-LossAgg = Literal[
-    "token-mean",
-    "token-sum",
-    "seq-mean-token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum-norm",
-]
+# options read from the algorithms' registries when the config is checked (this module
+# does not import torch): config.fields.registry_options
+ESTIMATORS = "rlalign_ray.algorithms.registry:ADVANTAGE_ESTIMATORS"
+LOSSES = "rlalign_ray.algorithms.losses:POLICY_LOSSES"
+KL_ESTIMATORS = "rlalign_ray.algorithms.kl:KL_KINDS"
+LOSS_AGGS = "rlalign_ray.algorithms.utils:AGGREGATION_MODES"
 Optimizer = Literal["adamw", "sgd"]
 LrScheduler = Literal["constant", "linear", "cosine"]
 LR_SCHEDULERS = typing.get_args(LrScheduler)
@@ -26,18 +21,43 @@ LR_SCHEDULERS = typing.get_args(LrScheduler)
 
 @dataclass
 class AlgorithmConfig:
-    name: AlgorithmName = doc(
-        "grpo", "advantage estimator: ppo, grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline"
+    """The objective (rlalign_ray/algorithms/objective.py; docs/guides/objectives.md)."""
+
+    name: str = doc(
+        "grpo", "advantage estimator, or a user's module:function (an estimator)", ESTIMATORS
+    )
+    policy_loss: str = doc(
+        "ppo_clip",
+        "the surrogate: ppo_clip (PPO), gspo (sequence-level ratio), cispo (clipped IS "
+        "weight on REINFORCE), or a user's module:function (a policy loss)",
+        LOSSES,
     )
     kl_coef: float = doc(0.0, "KL coefficient (0: no reference model is started)")
-    kl_estimator: KlEstimator = doc("k3", "KL estimator: k1, k2, k3 or abs")
+    kl_estimator: str | None = doc(
+        None,
+        "KL estimator: k1, k2, k3 or abs (null: k1 in the reward, k3 as a loss term; only k1 "
+        "is right in the reward)",
+        KL_ESTIMATORS,
+    )
     kl_in_reward: bool = doc(False, "KL as a per-token reward penalty (else a loss term)")
     kl_target: float = doc(0.0, "adaptive KL controller target (0: fixed kl_coef)")
     kl_horizon: int = doc(10000, "adaptive KL controller horizon in samples")
-    clip_low: float = doc(0.2, "PPO clip: ratio >= 1 - clip_low")
-    clip_high: float = doc(0.2, "PPO clip: ratio <= 1 + clip_high (DAPO clip-higher: 0.28)")
-    dual_clip: float | None = doc(None, "dual-clip constant c > 1 for negative advantages")
-    loss_agg: LossAgg = doc("token-mean", "loss aggregation mode")
+    clip_low: float | None = doc(
+        None, "ratio >= 1 - clip_low (null: the loss's: ppo_clip 0.2, gspo 3e-4, cispo 1.0)"
+    )
+    clip_high: float | None = doc(
+        None,
+        "ratio <= 1 + clip_high (null: the loss's: ppo_clip 0.2, gspo 4e-4, cispo 0.28; "
+        "DAPO clip-higher: 0.28)",
+    )
+    dual_clip: float | None = doc(
+        None, "ppo_clip: dual-clip constant c > 1 for negative advantages"
+    )
+    loss_agg: str | None = doc(
+        None,
+        "loss normaliser (null: the loss's: seq-mean-token-mean for gspo, else token-mean)",
+        LOSS_AGGS,
+    )
     entropy_coef: float = doc(0.0, "entropy bonus coefficient")
     gamma: float = doc(1.0, "discount for GAE and REINFORCE++ returns")
     lam: float = doc(0.95, "GAE lambda (ppo)")
@@ -55,6 +75,12 @@ class AlgorithmConfig:
         None,
         "truncated importance weight pi_learner/pi_generator per token, capped (0: off; "
         "null: off when trainer.max_staleness is 0, else 2.0)",
+    )
+    behaviour_seq_mask: list[float] = doc(
+        [],
+        "[lo, hi]: drop from the loss the rows whose sequence ratio exp(mean_t log "
+        "pi_learner/pi_generator) leaves [lo, hi], e.g. [0.5, 2.0] (train/seq_masked_frac; "
+        "[]: off)",
     )
 
 
@@ -155,9 +181,30 @@ class TrainerConfig:
         "none",
         "none: start a new run (output_dir must be empty or absent); auto: continue from "
         "the latest checkpoint in output_dir (a fresh start if there is none); or the path "
-        "of a checkpoint (checkpoints/step_N) or of a run's output_dir",
+        "or URI of a checkpoint (checkpoints/step_N) or of a run's output_dir",
     )
-    output_dir: str = doc("runs/demo", "metrics.jsonl, TensorBoard logs, checkpoints, final/")
+    output_dir: str = doc(
+        "runs/demo",
+        "metrics.jsonl, TensorBoard logs, checkpoints, final/: a local folder (shared by every "
+        "node that runs learner or critic ranks) or a URI: s3://bucket/run, gs://..., any "
+        "fsspec filesystem",
+    )
+    storage_options: dict[str, Any] = doc(
+        {},
+        "fsspec options for a URI output_dir, e.g. {endpoint_url: http://HOST:9000} for an "
+        "S3-compatible store; credentials: the backend's environment variables on every node",
+    )
+    staging_dir: str | None = doc(
+        None,
+        "with a URI output_dir: the node-local folder each process writes its files in before "
+        "uploading them, and downloads checkpoints to (null: the system temp folder)",
+    )
+    log_sync_s: float = doc(
+        30.0,
+        "with a URI output_dir: upload the changed logs (metrics, completions, samples, "
+        "TensorBoard) after a step at most this often (0: every step); always after a "
+        "checkpoint and at the end",
+    )
     save_merged: bool = doc(
         False, "with learner.lora: also write final/merged, the adapters merged into the model"
     )
@@ -186,10 +233,25 @@ class TrainerConfig:
         1.0, "an eval sample counts as correct (pass@k) when its total reward is >= this"
     )
     progress_bar: bool = doc(True, "show a progress bar")
-    max_staleness: int = doc(
+    max_staleness: int | str = doc(
         0,
         "pipelining: generation runs up to this many weight versions ahead of the learner "
-        "(0: synchronous)",
+        "(0: synchronous); auto: a bound between 0 and max_staleness_cap that steers "
+        "itself by the off-policy price (docs/guides/async.md)",
+    )
+    max_staleness_cap: int = doc(4, "max_staleness: auto never lets the bound above this")
+    staleness_kl_high: float = doc(
+        0.01,
+        "max_staleness: auto lowers the bound when train/mismatch_kl (behaviour vs learner, "
+        "k3) passes this; it rises after staleness_patience steps under a quarter of it",
+    )
+    staleness_clip_high: float = doc(
+        0.02,
+        "max_staleness: auto lowers the bound when train/behaviour_is_clipfrac (share of "
+        "tokens whose importance weight hits behaviour_is_cap) passes this",
+    )
+    staleness_patience: int = doc(
+        3, "max_staleness: auto raises the bound after this many steps in a row of small price"
     )
     sample_log: bool = doc(
         False,

@@ -53,7 +53,19 @@ class Config:
         """``algorithm.behaviour_is_cap`` resolved: pipelined training corrects for stale
         samples (AReaL's decoupled objective) unless told otherwise."""
         cap = self.algorithm.behaviour_is_cap
-        return cap if cap is not None else (2.0 if self.trainer.max_staleness > 0 else 0.0)
+        return cap if cap is not None else (2.0 if self.pipelined else 0.0)
+
+    @property
+    def pipelined(self) -> bool:
+        """Generation may run ahead of the learner: ``max_staleness`` > 0 or auto."""
+        k = self.trainer.max_staleness
+        return k == "auto" or (isinstance(k, int) and k > 0)
+
+    @property
+    def staleness_cap(self) -> int:
+        """The most the staleness bound can ever be (auto: ``max_staleness_cap``)."""
+        t = self.trainer
+        return t.max_staleness_cap if t.max_staleness == "auto" else int(t.max_staleness)
 
     @property
     def needs_reference(self) -> bool:
@@ -63,8 +75,19 @@ class Config:
     def needs_critic(self) -> bool:
         from rlalign_ray.algorithms import ADVANTAGE_ESTIMATORS
 
-        est = ADVANTAGE_ESTIMATORS.get(self.algorithm.name)
+        est = ADVANTAGE_ESTIMATORS.get(self.algorithm.name)  # a user's estimator: no critic
         return bool(est and est.needs_critic)
+
+    @property
+    def objective(self) -> Any:
+        """The objective's settings resolved (``algorithms.objective.Objective``): the
+        estimator and policy loss from their registries (a user's module:function imported),
+        the loss's defaults where the config says null, the KL estimator for where it goes."""
+        from rlalign_ray.algorithms.objective import Objective
+
+        return Objective.resolve(
+            dataclasses.asdict(self.algorithm), self.rollout.max_new_tokens, self.behaviour_is_cap
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

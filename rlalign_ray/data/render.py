@@ -26,7 +26,9 @@ class PromptRenderer:
     ``add_generation_prompt=True`` and ``chat_template_kwargs`` (e.g.
     ``enable_thinking: false``). Encoding never lets the tokenizer add special tokens on
     top of a rendered template: it prepends the BOS token only when the tokenizer uses one
-    (it adds it to plain text) and the text does not already begin with it.
+    (it adds it to plain text) and the text does not already begin with it. A
+    ``system_prompt`` goes first in every chat-rendered prompt without a system message
+    of its own (``first=False``: an environment's later observations, never).
     """
 
     def __init__(
@@ -35,16 +37,20 @@ class PromptRenderer:
         chat_template: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
         max_tokens: int = 0,
+        system_prompt: str = "",
     ):
         self.tok = tok
+        self.system_prompt = system_prompt
         self.chat_template = chat_template
         self.kwargs = dict(chat_template_kwargs or {})
         self.max_tokens = max_tokens
         self.bos_id = uses_bos(tok)
 
-    def render(self, prompt: Any) -> str:
+    def render(self, prompt: Any, first: bool = True) -> str:
         if isinstance(prompt, list) or self.chat_template:
             msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            if first and self.system_prompt and not (msgs and msgs[0].get("role") == "system"):
+                msgs = [{"role": "system", "content": self.system_prompt}, *msgs]
             if getattr(self.tok, "chat_template", None) is None:
                 raise ValueError(
                     "the prompt is a list of messages (or model.chat_template is on) "

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlalign_ray.errors import RlalignError
+from rlalign_ray.errors import RlalignError, UserCodeError
+from rlalign_ray.roles import import_object
 
 
 class EnvError(RlalignError):
@@ -54,8 +54,8 @@ def env_class(path: str) -> type:
     if not module or not name:
         raise EnvError(f"env.path: write it as module:Class, got {path!r}")
     try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
+        cls = import_object(path, "class")
+    except UserCodeError as e:
         raise EnvError(f"env.path: cannot load {path!r}: {e}") from None
     if not callable(getattr(cls, "step", None)) or not callable(getattr(cls, "reset", None)):
         raise EnvError(f"env.path: {path!r} has no reset/step methods; subclass envs.Env")

@@ -18,13 +18,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from rlalign_ray.checkpoint import load, rng_state, safe_checkpoint_engine, set_rng_state
+from rlalign_ray.checkpoint import (
+    load,
+    other_ranks_file,
+    rng_state,
+    safe_checkpoint_engine,
+    set_rng_state,
+)
 from rlalign_ray.config import Config, DeepSpeedRole
 from rlalign_ray.data.batch import RolloutBatch, packed, pad_responses
 from rlalign_ray.data.picks import shard_objects
 from rlalign_ray.errors import NonFiniteError
 from rlalign_ray.learner.lora import save_merged
 from rlalign_ray.models.loading import default_device, load_tokenizer, set_threads
+from rlalign_ray.storage import Storage, answer_probe
 
 
 class DeepSpeedRank:
@@ -32,8 +39,10 @@ class DeepSpeedRank:
         set_threads(role.resources.num_cpus)
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.cfg, self.role, self.rank, self.world_size = cfg, role, rank, world_size
-        section = "critic" if role is cfg.critic else "learner"
-        self.device = default_device(role.resources.num_gpus, f"{section}.resources.num_gpus")
+        self.section = "critic" if role is cfg.critic else "learner"
+        self.device = default_device(role.resources.num_gpus, f"{self.section}.resources.num_gpus")
+        self.storage = Storage.from_config(cfg.trainer)  # where checkpoints go (storage.py)
+        self.objective = cfg.objective  # the loss's settings, resolved (its normaliser: agg)
         self.engine: Any = None
         self.step = 0  # the training step being run (``train_step``)
         self.skipped_in_row = 0  # optimizer steps skipped one after another (non-finite)
@@ -67,7 +76,8 @@ class DeepSpeedRank:
             MASTER_PORT=str(master_port),
             RANK=str(self.rank),
             WORLD_SIZE=str(self.world_size),
-            LOCAL_RANK="0",
+            # DeepSpeed puts the engine on cuda:LOCAL_RANK: the GPU Ray assigned this rank
+            LOCAL_RANK=str(self.device.index or 0),
         )
         if master_addr.startswith("127."):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -109,6 +119,13 @@ class DeepSpeedRank:
         if self.engine.lr_scheduler is not None:  # see ``lr_schedule``: skip the zero-lr start
             self.engine.lr_scheduler.step(lr_schedule(self.role, self.cfg)[1])
         return self.rank
+
+    def release_cached_memory(self) -> None:
+        """After a step's update, with sleeping generators on this GPU
+        (``rollout.enable_sleep_mode``): hand the blocks torch keeps cached back to the
+        driver, so that the engines can wake into them."""
+        if self.device.type == "cuda" and self.cfg.rollout.enable_sleep_mode:
+            torch.cuda.empty_cache()
 
     def current_lr(self) -> float:
         """The learning rate the next optimizer step uses (DeepSpeed's scheduler sets it)."""
@@ -179,7 +196,7 @@ class DeepSpeedRank:
         With a token budget, ranks split their largest micro-batches until all run as many
         backward calls as the rank with the most (ZeRO reduces inside backward); ranks hold
         equally many rows, so a rank can always split down to the most."""
-        mode = self.cfg.algorithm.loss_agg
+        mode = self.objective.agg
         micro = self.micro_batches(batch, rows)
         if self.role.max_tokens_per_micro_batch:
             most = int(self.all_reduce(torch.tensor(len(micro)), "max"))
@@ -306,43 +323,57 @@ class DeepSpeedRank:
     def save_pretrained(self, path: str, merged: bool = False) -> str | None:
         """All ranks call this; rank 0 writes a folder ``from_pretrained`` loads (with LoRA:
         the adapter, which ``PeftModel.from_pretrained`` loads, and with ``merged`` also
-        ``path/merged``, the adapters merged into the model)."""
-        with self.gathered():
-            if self.rank != 0:
+        ``path/merged``, the adapters merged into the model). ``path``: a local folder or a
+        URI (written on this node, then uploaded: ``storage.py``)."""
+        if self.rank != 0:
+            with self.gathered():
                 return None
-            self.engine.module.save_pretrained(path, safe_serialization=True)
+        with self.storage.writing(path, f"{self.section}{self.rank}") as local:
+            with self.gathered():
+                self.engine.module.save_pretrained(str(local), safe_serialization=True)
+                if merged:
+                    save_merged(self.engine.module, os.path.join(local, "merged"))
+            tok = load_tokenizer(
+                self.cfg.model.tokenizer or self.cfg.model.path, self.cfg.model.trust_remote_code
+            )
+            tok.save_pretrained(str(local))
             if merged:
-                save_merged(self.engine.module, os.path.join(path, "merged"))
-        tok = load_tokenizer(
-            self.cfg.model.tokenizer or self.cfg.model.path, self.cfg.model.trust_remote_code
-        )
-        tok.save_pretrained(path)
-        if merged:
-            tok.save_pretrained(os.path.join(path, "merged"))
+                tok.save_pretrained(os.path.join(local, "merged"))
         return path
 
     # ---- resumable checkpoints ----------------------------------------------------------
     def save_checkpoint(self, path: str, tag: str) -> None:
         """All ranks call this: DeepSpeed writes the module, the optimizer and scheduler
-        states (each rank its ZeRO shard), and each rank its random states."""
-        self.engine.save_checkpoint(path, tag=tag, save_latest=False)
-        torch.save(rng_state(), os.path.join(path, tag, f"rng_rank{self.rank}.pt"))
+        states (each rank its ZeRO shard), and each rank its random states. ``path``: a
+        local folder, or a URI each rank uploads its own files to from its node."""
+        with self.storage.writing(path, f"{self.section}{self.rank}") as local:
+            self.engine.save_checkpoint(str(local), tag=tag, save_latest=False)
+            torch.save(rng_state(), os.path.join(local, tag, f"rng_rank{self.rank}.pt"))
         self.all_reduce(torch.zeros(1))  # every rank's files are written when any returns
 
     def load_checkpoint(self, path: str, tag: str) -> None:
-        """All ranks call this after ``setup``: the state ``save_checkpoint`` wrote."""
+        """All ranks call this after ``setup``: the state ``save_checkpoint`` wrote (from a
+        URI each rank downloads the shared files and its own shard only)."""
         safe_checkpoint_engine(self.engine)  # torch.load(weights_only=True) for every file
-        loaded, _ = self.engine.load_checkpoint(
-            path, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        if loaded is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} in {path}")
+        mine = lambda rel: not other_ranks_file(rel, self.rank)  # noqa: E731
+        with self.storage.reading(path, f"{self.section}{self.rank}", mine) as local:
+            loaded, _ = self.engine.load_checkpoint(
+                str(local), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+            if loaded is None:
+                raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} in {path}")
+            rng = os.path.join(local, tag, f"rng_rank{self.rank}.pt")
+            rng_states = load(rng) if os.path.exists(rng) else None  # none with more ranks
         sched = self.engine.lr_scheduler
         if sched is not None:  # the optimizer's lr as the restored schedule has it
             sched.step(sched.last_batch_iteration)
-        rng = os.path.join(path, tag, f"rng_rank{self.rank}.pt")
-        if os.path.exists(rng):  # absent when resumed with more ranks
-            set_rng_state(load(rng))
+        if rng_states is not None:
+            set_rng_state(rng_states)
+
+    def probe_storage(self, output_dir: str, token: str) -> tuple:
+        """Whether this rank sees the probe the driver wrote in ``output_dir`` and can write
+        its own beside it (``storage.answer_probe``; asked before any training)."""
+        return answer_probe(self.storage, output_dir, token, f"{self.section}{self.rank}")
 
 
 def optimizer_steps(cfg: Config) -> int:

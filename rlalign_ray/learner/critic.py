@@ -52,7 +52,7 @@ class Critic(DeepSpeedRank):
 
     def _update(self, batch, rows, returns, old_values, stats) -> bool:
         """One optimizer step over the mini-batch ``rows``; True when it was skipped."""
-        clip, agg = self.cfg.critic.value_clip, self.cfg.algorithm.loss_agg
+        clip, agg = self.cfg.critic.value_clip, self.objective.agg
 
         def micro(i, r):
             mb = batch.select(r).trimmed()
@@ -95,4 +95,5 @@ class Critic(DeepSpeedRank):
         for mini in self.mini_batches(len(batch), step):
             skipped += self._update(batch, mini, returns, old_values, stats)
         stats["skipped_steps"].append(float(skipped))
+        self.release_cached_memory()
         return self.reduce_stats(stats)

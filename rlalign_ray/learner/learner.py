@@ -1,28 +1,36 @@
-"""One rank of the policy learner: the clipped policy-gradient update, weight publishing."""
+"""One rank of the policy learner: the policy-gradient update (the objective's loss,
+``algorithms/objective.py``), weight publishing."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 
 import torch
 
-from rlalign_ray.algorithms import (
-    aggregate_loss,
-    kl_penalty,
-    masked_mean,
-    policy_loss,
+from rlalign_ray.algorithms.objective import (
+    behaviour_correction,
+    mismatch_metrics,
+    policy_objective,
 )
 from rlalign_ray.config import Config
-from rlalign_ray.data.batch import RolloutBatch
+from rlalign_ray.data.batch import RolloutBatch, packed
 from rlalign_ray.learner.base import DeepSpeedRank
 from rlalign_ray.learner.lora import adapter_params, apply_lora, merged_sources, merged_value
-from rlalign_ray.models.loading import batch_logprobs, load_causal_lm, response_logprobs
+from rlalign_ray.models.loading import (
+    attach_logprob_head,
+    batch_logprobs,
+    load_causal_lm,
+    response_logprobs,
+)
 from rlalign_ray.sync.weight_sync import WeightSource
 
 
 class Learner(DeepSpeedRank, WeightSource):
     def __init__(self, cfg: Config, rank: int, world_size: int):
         super().__init__(cfg, rank, world_size, cfg.learner)
+        # (step, old log-probs, their statistics) computed ahead by ``old_logprobs``
+        self._held: tuple[int, torch.Tensor, dict[str, list[float]]] | None = None
 
     def build_model(self) -> torch.nn.Module:
         m = self.cfg.model
@@ -32,6 +40,8 @@ class Learner(DeepSpeedRank, WeightSource):
             model = apply_lora(model, self.cfg.learner.lora)
             if self.role.gradient_checkpointing:  # frozen embeddings: inputs need a grad
                 model.enable_input_require_grads()
+        if self.role.zero_stage == 3:  # the head over response tokens in one module call
+            attach_logprob_head(model)
         return model
 
     @property
@@ -55,17 +65,34 @@ class Learner(DeepSpeedRank, WeightSource):
         self.step = step
         stats: dict[str, list[float]] = defaultdict(list)
         stats["lr"].append(self.current_lr())  # the lr of this step's first optimizer step
-        old = self._old_logprobs(batch, stats)
-        adv = self._weighted(advantages, batch, old, stats)
+        held, self._held = self._held, None
+        if held is not None and held[0] == step:  # computed ahead for the in-reward KL
+            old = held[1]
+            for key, values in held[2].items():
+                stats[key] += values
+        else:
+            old = self._old_logprobs(batch, stats)
+        adv, batch = self._corrected(advantages, batch, old, stats)
         self.engine.train()
         skipped = 0
         for mini in self.mini_batches(len(batch), step):
             skipped += self._update(batch, mini, old, adv, ref, kl_coef, stats)
         stats["skipped_steps"].append(float(skipped))
+        self.release_cached_memory()
         return self.reduce_stats(stats)
 
+    def old_logprobs(self, part: tuple[RolloutBatch, None], step: int) -> torch.Tensor:
+        """(n, T) old log-probs of this rank's rows (the policy before step ``step``'s
+        update), for the driver's in-reward KL; kept for ``train_step`` of the same step,
+        which then does not compute them again."""
+        stats: dict[str, list[float]] = defaultdict(list)
+        old = self._old_logprobs(part[0], stats)
+        self._held = (step, old, stats)
+        return packed(old)
+
     def _old_logprobs(self, batch, stats) -> torch.Tensor:
-        """Log-probs of the sampling policy as the learner computes them (or the generator's)."""
+        """Log-probs of the sampling policy as the learner computes them (or the generator's),
+        with the rollout/learner mismatch statistics."""
         if self.cfg.algorithm.use_behaviour_logprobs:
             return batch.logprobs
         self.engine.eval()
@@ -78,9 +105,11 @@ class Learner(DeepSpeedRank, WeightSource):
             self.role.logprob_chunk_size,
             self.agree_chunks,
         )
-        stats["logprob_mismatch"].append(
-            masked_mean((old - batch.logprobs).abs(), batch.response_mask).item()
-        )
+        # logprob_mismatch, mismatch_kl, behaviour_is_clipfrac: the off-policy price that
+        # trainer.max_staleness: auto steers by
+        mask, cap = batch.response_mask, self.cfg.behaviour_is_cap
+        for key, value in mismatch_metrics(old, batch.logprobs, mask, cap).items():
+            stats[key].append(value)
         return old
 
     @property
@@ -90,16 +119,19 @@ class Learner(DeepSpeedRank, WeightSource):
             return None
         return lambda k: int(self.all_reduce(torch.tensor(k), "max"))
 
-    def _weighted(self, adv, batch, old, stats) -> torch.Tensor:
-        """Advantages times truncated importance weights min(pi_learner / pi_generator, cap)
-        per token, which correct for a generator that differs numerically from the learner
-        (unchanged when off)."""
-        cap = self.cfg.behaviour_is_cap
-        if cap <= 0 or self.cfg.algorithm.use_behaviour_logprobs:
-            return adv
-        w = torch.exp((old - batch.logprobs).clamp(-20, 20)).clamp(max=cap)
-        stats["behaviour_is_weight"].append(masked_mean(w, batch.response_mask).item())
-        return (adv[:, None] if adv.dim() == 1 else adv) * w
+    def _corrected(self, adv, batch, old, stats) -> tuple[torch.Tensor, RolloutBatch]:
+        """Advantages times the truncated importance weights min(pi_learner / pi_generator,
+        cap) per token, and the rows whose sequence ratio leaves behaviour_seq_mask taken out
+        of the loss (``objective.behaviour_correction``); unchanged when off."""
+        if self.cfg.algorithm.use_behaviour_logprobs:
+            return adv, batch
+        mask = batch.response_mask
+        adv, keep, metrics = behaviour_correction(self.objective, adv, old, batch.logprobs, mask)
+        for key, value in metrics.items():
+            stats[key].append(value)
+        if keep is not None:
+            batch = dataclasses.replace(batch, response_mask=mask * keep[:, None].to(mask.dtype))
+        return adv, batch
 
     def _update(self, batch, rows, old, adv, ref, kl_coef, stats) -> bool:
         """One optimizer step over the mini-batch ``rows``; True when it was skipped."""
@@ -127,8 +159,7 @@ class Learner(DeepSpeedRank, WeightSource):
     def micro_loss(self, batch, r, old, adv, ref, kl_coef, index):
         """The loss of micro-batch ``index`` (rows ``r``): (loss, policy-gradient loss, a
         dict of its statistics). Subclasses may wrap it (tests inject a NaN here)."""
-        a = self.cfg.algorithm
-        norm_len = self.cfg.rollout.max_new_tokens  # Dr. GRPO: a constant, not the width
+        o = self.objective
         mb = batch.select(r).trimmed()
         t = mb.response_ids.shape[1]
         mask = mb.response_mask.to(self.device)
@@ -138,30 +169,19 @@ class Learner(DeepSpeedRank, WeightSource):
             self.device,
             self.cfg.rollout.temperature,
             self.role.logprob_chunk_size,
-            entropy="loss" if a.entropy_coef else "metric",
+            entropy="loss" if o.entropy_coef else "metric",
             agree=self.agree_chunks,
         )
-        pg_loss, m = policy_loss(
+        return policy_objective(
+            o,
             logp,
             old[r, :t].to(self.device),
             (adv[r] if adv.dim() == 1 else adv[r, :t]).to(self.device),
             mask,
-            clip_low=a.clip_low,
-            clip_high=a.clip_high,
-            dual_clip=a.dual_clip,
-            agg=a.loss_agg,
-            norm_len=norm_len,
+            entropy,
+            None if ref is None else ref[r, :t].to(self.device),
+            kl_coef,
         )
-        loss = pg_loss
-        logs = {"entropy": masked_mean(entropy.detach(), mask).item()}
-        logs.update({key: float(m[key]) for key in ("clipfrac", "approx_kl")})
-        if a.entropy_coef:
-            loss = loss - a.entropy_coef * aggregate_loss(entropy, mask, a.loss_agg, norm_len)
-        if ref is not None:
-            kl = kl_penalty(logp, ref[r, :t].to(self.device), a.kl_estimator)
-            loss = loss + kl_coef * aggregate_loss(kl, mask, a.loss_agg, norm_len)
-            logs["kl"] = masked_mean(kl.detach(), mask).item()
-        return loss, pg_loss, logs
 
     # ---- weights out (WeightSource: weight_layout, open/join_weight_sync, publish_weights) --
     def named_weights(self):

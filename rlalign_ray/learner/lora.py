@@ -34,10 +34,6 @@ def apply_lora(model: Any, spec: LoraSpec) -> Any:
     return get_peft_model(model, config)
 
 
-def is_peft(model: Any) -> bool:
-    return hasattr(model, "get_base_model") and hasattr(model, "peft_config")
-
-
 def is_adapter_param(name: str) -> bool:
     return ".lora_" in name
 

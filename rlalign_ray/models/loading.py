@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from rlalign_ray.algorithms import entropy_from_logits
 from rlalign_ray.data.batch import RolloutBatch
-from rlalign_ray.errors import RlalignError
+from rlalign_ray.errors import ConfigError, RlalignError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,6 +25,40 @@ def resolve(path: str) -> str:
     from rlalign_ray.models.builtin import resolve_model_path
 
     return resolve_model_path(path)
+
+
+def _looks_local(path: str) -> bool:
+    """A filesystem path rather than a hub id (``name`` or ``org/name``)."""
+    return (
+        os.path.isabs(path)
+        or path.startswith((".", "~"))
+        or path.count("/") > 1
+        or os.path.exists(path)
+    )
+
+
+def check_model_path(key: str, path: str, need_config: bool = True) -> None:
+    if path.startswith("builtin:"):
+        return
+    if not _looks_local(path):
+        return  # a hub id: the actors download it
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(
+            [
+                f"{key}: {path!r} does not exist (relative paths start at {Path.cwd()}); "
+                "give a local model folder, a Hugging Face hub id, or builtin:tiny-arith"
+            ]
+        )
+    if not p.is_dir():
+        raise ConfigError([f"{key}: {path!r} is a file; give the model's folder"])
+    if need_config and not (p / "config.json").is_file():
+        raise ConfigError(
+            [
+                f"{key}: {path!r} has no config.json, so it is not a saved Hugging Face "
+                "model; point it at the folder save_pretrained() wrote"
+            ]
+        )
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
@@ -52,15 +87,15 @@ def load_causal_lm(
 
 
 def default_device(num_gpus: float | None = None, key: str = "") -> torch.device:
-    """The GPU Ray assigned to this actor (it sets CUDA_VISIBLE_DEVICES), else the CPU.
+    """The GPU Ray assigned to this actor (made the current CUDA device), else the CPU.
 
     ``num_gpus``: what the actor's role asked for (``key`` names that config field). An
     actor that asked for GPUs but sees none is an error, never a silent fall-back to the
     CPU: a CPU-only torch build, or a node whose driver does not work, would otherwise
     train (very slowly) on the wrong device."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    asked = _ray_gpus()
-    asked = num_gpus or 0 if asked is None else asked
+    ray_ids = _ray_gpu_ids()
+    asked = num_gpus or 0 if ray_ids is None else len(ray_ids)
     if asked:
         if not torch.cuda.is_available():
             raise RlalignError(
@@ -70,13 +105,30 @@ def default_device(num_gpus: float | None = None, key: str = "") -> torch.device
                 f"{visible!r}); install a CUDA build of torch on every GPU node, or set "
                 f"{key or 'resources.num_gpus'}: 0 to run on the CPU"
             )
-        return torch.device("cuda", 0)
+        device = torch.device("cuda", gpu_index(ray_ids, os.environ.get("CUDA_VISIBLE_DEVICES")))
+        torch.cuda.set_device(device)
+        return device
     if torch.cuda.is_available() and visible != "":
-        return torch.device("cuda", 0)
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def _ray_gpus() -> float | None:
+def gpu_index(ray_ids: list[str] | None, visible: str | None) -> int:
+    """The CUDA device index, in this process, of the first GPU Ray assigned (``ray_ids``,
+    as ``ray.get_gpu_ids()`` names them; None or []: not a Ray actor, the current device).
+    Ray normally sets CUDA_VISIBLE_DEVICES (``visible``) to exactly its GPUs, so that is
+    index 0; where it does not (``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES``) the id is
+    found among the visible devices, or is the physical index itself."""
+    if not ray_ids:
+        return torch.cuda.current_device() if torch.cuda.is_available() else 0
+    first = str(ray_ids[0])
+    shown = [d.strip() for d in visible.split(",")] if visible else []
+    if first in shown:
+        return shown.index(first)
+    return int(first) if first.isdigit() and not shown else 0
+
+
+def _ray_gpu_ids() -> list[str] | None:
     """GPUs Ray assigned to this actor (None outside a Ray worker)."""
     import sys
 
@@ -86,7 +138,7 @@ def _ray_gpus() -> float | None:
 
     if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
         return None
-    return float(len(ray.get_gpu_ids()))
+    return [str(i) for i in ray.get_gpu_ids()]
 
 
 DROPOUT_KEYS = ("dropout", "pdrop")  # config fields: attention_dropout, resid_pdrop, ...
@@ -247,7 +299,9 @@ def response_logprobs(
     them at a time (0: all at once); with a graph, each chunk's head and log-softmax are
     recomputed in backward (``torch.utils.checkpoint``), so only hidden states are kept,
     never (B, T, V) logits. ``agree`` maps this rank's chunk count to the one all ranks use
-    (ZeRO-3 gathers the head's weights at every call, so every rank must call it as often).
+    (ZeRO-3 gathers the head's weights at every call of the head module, so every rank must
+    call it as often). A ZeRO-3 learner's model holds a ``LogprobHead``
+    (``attach_logprob_head``), which applies the head in one module call.
     """
     hidden = response_hidden(model, batch, device)
     mask = batch.response_mask.to(device) != 0
@@ -257,6 +311,26 @@ def response_logprobs(
     chunks = max(-(-len(h) // chunk_size) if chunk_size else 1, 1)
     chunks = agree(chunks) if agree is not None else chunks
     recompute = chunk_size > 0 and torch.is_grad_enabled()
+    args = (h, tokens, temperature, entropy, transform, chunks, recompute)
+    wrapped = getattr(hf, LOGPROB_HEAD, None)  # ZeRO-3: the head in one module call
+    logp, ent = wrapped(*args) if wrapped is not None else head_logprobs(head, *args)
+    zeros = torch.zeros(mask.shape, dtype=torch.float32, device=device)
+    logp = zeros.masked_scatter(mask, logp)
+    return logp, None if ent is None else zeros.masked_scatter(mask, ent)
+
+
+def head_logprobs(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    h: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float,
+    entropy: str,
+    transform: tuple[float, float | None],
+    chunks: int,
+    recompute: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N, H) hidden states, (N,) tokens -> (N,) log-probs and entropy (None for "none"),
+    the head applied to ``chunks`` slices in turn (``recompute``: each in backward again)."""
     parts = []
     for hc, tc in zip(h.tensor_split(chunks), tokens.tensor_split(chunks)):
         args = (head, hc, tc, temperature, entropy, transform)
@@ -265,11 +339,49 @@ def response_logprobs(
             if recompute
             else _chunk_logprobs(*args)
         )
-    zeros = torch.zeros(mask.shape, dtype=torch.float32, device=device)
-    logp = zeros.masked_scatter(mask, torch.cat([lp for lp, _ in parts]))
-    if entropy == "none":
-        return logp, None
-    return logp, zeros.masked_scatter(mask, torch.cat([e for _, e in parts]))
+    logp = torch.cat([lp for lp, _ in parts])
+    return logp, None if entropy == "none" else torch.cat([e for _, e in parts])
+
+
+LOGPROB_HEAD = "rlalign_logprob_head"  # the attribute a ZeRO-3 learner's model holds it in
+
+
+class LogprobHead(torch.nn.Module):
+    """The model's output head over the response tokens, chunked, as one module call.
+
+    ZeRO-3 gathers a module's parameters when it is called and prefetches the next
+    module's from the order it recorded on the first steps. Calling the head once per
+    chunk after the model's forward makes that order change with the number of chunks,
+    and DeepSpeed then drops its trace and stops prefetching. This module is called once
+    per micro-batch whatever the chunks; it holds no parameters of its own (the head is
+    not a submodule: its parameters keep their one name) but registers the head's as
+    external ones, which DeepSpeed gathers for its forward and for its backward (where
+    the chunks are recomputed)."""
+
+    def __init__(self, head: torch.nn.Linear):
+        super().__init__()
+        self._head = [head]  # a list: not registered as a submodule
+
+    def forward(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        head = self._head[0]
+        return head_logprobs(lambda x: torch.nn.functional.linear(x, head.weight, head.bias), *args)
+
+
+def attach_logprob_head(model: torch.nn.Module) -> bool:
+    """Give a ZeRO-3 learner's model a ``LogprobHead`` (before ``deepspeed.initialize``,
+    which hooks every module); False when its head is not a plain linear layer (it is
+    then called per chunk, as without ZeRO-3)."""
+    import deepspeed
+
+    hf = hf_model(model)
+    head = hf.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return False
+    wrapper = LogprobHead(head)
+    hf.add_module(LOGPROB_HEAD, wrapper)
+    for p in head.parameters():
+        deepspeed.zero.register_external_parameter(wrapper, p)
+    return True
 
 
 @torch.no_grad()

@@ -193,8 +193,13 @@ class ActorPool:
         self.started()
 
 
-def start(pools: Sequence[ActorPool], placement_timeout_s: float) -> None:
-    """Place every pool (colocated ones share their host's bundles), start the actors, and
+def start(
+    pools: Sequence[ActorPool],
+    placement_timeout_s: float,
+    placed: Callable[[], None] | None = None,
+) -> None:
+    """Place every pool (colocated ones share their host's bundles), start the actors, call
+    ``placed`` (checks that need the actors on their nodes, before any model loads), and
     call each pool's ``started``."""
     names = [p.name for p in pools]
     dup = {n for n in names if names.count(n) > 1}
@@ -205,6 +210,8 @@ def start(pools: Sequence[ActorPool], placement_timeout_s: float) -> None:
         p.actors = started[p.name].actors
         p.placement_group = started[p.name].placement_group
         p.slots = started[p.name].slots
+    if placed is not None:
+        placed()
     for p in pools:
         p.started()
 

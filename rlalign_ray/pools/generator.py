@@ -13,11 +13,20 @@ of their own, so their samples do not depend on which actor ran them.
 
 The pool knows, for every actor, the weight version it will hold when the next call
 queued to it runs (``WeightSync`` queues the loads), so every chunk records the version
-that sampled it; the actor reports it too and the two must agree. With in-flight weight
-updates (``rollout.inflight_updates``) a load reaches an actor while it samples (its
-``weights`` concurrency group) and the chunk goes on with the new version: the chunk
-starts with at least the expected version, and records the oldest version among its
-tokens (each token's is in the batch's ``token_versions``).
+that sampled it; the actor reports it too and the two must agree.
+
+The determinism rule: a chunk samples with the latest version published when it was
+submitted, whichever actor runs it and whenever. ``WeightSync`` calls ``before_load``
+before it queues a new version's loads, and the chunks still queued here go to actors
+then, ahead of the load (``max_inflight`` gives way for them), so no chunk waits here across
+a weight update. Which version samples a chunk thus follows from the order of the driver's
+requests and publishes alone; with its seed (or, pinned, its actor's random stream, which
+only it uses), its samples too. Not so for a chunk re-issued after its actor died: it
+samples with whatever its new actor holds.
+
+With ``rollout.inflight_updates`` a load reaches an actor mid-chunk (rollout/inflight.py):
+a chunk records its oldest token's version, and where a load meets its decode steps follows
+the machine's timing (such runs are not deterministic; a resume is lossless, not exact).
 """
 
 from __future__ import annotations
@@ -152,6 +161,18 @@ class GeneratorPool(ActorPool):
             self.queue.extend(chunks)
         self._dispatch()
         return list(chunks)
+
+    def before_load(self, version: int) -> None:
+        """``WeightSync`` is about to queue ``version``'s loads: start every queued chunk now
+        (pinned ones on their actor, others on the least loaded), so each samples with the
+        version it was submitted under (the determinism rule above). With dispatchers every
+        chunk reached one at submit already."""
+        while self.queue and not self.dispatchers:
+            chunk = self.queue.popleft()
+            actor = chunk.pinned
+            if actor is None:
+                actor = min(range(len(self.actors)), key=lambda i: self.load[i])
+            self._start(chunk, actor)
 
     def _dispatch_groups(self, chunks: list[Chunk]) -> None:
         """One ``run`` call per dispatcher with its share of ``chunks`` (the least loaded
@@ -299,10 +320,8 @@ class GeneratorPool(ActorPool):
         return finished
 
     def _check_version(self, chunk: Chunk, info: dict[str, Any]) -> None:
-        """The actor sampled ``chunk`` with the version the pool expected. In-flight
-        updates: with that one or a newer one (a load sent later may have been applied
-        first, in the actor's other thread), which the chunk records: the oldest of its
-        tokens' versions, what the staleness bound counts."""
+        """The actor sampled ``chunk`` with the version the pool expected (in-flight updates:
+        or a newer one, applied first in its other thread, which the chunk records)."""
         if chunk.greedy or info["version"] == chunk.version:
             return
         if self.inflight_updates and info["version"] > chunk.version:

@@ -1,8 +1,10 @@
 """The learner and critic groups: DeepSpeed data-parallel ranks, one actor each.
 
-    exp = Experience(shards, None, scores, ref_logprobs, advantages=adv)  # refs + small data
-    fut = learner.update(exp, kl_coef, step)                 # a Future of the metrics
-    ...                                                      # generate meanwhile
+    exp = Experience(shards, None, scores, ref_logprobs)   # refs + small data
+    old = learner.old_logprobs(exp, step).result()         # optional: (B, T), kept on the ranks
+    exp = replace(exp, advantages=adv)                     # advantages computed from them
+    fut = learner.update(exp, kl_coef, step)               # a Future of the metrics
+    ...                                                    # generate meanwhile
     metrics = fut.result()
 
 Each rank receives only its rows (one object per rank, cut from the shards' refs by rank
@@ -134,6 +136,15 @@ class LearnerGroup(DeepSpeedGroup):
 
     role = "learner"
 
+    def old_logprobs(self, exp: Experience, step: int) -> Future:
+        """(B, T) log-probs of the step's rows under the policy before its update, as the
+        learner computes them (for the in-reward KL). Each rank keeps its rows' (cut once)
+        and ``update`` of the same step uses them instead of computing them again."""
+        rows, parts = self._parts_for(exp, step)
+        self._held = {step: (exp, rows, parts)}  # one step at a time
+        calls = [r.old_logprobs.remote(p, step) for r, p in zip(self.actors, parts)]
+        return Future(calls, f"{self.name} old log-probs", _join_rows(exp, rows))
+
     def update(
         self, exp: Experience, kl_coef: float, step: int, per_sequence: bool = False
     ) -> Future:
@@ -143,8 +154,9 @@ class LearnerGroup(DeepSpeedGroup):
         the reward."""
         if exp.advantages is None:
             raise ValueError(f"{self.name}.update: the Experience has no advantages")
-        refs = None if self.cfg.algorithm.kl_in_reward else exp.ref_logprobs
-        rows, parts = self.parts(exp, step, refs)
+        held, rows, parts = getattr(self, "_held", {}).pop(step, (None, None, None))
+        if held is None or held.shards != exp.shards or held.runs != exp.runs:
+            rows, parts = self._parts_for(exp, step)
         advantages = exp.advantages
         if per_sequence and advantages.dim() == 2:
             first = exp.scores.response_mask.argmax(1, keepdim=True)  # a token of each row
@@ -157,6 +169,10 @@ class LearnerGroup(DeepSpeedGroup):
             calls, f"{self.name} update", lambda out: {f"train/{k}": v for k, v in out[0].items()}
         )
 
+    def _parts_for(self, exp: Experience, step: int):
+        refs = None if self.cfg.algorithm.kl_in_reward else exp.ref_logprobs
+        return self.parts(exp, step, refs)
+
 
 class CriticGroup(DeepSpeedGroup):
     """The value model's ranks (PPO)."""
@@ -168,15 +184,8 @@ class CriticGroup(DeepSpeedGroup):
         once) for ``update`` of the same step; ``exp`` is not changed."""
         rows, parts = self.parts(exp, step, None)
         self._parts = {step: (exp, parts)}  # one step at a time: the previous one is done
-
-        def join(out: list[torch.Tensor]) -> torch.Tensor:
-            values = torch.zeros_like(exp.scores.response_mask)
-            for r, v in zip(rows, out):
-                values[r, : v.shape[1]] = v
-            return values
-
         calls = [c.values.remote(p) for c, p in zip(self.actors, parts)]
-        return Future(calls, f"{self.name} values", join)
+        return Future(calls, f"{self.name} values", _join_rows(exp, rows))
 
     def update(self, exp: Experience, step: int) -> Future:
         """One value update on ``exp``'s rows towards its ``returns``, from the ``values``
@@ -195,3 +204,16 @@ class CriticGroup(DeepSpeedGroup):
         return Future(
             calls, f"{self.name} update", lambda out: {f"critic/{k}": v for k, v in out[0].items()}
         )
+
+
+def _join_rows(exp: Experience, rows: list[torch.Tensor]):
+    """The Future's join of per-rank (n_k, T_k) tensors into one (B, T) like the batch's
+    mask, each rank's rows in their places (zeros beyond a rank's width)."""
+
+    def join(out: list[torch.Tensor]) -> torch.Tensor:
+        full = torch.zeros_like(exp.scores.response_mask)
+        for r, v in zip(rows, out):
+            full[r, : v.shape[1]] = v
+        return full
+
+    return join

@@ -64,6 +64,3 @@ def arithmetic_exact(completions, answer, **kwargs) -> list[float]:
         1.0 if extract_first_token(completion_text(c)) == str(a).strip() else 0.0
         for c, a in zip(completions, answer)
     ]
-
-
-REWARD_FUNCTIONS = {"arithmetic_exact": arithmetic_exact}

@@ -1,7 +1,7 @@
 """The reward scorer: every configured reward on a rollout shard, summed with weights.
 
-A plain class; ``rlalign_ray.runtime.actors`` wraps it as a reward actor. Each reward
-call runs at most ``reward.timeout_s``; a NaN or infinite value is handled as
+A plain class; ``pools/reward.py`` runs it as Ray actors (``runtime/placement.py`` makes them).
+Each reward call runs at most ``reward.timeout_s``; a NaN or infinite value is handled as
 ``reward.on_nonfinite`` says: ``error`` stops the run naming the reward and the sample,
 ``zero`` scores it 0, ``drop_group`` marks its row (total NaN) so that the driver leaves
 its prompt's whole group out of the step. In the last two modes the shard's breakdown
@@ -25,7 +25,7 @@ from rlalign_ray.config import RewardConfig
 from rlalign_ray.data.batch import NONFINITE, RolloutBatch, ScoredShard
 from rlalign_ray.errors import RewardError
 from rlalign_ray.models.loading import default_device, set_threads
-from rlalign_ray.rewards.sources import RewardInputs, load_reward
+from rlalign_ray.rewards.sources import RewardInputs, load_components
 
 ENV_REWARD = "env_reward"  # columns a multi-turn generator adds (rollout/generator.py)
 ENV_COLUMNS = (ENV_REWARD, "env_turns")
@@ -36,7 +36,7 @@ class RewardScorer:
         set_threads(cfg.resources.num_cpus)
         device = default_device(cfg.resources.num_gpus, "reward.resources.num_gpus")
         self.cfg = cfg
-        self.sources = [(load_reward(spec, device), spec.weight) for spec in cfg.rewards]
+        self.sources = [part for spec in cfg.rewards for part in load_components(spec, device)]
         names = [src.name for src, _ in self.sources]
         if len(set(names)) != len(names):
             raise ValueError(

@@ -1,5 +1,6 @@
 """Reward sources: Python functions (sync or async), sequence-classifier reward models,
-embedding similarity, and remote rewards over HTTP.
+embedding similarity, remote rewards over HTTP; math answers are in ``math_answer.py``, and
+which ``type:`` builds which source is ``types.py``'s registry.
 
 Every source is called as ``source(inputs: RewardInputs) -> list[float | None]``, one value
 per completion (``None``: the reward does not apply to that sample). ``load_reward`` builds
@@ -12,7 +13,6 @@ completions, ``[{"role": "assistant", "content": text}]``.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
 import json
 import os
@@ -28,8 +28,10 @@ import torch
 
 from rlalign_ray.config import RewardSpec
 from rlalign_ray.data.render import encode_one_bos, uses_bos
-from rlalign_ray.errors import RewardError
+from rlalign_ray.errors import RewardError, UserCodeError
 from rlalign_ray.models.loading import resolve
+from rlalign_ray.rewards.types import reward_type
+from rlalign_ray.roles import import_object
 
 RewardFn = Callable[..., list[float]]
 RESERVED = ("prompts", "completions", "completion_ids", "trainer_state")
@@ -121,29 +123,15 @@ def _as_text(prompt: Any) -> str:
 
 
 def import_function(path: str) -> RewardFn:
-    """``package.module:function`` -> the function, with errors that name what is missing."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise RewardError(f"reward path {path!r}: write it as 'package.module:function'")
+    """``package.module:function`` -> the function (the working directory is searched too:
+    ``roles.import_object``), with errors that name what is missing and where it was
+    looked for."""
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise RewardError(
-            f"reward {path!r}: cannot import module {module_name!r} ({e}); is it "
-            "installed or on PYTHONPATH (the working directory of the job)?"
-        ) from None
-    except Exception as e:  # the user's module fails while importing
-        raise RewardError(
-            f"reward {path!r}: importing module {module_name!r} raised "
-            f"{type(e).__name__}: {e}; fix the module"
-        ) from None
-    if not hasattr(module, attr):
-        raise RewardError(
-            f"reward {path!r}: module {module_name!r} has no function {attr!r}; check the "
-            "name after the ':'"
-        )
-    fn = getattr(module, attr)
+        fn = import_object(path, "function")
+    except UserCodeError as e:
+        raise RewardError(f"reward {path!r}: {e}") from None
     if not callable(fn):
+        module_name, _, attr = path.partition(":")
         raise RewardError(
             f"reward {path!r}: {attr!r} in {module_name!r} is a {type(fn).__name__}, not a "
             "function; point the path at a function fn(completions, **kwargs) -> list[float]"
@@ -405,15 +393,19 @@ def _embedding_path(path: str) -> str:
     return path
 
 
-REWARD_TYPES: dict[str, Callable[[RewardSpec, torch.device], Any]] = {
-    "function": lambda spec, device: FunctionReward(spec),
-    "model": ModelReward,
-    "embedding": EmbeddingReward,
-    "http": lambda spec, device: HttpReward(spec),
-}
-
-
 def load_reward(spec: RewardSpec, device: torch.device) -> Callable[[RewardInputs], list[Any]]:
-    if spec.type not in REWARD_TYPES:
-        raise RewardError(f"unknown reward type {spec.type!r}; use one of {sorted(REWARD_TYPES)}")
-    return REWARD_TYPES[spec.type](spec, device)
+    """The source ``spec`` names, built by its type (``rewards/types.py``)."""
+    return _type_of(spec).build(spec, device)
+
+
+def load_components(spec: RewardSpec, device: torch.device) -> list[tuple[Any, float]]:
+    """``(source, weight)`` for each part of the total that ``spec`` adds: its reward, and
+    the components its type adds (``type: math``: the format component)."""
+    return _type_of(spec).components(spec, device)
+
+
+def _type_of(spec: RewardSpec) -> Any:
+    try:
+        return reward_type(spec.type)
+    except RewardError as e:
+        raise RewardError(f"reward type {spec.type!r}: {e}") from None

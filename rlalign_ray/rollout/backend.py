@@ -98,6 +98,24 @@ class GenerationBackend(ABC):
     def finish_weight_update(self) -> None:
         """Called once every bucket of a new version is loaded (e.g. drop cached prefixes)."""
 
+    @property
+    def weight_ranks(self) -> int:
+        """Ranks this backend takes in a collective weight-sync group (1: the generator's
+        process; a tensor-parallel vLLM engine: one per worker)."""
+        return 1
+
+    def join_weight_sync(self, transport: Any, address: Any, rank: int, who: str) -> bool:
+        """Join the weight sync inside the engine's own worker processes, each worker as
+        ``rank`` + its index, so that each receives its own tensors (``transport``: the
+        generator's end, unconnected; ``who``: how errors name it). False (the default):
+        the generator's process receives the buckets and calls ``load_weights``."""
+        return False
+
+    def receive_weights(self, handle: Any) -> None:
+        """Load one bucket in the engine's workers (after ``join_weight_sync`` said True),
+        and finish the update after the last one."""
+        raise NotImplementedError(f"{type(self).__name__} receives weights in its process")
+
     def can_share(self, dtype: torch.dtype) -> bool:
         """Whether ``share_weights`` can take tensors of ``dtype`` in CPU memory as they are."""
         return False

@@ -1,6 +1,6 @@
 """The generator: a policy copy that samples responses for a shard of prompts.
 
-A plain class; ``rlalign_ray.runtime.actors`` wraps it as a Ray actor.
+A plain class; ``pools/generator.py`` runs it as Ray actors (``runtime/placement.py`` makes them).
 """
 
 from __future__ import annotations
@@ -62,7 +62,11 @@ class Generator:
         self.max_prompt_tokens = max_prompt_tokens
         self.tok = load_tokenizer(model.tokenizer or model.path, model.trust_remote_code)
         self.renderer = PromptRenderer(
-            self.tok, model.chat_template, model.chat_template_kwargs, max_prompt_tokens
+            self.tok,
+            model.chat_template,
+            model.chat_template_kwargs,
+            max_prompt_tokens,
+            model.system_prompt,
         )
         self.env = env if env is not None and env.path else None
         # rollout.inflight_updates: loads come in the actor's other thread and are applied
@@ -77,6 +81,7 @@ class Generator:
         self.multiturn = None  # built on first use (rollout/multiturn.py)
         self._env_client = None  # an environment pool's client (set_env_actors)
         self.transport: WeightTransport | None = None  # set by join_weight_sync
+        self.in_engine = False  # the backend's workers receive the weights themselves
         self.version = 0
         self.rank = rank
 
@@ -95,9 +100,10 @@ class Generator:
         return self.engine.run(fn, *args) if self.engine is not None else fn(*args)
 
     # ---- prompts ----------------------------------------------------------------------
-    def render(self, prompt: Any) -> str:
-        """The text the model sees: the chat template for message lists (or when asked)."""
-        return self.renderer.render(prompt)
+    def render(self, prompt: Any, first: bool = True) -> str:
+        """The text the model sees: the chat template for message lists (or when asked);
+        ``first=False`` for an environment's later observations (no system prompt)."""
+        return self.renderer.render(prompt, first)
 
     def encode(self, text: str) -> list[int]:
         """Its tokens: one BOS, at most ``max_prompt_tokens`` (the last ones; the driver has
@@ -256,12 +262,22 @@ class Generator:
         )
 
     # ---- weights ----------------------------------------------------------------------
+    def weight_ranks(self) -> int:
+        """Ranks this generator takes in a collective weight sync (its engine's workers')."""
+        return self.backend.weight_ranks
+
     def join_weight_sync(self, plan: SyncPlan, address: Any, rank: int) -> None:
-        """Build this generator's end of the weight transport (``rank`` in the sync)."""
+        """Build this generator's end of the weight transport (``rank``: its first rank in
+        the sync); a backend that can receives in its engine's workers instead."""
         if self.transport:
             self.transport.close()
         self.transport = make_transport(plan)
-        self.transport.connect(address, rank)
+        who = f"generator {self.rank}"
+        self.in_engine = self._on_engine(
+            self.backend.join_weight_sync, self.transport, address, rank, who
+        )
+        if not self.in_engine:
+            self.transport.connect(address, rank)
         if self.gate is not None:
             self.gate.timeout_s = plan.timeout_s
 
@@ -276,7 +292,10 @@ class Generator:
         return self.gate.load(lambda: self.engine.run(self._receive, handle))
 
     def _receive(self, handle: WeightHandle) -> int:
-        self.transport.receive(handle, self.backend)
+        if self.in_engine:
+            self.backend.receive_weights(handle)
+        else:
+            self.transport.receive(handle, self.backend)
         self.version = handle.version if handle.is_last(self.transport.plan) else -1
         return self.version
 

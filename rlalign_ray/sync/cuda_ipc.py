@@ -25,9 +25,9 @@ class CudaIpcTransport(WeightTransport):
     and publishes its IPC handle; the generator opens it, on the same GPU, and loads from
     it in place (no host memory, no NCCL, which refuses two ranks on one GPU). Each learner
     rank serves the generators on its own GPU (``plan.owners``), so a colocated layout of
-    N ranks and N generators syncs in parallel. A rank keeps each bucket's buffer until it
-    publishes the next version of it (the driver waits for every generator to hold a
-    version before the next starts)."""
+    N ranks and N generators syncs in parallel. A rank keeps the buffers of a version until
+    every generator holds it (the driver then calls ``release``), so between syncs the
+    learner's GPU holds no second copy of the weights."""
 
     name = "cuda_ipc"
 
@@ -44,6 +44,14 @@ class CudaIpcTransport(WeightTransport):
     def close(self) -> None:
         self.live = {}
 
+    def release(self) -> None:
+        """Free the buffers (every generator has copied them into its engine) and hand the
+        memory back to the driver, for the generators' engines to wake into."""
+        self.live = {}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.ipc_collect()  # blocks that receivers have closed
+            torch.cuda.empty_cache()
+
     def send(self, bucket: int, tensors: Sequence[torch.Tensor]) -> Any:
         from torch.multiprocessing.reductions import reduce_tensor
 
@@ -54,7 +62,7 @@ class CudaIpcTransport(WeightTransport):
                 "cuda_ipc weight sync: a learner rank holds its weights on "
                 f"{device}, not a GPU; use sync.transport: auto"
             )
-        self.live.pop(bucket, None)  # every generator holds the version it belonged to
+        self.live.pop(bucket, None)  # not released yet: every generator holds its version
         flat = torch.empty(spec.numel, dtype=self.plan.torch_dtype, device=device)
         self.live[bucket] = flatten_into(flat, spec, tensors)
         return reduce_tensor(self.live[bucket])

@@ -37,7 +37,9 @@ class SyncPlan:
     dtype: str  # the generators' dtype: weights travel in it
     buckets: tuple[Bucket, ...]
     timeout_s: float
-    world_size: int  # learner rank 0 plus every generator
+    # collective: learner rank 0 plus every generator's ranks (a vLLM engine's
+    # tensor-parallel workers each join with a rank of their own)
+    world_size: int
     # cuda_ipc: generator i reads from learner rank owners[i], the rank on its GPU
     owners: tuple[int, ...] = ()
     # collective: the sender keeps a copy of every bucket and broadcasts from a thread, so
@@ -87,25 +89,40 @@ class WeightHandle:
 
         return ray.get(value, timeout=timeout_s)
 
-    def resolve(self) -> WeightHandle:
+    def resolve(self, timeout_s: float | None = None) -> WeightHandle:
         """This handle with the publish calls' results in place of their refs. A dispatcher
         resolves it once for its group: the refs belong to the driver, which answers every
-        process that fetches one (one request per generator, at the driver, otherwise)."""
+        process that fetches one (one request per generator, at the driver, otherwise). A
+        generator resolves it for its engine's workers, which cannot ask Ray."""
         if not self.payload:
             return self
-        return replace(self, payload=[self.published(rank=r) for r in range(len(self.payload))])
+        values = [self.published(timeout_s, r) for r in range(len(self.payload))]
+        return replace(self, payload=values)
 
 
-def gpu_uuid() -> str | None:
-    """This process's GPU (the first it sees), by UUID; None without one. Torch-free
-    unless the process already imported torch (an actor that holds no torch weights
-    holds none on a GPU either)."""
+def gpu_uuids() -> list[str]:
+    """This process's GPUs by UUID, its current device first (the one it holds weights
+    on; then the others it sees: a tensor-parallel engine's workers use them in order);
+    [] without one. Torch-free unless the process already imported torch (an actor that
+    holds no torch weights holds none on a GPU either)."""
     import os
     import sys
 
     if os.environ.get("CUDA_VISIBLE_DEVICES") == "" or "torch" not in sys.modules:
-        return None
+        return []
     torch = sys.modules["torch"]
     if not torch.cuda.is_available():
-        return None
-    return str(torch.cuda.get_device_properties(0).uuid)
+        return []
+    first = torch.cuda.current_device()
+    order = [first, *(i for i in range(torch.cuda.device_count()) if i != first)]
+    return [str(torch.cuda.get_device_properties(i).uuid) for i in order]
+
+
+def duplicate_gpus(members: dict[str, list[str]]) -> dict[str, list[str]]:
+    """GPU UUID -> the members (by label) that would hold a rank on it, for every GPU
+    two members share. ``members``: label -> the GPUs its ranks use."""
+    seen: dict[str, list[str]] = {}
+    for label, uuids in members.items():
+        for u in dict.fromkeys(uuids):
+            seen.setdefault(u, []).append(label)
+    return {u: labels for u, labels in seen.items() if len(labels) > 1}

@@ -22,6 +22,11 @@ publish and receive running at the same time.
 The tensors a backend's ``load_weights`` receives are views valid during the call only
 (the collective transport reuses its buffer for the next bucket): a backend that keeps
 them until ``finish_weight_update`` must copy them.
+
+A receiving end may also run inside an inference engine's own worker processes (a vLLM
+worker extension, ``rollout/vllm_worker.py``): each tensor-parallel worker joins with its
+own rank and loads its own shard, so no bucket is pickled between processes. Such an end
+is told its node and address (``node``, ``ip``), which it cannot ask Ray for.
 """
 
 from __future__ import annotations
@@ -50,11 +55,17 @@ from rlalign_ray.sync.plan import SyncPlan, WeightHandle  # noqa: F401 (torch-fr
 
 class WeightTransport(ABC):
     name: str
+    # whether a receiving end can run in an engine's worker process (one that is not a Ray
+    # worker): every transport but the object store, whose buckets only Ray can fetch
+    in_engine_workers = True
 
     def __init__(self, plan: SyncPlan):
         self.plan = plan
         self.rank = 0
         self.timeout = timedelta(seconds=plan.timeout_s)
+        self.node: str | None = None  # this end's Ray node id and IP (None: ask Ray)
+        self.ip: str | None = None
+        self.who: str | None = None  # how errors name this end (None: from the rank)
 
     def open(self) -> Any:
         """Sender, before anyone connects: the address receivers need (None: nothing)."""
@@ -69,6 +80,16 @@ class WeightTransport(ABC):
 
     def close(self) -> None:
         """Release what this end holds (a new sync replaces it)."""
+
+    def release(self) -> None:
+        """Sender, once every generator holds the version sent: free what only the
+        receivers needed (CUDA IPC: the GPU buffers)."""
+
+    def node_id(self) -> str:
+        return self.node if self.node is not None else node_id()
+
+    def node_ip(self) -> str:
+        return self.ip or node_ip()
 
     @abstractmethod
     def send(self, bucket: int, tensors: Sequence[torch.Tensor]) -> Any:
@@ -99,7 +120,7 @@ class WeightTransport(ABC):
             ) from None
 
     def _error(self, what: str, cause: BaseException) -> WeightSyncError:
-        where = f"generator {self.rank - 1}" if self.rank else "learner rank 0"
+        where = self.who or (f"generator {self.rank - 1}" if self.rank else "learner rank 0")
         return WeightSyncError(
             f"{self.name} weight sync: {where} could not {what} (sync.timeout_s="
             f"{self.plan.timeout_s:g}s): {type(cause).__name__}: {cause}"
@@ -110,6 +131,7 @@ class ObjectStoreTransport(WeightTransport):
     """Buckets through Ray's object store (one put per bucket, fetched once per node)."""
 
     name = "object_store"
+    in_engine_workers = False
 
     def __init__(self, plan: SyncPlan):
         super().__init__(plan)
@@ -209,16 +231,17 @@ class SharedMemoryTransport(WeightTransport):
             if os.path.exists(path):
                 os.unlink(path)
             raise
-        return {"path": self.path, "node": node_id()}
+        return {"path": self.path, "node": self.node_id()}
 
     def connect(self, address: dict[str, str], rank: int) -> None:
         super().connect(address, rank)
         if rank == 0:
             return
-        if address["node"] != node_id():
+        if address["node"] != self.node_id():
             raise WeightSyncError(
-                f"shared_memory weight sync: generator {rank - 1} runs on another node than "
-                "learner rank 0; use sync.transport: object_store or collective (or auto)"
+                f"shared_memory weight sync: {self.who or f'generator {rank - 1}'} runs on "
+                "another node than learner rank 0; use sync.transport: object_store or "
+                "collective (or auto)"
             )
         self.path = address["path"]
         try:
@@ -304,7 +327,7 @@ class CollectiveTransport(WeightTransport):
     def open(self) -> tuple[str, int]:
         import torch.distributed as dist
 
-        host = node_ip()
+        host = self.node_ip()
         self.store = dist.TCPStore(
             host, 0, self.plan.world_size, True, self.timeout, wait_for_workers=False
         )
@@ -343,7 +366,7 @@ class CollectiveTransport(WeightTransport):
             return group
         opts = dist.ProcessGroupGloo._Options()
         opts._timeout = self.timeout
-        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=node_ip())]
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=self.node_ip())]
         return dist.ProcessGroupGloo(store, rank, size, opts)
 
     def _broadcast(self, group: Any, buffer: torch.Tensor) -> None:

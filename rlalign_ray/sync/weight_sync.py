@@ -25,8 +25,8 @@ import torch
 from rlalign_ray.config import SyncConfig
 from rlalign_ray.errors import ActorFailure, WeightSyncError
 from rlalign_ray.runtime.placement import Future, get
-from rlalign_ray.sync.buckets import SyncPlan, plan_buckets
-from rlalign_ray.sync.plan import WEIGHTS_GROUP, gpu_uuid
+from rlalign_ray.sync.buckets import SyncPlan, check_half_range, plan_buckets
+from rlalign_ray.sync.plan import WEIGHTS_GROUP, duplicate_gpus, gpu_uuids
 from rlalign_ray.sync.transports import (
     SharedMemoryTransport,
     WeightHandle,
@@ -83,21 +83,34 @@ class WeightSource:
         if self._sync:
             self._sync.seal()
 
+    def release_weight_buffers(self) -> None:
+        """Every generator holds the version sent: free what only they needed (CUDA IPC:
+        this rank's GPU buffers)."""
+        if self._sync:
+            self._sync.release()
+
     def publish_weights(self, bucket: int) -> Any:
         """All ranks call this per bucket; rank 0 (cuda_ipc: each rank that serves a
         generator) sends it and returns the payload."""
         params = self._sync_params[bucket]
         with self.gathered([*params, *self.weight_extras(params)]):
-            return self._sync.send(bucket, self.weight_values(params)) if self._sync else None
+            if not self._sync:
+                return None
+            values = self.weight_values(params)
+            if self._sync.plan.dtype == "float16":  # from bf16 / fp32: no value may become inf
+                check_half_range(self._sync.plan.buckets[bucket].names, values)
+            return self._sync.send(bucket, values)
 
 
 class WeightSync:
     """Moves the learner's weights to every generator, one version at a time.
 
     ``sources``: a ``LearnerGroup`` or actors mixing in ``WeightSource`` (rank 0 first).
-    ``generators``: a ``GeneratorPool`` or actors with ``join_weight_sync`` and
-    ``load_weights`` (``Generator``). A pool's per-actor ``versions`` are advanced as the
-    loads are queued: every call queued to a generator after them sees the new weights.
+    ``generators``: a ``GeneratorPool`` or actors with ``weight_ranks``, ``join_weight_sync``
+    and ``load_weights`` (``Generator``). A pool's per-actor ``versions`` are advanced as the
+    loads are queued: every call queued to a generator after them sees the new weights
+    (and first, ``before_load``, the pool starts the chunks it still holds, so each samples
+    with the version it was submitted under).
     ``on_gpu``: learner and generators hold their weights on GPUs (``auto`` then picks
     CUDA IPC for generators on a learner rank's GPU, else NCCL); None (the default): ask
     the actors. ``overlap``: the collective sender broadcasts from a thread of its own
@@ -146,21 +159,26 @@ class WeightSync:
         layout = self._wait({self.sources[0].weight_layout.remote(): "learner rank 0"}, "layout")
         dtype = getattr(torch, self.dtype)
         nbytes = sum(math.prod(shape) for _, shape in layout[0]) * dtype.itemsize
-        owners = self._gpu_owners()
+        gens = {g.weight_ranks.remote(): f"generator {i}" for i, g in enumerate(self.generators)}
+        ranks = self._wait(gens, "set-up: the generators' weight-sync ranks")
+        ranks_gpus, gen_gpus = self._actor_gpus()
+        owners = _owners(ranks_gpus, gen_gpus)
         on_gpu = self.on_gpu if self.on_gpu is not None else owners is not None
         if c.transport == "auto":
             transport = self._auto_transport(nbytes, owners if on_gpu else None)
         else:
             transport = c.transport
         backend = c.backend if c.backend != "auto" else ("nccl" if on_gpu else "gloo")
-        self._check_layout(transport, backend, owners)
+        self._check_layout(transport, backend, owners, ranks)
+        if transport == "collective" and backend == "nccl":
+            _check_distinct_gpus(ranks_gpus[0], gen_gpus, ranks)
         self.plan = SyncPlan(
             transport=transport,
             backend=backend,
             dtype=self.dtype,
             buckets=plan_buckets(layout[0], dtype, int(c.bucket_mb * 2**20)),
             timeout_s=c.timeout_s,
-            world_size=1 + len(self.generators),
+            world_size=1 + sum(ranks),
             owners=tuple(owners or ()) if transport == "cuda_ipc" else (),
             overlap=self.overlap and transport == "collective",
         )
@@ -170,8 +188,12 @@ class WeightSync:
             s.join_weight_sync.remote(address): f"learner rank {r}"
             for r, s in enumerate(self.sources)
         }
+        # a generator's first rank: in a group, after every rank of the ones before it
+        first = [
+            1 + sum(ranks[:i]) if transport == "collective" else i + 1 for i in range(len(ranks))
+        ]
         for i, g in enumerate(self.generators):
-            calls[g.join_weight_sync.remote(self.plan, address, i + 1)] = f"generator {i}"
+            calls[g.join_weight_sync.remote(self.plan, address, first[i])] = f"generator {i}"
         self._wait(calls, "joining")
         self._wait(self._labelled("seal_weight_sync"), "set-up")
         hooks = getattr(self._generators, "on_replace", None)
@@ -201,21 +223,20 @@ class WeightSync:
         if broken is not None:
             broken.resolve(nbytes or self.plan.num_bytes)
 
-    def _gpu_owners(self) -> list[int] | None:
-        """Per generator, the learner rank on its GPU (-1: none); None unless learner rank
-        0 and every generator hold a GPU (found by asking them for their GPUs' UUIDs)."""
+    def _actor_gpus(self) -> tuple[list[list[str]], list[list[str]]]:
+        """The GPUs (UUIDs, current device first; [] for none) of every learner rank and
+        of every generator, asked of the actors."""
         actors = [*self.sources, *self.generators]
         uuids = get(
-            [a.__ray_call__.remote(lambda _: gpu_uuid()) for a in actors],
+            [a.__ray_call__.remote(lambda _: gpu_uuids()) for a in actors],
             "sync set-up: the actors' GPUs",
             self.cfg.timeout_s,
         )
-        ranks, gens = uuids[: len(self.sources)], uuids[len(self.sources) :]
-        if ranks[0] is None or any(u is None for u in gens):
-            return None
-        return [ranks.index(u) if u in ranks else -1 for u in gens]
+        return uuids[: len(self.sources)], uuids[len(self.sources) :]
 
-    def _check_layout(self, transport: str, backend: str, owners: list[int] | None) -> None:
+    def _check_layout(
+        self, transport: str, backend: str, owners: list[int] | None, ranks: list[int] = ()
+    ) -> None:
         """Layouts a transport cannot serve, named before any group is built."""
         if self.inflight and (transport == "cuda_ipc" or backend == "nccl"):
             raise WeightSyncError(
@@ -231,6 +252,13 @@ class WeightSync:
                 "(rollout.placement.colocate_with: learner, with GPUs on both); use "
                 "sync.transport: auto"
             )
+        if transport == "cuda_ipc" and any(r > 1 for r in ranks):
+            raise WeightSyncError(
+                f"cuda_ipc weight sync: generators {[i for i, r in enumerate(ranks) if r > 1]} "
+                "run a tensor-parallel engine over several GPUs, which a learner rank's GPU "
+                "buffer cannot serve; use rollout.tensor_parallel_size: 1 or sync.transport: "
+                "collective"
+            )
         if transport == "collective" and backend == "nccl" and owners and 0 in owners:
             raise WeightSyncError(
                 f"collective (NCCL) weight sync: generator {owners.index(0)} runs on learner "
@@ -244,7 +272,7 @@ class WeightSync:
         on rank 0's GPU, is refused: colocate every generator or none). On CPU, with
         every generator on learner rank 0's node and room in its /dev/shm, shared memory:
         the learner's one copy and no serialisation, HF generators copy nothing (bench
-        weights, 100M params fp32, 2 cores: see the README); across CPU nodes the object
+        weights, 100M params fp32, 2 cores: docs/benchmarks.md); across CPU nodes the object
         store, which moves a bucket once per node (gloo broadcasts over TCP to each
         receiver)."""
         if owners is not None:
@@ -302,6 +330,9 @@ class WeightSync:
         grouped = bool(getattr(self._generators, "dispatchers", None))
         loaders = self._generators.dispatchers if grouped else self.generators
         kind = "dispatcher of generators" if grouped else "generator"
+        before_load = getattr(self._generators, "before_load", None)
+        if before_load is not None:  # a pool starts its queued chunks ahead of the loads
+            before_load(version)
         calls = self._queue_buckets(version, loaders, kind)
         if hasattr(self._generators, "versions"):
             self._generators.versions = [version] * len(self.generators)
@@ -365,6 +396,8 @@ class WeightSync:
                 f"{self.plan.transport} weight sync: generators report versions "
                 f"{versions}, expected {version}; refusing to sample with stale weights"
             )
+        if self.plan.transport == "cuda_ipc":  # every generator holds it: free the buffers
+            self._wait(self._labelled("release_weight_buffers"), f"version {version}")
         return self.plan.num_bytes
 
     def _labelled(self, method: str, *args: Any) -> dict[Any, str]:
@@ -411,3 +444,30 @@ class WeightSync:
                 failed.append(r)
         for r in failed:
             get(r, f"{what}, {calls[r]}")
+
+
+def _owners(ranks: list[list[str]], gens: list[list[str]]) -> list[int] | None:
+    """Per generator, the learner rank on its (first) GPU (-1: none); None unless learner
+    rank 0 and every generator hold a GPU."""
+    firsts = [u[0] if u else None for u in ranks]
+    if firsts[0] is None or any(not u for u in gens):
+        return None
+    return [firsts.index(u[0]) if u[0] in firsts else -1 for u in gens]
+
+
+def _check_distinct_gpus(rank0: list[str], gens: list[list[str]], ranks: list[int]) -> None:
+    """An NCCL group holds one rank per GPU ("Duplicate GPU detected" otherwise): refuse
+    generators whose ranks would share a GPU with each other or with learner rank 0
+    (fractional GPUs that Ray packed together), naming them."""
+    members = {"learner rank 0": rank0[:1]}
+    members.update({f"generator {i}": u[: ranks[i]] for i, u in enumerate(gens)})
+    shared = duplicate_gpus(members)
+    if shared:
+        which = "; ".join(f"{', '.join(who)} on GPU {u}" for u, who in shared.items())
+        raise WeightSyncError(
+            f"collective (NCCL) weight sync: {which}. NCCL refuses two ranks on one GPU "
+            '("Duplicate GPU detected"): give each generator whole GPUs '
+            "(rollout.resources.num_gpus: 1), colocate every generator with the learner "
+            "(rollout.placement.colocate_with: learner: CUDA IPC), or sync through host "
+            "memory (sync.transport: object_store)"
+        )

@@ -5,8 +5,14 @@ step's prompts and queues their chunks on the generator pool; ``pump`` sends eve
 that lands to the reward pool and the reference at once (token batches never pass the
 driver); ``collect(step)`` waits for the step's chunks and returns its ``Experience``.
 With pipelining several steps are in flight; every chunk records the weight version that
-sampled it, and ``collect`` drops (and regenerates) chunks more than ``max_staleness``
-versions behind the learner.
+sampled it, and ``collect`` drops (and regenerates) chunks more than the staleness bound
+(``trainer.max_staleness``, or auto's current one: ``staleness``) behind the learner.
+
+Pipelined runs are deterministic: a chunk samples with the latest version published when
+it is requested (``pools/generator.py``), and its seed decides its samples; requests,
+refills and regenerations happen at fixed points of the driver's loop. A checkpoint holds
+the steps requested but not trained yet (``buffer``, ``buffer.py``), so a resumed run
+trains on the same samples as the one that never stopped.
 """
 
 from __future__ import annotations
@@ -18,12 +24,15 @@ from typing import Any
 
 import torch
 
+from rlalign_ray.algorithms import StalenessController
 from rlalign_ray.config import Config
 from rlalign_ray.data.batch import NONFINITE, PromptItem, ScoredShard
 from rlalign_ray.data.prompts import PromptSampler
-from rlalign_ray.errors import ActorFailure, RewardError
+from rlalign_ray.errors import ActorFailure, DataError, RewardError
 from rlalign_ray.pools import Chunk, Experience, Future, GeneratorPool, ReferencePool, RewardPool
+from rlalign_ray.rollout.inflight import version_summary
 from rlalign_ray.runtime.placement import actor_died, get
+from rlalign_ray.trainers.buffer import BufferedChunk, BufferedStep, RolloutBuffer
 
 
 @dataclass
@@ -48,7 +57,7 @@ class Rollouts:
         reference: ReferencePool | None,
         sampler: PromptSampler,
     ):
-        self.cfg, self.k = cfg, cfg.trainer.max_staleness
+        self.cfg, self.staleness = cfg, staleness_controller(cfg)
         self.gen, self.rewards, self.reference = generators, rewards, reference
         self.sampler = sampler
         self.steps: dict[int, StepRollout] = {}
@@ -63,13 +72,88 @@ class Rollouts:
         with pipelining, later steps' prompts may already be drawn."""
         return dict(self.sampler_before.get(step + 1, self.sampler.state_dict()))
 
-    def resume_from(self, step: int, sampler: dict[str, int], totals: dict[str, int]) -> None:
-        """Continue after ``step`` (what was in flight is dropped): the next request is
-        step + 1."""
+    @property
+    def k(self) -> int:
+        """The staleness bound now (``trainer.max_staleness``; auto: it moves)."""
+        return self.staleness.bound
+
+    def resume_from(
+        self,
+        step: int,
+        sampler: dict[str, int],
+        totals: dict[str, int],
+        buffer: RolloutBuffer | None = None,
+    ) -> None:
+        """Continue after ``step``: the steps in ``buffer`` as they were (their chunks
+        landed), the next request after them. Without a buffer (an older checkpoint) the
+        next request is step + 1, drawn from ``sampler``. What is in flight is dropped."""
         self.steps.clear(), self.sampler_before.clear(), self.samples.clear()
-        self.sampler.load_state_dict(sampler)
-        self.requested = step
         self.totals.update(totals)
+        self.sampler.load_state_dict(buffer.sampler if buffer else sampler)
+        self.requested = buffer.requested if buffer else step
+        for b in buffer.steps if buffer else []:
+            self.steps[b.step] = self._restored(b)
+            if b.sampler_before is not None:
+                self.sampler_before[b.step] = b.sampler_before
+
+    # ---- the rollout buffer of a checkpoint (buffer.py) -----------------------------------
+    def buffer(self) -> RolloutBuffer:
+        """Every step requested but not trained yet, its chunks landed, scored and
+        referenced: a pipelined checkpoint's buffer. Waits for the chunks in flight (and
+        their scores); the token batches pass through the driver once, at checkpoints."""
+        later = [self.steps[k] for k in sorted(self.steps)]
+        self._until_landed([c for s in later for c in s.chunks])
+        steps = [self._buffered(s) for s in later]
+        return RolloutBuffer(self.requested, self.sampler.state_dict(), steps)
+
+    def _buffered(self, s: StepRollout) -> BufferedStep:
+        timeout, what = self.cfg.run.call_timeout_s, "checkpoint: buffered chunks"
+        batches = get([c.ref for c in s.chunks], what, timeout)
+        shards = self._chunk_scores(s.chunks, s.scored, what)
+        refs = [None] * len(s.chunks)
+        if self.reference is not None:
+            if self.reference.max_restarts:
+                self._check_reference(s)
+            refs = get([s.ref_lp[c.id] for c in s.chunks], what, timeout)
+        out = BufferedStep(s.step, s.rounds, s.dropped_stale, self.sampler_before.get(s.step))
+        for c, batch, scores, ref in zip(s.chunks, batches, shards, refs):
+            out.chunks.append(
+                BufferedChunk(
+                    [it.index for it in c.items], c.n, c.seed, c.version, c.actor, c.pinned,
+                    batch, scores, ref, c.extra.get("info", {}).get("inflight_loads", 0),
+                )
+            )  # fmt: skip
+        return out
+
+    def _restored(self, b: BufferedStep) -> StepRollout:
+        """A buffered step as it was at the checkpoint: its chunks landed (their batches,
+        scores and reference log-probs put into the object store)."""
+        import ray
+
+        items = {it.index: it for it in self.sampler.items}
+        s = StepRollout(b.step, rounds=b.rounds, dropped_stale=b.dropped_stale)
+        now = time.perf_counter()
+        for bc in b.chunks:
+            if any(i not in items for i in bc.prompts):
+                raise DataError(
+                    f"the checkpoint's rollout buffer holds samples of data.train prompts "
+                    f"{sorted(set(bc.prompts) - set(items))}, which the dataset now lacks; "
+                    "resume with the data.train the run was started with"
+                )
+            prompts = [items[i] for i in bc.prompts]
+            (c,) = self.gen.chunks(prompts, bc.n, step=b.step, chunk_size=len(prompts))
+            c.seed, c.version, c.actor, c.pinned = bc.seed, bc.version, bc.actor, bc.pinned
+            c.ref, c.done, c.submitted_s, c.finished_s = ray.put(bc.batch), True, now, now
+            if bc.batch.token_versions is not None:  # what inflight_metrics reads
+                summary = version_summary(bc.batch.token_versions, bc.batch.response_mask)
+                c.extra["info"] = {"inflight_loads": bc.inflight_loads, "token_versions": summary}
+            s.chunks.append(c)
+            s.scored[c.id] = ray.put(bc.scores)
+            if self.reference is not None:  # (a buffer saved without one: computed now)
+                ref = bc.ref_logprobs
+                s.ref_lp[c.id] = ray.put(ref) if ref is not None else self.reference.logprobs(c.ref)
+                s.ref_epoch[c.id] = self.reference.restarts
+        return s
 
     # ---- requesting and landing ---------------------------------------------------------
     def request_upto(self, step: int) -> None:
@@ -132,8 +216,8 @@ class Rollouts:
 
     # ---- a step's experience --------------------------------------------------------------
     def collect(self, step: int, learner_version: int) -> Experience:
-        """Wait for ``step``'s chunks; drop and regenerate those sampled more than
-        ``max_staleness`` versions before ``learner_version``; with dynamic sampling,
+        """Wait for ``step``'s chunks; drop and regenerate those sampled more than the
+        staleness bound ``k`` versions before ``learner_version``; with dynamic sampling,
         refill groups whose rewards are all equal (at most ``max_refills`` extra rounds)."""
         a, n = self.cfg.algorithm, self.cfg.rollout.n_samples
         s = self.steps[step]
@@ -145,7 +229,7 @@ class Rollouts:
             t_gen = time.perf_counter() - t0
             scores = self.gen.joined_scores(s.chunks, "reward pool")
             if scores is None:  # chunk by chunk: one whose reward actor died is scored again
-                scores = ScoredShard.concat(self._scores(s.chunks, s.scored, "reward pool"))
+                scores = ScoredShard.concat(self._chunk_scores(s.chunks, s.scored, "reward pool"))
             finite = group_finite(scores.scores, n)  # all True unless on_nonfinite: drop_group
             informative = (group_spread(scores.scores, n) > 0) & finite
             if self._enough(finite, informative, s.rounds):
@@ -158,7 +242,7 @@ class Rollouts:
         return self._experience(step, s, rows, scores, stats)
 
     def _drop_stale(self, s: StepRollout, learner_version: int) -> bool:
-        """Drop (and request again) the step's chunks more than ``max_staleness`` versions
+        """Drop (and request again) the step's chunks more than the staleness bound ``k``
         behind ``learner_version``; whether there were any. With in-flight updates a
         chunk's version is its oldest token's (every row starts with the chunk's first
         version), so a row counts its oldest token."""
@@ -250,6 +334,16 @@ class Rollouts:
             out.update(inflight_metrics(s.chunks, learner_version, rows))
         return out
 
+    def _chunk_scores(self, chunks: list[Chunk], scored: dict[int, Any], what: str) -> list:
+        """Each chunk's ScoredShard, in order: those a dispatcher scored from their runs,
+        the others from their own score refs (``_scores``). A step can hold both: chunks
+        restored from a checkpoint's buffer and chunks sampled after it."""
+        own = [c for c in chunks if self.gen.prescored(c) is None]
+        shards = dict(zip([c.id for c in own], self._scores(own, scored, what) if own else []))
+        return [
+            shards[c.id] if c.id in shards else self.gen.joined_scores([c], what) for c in chunks
+        ]
+
     # ---- dead reward and reference actors ---------------------------------------------------
     def _scores(self, chunks: list[Chunk], scored: dict[int, Any], what: str) -> list[Any]:
         """Each chunk's ScoredShard. A chunk whose reward actor died is scored again once
@@ -288,17 +382,12 @@ class Rollouts:
                 s.ref_lp[c.id], s.ref_epoch[c.id] = self.reference.logprobs(c.ref), now
 
     # ---- evaluation -------------------------------------------------------------------------
-    def evaluate(self, items: list[PromptItem], n_samples: int = 1) -> tuple[ScoredShard, float]:
-        """``n_samples`` samples per prompt of ``items`` at ``rollout.eval_temperature`` (0:
-        greedy), queued ahead of training chunks, scored."""
-        scores, seconds = self.evaluate_sets({"": items}, n_samples)
-        return scores[""], seconds
-
     def evaluate_sets(
         self, sets: dict[str, list[PromptItem]], n_samples: int = 1
     ) -> tuple[dict[str, ScoredShard], float]:
-        """``evaluate`` for several eval sets at once (all their chunks queued together):
-        each set's scores, and the seconds until the last chunk landed."""
+        """``n_samples`` samples per prompt of each eval set at ``rollout.eval_temperature``
+        (0: greedy), all their chunks queued together ahead of training chunks, scored: each
+        set's scores, and the seconds until the last chunk landed."""
         t0 = time.perf_counter()
         size = self.cfg.rollout.chunk_size
         owner: dict[int, str] = {}
@@ -356,6 +445,16 @@ def inflight_metrics(
         "rollout/version_lag_mean": learner_version - mean_version,
         "rollout/inflight_loads": float(loads),
     }
+
+
+def staleness_controller(cfg: Config) -> StalenessController:
+    """``trainer.max_staleness`` as a controller: fixed, or auto with its cap and thresholds."""
+    t = cfg.trainer
+    if t.max_staleness != "auto":
+        return StalenessController.fixed(int(t.max_staleness))
+    return StalenessController(
+        t.max_staleness_cap, t.staleness_kl_high, t.staleness_clip_high, t.staleness_patience
+    )
 
 
 def group_finite(scores: torch.Tensor, n: int) -> torch.Tensor:

@@ -16,47 +16,46 @@ advantage is weighted by min(pi_proximal / pi_behaviour, ``algorithm.behaviour_i
 around the current policy (a ratio against a policy k versions old would be clipped
 mostly on staleness, not on the update), and the cap bounds the variance.
 
+``trainer.max_staleness: auto`` steers k by the off-policy price each step pays (the
+importance-weight clip fraction and the behaviour-learner mismatch KL:
+``algorithms/staleness.py``), between 0 and ``trainer.max_staleness_cap``.
+
 Every ``trainer.save_every`` steps the driver writes a resumable checkpoint (learner and
-critic ranks' DeepSpeed state, sampler, KL controller, random states: ``checkpoint.py``);
-``trainer.resume`` continues a run from one.
+critic ranks' DeepSpeed state, sampler, KL controller, random states: ``checkpoint.py``;
+pipelined, also the rollout buffer: the chunks sampled for later steps, ``buffer.py``);
+``trainer.resume`` continues a run from one, logging what the run that never stopped logs.
+``trainer.output_dir`` is a local folder or a URI (``storage.py``: each process writes its
+own files from its node).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
 from rlalign_ray import checkpoint
-from rlalign_ray.algorithms import (
-    ADVANTAGE_ESTIMATORS,
-    AdaptiveKLController,
-    FixedKLController,
-    compute_token_rewards,
-    gae,
-    kl_penalty,
-    masked_mean,
-    masked_whiten,
-    outcome_advantages,
-    overlong_penalty,
-)
+from rlalign_ray.algorithms import AdaptiveKLController, FixedKLController, masked_mean, objective
 from rlalign_ray.algorithms.eval_metrics import sample_metrics
 from rlalign_ray.config import Config
 from rlalign_ray.data.batch import PromptItem, ScoredShard, pad_responses
-from rlalign_ray.data.prompts import PromptSampler, load_prompts
-from rlalign_ray.errors import ActorFailure, DataError
+from rlalign_ray.data.prompts import PromptSampler
+from rlalign_ray.errors import ActorFailure
 from rlalign_ray.ledger import SampleLog
 from rlalign_ray.pools import ActorPool, EnvPool, Experience, WeightSync, start, stop
 from rlalign_ray.preflight import preflight, prepare_data
 from rlalign_ray.run_log import MetricsLogger
 from rlalign_ray.runtime.cluster import connect
 from rlalign_ray.runtime.placement import get, lost_roles
+from rlalign_ray.storage import RunLogs, Storage, is_remote, join, local_path
 from rlalign_ray.topology import Topology
+from rlalign_ray.trainers.buffer import FOLDER as BUFFER
+from rlalign_ray.trainers.buffer import RolloutBuffer
+from rlalign_ray.trainers.outputs import check_output_dir, finish_logs
+from rlalign_ray.trainers.prompt_sets import eval_sets, prompt_set
 from rlalign_ray.trainers.rollouts import Rollouts
 from rlalign_ray.trainers.samples import completion_rows
 
@@ -74,6 +73,10 @@ class Trainer:
         self.rollouts: Rollouts | None = None
         self._started_ray = False
         self.learner_restarts = 0
+        self.storage = Storage.from_config(cfg.trainer)
+        out = cfg.trainer.output_dir
+        self.output_dir = out if is_remote(out) else local_path(out)  # a URI or an absolute path
+        self.objective = cfg.objective  # registries resolved once (algorithms/objective.py)
         a = cfg.algorithm
         self.kl_ctl = (
             AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon)
@@ -86,7 +89,7 @@ class Trainer:
         """The training and evaluation prompts, checked (``preflight``) and measured
         (``data.truncation``), with their ``data/...`` statistics."""
         cfg = self.cfg
-        train = _prompts("data.train", cfg.data.train, cfg.data.prompt_key)
+        train = prompt_set("data.train", cfg.data.train, cfg.data.prompt_key)
         evals = eval_sets(cfg)
         preflight(cfg, self.topology, train)
         train, data_stats = prepare_data(cfg, self.topology, train, "data.train")
@@ -98,19 +101,18 @@ class Trainer:
         return train, evals, data_stats
 
     def fit(self) -> dict[str, float]:
-        cfg = self.cfg
+        cfg, out, storage = self.cfg, self.output_dir, self.storage
         train, evals, data_stats = self.load_data()
-        fresh = not Path(cfg.trainer.output_dir).exists()  # removed if no step trains
+        fresh = not storage.exists(out)  # removed if no step trains
         trained = False
-        ckpt = checkpoint.prepare_run(cfg.trainer.output_dir, cfg.trainer.resume)
-        state = checkpoint.TrainerState.read(ckpt) if ckpt else None
+        ckpt = checkpoint.prepare_run(out, cfg.trainer.resume, storage)
+        state = checkpoint.TrainerState.read(ckpt, storage) if ckpt else None
+        self.logs = RunLogs(storage, out)  # for a URI: a staging folder, uploaded
+        self.logs.pull()
         # a fresh start drops an old run's rows
-        logger = MetricsLogger.from_config(cfg, keep_upto=state.step if state else -1)
-        ledger = (
-            SampleLog(cfg.trainer.output_dir, state.step if state else -1)
-            if cfg.trainer.sample_log
-            else None
-        )
+        keep = state.step if state else -1
+        logger = MetricsLogger.from_config(cfg, keep_upto=keep, folder=self.logs.folder)
+        ledger = SampleLog(self.logs.folder, keep) if cfg.trainer.sample_log else None
         last: dict[str, float] = {}
         threads = torch.get_num_threads()
         if cfg.run.driver_threads:  # restored below: a Python API caller keeps its own
@@ -141,7 +143,10 @@ class Trainer:
                     continue
                 step += 1
             self.weights.wait()
-            self.save(Path(cfg.trainer.output_dir) / "final", merged=cfg.trainer.save_merged)
+            final = join(out, "final")
+            if is_remote(final):
+                storage.remove(final)  # an earlier final/ of this run: no stale files
+            self.save(final, merged=cfg.trainer.save_merged)
         except ActorFailure as e:
             e.args = (f"{e}\n{lost_roles(self.pools)}",)
             raise
@@ -150,8 +155,8 @@ class Trainer:
             logger.close()
             ledger and ledger.close()
             self.stop()
-            if fresh and not trained and cfg.trainer.steps > 0:  # a run that never started
-                shutil.rmtree(cfg.trainer.output_dir, ignore_errors=True)
+            # a new run that never started leaves nothing behind
+            finish_logs(self.logs, fresh and not trained and cfg.trainer.steps > 0)
         return last
 
     def train_step(
@@ -162,7 +167,7 @@ class Trainer:
         ledger: SampleLog | None,
     ) -> dict[str, float]:
         """One training step (1-6 above), logged; returns its metrics."""
-        cfg, rollouts, k = self.cfg, self.rollouts, self.cfg.trainer.max_staleness
+        cfg, rollouts, k = self.cfg, self.rollouts, self.rollouts.k  # auto: it moves
         t0, cpu0 = time.perf_counter(), time.process_time()
         idle0 = self.pools["generator"].idle_seconds()
         # 1-3. generation for every step the staleness bound allows (k = 0: this one)
@@ -189,14 +194,15 @@ class Trainer:
         metrics.update(self.data_stats)
         metrics["train/kl_coef"] = self.kl_ctl.value
         self.kl_ctl.update(metrics.get("train/kl", 0.0), cfg.batch_size)
+        metrics["rollout/max_staleness"] = k  # the bound this step's requests and drops used
+        price = (metrics.get(f"train/{m}", 0.0) for m in ("mismatch_kl", "behaviour_is_clipfrac"))
+        rollouts.staleness.update(*price)
         if evals and (
             step == cfg.trainer.steps
             or cfg.trainer.eval_every
             and step % cfg.trainer.eval_every == 0
         ):
             metrics.update(self.evaluate(evals))
-        if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
-            self.checkpoint(step)
         gens = len(self.pools["generator"])
         idle = self.pools["generator"].idle_seconds() - idle0
         metrics["time/generator_idle_s"] = idle / gens
@@ -204,11 +210,23 @@ class Trainer:
         # the driver's own work: CPU of this process (Python and Ray's threads in it)
         metrics["time/driver_cpu_s"] = time.process_time() - cpu0
         metrics["run/actor_restarts"] = sum(p.restarts for p in self.pools.values())
+        self.record(step, metrics, logger, ledger)
+        return metrics
+
+    def record(
+        self, step: int, metrics: dict, logger: MetricsLogger, ledger: SampleLog | None
+    ) -> None:
+        """The step's metrics and ledger lines, then (every ``trainer.save_every`` steps) its
+        checkpoint: the lines reach a URI output_dir first, so a run killed once its
+        checkpoint is committed lost none."""
         logger.log(step, metrics)
         if ledger is not None:
-            ledger.write(step, rollouts.samples.pop(step, []))
+            ledger.write(step, self.rollouts.samples.pop(step, []))
+        saved = self.cfg.trainer.save_every and step % self.cfg.trainer.save_every == 0
+        self.logs.push(0.0 if saved else self.cfg.trainer.log_sync_s)
+        if saved:
+            self.checkpoint(step)
         logger.advance()
-        return metrics
 
     # ---- a learner rank that died ----------------------------------------------------------
     def restart_learners(
@@ -217,12 +235,13 @@ class Trainer:
         """After ``error``: if a learner (or critic) rank died, start the groups again from
         the last checkpoint (``run.max_learner_restarts`` times a run) and return its step;
         otherwise, or past the limit, stop with an error naming the checkpoint to resume
-        from. Generation in flight is dropped: it was sampled with later weights."""
+        from. Generation in flight is dropped; the steps the checkpoint buffered (pipelined)
+        train on its chunks, as they did before."""
         groups = [r for r in ("learner", "critic") if r in self.pools]
         dead = [f"{r} rank {i}" for r in groups for i in self.pools[r].dead_actors(10.0)]
         if not dead:
             raise error
-        ckpt = checkpoint.latest(checkpoint.checkpoints_dir(self.cfg.trainer.output_dir))
+        ckpt = checkpoint.latest(checkpoint.checkpoints_dir(self.output_dir), self.storage)
         limit = self.cfg.run.max_learner_restarts
         if self.learner_restarts >= limit or ckpt is None:
             raise ActorFailure(
@@ -232,10 +251,10 @@ class Trainer:
                     if limit
                     else ""
                 )
-                + f". {resume_hint(ckpt)}"
+                + f". {resume_hint(ckpt, self.storage)}"
             ) from None
         self.learner_restarts += 1
-        state = checkpoint.TrainerState.read(ckpt)
+        state = checkpoint.TrainerState.read(ckpt, self.storage)
         log.warning(
             "%s died; restarting the %s from %s (%d of run.max_learner_restarts=%d)",
             ", ".join(dead),
@@ -257,36 +276,36 @@ class Trainer:
 
     # ---- 4. advantages ------------------------------------------------------------------
     def advantages(self, exp: Experience, step: int):
-        """(B, T) advantages; for PPO also the returns and the critic's values."""
-        a, cfg = self.cfg.algorithm, self.cfg
-        s = exp.scores
-        mask, stats = s.response_mask, {}
-        scores = s.scores
-        if a.overlong_buffer:
-            penalty = overlong_penalty(
-                s.response_len, cfg.rollout.max_new_tokens, a.overlong_buffer, a.overlong_penalty
-            )
-            scores = scores + penalty
-            stats["train/overlong_penalty"] = float(penalty.mean())
+        """(B, T) advantages; for PPO also the returns and the critic's values
+        (``algorithms/objective.py`` holds the math)."""
+        o, s = self.objective, exp.scores
+        mask = s.response_mask
+        scores, shaped = objective.shaped_scores(o, s.scores, s.response_len)
+        stats = {f"train/{k}": v for k, v in shaped.items()}
+        values = self.pools["critic"].values(exp, step) if self.cfg.needs_critic else None
         kl = None
-        if a.kl_in_reward and exp.ref_logprobs:
-            ref = pad_responses(get(exp.ref_logprobs, "reference", cfg.run.call_timeout_s))
-            ref = ref[exp.rows] if exp.rows is not None else ref
-            kl = kl_penalty(s.logprobs, ref[:, : mask.shape[1]], a.kl_estimator) * mask
+        if o.kl_in_reward and exp.ref_logprobs:
+            kl = self.reward_kl(exp, step)
             stats["train/kl"] = float(masked_mean(kl, mask))
-        groups = torch.arange(len(s)) // cfg.rollout.n_samples
-        if not cfg.needs_critic:
-            adv = outcome_advantages(
-                a.name, scores, groups, mask, gamma=a.gamma, kl=kl, kl_coef=self.kl_ctl.value
-            )
-            return adv, None, None, stats
-        values = self.rollouts.wait(self.pools["critic"].values(exp, step))
-        token_rewards = compute_token_rewards(scores, mask, kl=kl, kl_coef=self.kl_ctl.value)
-        adv, returns = gae(token_rewards, values, mask, a.gamma, a.lam)
-        if a.whiten_advantages:
-            adv = masked_whiten(adv, mask) * mask
-        stats["train/values_mean"] = float(masked_mean(values, mask))
+        if values is not None:
+            values = self.rollouts.wait(values)
+            stats["train/values_mean"] = float(masked_mean(values, mask))
+        groups = torch.arange(len(s)) // self.cfg.rollout.n_samples
+        adv, returns = objective.advantages(o, scores, groups, mask, kl, self.kl_ctl.value, values)
         return adv, returns, values, stats
+
+    def reward_kl(self, exp: Experience, step: int) -> torch.Tensor:
+        """(B, T) per-token KL to the reference for the reward, from the learner's old
+        log-probs (which its ranks keep for the update), or the generator's with
+        ``algorithm.use_behaviour_logprobs``."""
+        cfg, mask = self.cfg, exp.scores.response_mask
+        if cfg.algorithm.use_behaviour_logprobs:
+            old = exp.scores.logprobs
+        else:
+            old = self.rollouts.wait(self.pools["learner"].old_logprobs(exp, step))
+        ref = pad_responses(get(exp.ref_logprobs, "reference", cfg.run.call_timeout_s))
+        ref = ref[exp.rows] if exp.rows is not None else ref
+        return objective.reward_kl(old, ref[:, : mask.shape[1]], mask, self.objective.kl_estimator)
 
     # ---- 5-6. update and broadcast ------------------------------------------------------
     def learn(
@@ -296,13 +315,15 @@ class Trainer:
     ) -> dict[str, float]:
         """Policy (and critic) updates, run together; chunks keep landing meanwhile."""
         self.generators_sleep(True)
-        per_sequence = ADVANTAGE_ESTIMATORS[self.cfg.algorithm.name].per_sequence
-        policy = self.pools["learner"].update(exp, self.kl_ctl.value, step, per_sequence)
-        critic = self.pools["critic"].update(exp, step) if "critic" in self.pools else None
-        metrics = self.rollouts.wait(policy)
-        if critic is not None:
-            metrics.update(self.rollouts.wait(critic))
-        self.generators_sleep(False)
+        try:
+            per_sequence = self.objective.estimator.per_sequence
+            policy = self.pools["learner"].update(exp, self.kl_ctl.value, step, per_sequence)
+            critic = self.pools["critic"].update(exp, step) if "critic" in self.pools else None
+            metrics = self.rollouts.wait(policy)
+            if critic is not None:
+                metrics.update(self.rollouts.wait(critic))
+        finally:  # also when a rank died: a restart's restore syncs weights into them
+            self.generators_sleep(False)
         return metrics
 
     def broadcast(self, version: int) -> int:
@@ -333,47 +354,65 @@ class Trainer:
             out.update({f"{prefix}/{k}": v for k, v in m.items()})
         return {**out, "time/eval_s": seconds}
 
-    def save(self, path: Path, merged: bool = False) -> None:
+    def save(self, path: str, merged: bool = False) -> None:
+        """The policy as a Hugging Face folder (or URI), written by learner rank 0."""
         self.pools["learner"].save(str(path), merged)
 
     # ---- resumable checkpoints (rlalign_ray/checkpoint.py) ------------------------------
-    def checkpoint(self, step: int) -> Path:
-        """Everything a run needs to continue after ``step``, in
-        ``checkpoints/step_<step>`` (written aside, then renamed)."""
-        t = self.cfg.trainer
-        tmp = checkpoint.staging(t.output_dir, step)
-        self.save(tmp)  # the policy as a Hugging Face folder
+    def checkpoint(self, step: int) -> str:
+        """Everything a run needs to continue after ``step``, in ``checkpoints/step_<step>``
+        (locally written aside, then renamed; in a URI trainer_state.json goes last).
+        Pipelined, the chunks requested for later steps land first and are stored (the
+        rollout buffer)."""
+        t, storage = self.cfg.trainer, self.storage
+        buffer = self.rollouts.buffer()  # waits for generation in flight
+        folder = checkpoint.begin(self.output_dir, step, storage)
+        with storage.writing(join(folder, BUFFER), "driver") as local:
+            buffer.write(local)
+        self.save(folder)  # the policy as a Hugging Face folder
         for role in ("learner", "critic"):
-            if role in self.pools:
-                self.pools[role].save_checkpoint(str(tmp / role))
-        torch.save(self.pools["generator"].rng_states(), tmp / "generators_rng.pt")
-        torch.save(checkpoint.rng_state(), tmp / "driver_rng.pt")
+            if role in self.pools:  # every rank writes (uploads) its own files
+                self.pools[role].save_checkpoint(join(folder, role))
+        with storage.writing(folder, "driver") as local:
+            torch.save(self.pools["generator"].rng_states(), local / "generators_rng.pt")
+            torch.save(checkpoint.rng_state(), local / "driver_rng.pt")
         checkpoint.TrainerState(
             step=step,
             version=self.version,
             sampler=self.rollouts.resume_state(step),
             kl_coef=self.kl_ctl.value,
             totals=dict(self.rollouts.totals),
-        ).write(tmp)
-        return checkpoint.commit(tmp, step, t.keep_checkpoints)
+            staleness=self.rollouts.staleness.state_dict(),
+        ).write(folder, storage)
+        return checkpoint.commit(folder, step, t.keep_checkpoints, storage)
 
-    def restore(self, path: Path, state: checkpoint.TrainerState) -> None:
+    def restore(self, path: str, state: checkpoint.TrainerState) -> None:
         """Load the checkpoint in ``path`` into the started pools and the driver, and publish
         the restored weights to every generator (as version ``state.version``)."""
         for role in ("learner", "critic"):
             if role in self.pools:
-                self.pools[role].load_checkpoint(str(path / role))
+                self.pools[role].load_checkpoint(join(path, role))
         self.weights.sync(state.version)
         self.version = state.version
-        gens = checkpoint.load(path / "generators_rng.pt")
+
+        def driver_files(name: str) -> bool:
+            return name in ("generators_rng.pt", "driver_rng.pt") or name.startswith(BUFFER)
+
+        with self.storage.reading(path, "driver", driver_files) as local:
+            gens = checkpoint.load(local / "generators_rng.pt")
+            driver_rng = checkpoint.load(local / "driver_rng.pt")
+            buffer = RolloutBuffer.read(local / BUFFER)
         self.pools["generator"].set_rng_states(gens)
-        self.rollouts.resume_from(state.step, state.sampler, state.totals)
+        self.rollouts.resume_from(state.step, state.sampler, state.totals, buffer)
+        if state.staleness:
+            self.rollouts.staleness.load_state_dict(state.staleness)
         self.kl_ctl.value = state.kl_coef
-        checkpoint.set_rng_state(checkpoint.load(path / "driver_rng.pt"))
+        checkpoint.set_rng_state(driver_rng)
 
     def generators_sleep(self, asleep: bool) -> None:
         """With ``rollout.enable_sleep_mode`` (synchronous only), the vLLM engines give
-        their GPU memory to the learner while it trains and take it back after."""
+        their GPU memory to the learner while it trains and take it back after (the weights'
+        memory: the next weight version fills it, and then the KV cache comes back)."""
         if self.cfg.rollout.enable_sleep_mode:
             self.pools["generator"].sleep(asleep)
 
@@ -384,7 +423,13 @@ class Trainer:
             self.pools["env"] = EnvPool(self.cfg)
         cpus = sum(p.spec.num_actors * p.spec.resources.num_cpus for p in self.pools.values())
         self._started_ray = connect(self.cfg.run, cpus)
-        start(list(self.pools.values()), self.cfg.run.placement_timeout_s)
+        timeout = self.cfg.run.call_timeout_s
+        start(
+            list(self.pools.values()),
+            self.cfg.run.placement_timeout_s,
+            # before any model loads: do the nodes that write checkpoints reach output_dir?
+            placed=lambda: check_output_dir(self.storage, self.output_dir, self.pools, timeout),
+        )
         if "env" in self.pools:
             self.pools["env"].attach(self.pools["generator"])
         self.weights = WeightSync(
@@ -392,7 +437,7 @@ class Trainer:
             self.cfg.generator_dtype,
             self.pools["learner"],
             self.pools["generator"],
-            overlap=self.cfg.trainer.max_staleness > 0,
+            overlap=self.cfg.pipelined,
             inflight=self.cfg.rollout.inflight_updates,
         )
         self.weights.setup()
@@ -408,41 +453,19 @@ class Trainer:
             self._started_ray = False
 
 
-def eval_sets(cfg: Config) -> dict[str, list[PromptItem]]:
-    """``data.eval`` loaded: a single file as the set "" (metrics ``eval/...``), a mapping
-    name -> file as named sets (``eval/<name>/...``); {} without evaluation."""
-    d = cfg.data
-    if not d.eval:
-        return {}
-    if isinstance(d.eval, str):
-        return {"": _prompts("data.eval", d.eval, d.prompt_key, d.eval_limit)}
-    return {
-        name: _prompts(f"data.eval.{name}", path, d.prompt_key, d.eval_limit)
-        for name, path in d.eval.items()
-    }
-
-
-def resume_hint(ckpt: Path | None) -> str:
+def resume_hint(ckpt: str | None, storage: Storage | None = None) -> str:
     """How to continue a run that stopped, for its error message."""
     if ckpt is None:
         return (
             "No checkpoint was written yet (trainer.save_every), so the run starts again "
             "from the beginning."
         )
-    step = checkpoint.TrainerState.read(ckpt).step
+    step = checkpoint.TrainerState.read(ckpt, storage).step
     return (
         f"The last checkpoint, {ckpt} (step {step}), is intact: continue the run from it "
         "with trainer.resume=auto (the same trainer.output_dir), or set "
         "run.max_learner_restarts to restart the learner group inside the run."
     )
-
-
-def _prompts(key: str, path: str, prompt_key: str, limit: int = 0) -> list[PromptItem]:
-    """``load_prompts``, its errors prefixed with the config key that named the file."""
-    try:
-        return load_prompts(path, prompt_key, limit)
-    except DataError as e:
-        raise DataError(f"{key}: {e}") from None
 
 
 def rollout_metrics(scores: ScoredShard, prefix: str) -> dict[str, float]:

@@ -12,7 +12,8 @@ DTYPE = "float32"
 
 def learner_side(model_path: str, zero_stage: int, to_gen: Any, from_gen: Any) -> None:
     """Train one step (the weights move off their initial values), publish every bucket's
-    IPC handle, keep the buffers until the generator is done, then send the weights."""
+    IPC handle, keep the buffers until the generator is done, free them (the GPU memory
+    they held goes back), then send the weights."""
     from rlalign_ray.config import config_from_dict
     from rlalign_ray.sync.buckets import plan_buckets
     from rlalign_ray.sync.plan import SyncPlan
@@ -49,6 +50,9 @@ def learner_side(model_path: str, zero_stage: int, to_gen: Any, from_gen: Any) -
     for b in range(len(plan.buckets)):
         to_gen.put(learner.publish_weights(b))
     assert from_gen.get(timeout=300) == "loaded"
+    held = torch.cuda.memory_allocated()
+    learner.release_weight_buffers()  # what WeightSync does once every generator holds it
+    to_gen.put((held - torch.cuda.memory_allocated()) / plan.num_bytes)
     to_gen.put(learner.get_weights())  # numpy arrays: pickled by value
 
 
@@ -71,11 +75,13 @@ def generator_side(model_path: str, from_learner: Any, to_learner: Any, out: Any
         transport.receive(WeightHandle(1, b, [from_learner.get(timeout=300)]), backend)
     to_learner.put("loaded")
     held = {n: p.detach().float().cpu() for n, p in backend.named_parameters()}
+    freed = from_learner.get(timeout=300)
     sent = from_learner.get(timeout=300)
     out.put(
         SimpleNamespace(
             device=str(next(iter(backend.named_parameters()))[1].device),
             max_diff=max(float((held[n] - torch.from_numpy(sent[n])).abs().max()) for n in sent),
             names=sorted(sent) == sorted(held),
+            freed=freed,
         ).__dict__
     )

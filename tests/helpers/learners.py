@@ -27,3 +27,19 @@ class AlwaysNaNLearner(Learner):
     def micro_loss(self, batch, r, old, adv, ref, kl_coef, index):
         loss, pg_loss, logs = super().micro_loss(batch, r, old, adv, ref, kl_coef, index)
         return loss * float("nan"), pg_loss, logs
+
+
+def drift(step: int) -> float:
+    """The simulated drift of ``DriftingLearner``: calm, a rough stretch (steps 6-9), calm."""
+    return 0.05 if 6 <= step <= 9 else 0.001
+
+
+class DriftingLearner:
+    """A simulated learner rank (``bench/simulated.py``) that reports an off-policy price
+    growing with its batch's staleness and the drift: ``mismatch_kl = drift(step) * age``,
+    ``age`` the oldest weight version's distance from the learner's (step - 1)."""
+
+    def train_step(self, part, advantages, kl_coef, step):
+        out = super().train_step(part, advantages, kl_coef, step)
+        age = step - 1 - min(part["versions"])
+        return {**out, "mismatch_kl": drift(step) * age, "behaviour_is_clipfrac": 0.0}

@@ -57,3 +57,31 @@ class StallingLearner(Learner):
 def stalling_reward(prompts, completions, **columns):
     stall_if_armed("reward")
     return digit_fraction(prompts, completions)
+
+
+SLEEP_LOG = Path(tempfile.gettempdir()) / "rlalign-test-sleep-log"
+
+
+class SleepLogGenerator(Generator):
+    """A generator that plays ``rollout.enable_sleep_mode`` on the HF backend: it writes
+    every sleep, wake and weight load to ``SLEEP_LOG/<pid>`` (the test reads them), with
+    whether it was asleep then."""
+
+    asleep = False
+
+    def _log(self, event: str) -> None:
+        SLEEP_LOG.mkdir(exist_ok=True)
+        with open(SLEEP_LOG / str(os.getpid()), "a") as f:
+            f.write(f"{event} {'asleep' if self.asleep else 'awake'}\n")
+
+    def sleep(self) -> None:
+        self._log("sleep")
+        self.asleep = True
+
+    def wake_up(self) -> None:
+        self._log("wake")
+        self.asleep = False
+
+    def load_weights(self, handle):
+        self._log("load")
+        return super().load_weights(handle)

@@ -1,5 +1,6 @@
 """Every algorithm runs through the real loop: PPO with its critic group, the GRPO family,
-REINFORCE++ with KL in the reward, DAPO's dynamic sampling and overlong penalty."""
+REINFORCE++ with KL in the reward, DAPO's dynamic sampling and overlong penalty, and the
+policy losses (a user's module:function, gspo, cispo) with the sequence-level mismatch mask."""
 
 from __future__ import annotations
 
@@ -94,5 +95,38 @@ def test_reinforce_pp_kl_in_reward_dynamic_sampling_overlong(ray_local, tiny_mod
         "train/kl",
         "train/kl_coef",
         "train/behaviour_is_weight",
+        "train/mismatch_kl",
     ):
         assert key in rows[-1], key
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        "helpers.objectives:reinforce_loss",  # a user's loss, imported by the learner ranks
+        pytest.param("gspo", marks=pytest.mark.full),
+        pytest.param("cispo", marks=pytest.mark.full),
+    ],
+)
+def test_policy_losses_train(ray_local, tiny_model, tmp_path, loss):
+    """With the user's loss, the user's estimator too (per sequence: one value per row)."""
+    user = loss.startswith("helpers.")
+    cfg = config_from_dict(
+        small_config(
+            tiny_model,
+            str(tmp_path / "run"),
+            algorithm={
+                "name": "helpers.objectives:median_baseline" if user else "grpo",
+                "kl_coef": 0.0,
+                "policy_loss": loss,
+                "behaviour_seq_mask": [0.5, 2.0],
+            },
+            rollout={"num_actors": 1},
+            reward={"num_actors": 1},
+        )
+    )
+    Trainer(cfg).fit()
+    rows = _rows(tmp_path / "run")
+    assert rows[-1]["weights/version"] == 2
+    for key in ("train/loss", "train/ratio_mean", "train/mismatch_kl", "train/seq_masked_frac"):
+        assert all(key in r and r[key] == r[key] for r in rows[1:]), key  # present, not NaN

@@ -58,6 +58,8 @@ CASES = [
     Case("wrong_type_section", ["learner=3"], ["learner", "expected a mapping"]),
     Case("bad_algorithm", ["algorithm.name=ppx"], ["algorithm.name", "'ppx'", "use one of ppo, grpo"]),
     Case("bad_kl_estimator", ["algorithm.kl_estimator=k9"], ["algorithm.kl_estimator", "use one of"]),
+    Case("bad_policy_loss", ["algorithm.policy_loss=helpers.rewards:nope"], ["algorithm.policy_loss", "cannot import the policy loss"]),
+    Case("k3_in_reward", ["algorithm.name=reinforce_pp", "algorithm.kl_coef=0.01", "algorithm.kl_in_reward=true", "algorithm.kl_estimator=k3"], ["algorithm.kl_estimator: k3 in the reward", "E[k * grad log pi]"], full=True),
     Case("bad_backend", ["rollout.backend=tgi"], ["rollout.backend", "use one of hf, vllm"]),
     Case("bad_sync_transport", ["sync.transport=pigeon"], ["sync.transport", "use one of auto, collective"]),
     Case("negative_samples", ["rollout.n_samples=-1"], ["rollout.n_samples", "must be > 0"]),
@@ -95,10 +97,11 @@ CASES = [
     Case("chat_prompts_no_template", ["model.path={nochat}", "data.train={tmp}/t.jsonl", "data.eval=null"], ["model.path", "no chat template", "lists of messages", "model.tokenizer"], files={"t.jsonl": '{"prompt": [{"role": "user", "content": "1+2="}]}\n'}),
     Case("chat_flag_no_template", ["model.path={nochat}", "model.chat_template=true"], ["model.path", "no chat template", "model.chat_template is on"]),
     # ---- reward functions, before Ray ---------------------------------------------------
-    Case("reward_module_missing", [REWARD.format("no_such_module:fn")], ["reward.rewards[0].path", "cannot import module 'no_such_module'", "PYTHONPATH"]),
+    Case("reward_module_missing", [REWARD.format("no_such_module:fn")], ["reward.rewards[0].path", "no_such_module:fn", "cannot import module 'no_such_module'", "looked in the working directory {tmp}", "PYTHONPATH"]),
     Case("reward_module_broken", [REWARD.format("broken_reward:fn")], ["reward.rewards[0].path", "importing module 'broken_reward' raised RuntimeError: boom"], files={"broken_reward.py": "raise RuntimeError('boom')\n"}),
     Case("reward_function_missing", [REWARD.format("helpers.rewards:nope")], ["reward.rewards[0].path", "has no function 'nope'"]),
     Case("reward_not_callable", [REWARD.format("helpers.rewards:NOT_CALLABLE")], ["reward.rewards[0].path", "is a list, not a function"]),
+    Case("math_answer_column_missing", ["reward.rewards=[{type: math, answer_key: solution}]"], ["reward.rewards[0].answer_key", "'solution'", "set answer_key"]),
     Case("reward_bad_signature", [REWARD.format("helpers.rewards:completions_only")], ["reward.rewards[0].path", "helpers.rewards:completions_only", "def completions_only(completions, **kwargs)", "completion_ids"]),
     # ---- cluster -----------------------------------------------------------------------
     Case("zero_group_size", ["rollout.n_samples=0"], ["rollout.n_samples: must be > 0"]),
@@ -215,6 +218,7 @@ def test_bad_input_exits_2_with_one_clear_message(case, tiny_model, no_chat_mode
     assert err.count("rlalign-ray: error:") == 1, err[-4000:]
     message = err[err.index("rlalign-ray: error:") :]
     for want in case.expect:
+        want = want.replace("{tmp}", str(run_dir))
         assert want in message, f"{want!r} not in:\n{message}"
     assert not left, f"processes left running: {left}"
     assert not (tmp_path / "out").exists(), "a run that trained nothing left its output folder"

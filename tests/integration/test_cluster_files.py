@@ -43,8 +43,9 @@ def _docs(path: Path) -> list[dict]:
     return docs
 
 
-def _check_train_command(cmd: str, where: str) -> None:
-    """``rlalign-ray train CONFIG [overrides]`` with CONFIG a loadable file in configs/."""
+def _check_train_command(cmd: str, where: str) -> str:
+    """``rlalign-ray train CONFIG [overrides]`` with CONFIG a loadable file in configs/;
+    returns its ``trainer.output_dir``."""
     argv = shlex.split(cmd)
     assert argv[:2] == ["rlalign-ray", "train"], (
         f"{where}: not an rlalign-ray train command: {cmd!r}"
@@ -54,7 +55,7 @@ def _check_train_command(cmd: str, where: str) -> None:
     path = REPO / config
     assert config.startswith("configs/") and path.is_file(), f"{where}: {config} is not in configs/"
     assert all("=" in o for o in overrides), f"{where}: overrides must be key=value: {overrides}"
-    load_config(path, overrides)  # raises ConfigError with every problem listed
+    return load_config(path, overrides).trainer.output_dir  # ConfigError lists every problem
 
 
 def _train_commands(text: str) -> list[str]:
@@ -108,7 +109,17 @@ def test_cluster_launcher_config():
     cmds = _train_commands(text)
     assert cmds, "aws_gpu.yaml: no `rlalign-ray train configs/...` example"
     for cmd in cmds:
-        _check_train_command(cmd, "aws_gpu.yaml")
+        # the learner ranks on the GPU workers write checkpoints and final/: to a bucket
+        out = _check_train_command(cmd, "aws_gpu.yaml")
+        assert out.startswith("s3://"), f"aws_gpu.yaml: {cmd} writes to {out}, not a bucket"
+    assert any("[s3]" in c for c in cfg["setup_commands"]), "install 'rlalign-ray[s3]'"
+    for name in workers_of(cfg):  # every node that runs learner ranks may write the bucket
+        assert types[name]["node_config"].get("IamInstanceProfile"), f"{name}: no IAM profile"
+    assert "rsync-down" not in text, "the head holds no checkpoint: copy from the bucket"
+
+
+def workers_of(cfg: dict) -> list[str]:
+    return [name for name in cfg["available_node_types"] if name != cfg["head_node_type"]]
 
 
 def _check_ray_cluster_spec(spec: dict, where: str) -> None:
@@ -127,18 +138,54 @@ def _check_ray_cluster_spec(spec: dict, where: str) -> None:
     assert gpu_groups, f"{where}: no worker group has nvidia.com/gpu limits"
 
 
+def _pods(spec: dict) -> list[dict]:
+    """The pod specs of a RayCluster spec: the head's, then each worker group's."""
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    return [g["template"]["spec"] for g in groups]
+
+
 def test_kuberay_raycluster():
-    (doc,) = _docs(CLUSTER / "kuberay/raycluster.yaml")
-    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster"
-    assert doc["metadata"]["name"]
+    docs = {d["kind"]: d for d in _docs(CLUSTER / "kuberay/raycluster.yaml")}
+    doc = docs["RayCluster"]
+    assert doc["apiVersion"] == "ray.io/v1" and doc["metadata"]["name"]
     _check_ray_cluster_spec(doc["spec"], "raycluster.yaml")
+    # one ReadWriteMany claim, mounted at the same path in the head and every worker pod
+    claim = docs["PersistentVolumeClaim"]
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]
+    mounts = set()
+    for pod in _pods(doc["spec"]):
+        volumes = {
+            v["name"]
+            for v in pod.get("volumes", [])
+            if v.get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"]
+        }
+        found = [
+            m["mountPath"]
+            for c in pod["containers"]
+            for m in c.get("volumeMounts", [])
+            if m["name"] in volumes
+        ]
+        assert found, f"raycluster.yaml: a pod does not mount {claim['metadata']['name']}"
+        mounts.update(found)
+    assert len(mounts) == 1, f"raycluster.yaml: the shared volume is mounted at {mounts}"
+    (mount,) = mounts
+    text = (CLUSTER / "kuberay/raycluster.yaml").read_text()
+    outs = re.findall(r"trainer\.output_dir=(\S+)", text)
+    assert outs and all(o.startswith((mount + "/", "s3://")) for o in outs), outs
 
 
 def test_kuberay_rayjob():
     (doc,) = _docs(CLUSTER / "kuberay/rayjob.yaml")
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
     spec = doc["spec"]
-    _check_train_command(spec["entrypoint"], "rayjob.yaml entrypoint")
+    out = _check_train_command(spec["entrypoint"], "rayjob.yaml entrypoint")
+    # the cluster is deleted with the job: the outputs go to a bucket every pod can write
+    assert spec["shutdownAfterJobFinishes"] and out.startswith("s3://"), out
+    for pod in _pods(spec["rayClusterSpec"]):
+        creds = pod.get("serviceAccountName") or [
+            e for c in pod["containers"] for e in c.get("envFrom", []) if "secretRef" in e
+        ]
+        assert creds, "rayjob.yaml: a pod has no credentials for the bucket"
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert isinstance(runtime_env, dict) and "working_dir" in runtime_env
     _check_ray_cluster_spec(spec["rayClusterSpec"], "rayjob.yaml rayClusterSpec")
@@ -151,6 +198,10 @@ def test_slurm_script():
     assert re.search(r"ray start --block --address", text), "no worker `ray start --block`"
     assert 'rlalign-ray train "$CONFIG"' in text
     assert "trap cleanup EXIT" in text
+    # outputs on the shared submit dir by default, seen by every node before Ray starts
+    assert re.search(r'OVERRIDES=\("trainer\.output_dir=\$PWD/', text)
+    probe = text.index('srun --overlap --nodes="$NUM_NODES"', text.index("PROBE="))
+    assert probe < text.index("ray start --head")
     # Preflight before Ray starts: the config loads, and vllm imports on every node.
     assert "rlalign-ray check-config" in text and "python -c 'import vllm'" in text
     # The example in the header names a real config.

@@ -6,7 +6,11 @@
   and the ledger (``samples.jsonl``) holds each step's prompts x samples exactly once;
 - a learner rank killed in step 3 restarts the group from step 2's checkpoint inside the
   run (``run.max_learner_restarts``); without restarts left the run stops, naming the
-  checkpoint and ``trainer.resume=auto``.
+  checkpoint and ``trainer.resume=auto``; in a pipelined run the restarted steps train on
+  the checkpoint's rollout buffer and log what the run without a kill logs. With generators
+  that sleep while the learner trains (``rollout.enable_sleep_mode``, played by
+  ``SleepLogGenerator``), the rank's death still wakes them, and no weights are loaded into a
+  sleeping generator.
 (``test_failures.py`` checks ``run.max_actor_restarts`` running out.)
 """
 
@@ -23,9 +27,9 @@ from pathlib import Path
 
 import pytest
 from conftest import small_config
-from helpers.stalls import CLAIMS
+from helpers.stalls import CLAIMS, SLEEP_LOG
 
-from rlalign_ray.config import config_from_dict
+from rlalign_ray.config import Config, config_from_dict
 from rlalign_ray.errors import ActorFailure
 from rlalign_ray.ledger import read
 from rlalign_ray.trainers import Trainer
@@ -80,7 +84,9 @@ def _config(model: str, out: Path, steps: int, **sections) -> dict:
     return small_config(model, str(out), data={"eval": None}, **sections)
 
 
-def _check_ledger(out: Path, steps: int, prompts: int = 4, n: int = 2) -> list[dict]:
+def _check_ledger(
+    out: Path, steps: int, prompts: int = 4, n: int = 2, versions: bool = True
+) -> list[dict]:
     rows = read(out)
     per_step = Counter(r["step"] for r in rows)
     assert per_step == {s: prompts * n for s in range(1, steps + 1)}, per_step
@@ -90,7 +96,8 @@ def _check_ledger(out: Path, steps: int, prompts: int = 4, n: int = 2) -> list[d
         mine = [r for r in rows if r["step"] == s]
         assert len({r["prompt_index"] for r in mine}) == prompts
         assert Counter(r["sample_index"] for r in mine) == {k: prompts for k in range(n)}
-        assert {r["version"] for r in mine} == {s - 1}  # synchronous: the latest weights
+        if versions:  # synchronous: the latest weights
+            assert {r["version"] for r in mine} == {s - 1}
     return rows
 
 
@@ -144,38 +151,95 @@ def test_dead_generator_reward_and_reference_are_replaced(ray_local, tiny_model,
     )
 
 
+STALLING_LEARNER = {
+    "world_size": 1,
+    "micro_batch_size": 4,
+    "lr": 1e-3,
+    "resources": {"num_cpus": 0.5},
+    "actor_class": "helpers.stalls:StallingLearner",
+}
+
+
+def _fit_killing(name: str, cfg: dict | Config) -> Killer:
+    """Train ``cfg`` while a ``Killer`` SIGKILLs the actor that stalls at ``name``."""
+    killer = Killer([[name]])
+    killer.start()
+    try:
+        Trainer(cfg if isinstance(cfg, Config) else config_from_dict(cfg)).fit()
+    finally:
+        killer.done.set()
+    return killer
+
+
 def test_dead_learner_rank_restarts_from_the_checkpoint(ray_local, tiny_model, tmp_path, claims):
     out = tmp_path / "run"
     sections = {
         "algorithm": {"kl_coef": 0.0},  # no reference: fewer actors
-        "learner": {
-            "world_size": 1,
-            "micro_batch_size": 4,
-            "lr": 1e-3,
-            "resources": {"num_cpus": 0.5},
-            "actor_class": "helpers.stalls:StallingLearner",
-        },
+        "learner": STALLING_LEARNER,
         "trainer": {"save_every": 2},
     }
     # no restarts: the run stops naming the checkpoint and how to resume
-    killer = Killer([["learner"]])
-    killer.start()
     with pytest.raises(ActorFailure) as err:
-        Trainer(config_from_dict(_config(tiny_model, out, 4, **sections))).fit()
-    killer.done.set()
+        _fit_killing("learner", _config(tiny_model, out, 4, **sections))
     msg = str(err.value)
     assert "learner rank 0 died" in msg and "trainer.resume=auto" in msg, msg
     assert str(out / "checkpoints" / "step_2") in msg and "(step 2)" in msg, msg
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_2"
-    # with a restart: the group starts again from step 2's checkpoint and the run completes
+    # with a restart: the group starts again from step 2's checkpoint and the run completes;
+    # generators asleep while the learner trains are woken when its rank dies
     out2 = tmp_path / "run2"
     sections["run"] = {"max_learner_restarts": 1}
-    killer = Killer([["learner"]])
-    killer.start()
-    try:
-        Trainer(config_from_dict(_config(tiny_model, out2, 4, **sections))).fit()
-    finally:
-        killer.done.set()
+    sections["rollout"] = {"actor_class": "helpers.stalls:SleepLogGenerator"}
+    cfg = config_from_dict(_config(tiny_model, out2, 4, **sections))
+    cfg.rollout.enable_sleep_mode = True  # vllm only at check-config: the class plays it
+    shutil.rmtree(SLEEP_LOG, ignore_errors=True)
+    killer = _fit_killing("learner", cfg)
     assert "learner" in killer.killed
     assert sorted(_metrics(out2)) == [1, 2, 3, 4]
     _check_ledger(out2, 4)
+    _check_sleep_log(updates=5)  # steps 1-4, and the update of step 3 the kill cut short
+
+
+def _check_sleep_log(updates: int) -> None:
+    """Each generator slept once per update and woke after each (the killed one too), and
+    loaded every weight version awake."""
+    logs = [p.read_text().split("\n")[:-1] for p in SLEEP_LOG.iterdir()]
+    shutil.rmtree(SLEEP_LOG, ignore_errors=True)
+    assert logs
+    for events in logs:
+        assert [e for e in events if e.startswith(("sleep", "wake"))] == [
+            "sleep awake",
+            "wake asleep",
+        ] * updates, events
+        assert "load asleep" not in events and "load awake" in events, events
+
+
+@pytest.mark.full
+def test_dead_learner_rank_in_a_pipelined_run_continues_exactly(
+    ray_local, tiny_model, tmp_path, claims
+):
+    """Pipelined (k = 1, pulled chunks): the learner rank killed in step 3 restarts from
+    step 2's checkpoint, whose rollout buffer holds step 3's chunks; steps 3 and 4 log what
+    the run without a kill logs, and train the same samples."""
+    sections = {
+        "algorithm": {"kl_coef": 0.0},
+        "rollout": {"chunk_size": 1},
+        "learner": STALLING_LEARNER,
+        "trainer": {"save_every": 2, "max_staleness": 1},
+        "run": {"max_learner_restarts": 1},
+    }
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    Trainer(config_from_dict(_config(tiny_model, straight, 4, **sections))).fit()
+    killer = _fit_killing("learner", _config(tiny_model, killed, 4, **sections))
+    assert "learner" in killer.killed
+    a, b = _metrics(straight), _metrics(killed)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in (k for k in a[step] if not k.startswith(("time/", "run/"))):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-6, abs=1e-9), (step, key)
+    same = [
+        [{k: v for k, v in r.items() if k != "generator"} for r in read(out)]
+        for out in (straight, killed)
+    ]
+    assert same[0] == same[1]
+    _check_ledger(killed, 4, versions=False)

@@ -4,17 +4,11 @@ eval-mode values the value loss compares them with, for a model whose config has
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 from rlalign_ray.models.loading import load_causal_lm, without_dropout
 from tests.helpers.dropout import DROPOUT, tiny_with_dropout
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers.subproc import run_helper
 
 
 @pytest.fixture(scope="module")
@@ -38,22 +32,7 @@ def test_without_dropout_zeroes_the_config_and_every_module(dropout_model):
 @pytest.mark.integration
 @pytest.mark.parametrize("keep", [False, True])
 def test_first_minibatch_ratio_is_one_without_dropout(dropout_model, keep):
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
-        "DS_ACCELERATOR": "cpu",
-    }
-    out = subprocess.run(
-        [sys.executable, "-m", "tests.helpers.dropout", dropout_model, str(int(keep))],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
-    got = json.loads(line[len("RESULT ") :])
+    got = run_helper("dropout", dropout_model, str(int(keep)))
     if keep:  # the check sees dropout when it is on
         assert got["approx_kl"] > 1e-6 and got["value_gap"] > 1e-6
     else:

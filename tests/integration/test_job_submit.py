@@ -143,6 +143,9 @@ def test_submit_demo_to_two_node_local_cluster(tmp_path):
         logs = r.stdout + r.stderr
         assert r.returncode == 0, f"submit.sh exited {r.returncode}:\n{logs[-6000:]}"
         assert f"job {submission_id} finished with status SUCCEEDED" in r.stdout
+        # where the outputs really are, and that a local path must be shared by both nodes
+        assert f"outputs: {out_dir} (metrics.jsonl from the driver" in r.stdout, r.stdout
+        assert "a local path on a cluster of 2 nodes" in r.stdout, r.stdout
 
         r = _run(["ray", "job", "status", submission_id], dict(client, RAY_AUTH_MODE="token"), 60)
         assert f"Job '{submission_id}' succeeded" in r.stdout + r.stderr, r.stdout + r.stderr

@@ -133,3 +133,52 @@ def test_pipelined_samples_are_at_most_k_versions_old_and_each_is_trained_once(
     assert sum(r["rollout/dropped_stale"] for r in rows if r["step"] > 0) == totals["dropped_stale"]
     for key in ("time/learner_idle_s", "time/generator_idle_s", "rollout/staleness_mean"):
         assert all(key in r for r in rows if r["step"] > 0), key
+
+
+def test_auto_staleness_follows_a_simulated_drift_both_ways(ray_local, tmp_path):
+    """trainer.max_staleness: auto on the real Trainer with simulated actors whose learner
+    reports a price that grows with staleness and a drift (calm, rough, calm): the bound
+    rises in the calm, falls in the rough stretch and rises again; every step's samples
+    stay within the bound it logged, and a bound that fell drops older samples at once."""
+    from helpers.learners import DriftingLearner
+
+    from rlalign_ray.algorithms import StalenessController
+    from rlalign_ray.bench.common import train_rows
+    from rlalign_ray.bench.simulated import (
+        SimulatedLearner,
+        Workload,
+        simulated_config,
+        simulated_topology,
+    )
+
+    cfg = simulated_config(
+        str(tmp_path),
+        16,
+        [
+            "rollout.prompts_per_step=4",
+            "rollout.n_samples=2",
+            "rollout.chunk_size=1",
+            "trainer.max_staleness=auto",
+            "trainer.max_staleness_cap=3",
+            "trainer.staleness_patience=2",
+        ],
+    )
+    work = Workload.parse("gen=0.02,train=0.02", cfg.batch_size, cfg.rollout.num_actors)
+    topo = simulated_topology(cfg, work)
+    bases = (DriftingLearner, SimulatedLearner)
+    topo.pools["learner"].cls = type("DriftingLearner", bases, {"work": work})
+    rows = train_rows(cfg, topo)
+    bound = [r["rollout/max_staleness"] for r in rows]
+    # the trainer steers by the controller: replay it on the prices the steps logged
+    replay = StalenessController(3, patience=2)
+    expected = [replay.bound]
+    for r in rows[:-1]:
+        expected.append(replay.update(r["train/mismatch_kl"], r["train/behaviour_is_clipfrac"]))
+    assert bound == expected
+    top = bound.index(max(bound))
+    low = top + bound[top:].index(min(bound[top:]))
+    assert bound[0] < bound[top] and bound[low] < bound[top] and max(bound[low:]) > bound[low]
+    assert all(r["rollout/staleness_max"] <= r["rollout/max_staleness"] for r in rows)
+    assert max(r["rollout/staleness_max"] for r in rows) == max(bound) > 1
+    assert sum(r["rollout/dropped_stale"] for r in rows) > 0  # the bound fell under samples
+    print("bound per step:", bound, "staleness:", [r["rollout/staleness_max"] for r in rows])

@@ -3,12 +3,16 @@
 - a run resumed from a checkpoint logs the same metrics for every later step as the run
   that never stopped (synchronous training, CPU, fixed seed);
 - the same after the driver and every process it started are killed with SIGKILL after
-  step 3 is logged, resumed with ``trainer.resume=auto`` from the command line;
+  step 3 is logged, resumed with ``trainer.resume=auto`` from the command line; also
+  pipelined (``trainer.max_staleness`` 1 and 2, HF and vLLM generators): the checkpoint
+  holds the chunks sampled for later steps (the rollout buffer), and the sample ledger
+  shows every prompt trained once, with the same samples as the run that never stopped;
 - a new run into a folder that already holds one is refused, naming both ways out.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -21,14 +25,19 @@ import psutil
 import pytest
 import yaml
 from conftest import REPO, small_config
+from helpers.resume import assert_same, metric_rows
 
-from rlalign_ray import checkpoint
+from rlalign_ray import checkpoint, ledger
 from rlalign_ray.config import config_from_dict
 from rlalign_ray.errors import ConfigError
 from rlalign_ray.trainers import Trainer
 
 pytestmark = pytest.mark.integration
-KEYS = ("train/reward_mean", "train/loss", "train/kl")
+VLLM = [
+    pytest.mark.full,
+    pytest.mark.vllm,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed"),
+]
 
 
 def _config(model: str, out: Path, steps: int = 4, **trainer) -> dict:
@@ -51,16 +60,19 @@ def _config(model: str, out: Path, steps: int = 4, **trainer) -> dict:
 
 
 def _rows(out: Path) -> dict[int, dict]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    rows = [json.loads(x) for x in lines]
-    assert len({r["step"] for r in rows}) == len(rows), "a step is logged twice"
-    return {r["step"]: r for r in rows}
+    return metric_rows((out / "metrics.jsonl").read_text())
 
 
-def _assert_same(a: dict[int, dict], b: dict[int, dict], steps) -> None:
-    for step in steps:
-        for key in (*KEYS, "train/kl_coef", "weights/version", "train/lr"):
-            assert b[step][key] == pytest.approx(a[step][key], rel=1e-6, abs=1e-9), (step, key)
+def _ledgers_equal(straight: Path, killed: Path) -> None:
+    """Both runs trained the same samples (prompt, sample, weight version) at every step,
+    and no prompt twice (one epoch); which generator sampled a chunk may differ."""
+    rows = [
+        [{k: v for k, v in r.items() if k != "generator"} for r in ledger.read(out)]
+        for out in (straight, killed)
+    ]
+    assert rows[0] == rows[1]
+    by_step = {(r["step"], r["prompt_index"]) for r in rows[1]}
+    assert len({p for _, p in by_step}) == len(by_step), "a prompt was trained twice"
 
 
 @pytest.mark.full
@@ -72,7 +84,7 @@ def test_resumed_run_logs_the_same_metrics_as_the_straight_run(ray_local, tiny_m
     Trainer(config_from_dict(_config(tiny_model, resumed, resume="auto"))).fit()
     a, b = _rows(straight), _rows(resumed)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
-    _assert_same(a, b, [1, 2, 3, 4])
+    assert_same(a, b, [1, 2, 3, 4])
     assert [b[s]["train/lr"] for s in a] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     # the last trainer.keep_checkpoints (2) complete checkpoints are kept, nothing half-written
     names = sorted(p.name for p in (resumed / "checkpoints").iterdir())
@@ -103,7 +115,7 @@ def test_ppo_with_a_critic_and_two_zero2_ranks_resumes_exactly(ray_local, tiny_m
     assert (resumed / "checkpoints" / "step_2" / "critic").is_dir()
     Trainer(config_from_dict(config(resumed, 3, resume="auto"))).fit()
     a, b = _rows(straight), _rows(resumed)
-    _assert_same(a, b, [3])
+    assert_same(a, b, [3])
     assert b[3]["critic/value_loss"] == pytest.approx(a[3]["critic/value_loss"], rel=1e-6)
 
 
@@ -182,10 +194,38 @@ def _sid(p: psutil.Process) -> int | None:
         return None
 
 
-def test_killed_run_resumes_with_the_same_metrics(tiny_model, tmp_path):
+# pipelined: pulled chunks (seeded); k = 2 with a static split (each generator's own stream)
+PIPELINED = {
+    0: {},
+    1: {"rollout.chunk_size": 1},
+    2: {"rollout.chunk_size": 0, "rollout.prompts_per_step": 6},
+    "dispatch": {"rollout.chunk_size": 1, "rollout.dispatch_group": 1},
+    "vllm": {"rollout.chunk_size": 1, "rollout.backend": "vllm", "rollout.kv_cache_gb": 0.25,
+             "rollout.max_model_len": 64},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        0,
+        1,
+        *[pytest.param(c, marks=pytest.mark.full) for c in (2, "dispatch")],
+        pytest.param("vllm", marks=VLLM),
+    ],
+)
+def test_killed_run_resumes_with_the_same_metrics(tiny_model, tmp_path, case):
+    """SIGKILL once step 3 is logged (the latest checkpoint is then step 2's, or step 4's
+    on a busy machine), resume: every later step logs what the straight run logs.
+    Pipelined, the steps after the checkpoint were sampled before it (the buffer)."""
+    k, steps = (case if isinstance(case, int) else 1), 6
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     for out in (straight, killed):
-        (tmp_path / f"{out.name}.yaml").write_text(yaml.safe_dump(_config(tiny_model, out)))
+        cfg = _config(tiny_model, out, steps, max_staleness=k, sample_log=True)
+        for key, value in PIPELINED[case].items():
+            section, name = key.split(".")
+            cfg[section][name] = value
+        (tmp_path / f"{out.name}.yaml").write_text(yaml.safe_dump(cfg))
     t0 = time.monotonic()
     _finish(_train(tmp_path / "straight.yaml"))
     t_straight = time.monotonic() - t0
@@ -198,16 +238,24 @@ def test_killed_run_resumes_with_the_same_metrics(tiny_model, tmp_path):
             assert proc.poll() is None, f"training exited early with {proc.returncode}"
             assert time.monotonic() < deadline, "step 3 was never logged"
             time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGSTOP)  # the driver logs nothing more while we gather
     finally:
         family = _kill_all(proc)
     assert len(family) > 3  # the driver, Ray's daemons and the actors' workers
-    assert sorted(_rows(killed)) == [1, 2, 3]
-    assert checkpoint.latest(killed / "checkpoints").name == "step_2"
+    logged = sorted(_rows(killed))
+    assert logged == list(range(1, len(logged) + 1)) and 3 <= len(logged) < steps
+    ckpt = Path(checkpoint.latest(killed / "checkpoints"))
+    saved = checkpoint.TrainerState.read(ckpt).step
+    assert saved in (2, 4) and saved <= len(logged)
+    buffered = json.loads((ckpt / "rollout_buffer" / "buffer.json").read_text())
+    assert [s["step"] for s in buffered["steps"]] == list(range(saved + 1, saved + 1 + k))
 
     _finish(_train(tmp_path / "killed.yaml", "trainer.resume=auto"))
     a, b = _rows(straight), _rows(killed)
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
-    _assert_same(a, b, [3, 4])
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    assert_same(a, b, range(saved + 1, steps + 1), every=True)
+    assert [b[s]["rollout/staleness_max"] for s in b] == [min(s - 1, k) for s in b]
+    _ledgers_equal(straight, killed)
     print(f"straight run {t_straight:.0f}s, whole test {time.monotonic() - t0:.0f}s")
 
 
@@ -236,6 +284,6 @@ def test_lora_with_two_zero2_ranks_resumes_exactly(ray_local, tiny_model, tmp_pa
     Trainer(config_from_dict(config(resumed, 3, resume="auto"))).fit()
     a, b = _rows(straight), _rows(resumed)
     assert sorted(b) == [1, 2, 3]
-    _assert_same(a, b, [3])
+    assert_same(a, b, [3])
     assert all(r["train/logprob_mismatch"] < 1e-4 for r in b.values())
     assert (resumed / "final" / "adapter_config.json").exists()

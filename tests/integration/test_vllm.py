@@ -8,12 +8,11 @@ stop strings in an actor, two generator actors in the loop test).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import VLLM_TESTS, small_config
 
 from rlalign_ray.config import EnvConfig, ModelConfig, RolloutConfig, config_from_dict
 from rlalign_ray.data.batch import PromptItem
@@ -22,14 +21,7 @@ from rlalign_ray.rollout.backend import truncate
 from rlalign_ray.rollout.generator import Generator
 from rlalign_ray.trainers import Trainer
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.vllm,
-    pytest.mark.skipif(
-        importlib.util.find_spec("vllm") is None,
-        reason="vllm is not installed (bash launch/install_vllm.sh)",
-    ),
-]
+pytestmark = VLLM_TESTS
 ENGINE = {"backend": "vllm", "kv_cache_gb": 0.25, "max_model_len": 64}
 TEMPERATURE = 0.7
 ITEMS = [PromptItem(i, p) for i, p in enumerate(["1+2=", "123+456=", "9+", "77+8=", "5", "+"])]
@@ -167,6 +159,30 @@ def test_load_weights_in_buckets_switches_to_the_new_weights(gen, tiny_model, tm
     gen.backend.finish_weight_update()
     back = gen.generate(ITEMS, n_samples=4)
     assert (_learner_logprobs(old, back) - back.logprobs).abs().max() < 1e-4
+
+
+def test_sleep_then_wake_weights_load_a_version_then_the_kv_cache(gen, tiny_model):
+    """Sleep mode's order (level 2: nothing kept): wake the weights' memory, load a whole
+    version, and only then the KV cache; generating in between is refused. On CPU vLLM's
+    worker frees no memory, but the engine pauses and resumes as on a GPU."""
+    engine = gen.backend.llm.llm_engine
+    gen.backend.sleep()
+    assert engine.is_sleeping()
+    with pytest.raises(RuntimeError, match="asleep"):
+        gen.generate(ITEMS, n_samples=2)
+    gen.backend.wake_up()  # the weights' memory
+    gen.backend.wake_up()  # a second wake changes nothing
+    assert engine.is_sleeping()  # the KV cache still is
+    with pytest.raises(RuntimeError, match="no full weight version loaded"):
+        gen.generate(ITEMS, n_samples=2)
+    params = list(load_causal_lm(tiny_model).named_parameters())
+    gen.backend.load_weights(params[:5])
+    assert engine.is_sleeping()
+    gen.backend.load_weights(params[5:])
+    gen.backend.finish_weight_update()  # the last bucket: the KV cache comes back
+    assert not engine.is_sleeping()
+    b = gen.generate(ITEMS, n_samples=4)
+    assert (_learner_logprobs(load_causal_lm(tiny_model), b) - b.logprobs).abs().max() < 1e-4
 
 
 # synchronous; and pipelined (k=1) with seeded chunks pulled by the engines

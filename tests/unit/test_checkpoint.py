@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,31 +16,35 @@ from rlalign_ray.run_log import MetricsLogger
 
 
 def _save(out, step: int, keep: int = 2):
-    tmp = checkpoint.staging(out, step)
-    assert tmp.name == f".tmp-step_{step}"
+    tmp = checkpoint.begin(str(out), step)
+    assert Path(tmp).name == f".tmp-step_{step}" and Path(tmp).is_dir()
     checkpoint.TrainerState(step, step, {"epoch": 0, "pos": step}, 0.1, {"trained": step}).write(
         tmp
     )
     return checkpoint.commit(tmp, step, keep)
 
 
+def _name(path: str | None) -> str | None:
+    return None if path is None else Path(path).name
+
+
 def test_checkpoints_are_renamed_when_complete_and_the_last_ones_kept(tmp_path):
-    root = checkpoint.checkpoints_dir(tmp_path)
+    root = Path(checkpoint.checkpoints_dir(tmp_path))
     for step in (2, 4, 6):
         _save(tmp_path, step)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_4", "step_6"]
-    assert checkpoint.latest(root).name == "step_6"
+    assert _name(checkpoint.latest(root)) == "step_6"
     state = checkpoint.TrainerState.read(root / "step_6")
     assert (state.step, state.sampler, state.totals) == (6, {"epoch": 0, "pos": 6}, {"trained": 6})
     # a save cut short leaves only its .tmp- folder: never taken for a checkpoint, removed
     (root / ".tmp-step_8").mkdir()
     (root / "step_10").mkdir()  # no trainer_state.json: not complete
-    assert checkpoint.prepare_run(str(tmp_path), "auto").name == "step_6"
+    assert _name(checkpoint.prepare_run(str(tmp_path), "auto")) == "step_6"
     assert not (root / ".tmp-step_8").exists()
     # keep_checkpoints = 0 keeps all
     for step in (8, 10, 12):
         _save(tmp_path, step, keep=0)
-    assert [p.name for p in checkpoint.complete(root)] == ["step_4", "step_6", "step_8"] + [
+    assert [_name(p) for p in checkpoint.complete(root)] == ["step_4", "step_6", "step_8"] + [
         "step_10",
         "step_12",
     ]

@@ -111,8 +111,8 @@ def test_group_estimators_need_groups():
 def test_unknown_algorithm_and_estimator_and_missing_reward():
     probs = _problems({"algorithm": {"name": "ppo2", "kl_estimator": "k9"}})
     names = "ppo, grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline"
-    assert f"algorithm.name: use one of {names}; got 'ppo2'" in probs
-    assert "algorithm.kl_estimator: use one of k1, k2, k3, abs; got 'k9'" in probs
+    assert f"algorithm.name: use one of {names}, or a module:function; got 'ppo2'" in probs
+    assert "algorithm.kl_estimator: use one of k1, k2, k3, abs or null; got 'k9'" in probs
     assert any(p.startswith("reward.rewards: give at least one reward") for p in probs)
 
 
@@ -132,7 +132,8 @@ def test_reward_spec_checks():
         for p in probs
     )
     assert any(
-        p == "reward.rewards[1].type: use one of function, model, embedding, http; got 'magic'"
+        p
+        == "reward.rewards[1].type: use one of function, model, embedding, http, math; got 'magic'"
         for p in probs
     )
 
@@ -217,12 +218,106 @@ def test_options_are_checked_by_type_with_every_other_problem():
     assert "learner.optimizer: use one of adamw, sgd; got 'lion'" in validate(cfg)
 
 
-def test_option_values_match_the_algorithm_registry():
-    import typing
+def test_algorithm_options_come_from_the_registries_and_take_user_functions():
+    from helpers.objectives import median_baseline, reinforce_loss
 
-    from rlalign_ray.algorithms import ADVANTAGE_ESTIMATORS, AGGREGATION_MODES, KL_KINDS
-    from rlalign_ray.config import AlgorithmName, KlEstimator, LossAgg
+    from rlalign_ray.algorithms import POLICY_LOSSES
 
-    assert typing.get_args(AlgorithmName) == tuple(ADVANTAGE_ESTIMATORS)
-    assert typing.get_args(KlEstimator) == tuple(KL_KINDS)
-    assert typing.get_args(LossAgg) == tuple(AGGREGATION_MODES)
+    POLICY_LOSSES["ppo_clip_copy"] = POLICY_LOSSES["ppo_clip"]  # a new entry: allowed at once
+    try:
+        assert (
+            config_from_dict(
+                {"reward": {"rewards": REWARD}, "algorithm": {"policy_loss": "ppo_clip_copy"}}
+            ).objective.loss.name
+            == "ppo_clip"
+        )
+    finally:
+        del POLICY_LOSSES["ppo_clip_copy"]
+    user = {
+        "policy_loss": "helpers.objectives:reinforce_loss",
+        "name": "helpers.objectives:median_baseline",
+    }
+    o = config_from_dict({"reward": {"rewards": REWARD}, "algorithm": user}).objective
+    assert o.loss.fn is reinforce_loss and o.estimator.compute is median_baseline
+    assert o.estimator.per_sequence and o.estimator.needs_groups and not o.estimator.needs_critic
+    assert (o.clip_low, o.clip_high, o.agg) == (0.2, 0.2, "token-mean")  # ppo_clip's defaults
+    probs = _problems(
+        {
+            "reward": {"rewards": REWARD},
+            "algorithm": {"policy_loss": "helpers.objectives:nope", "name": "no_such_module:f"},
+        }
+    )
+    assert any(
+        p.startswith(
+            "algorithm.policy_loss: cannot import the policy loss "
+            "'helpers.objectives:nope' (AttributeError"
+        )
+        for p in probs
+    ), probs
+    assert any(
+        p.startswith(
+            "algorithm.name: cannot import the advantage estimator "
+            "'no_such_module:f' (ModuleNotFoundError"
+        )
+        for p in probs
+    ), probs
+    (p,) = _problems(
+        {
+            "reward": {"rewards": REWARD},
+            "algorithm": {"policy_loss": "helpers.objectives:wrong_signature"},
+        }
+    )
+    assert p.startswith(
+        "algorithm.policy_loss: the policy loss "
+        "'helpers.objectives:wrong_signature' must take (logp, old_logp"
+    ), p
+
+
+def test_per_loss_defaults_and_the_kl_estimator_by_where_the_kl_goes():
+    def objective(**algorithm):
+        return config_from_dict({"reward": {"rewards": REWARD}, "algorithm": algorithm}).objective
+
+    o = objective()
+    assert (o.loss.name, o.clip_low, o.clip_high, o.agg, o.kl_estimator) == (
+        "ppo_clip",
+        0.2,
+        0.2,
+        "token-mean",
+        "k3",
+    )
+    o = objective(policy_loss="gspo")
+    assert (o.clip_low, o.clip_high, o.agg) == (3e-4, 4e-4, "seq-mean-token-mean")
+    o = objective(policy_loss="cispo", clip_high=0.5, loss_agg="seq-mean-token-mean")
+    assert (o.clip_low, o.clip_high, o.agg) == (1.0, 0.5, "seq-mean-token-mean")
+    o = objective(name="reinforce_pp", kl_coef=0.01, kl_in_reward=True)
+    assert o.kl_estimator == "k1"  # null: k1 in the reward
+
+
+def test_objective_combinations_that_are_refused():
+    def problems(**algorithm):
+        raw = {"reward": {"rewards": REWARD}, "algorithm": algorithm}
+        try:
+            config_from_dict(raw)
+        except ConfigError as e:
+            return e.problems
+        return []
+
+    in_reward = {"name": "reinforce_pp", "kl_coef": 0.01, "kl_in_reward": True}
+    for est in ("k2", "k3", "abs"):
+        (p,) = problems(**in_reward, kl_estimator=est)
+        assert p.startswith(f"algorithm.kl_estimator: {est} in the reward") and "E[k" in p
+    assert problems(**in_reward) == problems(**in_reward, kl_estimator="k1") == []
+    (p,) = problems(kl_coef=0.0, kl_target=0.1)
+    assert p.startswith("algorithm.kl_target: the adaptive controller scales kl_coef")
+    (p,) = problems(policy_loss="gspo", dual_clip=3.0)
+    assert p.startswith("algorithm.dual_clip:") and "gspo" in p
+    assert problems(dual_clip=3.0) == []
+    for bad in ([2.0, 3.0], [0.5], [1.0, 1.0]):
+        (p,) = problems(behaviour_seq_mask=bad)
+        assert p.startswith("algorithm.behaviour_seq_mask: give [lo, hi]"), bad
+    assert problems(behaviour_seq_mask=[0.5, 2.0]) == []
+    (p,) = problems(behaviour_seq_mask=[0.5, 2.0], use_behaviour_logprobs=True)
+    assert "use_behaviour_logprobs" in p
+    # the per-sequence rule reads the registry: a user's per-sequence estimator too
+    (p,) = problems(name="helpers.objectives:median_baseline", kl_coef=0.01, kl_in_reward=True)
+    assert p.startswith("algorithm.kl_in_reward: helpers.objectives:median_baseline scores")

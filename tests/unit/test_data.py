@@ -196,6 +196,20 @@ def test_conversational_prompts_render_with_template_kwargs(tok):
     assert PromptRenderer(tok, chat_template=True).render("1+2=").startswith("user: 1+2=")
 
 
+def test_system_prompt_goes_first_in_chat_prompts_without_one(tok):
+    from rlalign_ray.data.render import PromptRenderer
+
+    tok = type(tok).from_pretrained(tok.name_or_path)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    r = PromptRenderer(tok, chat_template=True, system_prompt="Answer in \\boxed{}.")
+    assert r.render("1+2=") == "system: Answer in \\boxed{}.\nuser: 1+2=\n"
+    own = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+2="}]
+    assert r.render(own) == "system: Be brief.\nuser: 1+2=\n"  # its own system message
+    tool = [{"role": "tool", "content": "3"}]
+    assert r.render(tool, first=False) == "tool: 3\n"  # an environment's later observation
+    assert PromptRenderer(tok, system_prompt="x").render("1+2=") == "1+2="  # plain text
+
+
 def test_exactly_one_bos(tok):
     from rlalign_ray.data.render import PromptRenderer
 

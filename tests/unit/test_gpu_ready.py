@@ -4,6 +4,9 @@ that keep layers whole, transports chosen by where the actors' GPUs are."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
 import subprocess
 import sys
 
@@ -79,10 +82,7 @@ def test_cuda_ipc_needs_colocated_generators():
     "raw, names",
     [
         ({"algorithm": {"use_behaviour_logprobs": True}}, "use_behaviour_logprobs"),
-        (
-            {"algorithm": {"name": "reinforce_pp", "kl_in_reward": True, "kl_coef": 0.1}},
-            "kl_in_reward",
-        ),
+        ({"algorithm": {"behaviour_seq_mask": [0.5, 2.0]}}, "behaviour_seq_mask"),
         ({"trainer": {"max_staleness": 1}}, "behaviour_is_cap"),
     ],
 )
@@ -93,6 +93,9 @@ def test_truncated_sampling_with_behaviour_logprobs_as_probabilities_is_refused(
         assert len(got) == 1 and got[0].startswith("rollout.top_p=") and names in got[0]
     plain = problems({"rollout": {"top_p": 0.9}})
     assert plain == []  # the learner's own old log-probs: nothing biased
+    in_reward = {"name": "reinforce_pp", "kl_in_reward": True, "kl_coef": 0.1}
+    # the in-reward KL uses the learner's own old log-probs too: nothing biased
+    assert problems({"algorithm": in_reward, "rollout": {"top_p": 0.9}}) == []
 
 
 def test_k1_as_a_kl_loss_term_is_refused_but_not_in_the_reward():
@@ -157,3 +160,103 @@ def test_auto_picks_cuda_ipc_for_colocated_generators_and_nccl_otherwise():
     with pytest.raises(WeightSyncError, match=r"generators \[1\] do not share"):
         sync._check_layout("cuda_ipc", "nccl", [0, -1])
     sync._check_layout("collective", "gloo", [0])
+
+
+def _check_config(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "rlalign_ray.cli", "check-config", "configs/demo_cpu.yaml"]
+        + list(overrides),
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_check_config_refuses_fractional_generators_that_are_not_colocated_under_nccl():
+    """Ray packs fractional actors onto one GPU: two generators' NCCL ranks could share it."""
+    out = _check_config("rollout.num_actors=2", "rollout.resources.num_gpus=0.5")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "rollout.resources.num_gpus: 0.5 GPU per generator, not colocated" in out.stderr
+    for key in ("rollout.placement.colocate_with", "sync.transport: auto", "Duplicate GPU"):
+        assert key in out.stderr, key
+    fractional = {"rollout": {"num_actors": 2, "resources": {"num_gpus": 0.5}}}
+    assert len(problems({**fractional, "sync": {"transport": "collective"}})) == 1
+    for fine in (
+        {"sync": {"transport": "object_store"}},
+        {"sync": {"transport": "collective", "backend": "gloo"}},
+        {"rollout": {"num_actors": 2, "resources": {"num_gpus": 1}}},
+    ):
+        assert problems({**fractional, **fine}) == [], fine
+    assert problems(COLOCATED) == []  # colocated fractions: CUDA IPC, no NCCL group
+
+
+def test_setup_refuses_generators_whose_nccl_ranks_share_a_gpu():
+    from rlalign_ray.sync.weight_sync import _check_distinct_gpus
+
+    _check_distinct_gpus(["L"], [["A"], ["B", "C"]], [1, 2])  # one rank per GPU
+    with pytest.raises(WeightSyncError, match=r"generator 0, generator 1 on GPU A") as e:
+        _check_distinct_gpus(["L"], [["A"], ["A"]], [1, 1])
+    assert "rollout.resources.num_gpus: 1" in str(e.value)
+    with pytest.raises(WeightSyncError, match=r"learner rank 0, generator 1 on GPU L"):
+        _check_distinct_gpus(["L", "X"], [["A"], ["B", "L"]], [1, 2])  # its 2nd TP worker
+    _check_distinct_gpus(["L"], [["A", "L"]], [1])  # a TP=1 engine uses its first GPU only
+
+
+def test_weights_beyond_float16s_range_are_refused_before_they_travel_as_inf():
+    """A bfloat16 (or float32) learner with float16 generators: the cast would give inf."""
+    from rlalign_ray.sync.buckets import check_half_range
+
+    names = ["a", "b", "c"]
+    fine = [torch.full((3,), 6e4, dtype=torch.bfloat16), torch.ones(2), torch.empty(0)]
+    check_half_range(names, fine)
+    big = [fine[0], torch.tensor([1.0, -7e4]), fine[2]]
+    with pytest.raises(WeightSyncError, match=r"b holds -?7e\+04, beyond float16's range"):
+        check_half_range(names, big)
+    check_half_range(["h"], [torch.full((2,), 6e4, dtype=torch.float16)])  # already half
+
+
+def test_gpu_ids_come_from_what_ray_assigned():
+    from rlalign_ray.models.loading import gpu_index
+
+    assert gpu_index(["3"], "3") == 0  # Ray set CUDA_VISIBLE_DEVICES to its GPU
+    assert gpu_index(["5", "6"], "5,6") == 0
+    assert gpu_index(["3"], "1,3") == 1  # the visible devices include others
+    assert gpu_index(["3"], None) == 3  # RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES
+
+
+def test_gpu_actors_run_deepspeed_on_cuda():
+    from rlalign_ray.runtime.cluster import worker_env
+
+    assert worker_env(cpu_only=False)["DS_ACCELERATOR"] == "cuda"
+    assert worker_env(cpu_only=True)["DS_ACCELERATOR"] == "cpu"
+
+
+def test_gpu_check_without_cuda_exits_2_at_once():
+    """Refused before it builds a model or starts Ray or vLLM."""
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has nvidia-smi")
+    out = subprocess.run(
+        ["bash", "launch/gpu_check.sh"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2, out
+    assert "gpu_check.sh: no CUDA GPU" in out.stderr and out.stdout == ""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_vllm_check_reads_reload_weights_signature_and_sets_its_log_level_first():
+    from rlalign_ray.rollout.vllm_backend import lacks_reload
+
+    class OldRunner:  # a release whose reload takes no weights
+        def reload_weights(self, weights_path: str | None = None) -> None: ...
+
+    assert lacks_reload(OldRunner).startswith("OldRunner.reload_weights(weights_iterator")
+    # the level vLLM reads (when imported, and for each engine's logging config) is set
+    # before the check imports vLLM
+    code = (
+        "import sys; from rlalign_ray.rollout.vllm_backend import check_vllm_version; "
+        "assert 'vllm' not in sys.modules; check_vllm_version(); "
+        "from vllm.config.logging import LoggingConfig; print(LoggingConfig().log_level)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_LOGGING_LEVEL"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "ERROR"

@@ -55,6 +55,23 @@ def test_weighted_sum_of_several_rewards_with_dataset_columns():
     assert out.breakdown["digit_fraction"].tolist() == [1.0, 0.5]
 
 
+def test_math_reward_in_the_scorer_logs_correctness_and_format():
+    """The reward actor's own path: ``RewardScorer`` calls each reward in a thread of its
+    own (``reward.timeout_s``), where math-verify's signal-based timeouts cannot run (the
+    checks run in a child process); the total is weight * correct + format_weight *
+    formatted, and both components are in the breakdown."""
+    pytest.importorskip("math_verify")
+    spec = RewardSpec(type="math", answer_key="solution", weight=1.0, format_weight=0.5)
+    scorer = RewardScorer(RewardConfig(rewards=[spec]))
+    completions = ["So 3 + 4 = 7. \\boxed{7}", "It is 7.", "#### 8", "no idea", "\\boxed{12}"]
+    out = scorer.score(_batch(completions, solution=["7", "7", "7", "7", "\\frac{24}{2}"]))
+    assert out.breakdown["math"].tolist() == [1.0, 1.0, 0.0, 0.0, 1.0]
+    assert out.breakdown["math_format"].tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
+    # total = 1.0 * correct + 0.5 * formatted
+    assert out.scores.tolist() == [1.5, 1.0, 0.5, 0.0, 1.5]
+    scorer.sources[0][0].verifier.close()
+
+
 def test_function_errors_are_clear():
     with pytest.raises(RewardError, match="write it as 'package.module:function'"):
         import_function("nocolon")

@@ -14,9 +14,9 @@ from helpers.reward_server import digit_fraction, reward_server
 from rlalign_ray.config import RewardConfig, RewardSpec
 from rlalign_ray.data.batch import NONFINITE, RolloutBatch
 from rlalign_ray.errors import ConfigError, RewardError
-from rlalign_ray.preflight import check_reward_function
 from rlalign_ray.rewards.scorer import RewardScorer
 from rlalign_ray.rewards.sources import FunctionReward, HttpReward, RewardInputs, load_reward
+from rlalign_ray.rewards.types import check_reward_function
 
 CPU = torch.device("cpu")
 

@@ -154,6 +154,7 @@ def test_every_launch_path_turns_token_auth_on_and_keeps_dashboards_local():
     assert any("--dashboard-host=127.0.0.1" in c for c in aws["head_start_ray_commands"])
     assert any(k.endswith("/.ray/auth_token") for k in aws["file_mounts"])
     for name in ("raycluster.yaml", "rayjob.yaml"):
-        spec = yaml.safe_load((REPO / "cluster/kuberay" / name).read_text())["spec"]
+        docs = yaml.safe_load_all((REPO / "cluster/kuberay" / name).read_text())
+        spec = next(d for d in docs if d.get("kind", "").startswith("Ray"))["spec"]
         spec = spec.get("rayClusterSpec", spec)
         assert spec["authOptions"]["mode"] == "token", name
