@@ -59,6 +59,8 @@ METRICS: list[tuple[str, str, str]] = [
     ("rollout/staleness_max", "every step", "largest such age; at most trainer.max_staleness"),
     ("rollout/dropped_stale", "every step", "samples dropped (and sampled again) for being too stale"),
     ("rollout/versions", "every step", "distinct weight versions among the step's samples"),
+    ("rollout/version_lag_mean", "every step, rollout.inflight_updates", "mean of (learner version - version that sampled each trained response token)"),
+    ("rollout/inflight_loads", "every step, rollout.inflight_updates", "weight versions the step's chunks loaded mid-generation (between decode steps)"),
     ("rollout/max_staleness", "every step", "the staleness bound the step's requests and drops used (trainer.max_staleness, or its auto value)"),
     # ---- time ----
     ("time/step_s", "every step", "wall time of the step"),

@@ -15,7 +15,11 @@ tail distribution (lognormal with mean 1; 1 without a tail), seeded by its promp
 number, so a static split and pulled chunks sample the same lengths. A chunk decodes its
 rows together until its longest sample ends (as the HF backend does, every decode step
 costs the whole batch): it takes ``rows * row cost * its longest factor``. One long sample
-holds up its whole chunk, which is what makes a static split slow.
+holds up its whole chunk, which is what makes a static split slow. With in-flight weight
+updates (``rollout.inflight_updates``) a chunk sleeps decode step by decode step (one step
+per token of its longest sample, each ``chunk time / steps``) and lets a load in between
+two steps through the real ``LoadGate``: a long chunk goes on with the new version instead
+of the load waiting for it, and each sample's tokens record the versions of their steps.
 
 Torch stays out of the generator and reward processes (importing it costs about 130 MB of
 private memory per process, which bounds how many actors fit on a machine): a generator
@@ -142,7 +146,10 @@ class SimulatedGenerator:
     work = Workload()
 
     def __init__(self, model: Any, rollout: Any, seed: int, rank: int = 0, max_prompt_tokens=512):
+        from rlalign_ray.rollout.inflight import LoadGate  # torch-free
+
         self.rank, self.version, self.plan = rank, 0, None
+        self.gate = LoadGate() if rollout is not None and rollout.inflight_updates else None
 
     def generate_chunk(
         self,
@@ -153,22 +160,39 @@ class SimulatedGenerator:
         seed: int | None = None,
     ) -> tuple[SimulatedRollout, dict[str, Any]]:
         t0 = time.perf_counter()
-        if expected_version is not None and expected_version != self.version:
+        if self.gate is None and expected_version not in (None, self.version):
             raise ActorFailure(
                 f"simulated generator {self.rank} holds weight version {self.version}, the "
                 f"driver expects {expected_version}"
             )
         factors = [f for it in items for f in self.work.factors(it.index, n_samples)]
-        time.sleep(self.work.chunk_s(factors))
         lengths = [max(1, round(f * self.work.tokens)) for f in factors]
         ids = [it.index for it in items for _ in range(n_samples)]
-        info = {
-            "version": self.version,
-            "rows": len(ids),
-            "tokens": sum(lengths),
-            "seconds": time.perf_counter() - t0,
+        info: dict[str, Any] = {"rows": len(ids), "tokens": sum(lengths)}
+        if self.gate is None:
+            time.sleep(self.work.chunk_s(factors))
+            info["version"] = self.version
+        else:
+            info.update(self._decode(factors, lengths, expected_version))
+        info["seconds"] = time.perf_counter() - t0
+        return SimulatedRollout(info["version"], ids, lengths), info
+
+    def _decode(self, factors: list[float], lengths: list[int], expected: int | None) -> dict:
+        """In-flight updates: the chunk's time in decode steps, loads let in between; its
+        info (oldest version, loads, each row's token versions summed)."""
+        steps = max(lengths)
+        step_s = self.work.chunk_s(factors) / steps
+        with self.gate.sampling(expected) as run:
+            at = []  # the version of each decode step
+            for _ in range(steps):
+                at.append(self.gate.between_steps())
+                time.sleep(step_s)
+        summary = {
+            "oldest": [at[0]] * len(lengths),
+            "sum": [sum(at[:n]) for n in lengths],
+            "tokens": lengths,
         }
-        return SimulatedRollout(self.version, ids, lengths), info
+        return {"version": at[0], "inflight_loads": run.loads, "token_versions": summary}
 
     def weight_ranks(self) -> int:
         return 1
@@ -177,6 +201,11 @@ class SimulatedGenerator:
         self.plan = plan
 
     def load_weights(self, handle: Any) -> int:
+        if self.gate is not None:  # between two decode steps of the chunk in progress
+            return self.gate.load(lambda: self._set_version(handle))
+        return self._set_version(handle)
+
+    def _set_version(self, handle: Any) -> int:
         self.version = handle.version if handle.is_last(self.plan) else -1
         return self.version
 

@@ -138,8 +138,28 @@ def check_rollout(cfg: Config, e: list[str]) -> None:
     if not 0 < r.top_p <= 1:
         e.append(f"rollout.top_p: must be in (0, 1], got {r.top_p}")
     _check_backend(cfg, e)
+    _check_inflight(cfg, e)
     if any(not isinstance(s, str) or not s for s in r.stop):
         e.append(f"rollout.stop: stop strings must be non-empty, got {r.stop}")
+
+
+def _check_inflight(cfg: Config, e: list[str]) -> None:
+    """In-flight weight updates (``rollout.inflight_updates``) and what they need."""
+    r = cfg.rollout
+    if not r.inflight_updates:
+        return
+    if not cfg.pipelined:
+        e.append(
+            "rollout.inflight_updates: a synchronous run (trainer.max_staleness: 0) loads "
+            "weights only while no generator samples; set trainer.max_staleness >= 1 (or "
+            "auto) or turn inflight_updates off"
+        )
+    if r.dispatch_group > 0:
+        e.append(
+            "rollout.inflight_updates: dispatchers (rollout.dispatch_group > 0) load weights "
+            "after their group's chunks; set rollout.dispatch_group: 0 or turn "
+            "inflight_updates off"
+        )
 
 
 def _check_backend(cfg: Config, e: list[str]) -> None:
@@ -156,8 +176,14 @@ def _check_backend(cfg: Config, e: list[str]) -> None:
     e += check_backend(cfg.rollout, kind)
     if kind.sleeps(cfg.rollout) and cfg.pipelined:
         e.append(
-            f"rollout.{kind.section or 'backend'}: {cfg.rollout.backend} generators cannot sleep while the "
-            "learner trains in pipelined training (trainer.max_staleness > 0); turn one off"
+            f"rollout.{kind.section or 'backend'}: {cfg.rollout.backend} generators cannot "
+            "sleep while the learner trains in pipelined training (trainer.max_staleness > 0); "
+            "turn one off"
+        )
+    if cfg.rollout.inflight_updates and not kind.capabilities.inflight_updates:
+        e.append(
+            f"rollout.inflight_updates: the {cfg.rollout.backend} backend cannot load weights "
+            "between decode steps (its Capabilities say so); turn inflight_updates off"
         )
 
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from rlalign_ray.config.fields import DistBackend, Dtype, Placement, Resources, doc
 
+InflightKV = Literal["recompute", "keep"]
 Transport = Literal["auto", "collective", "cuda_ipc", "shared_memory", "object_store"]
 TRANSPORTS = typing.get_args(Transport)
 NonfiniteMode = Literal["error", "zero", "drop_group"]
@@ -89,6 +90,17 @@ class RolloutConfig:
         "generators per dispatcher actor, which pulls chunks for its group, has each scored "
         "and loads new weights, so the driver calls each group once (0: the driver calls "
         "every generator itself)",
+    )
+    inflight_updates: bool = doc(
+        False,
+        "pipelined runs: a generator loads a new weight version between two decode steps of "
+        "the chunk it is sampling and continues the same sequences (each token records the "
+        "version that sampled it); needs trainer.max_staleness >= 1",
+    )
+    inflight_kv: InflightKV = doc(
+        "recompute",
+        "in-flight updates: after a load, recompute the KV cache of the sequences in progress "
+        "with the new weights (recompute), or keep the one computed with the old (keep)",
     )
 
 

@@ -89,6 +89,11 @@ class RolloutBatch:
     pad_id: int = 0
     truncated: torch.Tensor | None = None  # (B,) bool, hit max_new_tokens without EOS
     raw_prompts: list[Any] | None = None  # (B,) the dataset's prompts (text or messages)
+    # (B, T) long, the weight version that sampled each response token, -1 on padding and
+    # on tokens no model sampled (multi-turn observations); only with in-flight weight
+    # updates (rollout.inflight_updates), where ``version`` is the oldest of them. None:
+    # every token is ``version``'s
+    token_versions: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.response_ids.shape[0])
@@ -126,6 +131,7 @@ class RolloutBatch:
             pad_id=self.pad_id,
             truncated=None if self.truncated is None else self.truncated[idx],
             raw_prompts=None if self.raw_prompts is None else [self.raw_prompts[i] for i in pick],
+            token_versions=None if self.token_versions is None else self.token_versions[idx],
         )
 
     def trimmed(self) -> RolloutBatch:
@@ -141,7 +147,17 @@ class RolloutBatch:
             response_ids=self.response_ids[:, :t],
             response_mask=self.response_mask[:, :t],
             logprobs=self.logprobs[:, :t],
+            token_versions=None if self.token_versions is None else self.token_versions[:, :t],
         )
+
+    def versions_per_token(self) -> torch.Tensor:
+        """(B, T) ``token_versions``, or ``version`` on every generated token (-1 on padding)
+        when the batch has none."""
+        if self.token_versions is not None:
+            return self.token_versions
+        t = self.response_ids.shape[1]
+        sampled = torch.arange(t)[None, :] < self.response_len[:, None]
+        return torch.where(sampled, self.version, -1)
 
     @staticmethod
     def concat(batches: list[RolloutBatch]) -> RolloutBatch:
@@ -157,6 +173,9 @@ class RolloutBatch:
         cols = {k: [x for b in batches for x in b.columns[k]] for k in batches[0].columns}
         trunc = [b.truncated for b in batches]
         raw = [b.raw_prompts for b in batches]
+        versions = None  # per token only if some shard has them
+        if any(b.token_versions is not None for b in batches):
+            versions = torch.cat([_pad_right(b.versions_per_token(), t, -1) for b in batches])
         return RolloutBatch(
             prompt_ids=torch.cat([_pad_left(b.prompt_ids, p, pad) for b in batches]),
             prompt_mask=torch.cat([_pad_left(b.prompt_mask, p, 0) for b in batches]),
@@ -172,6 +191,7 @@ class RolloutBatch:
             pad_id=pad,
             truncated=None if any(x is None for x in trunc) else torch.cat(trunc),
             raw_prompts=None if any(x is None for x in raw) else [p for r in raw for p in r],
+            token_versions=versions,
         )
 
 

@@ -23,6 +23,10 @@ a weight update. Which version samples a chunk thus follows from the order of th
 requests and publishes alone; with its seed (or, pinned, its actor's random stream, which
 only it uses), its samples too. Not so for a chunk re-issued after its actor died: it
 samples with whatever its new actor holds.
+
+With ``rollout.inflight_updates`` a load reaches an actor mid-chunk (rollout/inflight.py):
+a chunk records its oldest token's version, and where a load meets its decode steps follows
+the machine's timing (such runs are not deterministic; a resume is lossless, not exact).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from rlalign_ray.errors import ActorFailure
 from rlalign_ray.pools.base import ActorPool
 from rlalign_ray.pools.chunks import Chunk, DispatchRun, dispatch_runs, run_scores, split
 from rlalign_ray.pools.learner import Experience
+from rlalign_ray.rollout.inflight import CONCURRENCY_GROUPS
 from rlalign_ray.runtime.dispatch import start_dispatchers
 from rlalign_ray.runtime.placement import actor_died, get
 
@@ -70,6 +75,9 @@ class GeneratorPool(ActorPool):
         max_inflight: int = 1,
     ):
         super().__init__(cfg, num_actors, resources, placement, cls, name)
+        self.inflight_updates = cfg.rollout.inflight_updates
+        if self.inflight_updates:  # weight loads run beside the chunk being sampled
+            self.spec.concurrency_groups = dict(CONCURRENCY_GROUPS)
         self.max_inflight = max_inflight
         self.versions: list[int] = []  # per actor: the version its next queued call sees
         self.queue: deque[Chunk] = deque()
@@ -300,11 +308,7 @@ class GeneratorPool(ActorPool):
             infos = get([c.info_ref for c in finished], f"{self.name} pool", self.timeout_s)
         now = time.perf_counter()
         for chunk, info in zip(finished, infos):
-            if not chunk.greedy and info["version"] != chunk.version:
-                raise ActorFailure(
-                    f"{self.name} {chunk.actor} sampled chunk {chunk.id} with weight version "
-                    f"{info['version']}, the pool expected {chunk.version}"
-                )
+            self._check_version(chunk, info)
             chunk.done, chunk.finished_s = True, now
             chunk.extra["info"] = info
             self.load[chunk.actor] -= 1
@@ -314,6 +318,19 @@ class GeneratorPool(ActorPool):
                 self._busy_since.pop(chunk.actor)
         self._dispatch()
         return finished
+
+    def _check_version(self, chunk: Chunk, info: dict[str, Any]) -> None:
+        """The actor sampled ``chunk`` with the version the pool expected (in-flight updates:
+        or a newer one, applied first in its other thread, which the chunk records)."""
+        if chunk.greedy or info["version"] == chunk.version:
+            return
+        if self.inflight_updates and info["version"] > chunk.version:
+            chunk.version = info["version"]
+            return
+        raise ActorFailure(
+            f"{self.name} {chunk.actor} sampled chunk {chunk.id} with weight version "
+            f"{info['version']}, the pool expected {chunk.version}"
+        )
 
     # ---- dead generators --------------------------------------------------------------
     def _recover(self, finished: list[Chunk]) -> list[Chunk] | None:

@@ -9,7 +9,7 @@ sections and capabilities).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,17 +39,27 @@ class Generation:
     lengths: torch.Tensor  # (N,) long, generated tokens including EOS when emitted
     logprobs: torch.Tensor  # (N, T) float, log-prob of each sampled token, 0 on padding
     truncated: torch.Tensor  # (N,) bool, stopped by max_new_tokens
+    # (N, T) long, the weight version that sampled each token, -1 on padding; only when
+    # ``generate`` was given ``pause`` (in-flight updates), else None
+    versions: torch.Tensor | None = None
 
     @staticmethod
     def concat(parts: list[Generation], pad_id: int) -> Generation:
         if len(parts) == 1:
             return parts[0]
+        versions = [g.versions for g in parts]
         return Generation(
             tokens=pad_responses([g.tokens for g in parts], pad_id),
             lengths=torch.cat([g.lengths for g in parts]),
             logprobs=pad_responses([g.logprobs for g in parts]),
             truncated=torch.cat([g.truncated for g in parts]),
+            versions=None if None in versions else pad_responses(versions, -1),
         )
+
+
+# ``generate``'s ``pause``: called between decode steps (a new weight version may be loaded
+# meanwhile, ``rollout/inflight.py``); returns the version the next step samples with
+Pause = Callable[[], int]
 
 
 class GenerationBackend(ABC):
@@ -62,13 +72,27 @@ class GenerationBackend(ABC):
     """
 
     eos_ids: list[int]  # token ids that end a response (the model's and the tokenizer's)
+    # whether ``generate`` takes ``pause`` (in-flight weight updates, rollout/inflight.py)
+    inflight_updates: bool = False
 
     @abstractmethod
-    def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> Generation:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int = 1,
+        pause: Pause | None = None,
+    ) -> Generation:
         """``n`` samples per prompt; rows are prompt-major (samples of a prompt adjacent).
 
         ``Generation.logprobs`` are log softmax(logits / temperature) of each sampled token
         over the full vocabulary: what the learner computes for the same token.
+
+        ``pause`` (backends with ``inflight_updates`` only): called before every decode
+        step; it may load new weights meanwhile, and returns the version the step samples
+        with, which ``Generation.versions`` records per token. The sequences in progress
+        continue with the new weights (``rollout.inflight_kv``: their KV cache recomputed
+        by them, or kept).
         """
 
     @abstractmethod
@@ -135,7 +159,15 @@ class HFBackend(GenerationBackend):
     the recorded log-probs are those of the policy the learner trains. Only one (N, V)
     row of logits per step is alive at a time: memory grows with the KV cache, not with
     new tokens x vocabulary.
+
+    In-flight updates: a load between two decode steps changes the weights in place (the
+    loop is parked meanwhile); with ``inflight_kv: recompute`` the next step runs the whole
+    context (prompt and tokens so far) through the new weights into a fresh cache, so every
+    later token is sampled exactly as the new version would; ``keep`` goes on with the
+    cache the old weights computed (PipelineRL's choice: cheaper, a slightly mixed policy).
     """
+
+    inflight_updates = True
 
     def __init__(
         self, model_cfg: Any, rollout_cfg: Any, tokenizer: Any, max_prompt_tokens: int = 512
@@ -150,6 +182,7 @@ class HFBackend(GenerationBackend):
         self.tok = tokenizer
         self.eos_ids = _eos_ids(self._model, tokenizer)
         self.micro_batch_size = rollout_cfg.micro_batch_size
+        self.recompute = rollout_cfg.inflight_kv == "recompute"
 
     def named_parameters(self) -> Iterable[tuple[str, torch.Tensor]]:
         return self._model.named_parameters()
@@ -175,18 +208,26 @@ class HFBackend(GenerationBackend):
                 raise ValueError(f"{name}: {src.dtype} != the model's {self._model.dtype}")
             _target(params, name, src).data = src  # tied parameters are one object: they follow
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> Generation:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int = 1,
+        pause: Pause | None = None,
+    ) -> Generation:
         rows = [p for p in prompts for _ in range(n)]
         mb = self.micro_batch_size
         if params.seed is not None:
             torch.manual_seed(params.seed)
         return Generation.concat(
-            [self._sample(rows[k : k + mb], params) for k in range(0, len(rows), mb)],
+            [self._sample(rows[k : k + mb], params, pause) for k in range(0, len(rows), mb)],
             self.tok.pad_token_id,
         )
 
     @torch.no_grad()
-    def _sample(self, prompts: list[list[int]], params: SamplingParams) -> Generation:
+    def _sample(
+        self, prompts: list[list[int]], params: SamplingParams, pause: Pause | None = None
+    ) -> Generation:
         from transformers import DynamicCache
 
         pad = self.tok.pad_token_id
@@ -195,13 +236,20 @@ class HFBackend(GenerationBackend):
         n, steps = ids.shape[0], params.max_new_tokens
         tokens = torch.full((n, steps), pad, dtype=torch.long)
         logprobs = torch.zeros((n, steps), dtype=torch.float32)
+        versions = None if pause is None else torch.full((n, steps), -1, dtype=torch.long)
         lengths = torch.zeros(n, dtype=torch.long)
         done = torch.zeros(n, dtype=torch.bool, device=self.device)
         eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
         pos = position_ids(attn)
-        cache = DynamicCache()
-        inputs = ids
+        cache, inputs, version = DynamicCache(), ids, None
         for t in range(steps):
+            if pause is not None:
+                held = pause()  # a new version may be loaded meanwhile
+                if self.recompute and version is not None and held != version:
+                    cache, pos = DynamicCache(), position_ids(attn)  # the whole context again
+                    inputs = torch.cat([ids, tokens[:, :t].to(self.device)], dim=1)
+                version = held
+                versions[:, t] = torch.where(done.cpu(), -1, version)
             out = self._model(
                 input_ids=inputs,
                 attention_mask=attn,
@@ -226,7 +274,8 @@ class HFBackend(GenerationBackend):
             attn = torch.cat([attn, attn.new_ones(n, 1)], dim=1)
             pos = pos[:, -1:] + 1
         width = int(lengths.max()) if n else 0
-        return Generation(tokens[:, :width], lengths, logprobs[:, :width], (~done).cpu())
+        cut = None if versions is None else versions[:, :width]
+        return Generation(tokens[:, :width], lengths, logprobs[:, :width], (~done).cpu(), cut)
 
     def _stopped(self, tokens: torch.Tensor, done: torch.Tensor, stop: tuple[str, ...]):
         """(N,) whether a running row's text now holds a stop string. Only the last tokens

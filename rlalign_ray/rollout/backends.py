@@ -47,6 +47,7 @@ class Capabilities:
 
     sleep: bool = False  # frees its accelerator memory while the learner trains (sleep/wake_up)
     tensor_parallel: bool = False  # one engine over several GPUs of its actor
+    inflight_updates: bool = False  # loads a new version between decode steps (rollout/inflight.py)
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class HFType(BackendType):
     name = "hf"
     description = "transformers, sampled by our own KV-cached loop (rollout.micro_batch_size)"
     backend = "rlalign_ray.rollout.backend:HFBackend"
+    capabilities = Capabilities(inflight_updates=True)
 
 
 class VLLMType(BackendType):
@@ -103,7 +105,7 @@ class VLLMType(BackendType):
     description = "a vLLM engine per generator (keys in rollout.vllm)"
     section = "vllm"
     backend = "rlalign_ray.rollout.vllm_backend:VLLMBackend"
-    capabilities = Capabilities(sleep=True, tensor_parallel=True)
+    capabilities = Capabilities(sleep=True, tensor_parallel=True, inflight_updates=True)
 
     def check(self, rollout: RolloutConfig, key: str) -> list[str]:
         e: list[str] = []

@@ -15,18 +15,20 @@ from rlalign_ray.config import EnvConfig, ModelConfig, RolloutConfig
 from rlalign_ray.data.batch import PromptItem, RolloutBatch, pad_prompts
 from rlalign_ray.data.render import PromptRenderer
 from rlalign_ray.envs.host import RemoteEnvs
-from rlalign_ray.errors import ActorFailure
+from rlalign_ray.errors import ConfigError
 from rlalign_ray.models.loading import load_tokenizer, set_threads
 from rlalign_ray.rollout.backend import SamplingParams, backend_class, cut_at_stop
+from rlalign_ray.rollout.inflight import (
+    EngineThread,
+    LoadGate,
+    StaleWeightsError,
+    version_summary,
+)
 from rlalign_ray.rollout.multiturn import MultiTurnRollout, episode_return, episodes_tensors
 from rlalign_ray.sync.buckets import SyncPlan
 from rlalign_ray.sync.transports import WeightHandle, WeightTransport, make_transport
 
 ENV_REWARD = "env_reward"  # RolloutBatch column: the environment's part of the reward
-
-
-class StaleWeightsError(ActorFailure):
-    """A generator was asked to sample with weights other than the learner's latest."""
 
 
 class Generator:
@@ -53,15 +55,35 @@ class Generator:
             model.system_prompt,
         )
         self.env = env if env is not None and env.path else None
+        # rollout.inflight_updates: loads come in the actor's other thread and are applied
+        # between two decode steps of the chunk in progress; one thread of its own runs the
+        # backend: built, sampled and loaded there (rollout/inflight.py)
+        self.gate = LoadGate() if rollout.inflight_updates else None
+        self.engine = EngineThread() if rollout.inflight_updates else None
+        self.inflight_loads = 0  # versions loaded during the last generate call
         # multi-turn contexts grow past the prompt: let the engine take the model's length
         context = max_prompt_tokens if self.env is None else 1 << 30
-        self.backend = backend_class(rollout.backend)(model, rollout, self.tok, context)
+        self.backend = self._on_engine(self._build_backend, model, rollout, context)
         self.multiturn = None  # built on first use (rollout/multiturn.py)
         self._env_client = None  # an environment pool's client (set_env_actors)
         self.transport: WeightTransport | None = None  # set by join_weight_sync
         self.in_engine = False  # the backend's workers receive the weights themselves
         self.version = 0
         self.rank = rank
+
+    def _build_backend(self, model: ModelConfig, rollout: RolloutConfig, context: int) -> Any:
+        cls = backend_class(rollout.backend)
+        if rollout.inflight_updates and not cls.inflight_updates:
+            raise ConfigError(
+                [f"rollout.inflight_updates: the {rollout.backend} backend cannot load weights "
+                 "between decode steps; turn inflight_updates off"]
+            )  # fmt: skip
+        set_threads(rollout.resources.num_cpus)  # per thread: again in the engine's
+        return cls(model, rollout, self.tok, context)
+
+    def _on_engine(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` in the engine thread (in-flight updates), else here."""
+        return self.engine.run(fn, *args) if self.engine is not None else fn(*args)
 
     # ---- prompts ----------------------------------------------------------------------
     def render(self, prompt: Any, first: bool = True) -> str:
@@ -85,11 +107,12 @@ class Generator:
     ) -> RolloutBatch:
         """``n_samples`` responses per prompt, samples of one prompt adjacent.
 
-        With ``expected_version``, refuses to sample with other weights. With ``seed``, the
-        samples depend only on it (not on what this actor sampled before), so a chunk gives
-        the same samples whichever actor runs it.
+        With ``expected_version``, refuses to sample with other weights (in-flight updates:
+        waits for that version's load, sent to the other thread, and accepts a newer one).
+        With ``seed``, the samples depend only on it (not on what this actor sampled
+        before), so a chunk gives the same samples whichever actor runs it.
         """
-        if expected_version is not None and expected_version != self.version:
+        if self.gate is None and expected_version not in (None, self.version):
             raise StaleWeightsError(
                 f"generator {self.rank} holds weight version {self.version}, the driver expects "
                 f"{expected_version}; refusing to sample with stale weights"
@@ -104,12 +127,21 @@ class Generator:
             seed=seed,
             stop=tuple(c.stop),
         )
+        if self.gate is None:
+            return self._sample(items, n_samples, params, {})
+        with self.gate.sampling(expected_version) as run:  # in the engine thread, pausing
+            pause = {"pause": self.gate.between_steps}  # between decode steps for loads
+            batch = self.engine.run(self._sample, items, n_samples, params, pause)
+        self.inflight_loads = run.loads
+        return batch
+
+    def _sample(self, items, n_samples, params, pause: dict[str, Any]) -> RolloutBatch:
         if self.env is not None:
-            return self._episodes(items, n_samples, params)
+            return self._episodes(items, n_samples, params, pause)
         texts = [self.render(it.prompt) for it in items]
         encoded = [self.encode(t) for t in texts]
         rows = [(i, s) for i in range(len(items)) for s in range(n_samples)]
-        gen = self.backend.generate(encoded, params, n_samples)
+        gen = self.backend.generate(encoded, params, n_samples, **pause)
         return self._assemble(items, texts, encoded, rows, gen)
 
     def generate_chunk(
@@ -132,6 +164,9 @@ class Generator:
             "tokens": int(batch.response_len.sum()),
             "seconds": time.perf_counter() - t0,
         }
+        if self.gate is not None:  # per row: its tokens' versions (rollout/version_lag_mean)
+            info["inflight_loads"] = self.inflight_loads
+            info["token_versions"] = version_summary(batch.token_versions, batch.response_mask)
         return batch, info
 
     def _assemble(self, items, texts, encoded, rows, gen) -> RolloutBatch:
@@ -153,7 +188,7 @@ class Generator:
             response_len=lengths,
             response_mask=mask,
             logprobs=logprobs,
-            version=self.version,
+            version=self._oldest(gen.versions, mask),
             group_ids=torch.tensor([items[i].index for i, _ in rows], dtype=torch.long),
             prompts=[texts[i] for i, _ in rows],
             completions=completions,
@@ -161,7 +196,16 @@ class Generator:
             pad_id=pad,
             truncated=gen.truncated,
             raw_prompts=[items[i].prompt for i, _ in rows],
+            token_versions=gen.versions,
         )
+
+    def _oldest(self, versions: torch.Tensor | None, mask: torch.Tensor) -> int:
+        """The batch's version: the oldest of its sampled tokens' (in-flight updates), else
+        the one version held."""
+        if versions is None:
+            return self.version
+        sampled = versions[mask > 0]
+        return int(sampled.min()) if sampled.numel() else self.version
 
     # ---- multi-turn (env.path) -----------------------------------------------------------
     def set_env_actors(self, actors: list[Any]) -> None:
@@ -170,7 +214,9 @@ class Generator:
         self.multiturn = None
         self._env_client = RemoteEnvs(self.env, actors, self.rank)
 
-    def _episodes(self, items: list[PromptItem], n: int, params: SamplingParams) -> RolloutBatch:
+    def _episodes(
+        self, items: list[PromptItem], n: int, params: SamplingParams, pause: dict[str, Any]
+    ) -> RolloutBatch:
         if self.multiturn is None:
             self.multiturn = MultiTurnRollout(
                 self.env,
@@ -182,17 +228,17 @@ class Generator:
                 self.backend.max_context(),
                 self._env_client,
             )
-        episodes = self.multiturn.run(items, n, params)
+        episodes = self.multiturn.run(items, n, params, **pause)
         pad = self.tok.pad_token_id
         prompt_ids, prompt_mask = pad_prompts([ep.prompt_ids for ep in episodes], pad)
-        t = episodes_tensors(episodes, pad)
+        t = episodes_tensors(episodes, pad, versions=bool(pause))
         columns = {k: [ep.item.columns[k] for ep in episodes] for k in items[0].columns}
         columns[ENV_REWARD] = [episode_return(ep.rewards, self.env.reward) for ep in episodes]
         columns["env_turns"] = [ep.turns for ep in episodes]
         return RolloutBatch(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,
-            version=self.version,
+            version=self._oldest(t.get("token_versions"), t["response_mask"]),
             group_ids=torch.tensor([ep.item.index for ep in episodes], dtype=torch.long),
             prompts=self.tok.batch_decode(prompt_ids, skip_special_tokens=True),
             completions=self.tok.batch_decode(t["response_ids"], skip_special_tokens=True),
@@ -213,12 +259,25 @@ class Generator:
             self.transport.close()
         self.transport = make_transport(plan)
         who = f"generator {self.rank}"
-        self.in_engine = self.backend.join_weight_sync(self.transport, address, rank, who)
+        self.in_engine = self._on_engine(
+            self.backend.join_weight_sync, self.transport, address, rank, who
+        )
         if not self.in_engine:
             self.transport.connect(address, rank)
+        if self.gate is not None:
+            self.gate.timeout_s = plan.timeout_s
 
     def load_weights(self, handle: WeightHandle) -> int:
-        """Load one bucket; returns the version now held (-1 while a version is half in)."""
+        """Load one bucket; returns the version now held (-1 while a version is half in).
+        In-flight updates: this runs in the actor's ``weights`` thread, waits for the
+        bucket's publish first, then loads it between two decode steps of the chunk in
+        progress (or at once when none is)."""
+        if self.gate is None:
+            return self._receive(handle)
+        handle = handle.resolve()  # the learner's publish, waited for before pausing anyone
+        return self.gate.load(lambda: self.engine.run(self._receive, handle))
+
+    def _receive(self, handle: WeightHandle) -> int:
         if self.in_engine:
             self.backend.receive_weights(handle)
         else:

@@ -11,7 +11,9 @@ The trajectory is prompt + [action tokens + observation tokens]*: the "response"
 the model generated (kept exactly as sampled: never decoded and re-encoded) and 0 on the
 observation tokens (the observation text alone is tokenised). Behaviour log-probs are the
 backend's, for every generated token. The backend gets each turn's whole context as token
-ids, so the HF and vLLM backends both work unchanged.
+ids, so the HF and vLLM backends both work unchanged. With in-flight weight updates
+(``pause``) each generated token also records the weight version that sampled it; an
+observation token, which no model sampled, records -1.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Episode:
     tokens: list[int] = field(default_factory=list)  # everything after the prompt
     mask: list[float] = field(default_factory=list)  # 1.0 on generated tokens
     logprobs: list[float] = field(default_factory=list)  # behaviour log-probs (0 elsewhere)
+    versions: list[int] = field(default_factory=list)  # in-flight updates: per token (-1: obs.)
     rewards: list[float] = field(default_factory=list)  # one per step
     turns: int = 0
     terminated: bool = False
@@ -78,7 +81,11 @@ class MultiTurnRollout:
         self.max_context = min(cfg.max_context_tokens or max_context, max_context)
         self.envs = envs or LocalEnvs(cfg)
 
-    def run(self, items: list[PromptItem], n: int, params: SamplingParams) -> list[Episode]:
+    def run(
+        self, items: list[PromptItem], n: int, params: SamplingParams, pause: Any = None
+    ) -> list[Episode]:
+        """The episodes of ``n`` samples of each item; ``pause`` goes to every turn's
+        ``generate`` (in-flight weight updates)."""
         episodes = [
             Episode(row=i * n + s, item=it, sample=s)
             for i, it in enumerate(items)
@@ -94,7 +101,10 @@ class MultiTurnRollout:
                     break
                 seed = None if params.seed is None else params.seed + 1_000_003 * turn
                 gen = self.backend.generate(
-                    [ep.context for ep in live], dataclasses.replace(params, seed=seed), 1
+                    [ep.context for ep in live],
+                    dataclasses.replace(params, seed=seed),
+                    1,
+                    **({"pause": pause} if pause is not None else {}),
                 )
                 actions = [self._take_action(ep, gen, i) for i, ep in enumerate(live)]
                 results = self.envs.step(live, [a for a, _ in actions])
@@ -115,6 +125,8 @@ class MultiTurnRollout:
         ep.tokens += toks
         ep.mask += [1.0] * len(toks)
         ep.logprobs += lps
+        if gen.versions is not None:
+            ep.versions += gen.versions[i, :keep].tolist()
         ep.turns += 1
         eos = bool(toks) and toks[-1] in self.eos_ids
         return self.tok.decode(toks, skip_special_tokens=True), eos
@@ -144,6 +156,7 @@ class MultiTurnRollout:
         ep.tokens += ids
         ep.mask += [0.0] * len(ids)
         ep.logprobs += [0.0] * len(ids)
+        ep.versions += [-1] * len(ids)
 
 
 def stop_cut(tok: Any, tokens: list[int], stops: list[str]) -> int:
@@ -174,23 +187,32 @@ def episode_return(rewards: list[float], mode: str) -> float:
     return float(sum(rewards)) if mode == "sum" else float(rewards[-1])
 
 
-def episodes_tensors(episodes: list[Episode], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded (B, T) response tensors of finished episodes."""
+def episodes_tensors(
+    episodes: list[Episode], pad_id: int, versions: bool = False
+) -> dict[str, torch.Tensor]:
+    """Right-padded (B, T) response tensors of finished episodes (with ``versions`` also
+    ``token_versions``, -1 on padding and observations)."""
     width = max(max((len(ep.tokens) for ep in episodes), default=0), 1)
     b = len(episodes)
     ids = torch.full((b, width), pad_id, dtype=torch.long)
     mask = torch.zeros(b, width)
     lps = torch.zeros(b, width)
+    vers = torch.full((b, width), -1, dtype=torch.long)
     for i, ep in enumerate(episodes):
         t = len(ep.tokens)
         if t:
             ids[i, :t] = torch.tensor(ep.tokens, dtype=torch.long)
             mask[i, :t] = torch.tensor(ep.mask)
             lps[i, :t] = torch.tensor(ep.logprobs)
-    return {
+            if versions:
+                vers[i, :t] = torch.tensor(ep.versions, dtype=torch.long)
+    out = {
         "response_ids": ids,
         "response_len": torch.tensor([len(ep.tokens) for ep in episodes], dtype=torch.long),
         "response_mask": mask,
         "logprobs": lps,
         "truncated": torch.tensor([ep.truncated for ep in episodes]),
     }
+    if versions:
+        out["token_versions"] = vers
+    return out

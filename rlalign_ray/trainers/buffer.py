@@ -10,8 +10,9 @@ writes them into the checkpoint:
       buffer.json     the last step requested, the prompt sampler's state after it was
                       drawn, and per step: its generation rounds, samples dropped as stale,
                       the sampler's state before it, and per chunk its prompts (dataset
-                      indices), samples per prompt, seed, weight version, generator, and the
-                      plain fields of its RolloutBatch and ScoredShard (texts, columns)
+                      indices), samples per prompt, seed, weight version, generator, the
+                      versions it loaded mid-generation (in-flight updates), and the plain
+                      fields of its RolloutBatch and ScoredShard (texts, columns)
       step_<s>.pt     step s's tensors, per chunk: the RolloutBatch's (tokens, masks,
                       behaviour log-probs), the ScoredShard's (rewards) and the reference
                       log-probs; tensors only, read with ``torch.load(weights_only=True)``
@@ -54,6 +55,7 @@ class BufferedChunk:
     batch: RolloutBatch
     scores: ScoredShard
     ref_logprobs: torch.Tensor | None = None  # (B, T); None without a reference
+    inflight_loads: int = 0  # versions loaded while it was sampled (rollout.inflight_updates)
 
 
 @dataclass
@@ -82,6 +84,7 @@ class RolloutBuffer:
                 scores_t, scores_p = _split(c.scores)
                 tensors.append({"batch": batch_t, "scores": scores_t, "ref": c.ref_logprobs})
                 meta = {k: getattr(c, k) for k in ("prompts", "n", "seed", "version", "actor")}
+                meta["inflight_loads"] = c.inflight_loads
                 chunks.append({**meta, "pinned": c.pinned, "batch": batch_p, "scores": scores_p})
             torch.save(tensors, folder / f"step_{s.step}.pt")
             index["steps"].append(
@@ -117,6 +120,7 @@ class RolloutBuffer:
                     batch=RolloutBatch(**t["batch"], **c["batch"]),
                     scores=ScoredShard(**t["scores"], **c["scores"]),
                     ref_logprobs=t["ref"],
+                    inflight_loads=c.get("inflight_loads", 0),
                 )
                 for c, t in zip(s["chunks"], tensors)
             ]

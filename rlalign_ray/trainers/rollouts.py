@@ -30,6 +30,7 @@ from rlalign_ray.data.batch import NONFINITE, PromptItem, ScoredShard
 from rlalign_ray.data.prompts import PromptSampler
 from rlalign_ray.errors import ActorFailure, DataError, RewardError
 from rlalign_ray.pools import Chunk, Experience, Future, GeneratorPool, ReferencePool, RewardPool
+from rlalign_ray.rollout.inflight import version_summary
 from rlalign_ray.runtime.placement import actor_died, get
 from rlalign_ray.trainers.buffer import BufferedChunk, BufferedStep, RolloutBuffer
 
@@ -119,7 +120,7 @@ class Rollouts:
             out.chunks.append(
                 BufferedChunk(
                     [it.index for it in c.items], c.n, c.seed, c.version, c.actor, c.pinned,
-                    batch, scores, ref,
+                    batch, scores, ref, c.extra.get("info", {}).get("inflight_loads", 0),
                 )
             )  # fmt: skip
         return out
@@ -143,6 +144,9 @@ class Rollouts:
             (c,) = self.gen.chunks(prompts, bc.n, step=b.step, chunk_size=len(prompts))
             c.seed, c.version, c.actor, c.pinned = bc.seed, bc.version, bc.actor, bc.pinned
             c.ref, c.done, c.submitted_s, c.finished_s = ray.put(bc.batch), True, now, now
+            if bc.batch.token_versions is not None:  # what inflight_metrics reads
+                summary = version_summary(bc.batch.token_versions, bc.batch.response_mask)
+                c.extra["info"] = {"inflight_loads": bc.inflight_loads, "token_versions": summary}
             s.chunks.append(c)
             s.scored[c.id] = ray.put(bc.scores)
             if self.reference is not None:  # (a buffer saved without one: computed now)
@@ -239,7 +243,9 @@ class Rollouts:
 
     def _drop_stale(self, s: StepRollout, learner_version: int) -> bool:
         """Drop (and request again) the step's chunks more than the staleness bound ``k``
-        behind ``learner_version``; whether there were any."""
+        behind ``learner_version``; whether there were any. With in-flight updates a
+        chunk's version is its oldest token's (every row starts with the chunk's first
+        version), so a row counts its oldest token."""
         stale = [c for c in s.chunks if learner_version - c.version > self.k]
         if not stale:
             return False
@@ -318,12 +324,15 @@ class Rollouts:
             [float(learner_version - c.version) for c in s.chunks for _ in range(c.rows)]
         )
         ages = ages[rows] if rows is not None else ages
-        return {
+        out = {
             "rollout/staleness_mean": float(ages.mean()),
             "rollout/staleness_max": float(ages.max()),
             "rollout/dropped_stale": float(s.dropped_stale),
             "rollout/versions": float(len({c.version for c in s.chunks})),
         }
+        if self.cfg.rollout.inflight_updates:  # per token: chunks span versions
+            out.update(inflight_metrics(s.chunks, learner_version, rows))
+        return out
 
     def _chunk_scores(self, chunks: list[Chunk], scored: dict[int, Any], what: str) -> list:
         """Each chunk's ScoredShard, in order: those a dispatcher scored from their runs,
@@ -412,6 +421,30 @@ class Rollouts:
                 scores = scores.select(torch.isfinite(scores.scores).nonzero().squeeze(1))
             out[name] = scores
         return out, t_gen
+
+
+def inflight_metrics(
+    chunks: Sequence[Chunk], learner_version: int, rows: torch.Tensor | None
+) -> dict[str, float]:
+    """In-flight weight updates: ``rollout/version_lag_mean``, the learner's version minus
+    the version that sampled each trained token (the mean over the response tokens of
+    ``rows``, None: all), and ``rollout/inflight_loads``, the versions the step's chunks
+    loaded mid-generation. Read from each chunk's info (a per-row summary of its batch's
+    ``token_versions``), so no batch passes the driver."""
+    sums, tokens, loads = [], [], 0
+    for c in chunks:
+        info = c.extra["info"]
+        sums += info["token_versions"]["sum"]
+        tokens += info["token_versions"]["tokens"]
+        loads += info["inflight_loads"]
+    total, count = torch.tensor(sums, dtype=torch.float64), torch.tensor(tokens).double()
+    if rows is not None:
+        total, count = total[rows], count[rows]
+    mean_version = float(total.sum() / count.sum().clamp(min=1))
+    return {
+        "rollout/version_lag_mean": learner_version - mean_version,
+        "rollout/inflight_loads": float(loads),
+    }
 
 
 def staleness_controller(cfg: Config) -> StalenessController:

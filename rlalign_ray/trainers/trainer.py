@@ -328,8 +328,9 @@ class Trainer:
         return metrics
 
     def broadcast(self, version: int) -> int:
-        """Publish ``version``; generators load it after the chunk they are sampling. In
-        synchronous training (k = 0) wait until every generator holds it."""
+        """Publish ``version``; generators load it after the chunk they are sampling
+        (``rollout.inflight_updates``: between two decode steps of it). In synchronous
+        training (k = 0) wait until every generator holds it."""
         sync = self.weights.start(version)
         self.version = version
         if self.cfg.trainer.max_staleness == 0:
@@ -439,6 +440,7 @@ class Trainer:
             self.pools["learner"],
             self.pools["generator"],
             overlap=self.cfg.pipelined,
+            inflight=self.cfg.rollout.inflight_updates,
         )
         self.weights.setup()
 

@@ -26,7 +26,7 @@ def test_bench_pipeline_simulate_writes_its_results(ray_local, tmp_path):
     result = json.loads(out.read_text())
     assert [r["max_staleness"] for r in result["results"]] == [0, 1]
     for r in result["results"]:
-        assert set(r) == {"max_staleness", "step_s", "ideal_s", "ratio"}
+        assert set(r) == {"max_staleness", "inflight_updates", "step_s", "ideal_s", "ratio"}
         assert r["step_s"] > 0 and r["ratio"] == pytest.approx(r["step_s"] / r["ideal_s"])
     assert set(result["longtail"]) == {"static_step_s", "pull_step_s"}
 

@@ -235,3 +235,54 @@ def test_loop_with_two_vllm_generators_two_reward_actors_two_ranks(
     if max_staleness == 0:
         assert all(m < 1e-3 for m in mismatch)
     assert final["weights/version"] == 3 and "eval/reward_mean" in rows[3]
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("kv", ["recompute", "keep"])
+def test_inflight_load_between_engine_steps(gen, tiny_model, tmp_path, kv):
+    """In-flight updates (``generate`` with ``pause``): the engine driven step by step, a
+    load between two steps, vLLM's weight-version spans as per-token versions; the same
+    sequences go on, with the new weights' log-probs (recompute) or on the old KV (keep)."""
+    from rlalign_ray.models.tiny import build_tiny_model
+    from rlalign_ray.rollout.backend import SamplingParams
+
+    load_at = 4  # the load happens before the engine's 4th step
+
+    old = load_causal_lm(tiny_model)
+    new, _ = build_tiny_model(str(tmp_path / "other"), seed=1)
+    prompts = [gen.encode(p) for p in ("1+2=", "123+456=", "9+")]
+    calls = []
+
+    def pause() -> int:
+        calls.append(len(calls))
+        if len(calls) == load_at + 1:
+            gen.backend.load_weights(list(new.named_parameters()))
+            gen.backend.finish_weight_update()
+        return int(len(calls) > load_at)
+
+    gen.backend.recompute = kv == "recompute"
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, ignore_eos=True)
+    try:
+        out = gen.backend.generate(prompts, params, n=4, pause=pause)
+    finally:  # the old weights back for the next test
+        gen.backend.load_weights(list(old.named_parameters()))
+        gen.backend.finish_weight_update()
+        gen.backend.recompute = True
+    v = out.versions
+    assert v.shape == out.tokens.shape == (12, 12)
+    switch = int((v[0] == 0).sum())  # every request runs in every step: the same switch
+    assert 0 < switch < 12 and v[:, :switch].eq(0).all() and v[:, switch:].eq(1).all()
+    batch = gen._assemble(
+        [PromptItem(i, "") for i in range(3)],
+        [""] * 3,
+        prompts,
+        [(i, s) for i in range(3) for s in range(4)],
+        out,
+    )
+    before = batch_logprobs(old, batch, 1.0, 64, torch.device("cpu"))
+    after = batch_logprobs(new, batch, 1.0, 64, torch.device("cpu"))
+    assert (before - out.logprobs)[:, :switch].abs().max() < 1e-4
+    if kv == "recompute":  # preempted and recomputed: the new version's log-probs exactly
+        assert (after - out.logprobs)[:, switch:].abs().max() < 1e-4
+    else:  # the old KV blocks kept: neither version's
+        assert (after - out.logprobs)[:, switch].abs().max() > 1e-3

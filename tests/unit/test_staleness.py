@@ -81,6 +81,7 @@ def test_the_rollout_buffer_round_trips_exactly(tmp_path):
         columns={"answer": [3, 3, 7, 7], "meta": [{"a": [1, 2]}] * 4},
         truncated=torch.tensor([True, False, False, False]),
         raw_prompts=[[{"role": "user", "content": "1+2="}]] * 2 + ["3+4="] * 2,
+        token_versions=torch.tensor([[3, 3, 4, 4, 4]] * 4),  # in-flight updates: a load
     )
     scores = ScoredShard(
         torch.tensor([0.5, float("nan"), 1.0, 0.0]),
@@ -91,7 +92,7 @@ def test_the_rollout_buffer_round_trips_exactly(tmp_path):
         batch.logprobs,
     )
     ref = torch.randn(4, 5, generator=g)
-    chunk = BufferedChunk([7, 9], 2, 12345, 3, 1, None, batch, scores, ref)
+    chunk = BufferedChunk([7, 9], 2, 12345, 3, 1, None, batch, scores, ref, inflight_loads=1)
     step = BufferedStep(5, 2, 4, {"epoch": 0, "pos": 8}, [chunk])
     RolloutBuffer(6, {"epoch": 1, "pos": 3}, [step]).write(tmp_path / "rollout_buffer")
     back = RolloutBuffer.read(tmp_path / "rollout_buffer")
@@ -105,6 +106,7 @@ def test_the_rollout_buffer_round_trips_exactly(tmp_path):
     )
     (c,) = s.chunks
     assert (c.prompts, c.n, c.seed, c.version, c.actor, c.pinned) == ([7, 9], 2, 12345, 3, 1, None)
+    assert c.inflight_loads == 1
     for name, value in vars(batch).items():
         got = getattr(c.batch, name)
         assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value, name
