@@ -34,8 +34,10 @@ from helpers.resume import assert_same, metric_rows
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 pytest.importorskip("s3fs")
-pytest.importorskip("moto.server")
-from helpers.s3 import BUCKET, CREDENTIALS, s3_server  # noqa: E402
+from helpers.s3 import BUCKET, CREDENTIALS, have_moto_server, s3_server  # noqa: E402
+
+if not have_moto_server():
+    pytest.skip("moto[server] is not installed", allow_module_level=True)
 
 SCRIPT = REPO / "launch/local_cluster.sh"
 

@@ -15,8 +15,10 @@ from rlalign_ray.run_log import MetricsLogger
 from rlalign_ray.storage import RunLogs, Storage, join
 
 pytest.importorskip("s3fs")
-pytest.importorskip("moto.server")
-from helpers.s3 import BUCKET, options, s3_server  # noqa: E402
+from helpers.s3 import BUCKET, have_moto_server, options, s3_server  # noqa: E402
+
+if not have_moto_server():
+    pytest.skip("moto[server] is not installed", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
