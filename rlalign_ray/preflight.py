@@ -33,6 +33,9 @@ def preflight(cfg: Config, topology: Any, prompts: list[PromptItem]) -> None:
         path = getattr(cfg, key).actor_class
         if path:
             check_actor_class(f"{key}.actor_class", path)
+    for name, pool in cfg.pools.items():
+        if pool.actor_class:
+            check_actor_class(f"pools.{name}.actor_class", pool.actor_class)
     builtin = {role: pool.cls is None for role, pool in topology.pools.items()}
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or ""
     remote = address.startswith("ray://")  # Ray Client: the paths are the cluster's, not ours
@@ -75,7 +78,11 @@ def check_rewards(cfg: Config, columns: list[str], remote: bool) -> None:
                 "receive as their own arguments; rename those columns"
             ]
         )
-    preflight_rewards(cfg.reward.rewards, RewardContext(columns, cfg.data.train, remote))
+    ctx = RewardContext(columns, cfg.data.train, remote)
+    preflight_rewards(cfg.reward.rewards, ctx)
+    for name, pool in cfg.pools.items():
+        if pool.kind == "reward" and not pool.actor_class:
+            preflight_rewards(pool.rewards, ctx, f"pools.{name}.rewards")
 
 
 def check_actor_class(key: str, path: str) -> None:

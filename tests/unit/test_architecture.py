@@ -36,6 +36,7 @@ LAZY_UP = {
     ("config/tree.py", "rlalign_ray.algorithms"): "Config.needs_critic reads the estimators",
     ("config/tree.py", "rlalign_ray.algorithms.objective"): "Config.objective resolves them",
     ("config/checks.py", "rlalign_ray.rewards.types"): "check_reward reads the reward types",
+    ("config/pools.py", "rlalign_ray.rewards.types"): "check_pools reads the reward types",
     ("models/tiny_eval.py", "rlalign_ray.rewards.builtin"): "the tiny model's accuracy",
 }
 
