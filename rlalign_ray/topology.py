@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from rlalign_ray.config import STRATEGIES, Config, Placement, Resources, RewardConfig, RewardSpec
+from rlalign_ray.config import STRATEGIES, Config, Placement, Resources, RewardSpec
 from rlalign_ray.errors import ConfigError
 from rlalign_ray.roles import (
     DEEPSPEED_ROLES,
