@@ -461,13 +461,15 @@ def group_spread(scores: torch.Tensor, n: int) -> torch.Tensor:
 def sample_rows(chunks: Sequence[Chunk], rows: torch.Tensor | None) -> list[dict[str, int]]:
     """The ledger of a step's trained samples (``trainer.sample_log``): per row of the
     joined chunks (those in ``rows``), its prompt's dataset index, its sample index within
-    the prompt's group, the weight version and the generator that sampled it."""
+    the prompt's group, the weight version and the generator that sampled it (with several
+    generator pools, also its pool's name)."""
     out = [
         {
             "prompt_index": it.index,
             "sample_index": k,
             "version": c.version,
             "generator": c.actor,
+            **({"pool": c.extra["pool"]} if "pool" in c.extra else {}),  # several pools
         }
         for c in chunks
         for it in c.items
