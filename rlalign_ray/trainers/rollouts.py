@@ -29,8 +29,15 @@ from rlalign_ray.config import Config
 from rlalign_ray.data.batch import NONFINITE, PromptItem, ScoredShard
 from rlalign_ray.data.prompts import PromptSampler
 from rlalign_ray.errors import ActorFailure, DataError, RewardError
-from rlalign_ray.pools import Chunk, Experience, Future, GeneratorPool, ReferencePool, RewardPool
-from rlalign_ray.pools.generators import GeneratorPools
+from rlalign_ray.pools import (
+    Chunk,
+    Experience,
+    Future,
+    GeneratorPool,
+    GeneratorPools,
+    ReferencePool,
+    RewardPool,
+)
 from rlalign_ray.runtime.placement import actor_died, get
 from rlalign_ray.trainers.buffer import BufferedChunk, BufferedStep, RolloutBuffer
 from rlalign_ray.trainers.judges import Judges

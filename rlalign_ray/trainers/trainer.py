@@ -45,8 +45,7 @@ from rlalign_ray.data.batch import PromptItem, ScoredShard, pad_responses
 from rlalign_ray.data.prompts import PromptSampler
 from rlalign_ray.errors import ActorFailure
 from rlalign_ray.ledger import SampleLog
-from rlalign_ray.pools import ActorPool, Experience, WeightSync, start, stop
-from rlalign_ray.pools.generators import GeneratorPools
+from rlalign_ray.pools import ActorPool, Experience, GeneratorPools, WeightSync, start, stop
 from rlalign_ray.preflight import preflight, prepare_data
 from rlalign_ray.roles import DEEPSPEED_ROLES
 from rlalign_ray.run_log import MetricsLogger
