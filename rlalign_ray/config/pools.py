@@ -36,8 +36,8 @@ def check_pools(cfg: Config, e: list[str]) -> None:
         key = f"pools.{name}"
         if name in ROLES:
             e.append(
-                f"{key}: {name!r} is a role's default pool (its section is {name!r}'s "
-                f"{ROLES[name].section}); give the named pool another name"
+                f"{key}: {name!r} names the {name} role's default pool (configured in the "
+                f"{ROLES[name].section} section); give the named pool another name"
             )
         elif not name.replace("_", "a").replace("-", "a").isalnum():
             e.append(f"{key}: a pool's name takes letters, digits, '_' and '-', got {name!r}")

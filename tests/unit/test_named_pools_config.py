@@ -31,7 +31,7 @@ def _problems(pools) -> list[str]:
     "pools, key",
     [
         ({"judge": {"kind": "judge"}}, "pools.judge.kind: unknown kind 'judge'"),
-        ({"reward": JUDGE}, "pools.reward: 'reward' is a role's default pool"),
+        ({"reward": JUDGE}, "pools.reward: 'reward' names the reward role's"),
         ({"ref2": {"kind": "reference"}}, "pools.ref2.kind: the built-in Trainer runs one"),
         ({"judge": {**JUDGE, "weight": 0}}, "pools.judge.weight: 0 leaves its scores out"),
         ({"judge": {**JUDGE, "rewards": []}}, "pools.judge.rewards: a reward pool needs"),
