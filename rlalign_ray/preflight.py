@@ -25,12 +25,12 @@ from rlalign_ray.errors import ConfigError
 from rlalign_ray.models.loading import check_model_path, load_tokenizer
 from rlalign_ray.rewards.sources import RESERVED
 from rlalign_ray.rewards.types import RewardContext, preflight_rewards
-from rlalign_ray.roles import resolve_class
+from rlalign_ray.roles import ROLES, resolve_class
 
 
 def preflight(cfg: Config, topology: Any, prompts: list[PromptItem]) -> None:
-    for key in ("rollout", "reward", "reference", "learner", "critic"):
-        path = getattr(cfg, key).actor_class
+    for key in dict.fromkeys(role.section for role in ROLES.values()):
+        path = getattr(getattr(cfg, key), "actor_class", None)  # env: its own env.path
         if path:
             check_actor_class(f"{key}.actor_class", path)
     for name, pool in cfg.pools.items():
