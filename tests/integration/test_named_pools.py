@@ -99,6 +99,7 @@ def test_the_issue_yaml_trains_three_pipelined_steps_and_logs_the_judge(
     assert {r.get("pool") for r in rows} >= {"generator", "gen_b"}
 
 
+@pytest.mark.full  # ~2 min on 2 cores: two runs, two actors killed
 @pytest.mark.usefixtures("counters")
 def test_a_killed_actor_of_each_named_pool_is_replaced_and_the_run_resumes(
     ray_local, tiny_model, tmp_path
