@@ -77,7 +77,7 @@ REGISTRY_KEYS = {"reward.rewards[].type": _reward_types, "rollout.backend": _bac
 def config_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """``(key, type, default, doc)`` of every leaf key, depth first in declaration order.
     A list of sections (``reward.rewards``) is listed, then its items' keys as
-    ``reward.rewards[].KEY``."""
+    ``reward.rewards[].KEY``; a mapping of named sections (``pools``) as ``pools.<name>.KEY``."""
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
@@ -93,6 +93,8 @@ def config_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, st
         out.append((key, tp_name, _show(_default(f)), doc))
         if typing.get_origin(tp) is list and args and dataclasses.is_dataclass(args[0]):
             out += config_keys(args[0], key + "[].")
+        if typing.get_origin(tp) is dict and args and dataclasses.is_dataclass(args[1]):
+            out += config_keys(args[1], key + ".<name>.")  # a mapping of named sections
     return out
 
 

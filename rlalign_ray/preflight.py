@@ -25,15 +25,18 @@ from rlalign_ray.errors import ConfigError
 from rlalign_ray.models.loading import check_model_path, load_tokenizer
 from rlalign_ray.rewards.sources import RESERVED
 from rlalign_ray.rewards.types import RewardContext, preflight_rewards
-from rlalign_ray.roles import resolve_class
+from rlalign_ray.roles import ROLES, resolve_class
 from rlalign_ray.rollout.backends import backend_type
 
 
 def preflight(cfg: Config, topology: Any, prompts: list[PromptItem]) -> None:
-    for key in ("rollout", "reward", "reference", "learner", "critic"):
-        path = getattr(cfg, key).actor_class
+    for key in dict.fromkeys(role.section for role in ROLES.values()):
+        path = getattr(getattr(cfg, key), "actor_class", None)  # env: its own env.path
         if path:
             check_actor_class(f"{key}.actor_class", path)
+    for name, pool in cfg.pools.items():
+        if pool.actor_class:
+            check_actor_class(f"pools.{name}.actor_class", pool.actor_class)
     builtin = {role: pool.cls is None for role, pool in topology.pools.items()}
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or ""
     remote = address.startswith("ray://")  # Ray Client: the paths are the cluster's, not ours
@@ -78,7 +81,11 @@ def check_rewards(cfg: Config, columns: list[str], remote: bool) -> None:
                 "receive as their own arguments; rename those columns"
             ]
         )
-    preflight_rewards(cfg.reward.rewards, RewardContext(columns, cfg.data.train, remote))
+    ctx = RewardContext(columns, cfg.data.train, remote)
+    preflight_rewards(cfg.reward.rewards, ctx)
+    for name, pool in cfg.pools.items():
+        if pool.kind == "reward" and not pool.actor_class:
+            preflight_rewards(pool.rewards, ctx, f"pools.{name}.rewards")
 
 
 def check_actor_class(key: str, path: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,36 +21,87 @@ if TYPE_CHECKING:  # the config imports this module (its GPU layout checks)
     from rlalign_ray.config import Config, SyncConfig
 
 
+def _always(cfg: Config) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Role:
+    """One kind of actor pool: the one table that the config checks, the default topology
+    and pool building read (adding a role is one entry here and its pool class)."""
+
     section: str  # the config section: rollout, reward, reference, learner, critic, env
     count: str | None  # that section's actor-count field (None: one actor)
     builtin: str  # module:Class that runs the role unless actor_class says otherwise
+    pool: str  # module:Class of its pool (``rlalign_ray.pools``), imported on first use
+    default: Callable[[Config], bool] = _always  # whether the default topology starts it
+    many: bool = False  # the built-in Trainer composes named pools of it (``pools:``)
 
     def num_actors(self, cfg: Config) -> int:
         return getattr(getattr(cfg, self.section), self.count) if self.count else 1
 
 
 ROLES: dict[str, Role] = {
-    "generator": Role("rollout", "num_actors", "rlalign_ray.rollout.generator:Generator"),
-    "reward": Role("reward", "num_actors", "rlalign_ray.rewards.scorer:RewardScorer"),
-    "reference": Role("reference", None, "rlalign_ray.learner.reference:Reference"),
-    "learner": Role("learner", "world_size", "rlalign_ray.learner.learner:Learner"),
-    "critic": Role("critic", "world_size", "rlalign_ray.learner.critic:Critic"),
-    "env": Role("env", "num_actors", "rlalign_ray.envs.host:EnvHost"),
+    "generator": Role(
+        "rollout",
+        "num_actors",
+        "rlalign_ray.rollout.generator:Generator",
+        "rlalign_ray.pools.generator:GeneratorPool",
+        many=True,
+    ),
+    "reward": Role(
+        "reward",
+        "num_actors",
+        "rlalign_ray.rewards.scorer:RewardScorer",
+        "rlalign_ray.pools.reward:RewardPool",
+        many=True,
+    ),
+    "learner": Role(
+        "learner",
+        "world_size",
+        "rlalign_ray.learner.learner:Learner",
+        "rlalign_ray.pools.learner:LearnerGroup",
+    ),
+    "reference": Role(
+        "reference",
+        None,
+        "rlalign_ray.learner.reference:Reference",
+        "rlalign_ray.pools.reference:ReferencePool",
+        lambda cfg: cfg.needs_reference,
+    ),
+    "critic": Role(
+        "critic",
+        "world_size",
+        "rlalign_ray.learner.critic:Critic",
+        "rlalign_ray.pools.learner:CriticGroup",
+        lambda cfg: cfg.needs_critic,
+    ),
+    "env": Role(
+        "env",
+        "num_actors",
+        "rlalign_ray.envs.host:EnvHost",
+        "rlalign_ray.pools.env:EnvPool",
+        lambda cfg: bool(cfg.env.path and cfg.env.num_actors),
+    ),
 }
-DEEPSPEED_ROLES = ("learner", "critic")
-Layout = dict  # role -> (config section, actor count, Resources, Placement)  # roles whose actors form a process group
+DEEPSPEED_ROLES = ("learner", "critic")  # roles whose actors form a process group
+Layout = dict  # pool -> (config section, actor count, Resources, Placement)
 
 
 def roles_of(cfg: Config) -> list[str]:
-    """The roles a run of ``cfg`` starts (the default topology)."""
-    roles = ["generator", "reward", "learner"]
-    if cfg.needs_reference:
-        roles.append("reference")
-    if cfg.needs_critic:
-        roles.append("critic")
-    return roles
+    """The roles a run of ``cfg`` starts (the default topology), in ``ROLES`` order."""
+    return [name for name, role in ROLES.items() if role.default(cfg)]
+
+
+def kind_of(cfg: Config, pool: str) -> str:
+    """The role of pool ``pool``: a role's own name, or a named pool's ``kind``."""
+    named = cfg.pools.get(pool)
+    return named.kind if named is not None else pool
+
+
+def pool_class(role: str) -> type:
+    """The pool class (``rlalign_ray.pools``) of ``role``."""
+    return import_object(ROLES[role].pool, "class")
 
 
 def resolve_class(cls: type | str) -> type:
@@ -122,17 +174,19 @@ def role_class(role: str, cls: type | str | None = None, cfg: Config | None = No
 
 
 def role_layout(cfg: Config, pools: dict[str, tuple] | None = None) -> Layout:
-    """role -> (config section, actor count, resources, placement): the config's roles, or
-    ``pools`` (role -> (count, resources, placement), a topology's)."""
+    """pool -> (config section, actor count, resources, placement): the config's roles and
+    named pools (``pools.<name>``), or ``pools`` (name -> (count, resources, placement), a
+    topology's)."""
     if pools is None:
         pools = {
             r: (ROLES[r].num_actors(cfg), sec.resources, sec.placement)
             for r in roles_of(cfg)
             for sec in [getattr(cfg, ROLES[r].section)]
         }
-        if cfg.env.path and cfg.env.num_actors:
-            pools["env"] = (cfg.env.num_actors, cfg.env.resources, cfg.env.placement)
-    return {r: (ROLES[r].section if r in ROLES else r, *spec) for r, spec in pools.items()}
+        pools.update({n: (p.num_actors, p.resources, p.placement) for n, p in cfg.pools.items()})
+    return {
+        r: (ROLES[r].section if r in ROLES else f"pools.{r}", *spec) for r, spec in pools.items()
+    }
 
 
 def split_rows(n: int, world_size: int, seed: int, step: int, lengths: Any = None) -> list[Any]:

@@ -44,6 +44,7 @@ from rlalign_ray.config.generation import (
     VLLMConfig,
 )
 from rlalign_ray.config.loading import _build, _coerce, config_from_dict, load_config
+from rlalign_ray.config.pools import PoolConfig
 from rlalign_ray.config.training import (
     LR_SCHEDULERS,
     AlgorithmConfig,
@@ -84,6 +85,7 @@ __all__ = [
     "NonfiniteMode",
     "Optimizer",
     "Placement",
+    "PoolConfig",
     "ReferenceConfig",
     "Resources",
     "RewardConfig",

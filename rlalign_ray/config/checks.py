@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from rlalign_ray.config.checks_algorithm import check_algorithm, check_sampling_math
 from rlalign_ray.config.fields import field_types, literal_choices, registry_options
+from rlalign_ray.config.pools import check_pools
 from rlalign_ray.errors import ConfigError
-from rlalign_ray.roles import gpu_layout_problems, role_layout
+from rlalign_ray.roles import DEEPSPEED_ROLES, gpu_layout_problems, role_layout
 
 if TYPE_CHECKING:
     from rlalign_ray.config.training import TrainerConfig
@@ -103,7 +104,7 @@ def check_run(cfg: Config, e: list[str]) -> None:
 
 
 def check_model(cfg: Config, e: list[str]) -> None:
-    for role in ("learner", "critic") if cfg.needs_critic else ("learner",):
+    for role in DEEPSPEED_ROLES if cfg.needs_critic else ("learner",):
         if cfg.model.dtype != "float32" and not getattr(cfg, role).bf16:
             e.append(
                 f"model.dtype: {cfg.model.dtype} weights with {role}.bf16: false would run "
@@ -247,7 +248,7 @@ def check_learner(cfg: Config, e: list[str]) -> None:
         e.append(f"learner.zero_stage: must be 0, 1, 2 or 3, got {lr.zero_stage}")
     if len(lr.betas) != 2:
         e.append(f"learner.betas: needs two numbers, got {lr.betas}")
-    for role in ("learner", "critic"):
+    for role in DEEPSPEED_ROLES:
         _check_optimizer(cfg, role, e)
     _positive(e, "learner.mini_batch_size", lr.mini_batch_size, allow_zero=True)
     sizes = (
@@ -442,6 +443,7 @@ CHECKS = (
     check_model,
     check_env,
     check_reward,
+    check_pools,
     check_data,
     check_trainer,
 )

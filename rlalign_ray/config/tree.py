@@ -9,6 +9,7 @@ from typing import Any
 from rlalign_ray.config.fields import doc
 from rlalign_ray.config.general import DataConfig, ModelConfig, RunConfig
 from rlalign_ray.config.generation import EnvConfig, RewardConfig, RolloutConfig, SyncConfig
+from rlalign_ray.config.pools import PoolConfig
 from rlalign_ray.config.training import (
     AlgorithmConfig,
     CriticConfig,
@@ -32,6 +33,9 @@ class Config:
     sync: SyncConfig = doc(SyncConfig(), "weight sync from the learner to the generators")
     trainer: TrainerConfig = doc(TrainerConfig(), "the driver loop")
     env: EnvConfig = doc(EnvConfig(), "environments for multi-turn rollouts (env.path)")
+    pools: dict[str, PoolConfig] = doc(
+        {}, "named pools beside the default ones: name -> {kind: generator or reward, ...}"
+    )
 
     # ---- derived values, computed once -------------------------------------------------
     @property

@@ -1,4 +1,4 @@
-"""The public pool API: one pool per role, each owning its actors and returning refs or
+"""The public pool API: pools of each role (several of a kind under names), each owning its actors and returning refs or
 ``Future``s. Trainers (``rlalign_ray.trainers``) and users' own loops are built on it.
 
     from rlalign_ray.pools import (GeneratorPool, RewardPool, ReferencePool, LearnerGroup,
@@ -11,10 +11,12 @@ from rlalign_ray.pools.base import ActorPool, Future, launch, start, stop
 from rlalign_ray.pools.chunks import Chunk
 from rlalign_ray.pools.env import EnvPool
 from rlalign_ray.pools.generator import GeneratorPool
+from rlalign_ray.pools.generators import GeneratorPools
 from rlalign_ray.pools.learner import CriticGroup, Experience, LearnerGroup
 from rlalign_ray.pools.reference import ReferencePool
 from rlalign_ray.pools.reward import RewardPool
 from rlalign_ray.runtime.placement import get
+from rlalign_ray.sync.targets import WeightTargets
 from rlalign_ray.sync.weight_sync import WeightSync
 
 __all__ = [
@@ -25,10 +27,12 @@ __all__ = [
     "Experience",
     "Future",
     "GeneratorPool",
+    "GeneratorPools",
     "LearnerGroup",
     "ReferencePool",
     "RewardPool",
     "WeightSync",
+    "WeightTargets",
     "get",
     "launch",
     "start",

@@ -115,6 +115,30 @@ class ActorPool:
         happens here); by default waits until every actor answers."""
         self.gather("ping")
 
+    # ---- resumable checkpoints ------------------------------------------------------------
+    def rng_states(self) -> list[Any]:
+        """Every actor's random state, in actor order (between steps: nothing in flight); for
+        pools whose actors sample (generators)."""
+        return self.gather("get_rng_state")
+
+    def set_rng_states(self, states: Sequence[Any]) -> None:
+        """Restore ``rng_states``; with another number of actors, their streams differ
+        from the run that saved them (a warning)."""
+        if len(states) != len(self.actors):
+            log.warning(
+                "%s: the checkpoint holds %d generators' random states, the pool has %d; "
+                "unseeded samples differ from the run that saved it",
+                self.name,
+                len(states),
+                len(self.actors),
+            )
+            return
+        get(
+            [a.set_rng_state.remote(s) for a, s in zip(self.actors, states)],
+            f"{self.name} set_rng_state",
+            self.timeout_s,
+        )
+
     # ---- dead actors --------------------------------------------------------------------
     def replace(self, index: int) -> Any:
         """Replace actor ``index``, which died, by a new one of the same class and options

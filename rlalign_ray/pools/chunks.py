@@ -83,6 +83,31 @@ def split(items: list[Any], n: int) -> list[list[Any]]:
     return out
 
 
+def make_chunks(
+    items: Sequence[PromptItem],
+    n: int,
+    actors: int,
+    first_id: int,
+    greedy: bool = False,
+    step: int = 0,
+    chunk_size: int = 0,
+    seed: int | None = None,
+) -> list[Chunk]:
+    """Cut ``items`` into chunks numbered from ``first_id``: ``chunk_size`` prompts each
+    (seeded from ``seed``), or with 0 one contiguous chunk per actor of ``actors``, pinned
+    to it."""
+    items = list(items)
+    if chunk_size <= 0:
+        parts = [(i, p) for i, p in enumerate(split(items, actors)) if p]
+    else:
+        parts = [(None, items[k : k + chunk_size]) for k in range(0, len(items), chunk_size)]
+    out = []
+    for j, (pinned, part) in enumerate(parts):
+        chunk_seed = None if pinned is not None or seed is None else seed * 100_003 + j
+        out.append(Chunk(first_id + j, part, n, greedy, step, chunk_seed, pinned))
+    return out
+
+
 def dispatch_runs(chunks: Sequence[Chunk]) -> tuple[list[Any], dict[int, int]]:
     """The dispatcher runs of ``chunks``, each once in order of first use, and id(run) ->
     its index in that list."""

@@ -44,8 +44,16 @@ from rlalign_ray.data.batch import PromptItem, ScoredShard
 from rlalign_ray.data.picks import Picks
 from rlalign_ray.errors import ActorFailure
 from rlalign_ray.pools.base import ActorPool
-from rlalign_ray.pools.chunks import Chunk, DispatchRun, dispatch_runs, run_scores, split
+from rlalign_ray.pools.chunks import (
+    Chunk,
+    DispatchRun,
+    dispatch_runs,
+    make_chunks,
+    run_scores,
+    split,
+)
 from rlalign_ray.pools.learner import Experience
+from rlalign_ray.pools.weight_targets import PoolTargets
 from rlalign_ray.rollout.inflight import CONCURRENCY_GROUPS
 from rlalign_ray.runtime.dispatch import start_dispatchers
 from rlalign_ray.runtime.placement import actor_died, get
@@ -53,8 +61,9 @@ from rlalign_ray.runtime.placement import actor_died, get
 log = logging.getLogger(__name__)
 
 
-class GeneratorPool(ActorPool):
-    """Generator actors (``rollout/generator.py``'s ``Generator`` by default)."""
+class GeneratorPool(PoolTargets, ActorPool):
+    """Generator actors (``rollout/generator.py``'s ``Generator`` by default); what a
+    ``WeightSync`` sends to (``PoolTargets``)."""
 
     role = "generator"
 
@@ -137,16 +146,8 @@ class GeneratorPool(ActorPool):
     ) -> list[Chunk]:
         """Cut ``items`` into chunks: ``chunk_size`` prompts each (pulled by idle actors,
         seeded from ``seed``), or with 0 one contiguous chunk per actor, pinned to it."""
-        items = list(items)
-        if chunk_size <= 0:
-            parts = [(i, p) for i, p in enumerate(split(items, len(self.actors))) if p]
-        else:
-            parts = [(None, items[k : k + chunk_size]) for k in range(0, len(items), chunk_size)]
-        out = []
-        for j, (pinned, part) in enumerate(parts):
-            chunk_seed = None if pinned is not None or seed is None else seed * 100_003 + j
-            out.append(Chunk(self._next_id, part, n, greedy, step, chunk_seed, pinned))
-            self._next_id += 1
+        out = make_chunks(items, n, len(self.actors), self._next_id, greedy, step, chunk_size, seed)
+        self._next_id += len(out)
         return out
 
     def submit(self, chunks: Sequence[Chunk], front: bool = False) -> list[Chunk]:
@@ -280,6 +281,15 @@ class GeneratorPool(ActorPool):
             self.idle_s[actor] += chunk.submitted_s - self._idle_since[actor]
             self._idle_since[actor] = None
         self.load[actor] += 1
+
+    def pending(self) -> list[Any]:
+        """The refs ``poll`` waits on: chunks in flight (with dispatchers, their runs)."""
+        return list(self._runs) if self.dispatchers else list(self.inflight)
+
+    def backlog(self) -> float:
+        """Chunks queued or in flight per actor."""
+        held = sum(self._group_load) if self.dispatchers else len(self.queue) + sum(self.load)
+        return held / max(1, len(self.actors))
 
     def poll(self, timeout_s: float = 0.0, also: Sequence[Any] = ()) -> list[Chunk]:
         """Chunks that finished, waiting up to ``timeout_s`` for the first (or for one of
@@ -427,30 +437,6 @@ class GeneratorPool(ActorPool):
             s + (now - t if t is not None else 0.0) for s, t in zip(self.idle_s, self._idle_since)
         )
 
-    # ---- resumable checkpoints ------------------------------------------------------------
-    def rng_states(self) -> list[Any]:
-        """Every actor's random state, in actor order (between steps: nothing in flight)."""
-        return self.gather("get_rng_state")
-
-    def set_rng_states(self, states: Sequence[Any]) -> None:
-        """Restore ``rng_states``; with another number of actors, their streams differ
-        from the run that saved them (a warning)."""
-        if len(states) != len(self.actors):
-            log.warning(
-                "%s: the checkpoint holds %d generators' random states, the pool has %d; "
-                "unseeded samples differ from the run that saved it",
-                self.name,
-                len(states),
-                len(self.actors),
-            )
-            return
-        get(
-            [a.set_rng_state.remote(s) for a, s in zip(self.actors, states)],
-            f"{self.name} set_rng_state",
-            self.timeout_s,
-        )
-
-    # ---- weights and memory -------------------------------------------------------------
     # ---- what landed, as the learner takes it ----------------------------------------
     def prescored(self, chunk: Chunk) -> Any:
         """The chunk's scores if the pool had them computed as it landed (dispatchers hand

@@ -24,8 +24,10 @@ class RewardPool(ActorPool):
         cls: type | str | None = None,
         name: str | None = None,
         reward: RewardConfig | None = None,
+        weight: float = 1.0,
     ):
         self.reward = reward or cfg.reward
+        self.weight = weight  # its total's weight in each sample's reward (Trainer)
         r = self.reward
         super().__init__(
             cfg,

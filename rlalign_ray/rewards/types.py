@@ -233,11 +233,11 @@ def reward_type(name: str) -> RewardType:
     return cls()
 
 
-def check_reward_specs(specs: list[RewardSpec]) -> list[str]:
+def check_reward_specs(specs: list[RewardSpec], prefix: str = "reward.rewards") -> list[str]:
     """Config time: every entry's type exists and passes its own ``check``."""
     e: list[str] = []
     for i, spec in enumerate(specs):
-        key = f"reward.rewards[{i}]"
+        key = f"{prefix}[{i}]"
         try:
             kind = reward_type(spec.type)
         except RewardError as err:
@@ -249,10 +249,12 @@ def check_reward_specs(specs: list[RewardSpec]) -> list[str]:
     return e
 
 
-def preflight_rewards(specs: list[RewardSpec], ctx: RewardContext) -> None:
+def preflight_rewards(
+    specs: list[RewardSpec], ctx: RewardContext, prefix: str = "reward.rewards"
+) -> None:
     """On the driver before Ray starts: every entry's own ``preflight``."""
     for i, spec in enumerate(specs):
-        reward_type(spec.type).preflight(spec, f"reward.rewards[{i}]", ctx)
+        reward_type(spec.type).preflight(spec, f"{prefix}[{i}]", ctx)
 
 
 def check_reward_function(key: str, path: str, columns: list[str]) -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from rlalign_ray.config import Config, Placement, Resources
 from rlalign_ray.models.sizes import DTYPE_BYTES, ModelSize, model_size
-from rlalign_ray.roles import role_layout
+from rlalign_ray.roles import DEEPSPEED_ROLES, role_layout
 from rlalign_ray.runtime.placement import RoleSpec, plan_bundles
 
 GiB = 1024**3
@@ -108,7 +108,7 @@ def _memory(cfg: Config, role: str, size: Callable) -> tuple[float | None, float
         return _gb(p, b, more.host_gb), 0.0, note
     if role == "reference":
         return _gb(size(m.reference or m.path), DTYPE_BYTES[m.dtype]), 0.0, "weights"
-    if role in ("learner", "critic"):
+    if role in DEEPSPEED_ROLES:
         return _trained(cfg, role, size)
     if role == "reward":
         kinds = {"model": "classifier", "embedding": "encoder"}

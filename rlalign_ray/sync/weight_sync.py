@@ -27,6 +27,7 @@ from rlalign_ray.errors import ActorFailure, WeightSyncError
 from rlalign_ray.runtime.placement import Future, get
 from rlalign_ray.sync.buckets import SyncPlan, check_half_range, plan_buckets
 from rlalign_ray.sync.plan import WEIGHTS_GROUP, duplicate_gpus, gpu_uuids
+from rlalign_ray.sync.targets import ActorTargets, WeightTargets
 from rlalign_ray.sync.transports import (
     SharedMemoryTransport,
     WeightHandle,
@@ -106,11 +107,11 @@ class WeightSync:
     """Moves the learner's weights to every generator, one version at a time.
 
     ``sources``: a ``LearnerGroup`` or actors mixing in ``WeightSource`` (rank 0 first).
-    ``generators``: a ``GeneratorPool`` or actors with ``weight_ranks``, ``join_weight_sync``
-    and ``load_weights`` (``Generator``). A pool's per-actor ``versions`` are advanced as the
-    loads are queued: every call queued to a generator after them sees the new weights
-    (and first, ``before_load``, the pool starts the chunks it still holds, so each samples
-    with the version it was submitted under).
+    ``generators``: ``WeightTargets`` (a ``GeneratorPool``, or ``GeneratorPools``: several)
+    or a list of actors with ``weight_ranks``, ``join_weight_sync`` and ``load_weights``
+    (``Generator``). The targets hear when a version's loads are queued (``before_load``:
+    a pool starts the chunks it still holds, so each samples with the version it was
+    submitted under; ``loaded``: every call queued after them sees the new weights).
     ``on_gpu``: learner and generators hold their weights on GPUs (``auto`` then picks
     CUDA IPC for generators on a learner rank's GPU, else NCCL); None (the default): ask
     the actors. ``overlap``: the collective sender broadcasts from a thread of its own
@@ -131,14 +132,17 @@ class WeightSync:
         cfg: SyncConfig,
         dtype: str,
         sources: Sequence[Any],
-        generators: Sequence[Any],
+        generators: WeightTargets | Sequence[Any],
         on_gpu: bool | None = None,
         overlap: bool = False,
         inflight: bool = False,
     ):
         self.cfg, self.dtype, self.on_gpu, self.overlap = cfg, dtype, on_gpu, overlap
         self.inflight = inflight
-        self._sources, self._generators = sources, generators
+        self._sources = sources
+        if not isinstance(generators, WeightTargets):
+            generators = ActorTargets(generators)
+        self.targets: WeightTargets = generators
         self.plan: SyncPlan | None = None
         self.pending: Future | None = None
         self.version = 0  # the version last sent (a replaced generator is given it)
@@ -150,7 +154,7 @@ class WeightSync:
 
     @property
     def generators(self) -> list[Any]:
-        return list(getattr(self._generators, "actors", self._generators))
+        return list(self.targets.receivers())
 
     def setup(self) -> SyncPlan:
         """Plan the buckets from the learner's parameters and join every actor to the
@@ -196,9 +200,7 @@ class WeightSync:
             calls[g.join_weight_sync.remote(self.plan, address, first[i])] = f"generator {i}"
         self._wait(calls, "joining")
         self._wait(self._labelled("seal_weight_sync"), "set-up")
-        hooks = getattr(self._generators, "on_replace", None)
-        if hooks is not None and self.rejoin not in hooks:
-            hooks.append(self.rejoin)  # a pool's replaced generator joins and loads
+        self.targets.on_replaced(self.rejoin)  # a replaced generator joins and loads
         return self.plan
 
     def rejoin(self, index: int) -> None:
@@ -325,25 +327,20 @@ class WeightSync:
             raise WeightSyncError("WeightSync.sync called before setup()")
         if self.pending is not None:
             self.pending.result()
-        # a pool with dispatchers (rollout.dispatch_group) loads through them: one call
-        # per group, queued after the chunks sent to it; each returns its group's versions
-        grouped = bool(getattr(self._generators, "dispatchers", None))
-        loaders = self._generators.dispatchers if grouped else self.generators
-        kind = "dispatcher of generators" if grouped else "generator"
-        before_load = getattr(self._generators, "before_load", None)
-        if before_load is not None:  # a pool starts its queued chunks ahead of the loads
-            before_load(version)
-        calls = self._queue_buckets(version, loaders, kind)
-        if hasattr(self._generators, "versions"):
-            self._generators.versions = [version] * len(self.generators)
+        # the loads go to the targets' loaders (a pool's dispatchers: one call per group,
+        # queued after the chunks sent to it, returning its group's versions)
+        loaders = self.targets.loaders()
+        self.targets.before_load(version)  # a pool starts its queued chunks ahead of them
+        calls = self._queue_buckets(version, loaders)
+        self.targets.loaded(version)
         self.version = version
         deadline = time.monotonic() + self.cfg.timeout_s
         fetch = functools.partial(self._fetch, calls, version, deadline)
-        finish = functools.partial(self._finish, version, len(loaders), grouped)
+        finish = functools.partial(self._finish, version, len(loaders))
         self.pending = Future(list(calls), f"weight sync {version}", finish, fetch)
         return self.pending
 
-    def _queue_buckets(self, version: int, loaders: list[Any], kind: str) -> dict[Any, str]:
+    def _queue_buckets(self, version: int, loaders: list[tuple[str, Any]]) -> dict[Any, str]:
         """Per bucket, queue the publish on every learner rank and the load on every one of
         ``loaders``; returns every call, labelled, the loads of the last bucket last."""
         calls: dict[Any, str] = {}
@@ -359,7 +356,7 @@ class WeightSync:
                 else [next(iter(sent))]
             )
             handle = WeightHandle(version, b, payload)
-            loads = {self._load(g, handle): f"{kind} {i}" for i, g in enumerate(loaders)}
+            loads = {self._load(g, handle): label for label, g in loaders}
             calls.update(sent)
             calls.update(loads)
         return calls
@@ -378,19 +375,15 @@ class WeightSync:
             return self._wait(calls, f"version {version}", deadline)
         except (ActorFailure, WeightSyncError):
             # a generator that died is replaced, and given this version (``rejoin``)
-            heal = getattr(self._generators, "heal", None)
-            if self._rejoining or heal is None or not getattr(self._generators, "max_restarts", 0):
-                raise
-            if not heal():
+            if self._rejoining or not self.targets.heal_targets():
                 raise
             return [version] * len(calls)
 
-    def _finish(self, version: int, loads: int, grouped: bool, values: list[Any]) -> int:
+    def _finish(self, version: int, loads: int, values: list[Any]) -> int:
         """A sync's result (its Future's ``finish``): the bytes sent, once the last
-        ``loads`` values (the last bucket's loads) all report ``version``."""
-        versions = values[-loads:]
-        if grouped:
-            versions = [v for group in versions for v in group]
+        ``loads`` values (the last bucket's loads; a dispatcher's: a list) all report
+        ``version``."""
+        versions = [v for x in values[-loads:] for v in (x if isinstance(x, list) else [x])]
         if any(v != version for v in versions):
             raise WeightSyncError(
                 f"{self.plan.transport} weight sync: generators report versions "

@@ -9,6 +9,7 @@ import uuid
 from typing import Any
 
 from rlalign_ray.errors import StorageError
+from rlalign_ray.roles import DEEPSPEED_ROLES
 from rlalign_ray.runtime.placement import get
 from rlalign_ray.storage import (
     RunLogs,
@@ -21,7 +22,7 @@ from rlalign_ray.storage import (
 
 log = logging.getLogger(__name__)
 
-WRITERS = ("learner", "critic")  # the roles whose ranks write checkpoint files themselves
+WRITERS = DEEPSPEED_ROLES  # the roles whose ranks write checkpoint files themselves
 
 
 def check_output_dir(

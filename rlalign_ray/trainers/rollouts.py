@@ -29,10 +29,20 @@ from rlalign_ray.config import Config
 from rlalign_ray.data.batch import NONFINITE, PromptItem, ScoredShard
 from rlalign_ray.data.prompts import PromptSampler
 from rlalign_ray.errors import ActorFailure, DataError, RewardError
-from rlalign_ray.pools import Chunk, Experience, Future, GeneratorPool, ReferencePool, RewardPool
+from rlalign_ray.pools import (
+    Chunk,
+    Experience,
+    Future,
+    GeneratorPool,
+    GeneratorPools,
+    ReferencePool,
+    RewardPool,
+)
 from rlalign_ray.rollout.inflight import version_summary
 from rlalign_ray.runtime.placement import actor_died, get
 from rlalign_ray.trainers.buffer import BufferedChunk, BufferedStep, RolloutBuffer
+from rlalign_ray.trainers.judges import Judges
+from rlalign_ray.trainers.step_rows import group_finite, group_spread, inflight_metrics, sample_rows
 
 
 @dataclass
@@ -44,6 +54,7 @@ class StepRollout:
     scored: dict[int, Any] = field(default_factory=dict)  # chunk id -> ScoredShard ref
     ref_lp: dict[int, Any] = field(default_factory=dict)  # chunk id -> reference log-probs
     ref_epoch: dict[int, int] = field(default_factory=dict)  # chunk id -> reference restarts
+    judged: dict[int, dict[str, Any]] = field(default_factory=dict)  # id -> named pool -> ref
     rounds: int = 0  # generation rounds (dynamic sampling refills)
     dropped_stale: int = 0  # samples dropped (and regenerated) as too stale
 
@@ -52,13 +63,17 @@ class Rollouts:
     def __init__(
         self,
         cfg: Config,
-        generators: GeneratorPool,
-        rewards: RewardPool,
+        generators: GeneratorPool | GeneratorPools,
+        rewards: RewardPool | Sequence[RewardPool],
         reference: ReferencePool | None,
         sampler: PromptSampler,
     ):
+        """``rewards``: one pool, or several: the default one first, then named pools
+        (``judges.py``) whose weighted totals are added to its."""
+        rewards = [rewards] if isinstance(rewards, RewardPool) else list(rewards)
         self.cfg, self.staleness = cfg, staleness_controller(cfg)
-        self.gen, self.rewards, self.reference = generators, rewards, reference
+        self.gen, self.reference = generators, reference
+        self.rewards, self.judges = rewards[0], Judges(rewards[1:])
         self.sampler = sampler
         self.steps: dict[int, StepRollout] = {}
         self.requested = 0  # the last step whose generation was requested
@@ -110,6 +125,7 @@ class Rollouts:
         timeout, what = self.cfg.run.call_timeout_s, "checkpoint: buffered chunks"
         batches = get([c.ref for c in s.chunks], what, timeout)
         shards = self._chunk_scores(s.chunks, s.scored, what)
+        shards = self.judges.combined(s.chunks, shards, s.judged, self._scores, what)
         refs = [None] * len(s.chunks)
         if self.reference is not None:
             if self.reference.max_restarts:
@@ -188,6 +204,8 @@ class Rollouts:
             self.totals["generated"] += chunk.rows
             scored = self.gen.prescored(chunk)  # a dispatcher had it scored already
             s.scored[chunk.id] = self.rewards.score(chunk.ref) if scored is None else scored
+            if self.judges:
+                s.judged[chunk.id] = self.judges.score(chunk.ref)
             if self.reference is not None:
                 s.ref_lp[chunk.id] = self.reference.logprobs(chunk.ref)
                 s.ref_epoch[chunk.id] = self.reference.restarts
@@ -227,9 +245,11 @@ class Rollouts:
             if self._drop_stale(s, learner_version):
                 continue  # never trained: regenerated with the current weights
             t_gen = time.perf_counter() - t0
-            scores = self.gen.joined_scores(s.chunks, "reward pool")
+            scores = None if self.judges else self.gen.joined_scores(s.chunks, "reward pool")
             if scores is None:  # chunk by chunk: one whose reward actor died is scored again
-                scores = ScoredShard.concat(self._chunk_scores(s.chunks, s.scored, "reward pool"))
+                shards = self._chunk_scores(s.chunks, s.scored, "reward pool")
+                shards = self.judges.combined(s.chunks, shards, s.judged, self._scores, "pool")
+                scores = ScoredShard.concat(shards)
             finite = group_finite(scores.scores, n)  # all True unless on_nonfinite: drop_group
             informative = (group_spread(scores.scores, n) > 0) & finite
             if self._enough(finite, informative, s.rounds):
@@ -253,7 +273,7 @@ class Rollouts:
         self.totals["dropped_stale"] += sum(c.rows for c in stale)
         s.chunks = [c for c in s.chunks if c not in stale]
         for c in stale:
-            s.scored.pop(c.id, None), s.ref_lp.pop(c.id, None)
+            s.scored.pop(c.id, None), s.ref_lp.pop(c.id, None), s.judged.pop(c.id, None)
         s.rounds -= 1
         self._request(s, [it for c in stale for it in c.items])
         return True
@@ -345,26 +365,33 @@ class Rollouts:
         ]
 
     # ---- dead reward and reference actors ---------------------------------------------------
-    def _scores(self, chunks: list[Chunk], scored: dict[int, Any], what: str) -> list[Any]:
-        """Each chunk's ScoredShard. A chunk whose reward actor died is scored again once
-        the pool has replaced it (``run.max_actor_restarts``)."""
+    def _scores(
+        self,
+        chunks: list[Chunk],
+        scored: dict[int, Any],
+        what: str,
+        pool: RewardPool | None = None,
+    ) -> list[Any]:
+        """Each chunk's ScoredShard (from ``pool``, default: the default reward pool). A
+        chunk whose reward actor died is scored again once the pool has replaced it
+        (``run.max_actor_restarts``)."""
         import ray
 
-        timeout = self.cfg.run.call_timeout_s
-        for attempt in range(self.rewards.max_restarts + 2):
+        pool, timeout = pool or self.rewards, self.cfg.run.call_timeout_s
+        for attempt in range(pool.max_restarts + 2):
             refs = [scored[c.id] for c in chunks]
             try:
                 return get(refs, what, timeout)
             except ActorFailure:
-                if not self.rewards.max_restarts or attempt > self.rewards.max_restarts:
+                if not pool.max_restarts or attempt > pool.max_restarts:
                     raise
                 ray.wait(refs, num_returns=len(refs), timeout=timeout)
                 dead = [c for c in chunks if actor_died(scored[c.id])]
                 if not dead:
                     raise
-                self.rewards.heal()  # an actor that died is replaced (or the run stops)
+                pool.heal()  # an actor that died is replaced (or the run stops)
                 for c in dead:
-                    scored[c.id] = self.rewards.score(c.ref)
+                    scored[c.id] = pool.score(c.ref)
         raise AssertionError("unreachable")
 
     def _check_reference(self, s: StepRollout) -> None:
@@ -398,11 +425,14 @@ class Rollouts:
                 chunks.append(c)
         self.gen.submit(chunks, front=True)
         scored: dict[int, Any] = {}
+        judged: dict[int, dict[str, Any]] = {}
         deadline = time.monotonic() + self.cfg.run.call_timeout_s
         while True:
             for c in chunks:  # score each chunk as it lands
                 if c.done and c.id not in scored:
                     scored[c.id] = self.rewards.score(c.ref)
+                    if self.judges:
+                        judged[c.id] = self.judges.score(c.ref)
             if len(scored) == len(chunks):
                 break
             if time.monotonic() > deadline:
@@ -413,6 +443,7 @@ class Rollouts:
             self.pump(1.0)
         t_gen = time.perf_counter() - t0
         shards = self._scores(chunks, scored, "reward pool (eval)")
+        shards = self.judges.combined(chunks, shards, judged, self._scores, "eval")
         out = {}
         for name in sets:
             scores = ScoredShard.concat([x for c, x in zip(chunks, shards) if owner[c.id] == name])
@@ -423,30 +454,6 @@ class Rollouts:
         return out, t_gen
 
 
-def inflight_metrics(
-    chunks: Sequence[Chunk], learner_version: int, rows: torch.Tensor | None
-) -> dict[str, float]:
-    """In-flight weight updates: ``rollout/version_lag_mean``, the learner's version minus
-    the version that sampled each trained token (the mean over the response tokens of
-    ``rows``, None: all), and ``rollout/inflight_loads``, the versions the step's chunks
-    loaded mid-generation. Read from each chunk's info (a per-row summary of its batch's
-    ``token_versions``), so no batch passes the driver."""
-    sums, tokens, loads = [], [], 0
-    for c in chunks:
-        info = c.extra["info"]
-        sums += info["token_versions"]["sum"]
-        tokens += info["token_versions"]["tokens"]
-        loads += info["inflight_loads"]
-    total, count = torch.tensor(sums, dtype=torch.float64), torch.tensor(tokens).double()
-    if rows is not None:
-        total, count = total[rows], count[rows]
-    mean_version = float(total.sum() / count.sum().clamp(min=1))
-    return {
-        "rollout/version_lag_mean": learner_version - mean_version,
-        "rollout/inflight_loads": float(loads),
-    }
-
-
 def staleness_controller(cfg: Config) -> StalenessController:
     """``trainer.max_staleness`` as a controller: fixed, or auto with its cap and thresholds."""
     t = cfg.trainer
@@ -455,32 +462,3 @@ def staleness_controller(cfg: Config) -> StalenessController:
     return StalenessController(
         t.max_staleness_cap, t.staleness_kl_high, t.staleness_clip_high, t.staleness_patience
     )
-
-
-def group_finite(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """(G,) whether every reward of each group of n adjacent samples is finite."""
-    return torch.isfinite(scores.view(-1, n)).all(dim=1)
-
-
-def group_spread(scores: torch.Tensor, n: int) -> torch.Tensor:
-    """(G,) max - min reward within each group of n adjacent samples."""
-    g = scores.view(-1, n)
-    return g.max(dim=1).values - g.min(dim=1).values
-
-
-def sample_rows(chunks: Sequence[Chunk], rows: torch.Tensor | None) -> list[dict[str, int]]:
-    """The ledger of a step's trained samples (``trainer.sample_log``): per row of the
-    joined chunks (those in ``rows``), its prompt's dataset index, its sample index within
-    the prompt's group, the weight version and the generator that sampled it."""
-    out = [
-        {
-            "prompt_index": it.index,
-            "sample_index": k,
-            "version": c.version,
-            "generator": c.actor,
-        }
-        for c in chunks
-        for it in c.items
-        for k in range(c.n)
-    ]
-    return out if rows is None else [out[i] for i in rows.tolist()]

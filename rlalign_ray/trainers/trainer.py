@@ -45,8 +45,9 @@ from rlalign_ray.data.batch import PromptItem, ScoredShard, pad_responses
 from rlalign_ray.data.prompts import PromptSampler
 from rlalign_ray.errors import ActorFailure
 from rlalign_ray.ledger import SampleLog
-from rlalign_ray.pools import ActorPool, EnvPool, Experience, WeightSync, start, stop
+from rlalign_ray.pools import ActorPool, Experience, GeneratorPools, WeightSync, start, stop
 from rlalign_ray.preflight import preflight, prepare_data
+from rlalign_ray.roles import DEEPSPEED_ROLES
 from rlalign_ray.rollout.backends import sleeps
 from rlalign_ray.run_log import MetricsLogger
 from rlalign_ray.runtime.cluster import connect
@@ -69,7 +70,8 @@ class Trainer:
         self.topology = topology or Topology.from_config(cfg)
         self.topology.validate(cfg)
         self.version = 0  # the weight version the learner has published
-        self.pools: dict[str, ActorPool] = {}
+        self.pools: dict[str, ActorPool] = {}  # by name: the roles' and named pools
+        self.generators: GeneratorPools | None = None  # every generator pool, as one
         self.weights: WeightSync | None = None  # set up once the pools start
         self.rollouts: Rollouts | None = None
         self._started_ray = False
@@ -122,8 +124,8 @@ class Trainer:
             self.start()
             self.rollouts = Rollouts(
                 cfg,
-                self.pools["generator"],
-                self.pools["reward"],
+                self.generators,
+                self.of_kind("reward"),  # the default pool first, then named ones
                 self.pools.get("reference"),
                 PromptSampler(train, cfg.run.seed),
             )
@@ -170,7 +172,7 @@ class Trainer:
         """One training step (1-6 above), logged; returns its metrics."""
         cfg, rollouts, k = self.cfg, self.rollouts, self.rollouts.k  # auto: it moves
         t0, cpu0 = time.perf_counter(), time.process_time()
-        idle0 = self.pools["generator"].idle_seconds()
+        idle0 = self.generators.idle_seconds()
         # 1-3. generation for every step the staleness bound allows (k = 0: this one)
         rollouts.request_upto(min(cfg.trainer.steps, self.version + 1 + k))
         exp = rollouts.collect(step, self.version)
@@ -204,8 +206,8 @@ class Trainer:
             and step % cfg.trainer.eval_every == 0
         ):
             metrics.update(self.evaluate(evals))
-        gens = len(self.pools["generator"])
-        idle = self.pools["generator"].idle_seconds() - idle0
+        gens = len(self.generators)
+        idle = self.generators.idle_seconds() - idle0
         metrics["time/generator_idle_s"] = idle / gens
         metrics["time/step_s"] = time.perf_counter() - t0
         # the driver's own work: CPU of this process (Python and Ray's threads in it)
@@ -238,7 +240,7 @@ class Trainer:
         otherwise, or past the limit, stop with an error naming the checkpoint to resume
         from. Generation in flight is dropped; the steps the checkpoint buffered (pipelined)
         train on its chunks, as they did before."""
-        groups = [r for r in ("learner", "critic") if r in self.pools]
+        groups = [r for r in DEEPSPEED_ROLES if r in self.pools]
         dead = [f"{r} rank {i}" for r in groups for i in self.pools[r].dead_actors(10.0)]
         if not dead:
             raise error
@@ -266,7 +268,7 @@ class Trainer:
         )
         for r in groups:
             self.pools[r].restart_all()
-        self.pools["generator"].abandon()  # not trained: the rollouts ignore what lands
+        self.generators.abandon()  # not trained: the rollouts ignore what lands
         self.weights.abandon()  # broken by the dead rank; the restore syncs again
         self.weights.setup()
         self.restore(ckpt, state)
@@ -371,11 +373,11 @@ class Trainer:
         with storage.writing(join(folder, BUFFER), "driver") as local:
             buffer.write(local)
         self.save(folder)  # the policy as a Hugging Face folder
-        for role in ("learner", "critic"):
+        for role in DEEPSPEED_ROLES:
             if role in self.pools:  # every rank writes (uploads) its own files
                 self.pools[role].save_checkpoint(join(folder, role))
         with storage.writing(folder, "driver") as local:
-            torch.save(self.pools["generator"].rng_states(), local / "generators_rng.pt")
+            torch.save(self.generators.rng_states(), local / "generators_rng.pt")
             torch.save(checkpoint.rng_state(), local / "driver_rng.pt")
         checkpoint.TrainerState(
             step=step,
@@ -390,7 +392,7 @@ class Trainer:
     def restore(self, path: str, state: checkpoint.TrainerState) -> None:
         """Load the checkpoint in ``path`` into the started pools and the driver, and publish
         the restored weights to every generator (as version ``state.version``)."""
-        for role in ("learner", "critic"):
+        for role in DEEPSPEED_ROLES:
             if role in self.pools:
                 self.pools[role].load_checkpoint(join(path, role))
         self.weights.sync(state.version)
@@ -403,7 +405,7 @@ class Trainer:
             gens = checkpoint.load(local / "generators_rng.pt")
             driver_rng = checkpoint.load(local / "driver_rng.pt")
             buffer = RolloutBuffer.read(local / BUFFER)
-        self.pools["generator"].set_rng_states(gens)
+        self.generators.set_rng_states(gens)
         self.rollouts.resume_from(state.step, state.sampler, state.totals, buffer)
         if state.staleness:
             self.rollouts.staleness.load_state_dict(state.staleness)
@@ -416,13 +418,17 @@ class Trainer:
         back after (the weights' memory: the next weight version fills it, and then the KV
         cache comes back)."""
         if sleeps(self.cfg.rollout):
-            self.pools["generator"].sleep(asleep)
+            self.generators.sleep(asleep)
 
     # ---- actors -------------------------------------------------------------------------
+    def of_kind(self, role: str) -> list[ActorPool]:
+        """The started pools of ``role``: its default pool first, then named ones."""
+        mine = [p for p in self.pools.values() if p.role == role]
+        return sorted(mine, key=lambda p: p.name != role)
+
     def start(self) -> None:
         self.pools = self.topology.build_pools(self.cfg)
-        if self.cfg.env.path and self.cfg.env.num_actors:
-            self.pools["env"] = EnvPool(self.cfg)
+        self.generators = GeneratorPools(self.of_kind("generator"))
         cpus = sum(p.spec.num_actors * p.spec.resources.num_cpus for p in self.pools.values())
         self._started_ray = connect(self.cfg.run, cpus)
         timeout = self.cfg.run.call_timeout_s
@@ -432,13 +438,14 @@ class Trainer:
             # before any model loads: do the nodes that write checkpoints reach output_dir?
             placed=lambda: check_output_dir(self.storage, self.output_dir, self.pools, timeout),
         )
-        if "env" in self.pools:
-            self.pools["env"].attach(self.pools["generator"])
+        for env in self.of_kind("env"):
+            for gen in self.generators.members:
+                env.attach(gen)
         self.weights = WeightSync(
             self.cfg.sync,
             self.cfg.generator_dtype,
             self.pools["learner"],
-            self.pools["generator"],
+            self.generators,
             overlap=self.cfg.pipelined,
             inflight=self.cfg.rollout.inflight_updates,
         )

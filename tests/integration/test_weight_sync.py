@@ -5,8 +5,6 @@ and a dead peer ends a collective sync with an error."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 
@@ -15,6 +13,7 @@ from rlalign_ray.errors import ActorFailure
 from rlalign_ray.rollout.generator import Generator
 from rlalign_ray.runtime.dispatch import Dispatcher
 from rlalign_ray.sync.plan import WeightHandle
+from rlalign_ray.sync.targets import WeightTargets
 from rlalign_ray.sync.weight_sync import WeightSync
 
 pytestmark = pytest.mark.integration
@@ -69,6 +68,23 @@ def test_generator_that_missed_a_version_catches_up_in_bf16(ray_local, tiny_mode
             ray.kill(a)
 
 
+class Dispatched(WeightTargets):
+    """Generators whose loads go through dispatchers (as a pool with
+    ``rollout.dispatch_group`` hands them to the sync)."""
+
+    def __init__(self, actors: list, dispatchers: list):
+        self.actors, self.dispatchers, self.versions = actors, dispatchers, [0] * len(actors)
+
+    def receivers(self) -> list:
+        return self.actors
+
+    def loaders(self) -> list:
+        return [(f"dispatcher {i}", d) for i, d in enumerate(self.dispatchers)]
+
+    def loaded(self, version: int) -> None:
+        self.versions = [version] * len(self.actors)
+
+
 @pytest.mark.parametrize(
     "transport", ["object_store", pytest.param("shared_memory", marks=pytest.mark.full)]
 )
@@ -81,7 +97,7 @@ def test_sync_through_a_dispatcher_hands_generators_the_publish_result(
     ray = ray_local
     source, gens = _actors(ray, tiny_model, 2)
     dispatcher = ray.remote(Dispatcher).options(num_cpus=0).remote(gens, 0, "generator", 60.0)
-    pool = SimpleNamespace(actors=gens, dispatchers=[dispatcher], versions=[0, 0])
+    pool = Dispatched(gens, [dispatcher])
     cfg = SyncConfig(transport=transport, bucket_mb=0.5, timeout_s=60)
     sync = WeightSync(cfg, "bfloat16", [source], pool)
     try:

@@ -38,6 +38,7 @@ LAZY_UP = {
     ("config/checks.py", "rlalign_ray.rewards.types"): "check_reward reads the reward types",
     ("config/checks.py", "rlalign_ray.rollout.backends"): "_check_backend reads the backends",
     ("runtime/resources.py", "rlalign_ray.rollout.backends"): "a generator's memory: its backend",
+    ("config/pools.py", "rlalign_ray.rewards.types"): "check_pools reads the reward types",
     ("models/tiny_eval.py", "rlalign_ray.rewards.builtin"): "the tiny model's accuracy",
 }
 

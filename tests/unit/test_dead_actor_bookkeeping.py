@@ -8,7 +8,7 @@ from test_pools import FakeActor, _items, _pool
 
 from rlalign_ray.ledger import SampleLog, read
 from rlalign_ray.pools.base import ActorPool
-from rlalign_ray.trainers.rollouts import sample_rows
+from rlalign_ray.trainers.step_rows import sample_rows
 
 
 def test_a_replaced_generator_gets_its_chunks_again_first(monkeypatch):

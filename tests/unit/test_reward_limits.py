@@ -14,7 +14,7 @@ from rlalign_ray.config import RewardConfig, RewardSpec, config_from_dict
 from rlalign_ray.data.batch import NONFINITE
 from rlalign_ray.errors import ConfigError, RewardError
 from rlalign_ray.rewards.scorer import RewardScorer
-from rlalign_ray.trainers.rollouts import group_finite
+from rlalign_ray.trainers.step_rows import group_finite
 
 
 class Batch(SimpleNamespace):
