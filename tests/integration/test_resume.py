@@ -208,7 +208,8 @@ PIPELINED = {
 @pytest.mark.parametrize(
     "case",
     [
-        0,
+        # synchronous SIGKILL and resume: default tier in test_storage.py (2 nodes, a bucket)
+        pytest.param(0, marks=pytest.mark.full),
         1,
         *[pytest.param(c, marks=pytest.mark.full) for c in (2, "dispatch")],
         pytest.param("vllm", marks=VLLM),
