@@ -79,7 +79,7 @@ class Rollouts:
         self.requested = 0  # the last step whose generation was requested
         self.totals = {"generated": 0, "trained": 0, "dropped_stale": 0}
         self.sampler_before: dict[int, dict[str, int]] = {}  # step -> sampler state before it
-        generators.score_with(rewards)  # dispatchers (rollout.dispatch_group) score chunks
+        generators.score_with(self.rewards)  # dispatchers (rollout.dispatch_group) score chunks
         self.samples: dict[int, list[dict[str, int]]] = {}  # trainer.sample_log: step -> rows
 
     def resume_state(self, step: int) -> dict[str, int]:

@@ -49,6 +49,12 @@ def test_bad_named_pools_are_refused_naming_the_key(pools, key):
     assert any(p.startswith(key) for p in _problems(pools)), _problems(pools)
 
 
+def test_named_reward_pools_with_dispatchers_are_refused():
+    with pytest.raises(ConfigError) as err:
+        _cfg({"judge": JUDGE}, rollout={"dispatch_group": 2})
+    assert any(p.startswith("pools.judge: named reward pools") for p in err.value.problems)
+
+
 def test_one_role_table_drives_the_default_roles_and_the_pool_classes():
     assert roles_of(_cfg()) == ["generator", "reward", "learner"]
     cfg = _cfg(algorithm={"kl_coef": 0.01})
