@@ -142,10 +142,12 @@ BACKENDS: dict[str, BackendType] = {t.name: t for t in (HFType(), VLLMType())}
 
 
 class _ClassType(BackendType):
-    """A user's ``GenerationBackend`` subclass named by path: the defaults, nothing declared."""
+    """A user's ``GenerationBackend`` subclass named by path: the defaults, and what the
+    class itself declares on the interface (``inflight_updates``)."""
 
     def __init__(self, path: str, cls: type):
         self.backend, self._cls = path, cls
+        self.capabilities = Capabilities(inflight_updates=bool(cls.inflight_updates))  # type: ignore[misc]
 
     def load(self) -> type:
         return self._cls
