@@ -236,11 +236,14 @@ def bundle_gpus(roles: Layout) -> dict[str, list]:
     return out
 
 
-def gpu_layout_problems(roles: Layout, sync: SyncConfig) -> list[str]:
+def gpu_layout_problems(
+    roles: Layout, sync: SyncConfig, kinds: dict[str, str] | None = None
+) -> list[str]:
     """Layouts that would fail on GPUs: a colocated bundle of a fractional GPU count above 1
     (Ray may give its actors different GPUs, so they share nothing), and an NCCL weight sync
     that includes a generator on learner rank 0's GPU or generators on fractional GPUs of
-    their own (NCCL refuses two ranks on one GPU: "Duplicate GPU detected")."""
+    their own (NCCL refuses two ranks on one GPU: "Duplicate GPU detected"). ``kinds``:
+    each named pool's role (the generator checks cover every generator pool)."""
     e: list[str] = []
     for host, bundles in bundle_gpus(roles).items():
         for k, (gpus, members) in enumerate(bundles):
@@ -256,29 +259,32 @@ def gpu_layout_problems(roles: Layout, sync: SyncConfig) -> list[str]:
                     "each colocated bundle's GPUs sum to at most 1 (sharing one GPU, e.g. "
                     "0.5 + 0.5) or to a whole number (one GPU each)"
                 )
-    e += _fractional_nccl_problems(roles, sync)
+    gens = [r for r in roles if (kinds or {}).get(r, r) == "generator"]
+    for gen in gens:
+        e += _fractional_nccl_problems(roles[gen], sync)
     learner = bundle_gpus(roles).get("learner")
     if not learner or sync.transport != "collective" or sync.backend == "gloo":
         return e
     gpus, members = learner[0]
-    on_rank0 = [j for r, j in members if r == "generator"]
-    if on_rank0 and 0 < gpus <= 1 and roles["generator"][2].num_gpus > 0:
-        e.append(
-            f"sync.transport: collective (NCCL) cannot include generator {on_rank0[0]}: "
-            "rollout.placement.colocate_with: learner puts it on learner rank 0's GPU, and "
-            "NCCL refuses two ranks on one GPU. Use sync.transport: auto (CUDA IPC for "
-            "generators that share a learner rank's GPU) or cuda_ipc"
-        )
+    for gen in gens:
+        on_rank0 = [j for r, j in members if r == gen]
+        if on_rank0 and 0 < gpus <= 1 and roles[gen][2].num_gpus > 0:
+            e.append(
+                f"sync.transport: collective (NCCL) cannot include {gen} {on_rank0[0]}: "
+                f"{roles[gen][0]}.placement.colocate_with: learner puts it on learner rank "
+                "0's GPU, and NCCL refuses two ranks on one GPU. Use sync.transport: auto "
+                "(CUDA IPC for generators that share a learner rank's GPU) or cuda_ipc"
+            )
     return e
 
 
-def _fractional_nccl_problems(roles: Layout, sync: SyncConfig) -> list[str]:
-    """Generators on a fraction of a GPU, not colocated, in a weight sync that goes over
-    NCCL (``collective``, or ``auto``, which picks NCCL for generators with GPUs of their
-    own): Ray packs fractional actors onto one GPU, so two generators (or one and a
-    fractional learner rank) can hold two ranks of the group on one GPU."""
-    gen = roles.get("generator")
-    if gen is None or sync.transport not in ("auto", "collective") or sync.backend == "gloo":
+def _fractional_nccl_problems(gen: tuple, sync: SyncConfig) -> list[str]:
+    """Generators (one pool's layout entry) on a fraction of a GPU, not colocated, in a
+    weight sync that goes over NCCL (``collective``, or ``auto``, which picks NCCL for
+    generators with GPUs of their own): Ray packs fractional actors onto one GPU, so two
+    generators (or one and a fractional learner rank) can hold two ranks of the group on
+    one GPU."""
+    if sync.transport not in ("auto", "collective") or sync.backend == "gloo":
         return []
     section, _, res, placement = gen
     gpus = res.num_gpus

@@ -124,7 +124,8 @@ class Topology:
                         f"{section.micro_batch_size}"
                     )
         pools = {r: (p.num_actors, p.resources, p.placement) for r, p in self.pools.items()}
-        e += gpu_layout_problems(role_layout(cfg, pools), cfg.sync)
+        kinds = {r: p.role(r) for r, p in self.pools.items()}
+        e += gpu_layout_problems(role_layout(cfg, pools), cfg.sync, kinds)
         if e:
             raise ConfigError(e)
 

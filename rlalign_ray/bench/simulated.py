@@ -270,12 +270,12 @@ class SimulatedLearner:
     def setup(self, master_addr: str, master_port: int) -> int:
         return self.rank
 
-    def split_batches(self, parts: list[Any], rows: Any, n_shards: int, *objs: Any) -> Any:
-        """One small part per rank: its row count and the weight versions of the shards."""
-        from rlalign_ray.data.picks import shard_objects
+    def split_batches(self, parts: list[Any], rows: Any, layout: Any, *objs: Any) -> Any:
+        """One small part per rank: its row count and the weight versions of the batches."""
+        from rlalign_ray.data.step_batches import open_batches
 
-        n_shards, objs = shard_objects(n_shards, objs)
-        versions = sorted({o.version for o in objs[:n_shards]})
+        batches, _ = open_batches(layout, objs)
+        versions = sorted({o.version for o in batches})
         out = [{"rows": len(p), "versions": versions} for p in parts]
         return out if len(out) > 1 else out[0]
 

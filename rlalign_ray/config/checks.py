@@ -194,7 +194,8 @@ def check_sync(cfg: Config, e: list[str]) -> None:
 
 
 def check_gpu_layout(cfg: Config, e: list[str]) -> None:
-    e += gpu_layout_problems(role_layout(cfg), cfg.sync)
+    kinds = {name: p.kind for name, p in cfg.pools.items()}
+    e += gpu_layout_problems(role_layout(cfg), cfg.sync, kinds)
     if cfg.sync.transport == "cuda_ipc" and (
         cfg.rollout.placement.colocate_with != "learner" or not cfg.rollout.resources.num_gpus
     ):

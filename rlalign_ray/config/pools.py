@@ -54,12 +54,6 @@ def check_pools(cfg: Config, e: list[str]) -> None:
         if p.num_actors < 1:
             e.append(f"{key}.num_actors: needs at least one actor, got {p.num_actors}")
         if p.kind == "reward":
-            if cfg.rollout.dispatch_group > 0:
-                e.append(
-                    f"{key}: named reward pools score the chunks as the driver receives them; "
-                    "dispatchers (rollout.dispatch_group > 0) hand theirs to the default "
-                    "reward pool only: set rollout.dispatch_group: 0 or remove the pool"
-                )
             if not p.rewards:
                 e.append(f"{key}.rewards: a reward pool needs at least one reward")
             if p.weight == 0:

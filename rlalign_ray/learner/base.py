@@ -28,7 +28,7 @@ from rlalign_ray.checkpoint import (
 from rlalign_ray.config import Config, DeepSpeedRole
 from rlalign_ray.data.batch import RolloutBatch, packed, pad_responses
 from rlalign_ray.data.packing import row_tokens, split_largest, token_groups
-from rlalign_ray.data.picks import shard_objects
+from rlalign_ray.data.step_batches import open_batches
 from rlalign_ray.errors import NonFiniteError
 from rlalign_ray.learner.lora import save_merged
 from rlalign_ray.models.loading import default_device, load_tokenizer, set_threads
@@ -57,9 +57,9 @@ class DeepSpeedRank:
     def ping(self) -> int:
         return self.rank
 
-    def split_batches(self, parts, rows, n_shards: int, *objs):
+    def split_batches(self, parts, rows, layout, *objs):
         """The group's rank 0 cuts the step's batch into one part per rank (``rank_batches``)."""
-        return rank_batches(parts, rows, n_shards, *objs)
+        return rank_batches(parts, rows, layout, *objs)
 
     # ---- setup ------------------------------------------------------------------------
     def address(self) -> tuple[str, int]:
@@ -426,13 +426,15 @@ def count_for(mode: str, mask: torch.Tensor) -> float:
     return float((mask.sum(-1) > 0).sum())
 
 
-def rank_batches(parts: list[torch.Tensor], rows: torch.Tensor | None, n_shards: int, *objs):
-    """Join the step's shards (``objs[:n_shards]``) and their reference log-probs (the rest,
-    if any), keep ``rows``, and cut one ``(RolloutBatch, (n, T) ref log-probs or None)`` per
-    rank; a single part is returned bare (a Ray task with one return)."""
-    n_shards, objs = shard_objects(n_shards, objs)  # dispatchers' runs: fetch the batches
-    full = RolloutBatch.concat(list(objs[:n_shards]))
-    ref = pad_responses(list(objs[n_shards:])) if len(objs) > n_shards else None
+def rank_batches(parts: list[torch.Tensor], rows: torch.Tensor | None, layout: Any, *objs):
+    """Join the step's batches (opened from ``objs`` by ``layout``, a
+    ``data.step_batches.Layout``, or a count of the first objects) and their reference
+    log-probs (the rest, if any), keep ``rows``, and cut one ``(RolloutBatch, (n, T) ref
+    log-probs or None)`` per rank; a single part is returned bare (a Ray task with one
+    return)."""
+    batches, rest = open_batches(layout, objs)
+    full = RolloutBatch.concat(batches)
+    ref = pad_responses(rest) if rest else None
     if rows is not None:
         full, ref = full.select(rows), None if ref is None else ref[rows]
     out = [(full.select(p), None if ref is None else ref[p]) for p in parts]
@@ -441,22 +443,20 @@ def rank_batches(parts: list[torch.Tensor], rows: torch.Tensor | None, n_shards:
 
 def split_for_ranks(
     actor: Any,
-    shards: list[Any],
+    batches: Any,
     rows: torch.Tensor | None,
     ref_logprobs: list[Any] | None,
     parts: list[torch.Tensor],
-    picks: Any = None,
 ) -> list[Any]:
-    """One object ref per rank, cut by ``actor`` (the group's rank 0) from the shards' refs:
-    token batches never pass through the driver and no other rank receives another rank's
-    rows. An actor already running does it: a Ray task would often wait seconds for a
-    fresh worker process to import torch. With ``picks`` (``data.picks.Picks``) the
-    shards are dispatcher runs' lists of batch refs, opened by that actor."""
+    """One object ref per rank, cut by ``actor`` (the group's rank 0) from the step's batches
+    (``data.step_batches.StepBatches``): token batches never pass through the driver and no
+    other rank receives another rank's rows. An actor already running does it: a Ray task
+    would often wait seconds for a fresh worker process to import torch."""
     out = actor.split_batches.options(num_returns=len(parts)).remote(
         [packed(p) for p in parts],
         packed(rows),
-        picks or len(shards),
-        *shards,
+        batches.layout(),
+        *batches.args(),
         *(ref_logprobs or []),
     )
     return out if len(parts) > 1 else [out]

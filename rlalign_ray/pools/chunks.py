@@ -1,6 +1,11 @@
 """What a generator pool hands out and gets back: chunks (a few prompts sampled by one
 actor call) and, with dispatchers (``rollout.dispatch_group``), their runs; and the plain
-functions over them (a static split, the runs of a step, their joined scores)."""
+functions over them (a static split, the runs of a step, their scores).
+
+A chunk the pool had scored as it landed (``GeneratorPool.score_with``) carries a handle on
+its ScoredShard in ``chunk.scored``: the ObjectRef of a reward actor's call, or its rows of
+its dispatcher run's joined scores (``RunRows``). ``open_scores`` and ``joined_scores``
+take either, so whoever reads scores never asks which."""
 
 from __future__ import annotations
 
@@ -32,11 +37,13 @@ class Chunk:
     finished_s: float = 0.0
     done: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # a caller's own bookkeeping
+    # a handle on its ScoredShard once the pool had it scored as it landed (score_with):
+    # an ObjectRef, or RunRows
+    scored: Any = None
     # sampled by a dispatcher (rollout.dispatch_group): its run, its place in the run's list
-    # of batches, and the first of its rows in the run's joined scores (None: not scored)
+    # of batches
     run: DispatchRun | None = None
     position: int = -1
-    score_row: int | None = None
     _ref: Any = field(default=None, repr=False)
 
     @property
@@ -108,9 +115,19 @@ def make_chunks(
     return out
 
 
-def dispatch_runs(chunks: Sequence[Chunk]) -> tuple[list[Any], dict[int, int]]:
-    """The dispatcher runs of ``chunks``, each once in order of first use, and id(run) ->
-    its index in that list."""
+@dataclass(frozen=True)
+class RunRows:
+    """A chunk's scores as ``rows`` rows from ``first`` of its dispatcher run's joined
+    scores (the dispatcher had a reward actor join them)."""
+
+    run: DispatchRun
+    first: int
+    rows: int
+
+
+def dispatch_runs(chunks: Sequence[Any]) -> tuple[list[Any], dict[int, int]]:
+    """The dispatcher runs of ``chunks`` (or of ``RunRows``), each once in order of first
+    use, and id(run) -> its index in that list."""
     index: dict[int, int] = {}
     runs = []
     for c in chunks:
@@ -120,17 +137,37 @@ def dispatch_runs(chunks: Sequence[Chunk]) -> tuple[list[Any], dict[int, int]]:
     return runs, index
 
 
-def run_scores(chunks: Sequence[Chunk], what: str, timeout_s: float) -> ScoredShard:
-    """The ScoredShards of ``chunks`` (each scored by its dispatcher), joined in order: one
-    object per run is fetched (its joined scores) and the rows are picked from them. Equal
-    to joining the chunks' own shards: narrowed to the widest of them."""
-    runs, index = dispatch_runs(chunks)
+def open_scores(handles: Sequence[Any], what: str, timeout_s: float) -> list[ScoredShard]:
+    """Each handle's ScoredShard, in order (``chunk.scored``: ObjectRefs and ``RunRows``):
+    the refs fetched together with one object per dispatcher run."""
+    refs = [h for h in handles if not isinstance(h, RunRows)]
+    runs, index = dispatch_runs([h for h in handles if isinstance(h, RunRows)])
+    got = get(refs + [r.scores for r in runs], what, timeout_s)
+    own, joined = iter(got[: len(refs)]), got[len(refs) :]  # per run: (ScoredShard, widths)
+    out = []
+    for h in handles:
+        if not isinstance(h, RunRows):
+            out.append(next(own))
+            continue
+        shard, widths = joined[index[id(h.run)]]
+        rows = torch.arange(h.first, h.first + h.rows)
+        out.append(shard.select(rows).narrow(max(widths[h.first : h.first + h.rows])))
+    return out
+
+
+def joined_scores(handles: Sequence[Any], what: str, timeout_s: float) -> ScoredShard:
+    """The handles' ScoredShards joined in order: ``ScoredShard.concat(open_scores(...))``.
+    When every one is rows of dispatcher runs, one ``select`` over the runs' joined scores
+    (the driver's cost per step does not grow with the number of chunks)."""
+    if not handles or not all(isinstance(h, RunRows) for h in handles):
+        return ScoredShard.concat(open_scores(handles, what, timeout_s))
+    runs, index = dispatch_runs(handles)
     got = get([r.scores for r in runs], what, timeout_s)  # per run: (ScoredShard, widths)
     widths = torch.tensor([w for _, run_widths in got for w in run_widths])
     starts = torch.tensor([0] + [len(shard) for shard, _ in got]).cumsum(0).tolist()
-    first = torch.tensor([starts[index[id(c.run)]] + c.score_row for c in chunks])
-    sizes = torch.tensor([c.rows for c in chunks])
+    first = torch.tensor([starts[index[id(h.run)]] + h.first for h in handles])
+    sizes = torch.tensor([h.rows for h in handles])
     offsets = torch.arange(int(sizes.sum())) - (sizes.cumsum(0) - sizes).repeat_interleave(sizes)
-    rows = first.repeat_interleave(sizes) + offsets  # each chunk's rows, chunks in order
+    rows = first.repeat_interleave(sizes) + offsets  # each handle's rows, in order
     width = int(widths[rows].max())
     return ScoredShard.concat([shard for shard, _ in got]).select(rows).narrow(width)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -41,15 +42,16 @@ import torch
 
 from rlalign_ray.config import Config, Placement, Resources
 from rlalign_ray.data.batch import PromptItem, ScoredShard
-from rlalign_ray.data.picks import Picks
+from rlalign_ray.data.step_batches import PickedBatches, StepBatches
 from rlalign_ray.errors import ActorFailure
 from rlalign_ray.pools.base import ActorPool
 from rlalign_ray.pools.chunks import (
     Chunk,
     DispatchRun,
+    RunRows,
     dispatch_runs,
+    joined_scores,
     make_chunks,
-    run_scores,
     split,
 )
 from rlalign_ray.pools.learner import Experience
@@ -103,6 +105,7 @@ class GeneratorPool(PoolTargets, ActorPool):
         self._runs: dict[Any, tuple[int, list[Chunk], Any]] = {}
         self._group_load: list[int] = []  # chunks sent to each dispatcher, not landed
         self._busy_total, self._started_s = 0.0, 0.0
+        self.scorer: Any = None  # the reward pool each sampled chunk goes to (score_with)
 
     def started(self) -> None:
         super().started()
@@ -121,18 +124,18 @@ class GeneratorPool(PoolTargets, ActorPool):
         """Actors the pool started besides its generators (dispatchers); stopped with it."""
         return self.dispatchers
 
-    def score_with(self, rewards: Any) -> bool:
-        """With dispatchers: have them hand every sampled (non-greedy) chunk to ``rewards``'
-        actors as it lands; each chunk's score ref is then in ``chunk.extra["scored"]``.
-        Returns whether they will (without dispatchers the caller scores)."""
-        if not self.dispatchers:
-            return False
-        get(
-            [d.score_with.remote(list(rewards.actors)) for d in self.dispatchers],
-            f"{self.name} dispatchers",
-            self.timeout_s,
-        )
-        return True
+    def score_with(self, rewards: Any) -> None:
+        """Have every sampled (non-greedy) chunk scored by ``rewards`` (a ``RewardPool``) as
+        it lands: ``chunk.scored`` then holds a handle on its ScoredShard (read with
+        ``chunks.open_scores``). With dispatchers they hand each batch to a reward actor
+        (actor to actor) and have the run's scores joined there."""
+        self.scorer = rewards
+        if self.dispatchers:
+            get(
+                [d.score_with.remote(list(rewards.actors)) for d in self.dispatchers],
+                f"{self.name} dispatchers",
+                self.timeout_s,
+            )
 
     # ---- work -------------------------------------------------------------------------
     def chunks(
@@ -239,7 +242,7 @@ class GeneratorPool(PoolTargets, ActorPool):
                 chunk.actor, chunk.done, chunk.finished_s = r["actor"], True, now
                 chunk.run, chunk.position = run, r["position"]
                 if run.scores is not None and not chunk.greedy:  # rows of the joined scores
-                    chunk.score_row, row = row, row + chunk.rows
+                    chunk.scored, row = RunRows(run, row, chunk.rows), row + chunk.rows
                 chunk.extra["info"] = info
                 self._busy_total += info.get("seconds", 0.0)
                 finished.append(chunk)
@@ -321,6 +324,8 @@ class GeneratorPool(PoolTargets, ActorPool):
             self._check_version(chunk, info)
             chunk.done, chunk.finished_s = True, now
             chunk.extra["info"] = info
+            if self.scorer is not None and not chunk.greedy and chunk.step >= 0:
+                chunk.scored = self.scorer.score(chunk.ref)
             self.load[chunk.actor] -= 1
             self._busy_since[chunk.actor] = now  # its next chunk (if any) starts now
             if self.load[chunk.actor] == 0:
@@ -365,7 +370,7 @@ class GeneratorPool(PoolTargets, ActorPool):
         self.load[index] -= len(lost)  # chunks it finished before dying still count
         actor = super().replace(index)
         for c in lost:
-            c.ref = c.info_ref = c.actor = c.run = c.score_row = None
+            c.ref = c.info_ref = c.actor = c.run = c.scored = None
             c.version, c.done = -1, False
         self.queue.extendleft(reversed(lost))
         self._dispatch()
@@ -438,17 +443,20 @@ class GeneratorPool(PoolTargets, ActorPool):
         )
 
     # ---- what landed, as the learner takes it ----------------------------------------
-    def prescored(self, chunk: Chunk) -> Any:
-        """The chunk's scores if the pool had them computed as it landed (dispatchers hand
-        each chunk to a reward actor: its run's joined scores), else None."""
-        return chunk.run if chunk.score_row is not None else None
+    def scores(self, chunks: Sequence[Chunk], what: str = "reward pool") -> ScoredShard:
+        """The landed ``chunks``' ScoredShards joined in order, from the handles the pool
+        had them scored with (``score_with``; every chunk must have one)."""
+        if any(c.scored is None for c in chunks):
+            raise ValueError(f"{self.name}.scores: call score_with(reward_pool) first")
+        return joined_scores([c.scored for c in chunks], what, self.timeout_s)
+
+    def prescored(self, chunk: Chunk) -> Any:  # deprecated for a release
+        _deprecated("GeneratorPool.prescored(chunk)", "chunk.scored")
+        return chunk.scored
 
     def joined_scores(self, chunks: Sequence[Chunk], what: str) -> ScoredShard | None:
-        """The ScoredShards of ``chunks`` joined in order, when every one was prescored
-        (one object per dispatcher run is fetched); None otherwise."""
-        if not chunks or any(c.score_row is None for c in chunks):
-            return None
-        return run_scores(chunks, what, self.timeout_s)
+        _deprecated("GeneratorPool.joined_scores(chunks, what)", "scores(chunks, what)")
+        return None if any(c.scored is None for c in chunks) else self.scores(chunks, what)
 
     def experience(
         self,
@@ -459,14 +467,16 @@ class GeneratorPool(PoolTargets, ActorPool):
         stats: dict[str, float],
     ) -> Experience:
         """The ``Experience`` of ``chunks``' batches (``rows`` of them, None: all). Chunks that
-        dispatchers sampled travel as their runs' lists of batch refs, which only learner
-        rank 0 opens (``Picks``): the driver holds O(runs) refs, not one per chunk."""
+        dispatchers sampled travel as positions in their runs' lists of batch refs, which
+        only learner rank 0 opens (``PickedBatches``): the driver holds O(runs) refs, not
+        one per chunk."""
         if ref_logprobs is None and chunks and all(c.run is not None for c in chunks):
             runs, index = dispatch_runs(chunks)
-            picks = Picks([(index[id(c.run)], c.position) for c in chunks], len(runs))
-            runs_ = [r.batches for r in runs]
-            return Experience([], rows, scores, None, stats, runs=runs_, picks=picks)
-        return Experience([c.ref for c in chunks], rows, scores, ref_logprobs, stats)
+            picks = [(index[id(c.run)], c.position) for c in chunks]
+            batches: StepBatches = PickedBatches([r.batches for r in runs], picks)
+        else:
+            batches = StepBatches([c.ref for c in chunks])
+        return Experience(batches, rows, scores, ref_logprobs, stats)
 
     def abandon(self) -> list[Chunk]:
         """Drop the queued chunks and mark those in flight as not wanted (step -1: whoever
@@ -480,6 +490,10 @@ class GeneratorPool(PoolTargets, ActorPool):
     def sleep(self, asleep: bool) -> None:
         """A backend that sleeps (``rollout.vllm.enable_sleep_mode``): free (or take back) the engines' GPU memory."""
         self.gather("sleep" if asleep else "wake_up")
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"{old} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
 
 
 __all__ = ["Chunk", "GeneratorPool", "split"]

@@ -102,14 +102,12 @@ class GeneratorPools(WeightTargets):
         ray.wait(pending, num_returns=1, timeout=timeout_s)
         return [c for p in self.members for c in p.poll(0.0)]
 
-    def score_with(self, rewards: Any) -> bool:
-        return all([p.score_with(rewards) for p in self.members])
+    def score_with(self, rewards: Any) -> None:
+        for p in self.members:
+            p.score_with(rewards)
 
-    def prescored(self, chunk: Chunk) -> Any:
-        return self.members[0].prescored(chunk)
-
-    def joined_scores(self, chunks: Sequence[Chunk], what: str) -> ScoredShard | None:
-        return self.members[0].joined_scores(chunks, what)
+    def scores(self, chunks: Sequence[Chunk], what: str = "reward pool") -> ScoredShard:
+        return self.members[0].scores(chunks, what)
 
     def experience(
         self,

@@ -13,6 +13,8 @@ Each rank receives only its rows (one object per rank, cut from the shards' refs
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +22,7 @@ import torch
 
 from rlalign_ray.config import Config, Placement, Resources
 from rlalign_ray.data.batch import ScoredShard, packed
-from rlalign_ray.data.picks import Picks
+from rlalign_ray.data.step_batches import StepBatches
 from rlalign_ray.learner.base import split_for_ranks
 from rlalign_ray.pools.base import ActorPool, Future
 from rlalign_ray.roles import ROLES, split_rows
@@ -34,30 +36,34 @@ class Experience:
     field has one meaning; a step's Experience is never changed in place (the trainer
     adds the advantages with ``dataclasses.replace``)."""
 
-    shards: list[Any]  # ObjectRefs of RolloutBatch, in a fixed order ([] with ``runs``)
-    rows: torch.Tensor | None  # rows of the joined shards that form the batch (None: all)
+    # the step's RolloutBatches, in a fixed order: their ObjectRefs (a list), or a
+    # ``data.step_batches.StepBatches`` (as the generator pools build it); kept as the latter
+    batches: StepBatches | Sequence[Any]
+    rows: torch.Tensor | None  # rows of the joined batches that form the step (None: all)
     scores: ScoredShard  # outcome of those rows
-    ref_logprobs: list[Any] | None  # ObjectRefs of (B_i, T_i) reference log-probs per shard
+    ref_logprobs: list[Any] | None  # ObjectRefs of (B_i, T_i) reference log-probs per batch
     stats: dict[str, float] = field(default_factory=dict)
     advantages: torch.Tensor | None = None  # (B, T), or (B,) one value per row
     returns: torch.Tensor | None = None  # (B, T) the critic's targets (PPO)
     values: torch.Tensor | None = None  # (B, T) the critic's values they came with (PPO)
-    # sampled by dispatchers: ObjectRefs of their runs' lists of batch refs, and where the
-    # batch's shards are in them (shard i is runs[r]'s list at position p, (r, p) =
-    # picks.picks[i]); only learner rank 0 opens them
-    runs: list[Any] | None = None
-    picks: Picks | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batches, StepBatches):
+            object.__setattr__(self, "batches", StepBatches(self.batches))
 
     def batch_refs(self, timeout_s: float) -> list[Any]:
-        """ObjectRefs of the shards' RolloutBatches, in order (fetching runs' lists)."""
-        if self.picks is None:
-            return list(self.shards)
-        lists = get(list(self.runs), "dispatcher runs' batches", timeout_s)
-        return self.picks.select(lists)
+        """ObjectRefs of the step's RolloutBatches, in order."""
+        return self.batches.batch_refs(timeout_s)
 
-    def sources(self) -> list[Any]:
-        """What the learner's rank 0 cuts the ranks' rows from: the shards, or the runs."""
-        return list(self.runs) if self.picks is not None else list(self.shards)
+    @property
+    def shards(self) -> list[Any]:
+        """Deprecated: ``batch_refs``."""
+        warnings.warn(
+            "Experience.shards is deprecated; use Experience.batch_refs(timeout_s)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.batch_refs(600.0)
 
 
 class DeepSpeedGroup(ActorPool):
@@ -111,9 +117,7 @@ class DeepSpeedGroup(ActorPool):
         """This step's rows per rank and each rank's batch ref (cut by rank 0)."""
         self.check_split(len(exp.scores))
         rows = self.rows(exp, step)
-        return rows, split_for_ranks(
-            self.actors[0], exp.sources(), exp.rows, ref_logprobs, rows, exp.picks
-        )
+        return rows, split_for_ranks(self.actors[0], exp.batches, exp.rows, ref_logprobs, rows)
 
     def save(self, path: str, merged: bool = False) -> None:
         """Every rank takes part (ZeRO-3 gathers); rank 0 writes a Hugging Face folder
@@ -162,7 +166,7 @@ class LearnerGroup(DeepSpeedGroup):
         if exp.advantages is None:
             raise ValueError(f"{self.name}.update: the Experience has no advantages")
         held, rows, parts = getattr(self, "_held", {}).pop(step, (None, None, None))
-        if held is None or held.shards != exp.shards or held.runs != exp.runs:
+        if held is None or held.batches != exp.batches:
             rows, parts = self._parts_for(exp, step)
         advantages = exp.advantages
         if per_sequence and advantages.dim() == 2:
@@ -198,7 +202,7 @@ class CriticGroup(DeepSpeedGroup):
         """One value update on ``exp``'s rows towards its ``returns``, from the ``values``
         they came with (after ``values(exp, step)``, on the same batch)."""
         held, parts = getattr(self, "_parts", {}).pop(step, (None, None))
-        if held is None or held.shards != exp.shards or held.runs != exp.runs:
+        if held is None or held.batches != exp.batches:
             raise ValueError(f"{self.name}.update: call values(exp, step) for this step first")
         if exp.returns is None or exp.values is None:
             raise ValueError(f"{self.name}.update: the Experience has no returns and values")

@@ -10,8 +10,8 @@ sampled batch to a reward actor as it lands (actor to actor: the batch never pas
 driver), and has a reward actor join the run's scores. What the driver gets back per run is
 O(1) in Ray objects: plain summaries per chunk, one ref to the joined scores, and (a second
 return value, owned by the driver) the list of the run's batch refs, which only learner rank
-0 opens (``data.picks.Picks``). Handling a borrowed ref costs the driver as much CPU as a call: per-chunk
-refs were what still grew with the number of generators. For the same reason a weight load
+0 opens (``data.step_batches.PickedBatches``). Handling a borrowed ref costs the driver as
+much CPU as a call: per-chunk refs were what still grew with the number of generators. For the same reason a weight load
 hands the group's generators the publish call's result, fetched once by the dispatcher,
 not the driver's ref to it (``bench scale`` at 256 actors: the driver's CPU in a step's
 weight sync fell from 23.6 to 5.1 ms without it).

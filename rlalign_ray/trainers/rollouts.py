@@ -38,6 +38,7 @@ from rlalign_ray.pools import (
     ReferencePool,
     RewardPool,
 )
+from rlalign_ray.pools.chunks import joined_scores, open_scores
 from rlalign_ray.rollout.inflight import version_summary
 from rlalign_ray.runtime.placement import actor_died, get
 from rlalign_ray.trainers.buffer import BufferedChunk, BufferedStep, RolloutBuffer
@@ -79,7 +80,7 @@ class Rollouts:
         self.requested = 0  # the last step whose generation was requested
         self.totals = {"generated": 0, "trained": 0, "dropped_stale": 0}
         self.sampler_before: dict[int, dict[str, int]] = {}  # step -> sampler state before it
-        generators.score_with(self.rewards)  # dispatchers (rollout.dispatch_group) score chunks
+        generators.score_with(self.rewards)  # the pool has each chunk scored as it lands
         self.samples: dict[int, list[dict[str, int]]] = {}  # trainer.sample_log: step -> rows
 
     def resume_state(self, step: int) -> dict[str, int]:
@@ -124,7 +125,7 @@ class Rollouts:
     def _buffered(self, s: StepRollout) -> BufferedStep:
         timeout, what = self.cfg.run.call_timeout_s, "checkpoint: buffered chunks"
         batches = get([c.ref for c in s.chunks], what, timeout)
-        shards = self._chunk_scores(s.chunks, s.scored, what)
+        shards = self._scores(s.chunks, s.scored, what)
         shards = self.judges.combined(s.chunks, shards, s.judged, self._scores, what)
         refs = [None] * len(s.chunks)
         if self.reference is not None:
@@ -202,7 +203,7 @@ class Rollouts:
             if s is None or chunk.greedy:
                 continue  # evaluation (or a caller's own chunk): scored by its owner
             self.totals["generated"] += chunk.rows
-            scored = self.gen.prescored(chunk)  # a dispatcher had it scored already
+            scored = chunk.scored  # a handle on its scores (None: a pool that left them to us)
             s.scored[chunk.id] = self.rewards.score(chunk.ref) if scored is None else scored
             if self.judges:
                 s.judged[chunk.id] = self.judges.score(chunk.ref)
@@ -245,11 +246,12 @@ class Rollouts:
             if self._drop_stale(s, learner_version):
                 continue  # never trained: regenerated with the current weights
             t_gen = time.perf_counter() - t0
-            scores = None if self.judges else self.gen.joined_scores(s.chunks, "reward pool")
-            if scores is None:  # chunk by chunk: one whose reward actor died is scored again
-                shards = self._chunk_scores(s.chunks, s.scored, "reward pool")
+            if self.judges:  # each chunk's scores with its named pools' added
+                shards = self._scores(s.chunks, s.scored, "reward pool")
                 shards = self.judges.combined(s.chunks, shards, s.judged, self._scores, "pool")
                 scores = ScoredShard.concat(shards)
+            else:
+                scores = self._scores(s.chunks, s.scored, "reward pool", joined=True)
             finite = group_finite(scores.scores, n)  # all True unless on_nonfinite: drop_group
             informative = (group_spread(scores.scores, n) > 0) & finite
             if self._enough(finite, informative, s.rounds):
@@ -354,16 +356,6 @@ class Rollouts:
             out.update(inflight_metrics(s.chunks, learner_version, rows))
         return out
 
-    def _chunk_scores(self, chunks: list[Chunk], scored: dict[int, Any], what: str) -> list:
-        """Each chunk's ScoredShard, in order: those a dispatcher scored from their runs,
-        the others from their own score refs (``_scores``). A step can hold both: chunks
-        restored from a checkpoint's buffer and chunks sampled after it."""
-        own = [c for c in chunks if self.gen.prescored(c) is None]
-        shards = dict(zip([c.id for c in own], self._scores(own, scored, what) if own else []))
-        return [
-            shards[c.id] if c.id in shards else self.gen.joined_scores([c], what) for c in chunks
-        ]
-
     # ---- dead reward and reference actors ---------------------------------------------------
     def _scores(
         self,
@@ -371,22 +363,26 @@ class Rollouts:
         scored: dict[int, Any],
         what: str,
         pool: RewardPool | None = None,
-    ) -> list[Any]:
-        """Each chunk's ScoredShard (from ``pool``, default: the default reward pool). A
-        chunk whose reward actor died is scored again once the pool has replaced it
-        (``run.max_actor_restarts``)."""
+        joined: bool = False,
+    ) -> Any:
+        """Each chunk's ScoredShard (from ``pool``, default: the default reward pool), or
+        with ``joined`` them all joined in order. ``scored`` holds handles on them
+        (``pools.open_scores``). A chunk whose reward actor died is scored again once the
+        pool has replaced it (``run.max_actor_restarts``)."""
         import ray
 
         pool, timeout = pool or self.rewards, self.cfg.run.call_timeout_s
+        fetch = joined_scores if joined else open_scores
         for attempt in range(pool.max_restarts + 2):
-            refs = [scored[c.id] for c in chunks]
+            handles = [scored[c.id] for c in chunks]
             try:
-                return get(refs, what, timeout)
+                return fetch(handles, what, timeout)
             except ActorFailure:
-                if not pool.max_restarts or attempt > pool.max_restarts:
+                refs = [h for h in handles if isinstance(h, ray.ObjectRef)]
+                if not pool.max_restarts or attempt > pool.max_restarts or not refs:
                     raise
                 ray.wait(refs, num_returns=len(refs), timeout=timeout)
-                dead = [c for c in chunks if actor_died(scored[c.id])]
+                dead = [c for c in chunks if c.id in scored and _died(scored[c.id])]
                 if not dead:
                     raise
                 pool.heal()  # an actor that died is replaced (or the run stops)
@@ -452,6 +448,13 @@ class Rollouts:
                 scores = scores.select(torch.isfinite(scores.scores).nonzero().squeeze(1))
             out[name] = scores
         return out, t_gen
+
+
+def _died(handle: Any) -> bool:
+    """Whether a score handle is a reward actor's call that failed because the actor died."""
+    import ray
+
+    return isinstance(handle, ray.ObjectRef) and actor_died(handle)
 
 
 def staleness_controller(cfg: Config) -> StalenessController:

@@ -9,7 +9,7 @@ import torch
 
 from rlalign_ray.bench.simulated import SimulatedGenerator, SimulatedRewardScorer
 from rlalign_ray.data.batch import PromptItem, ScoredShard
-from rlalign_ray.data.picks import Picks, shard_objects
+from rlalign_ray.data.step_batches import PickedBatches, open_batches
 from rlalign_ray.runtime import dispatch
 
 pytestmark = pytest.mark.integration
@@ -24,7 +24,8 @@ def _spec(i: int, n: int, greedy: bool = False) -> dict:
 def test_a_run_returns_summaries_one_scores_ref_and_its_batches(ray_local):
     """Two simulated generators, two reward actors: a run's joined scores hold the sampled
     chunks' rows in landing order (greedy chunks are not scored), the second return value
-    lists every chunk's batch by position, and ``Picks`` reopens them on the learner side."""
+    lists every chunk's batch by position, and ``PickedBatches`` reopens them on the learner
+    side."""
     import ray
 
     gens = [ray.remote(SimulatedGenerator).remote(None, None, 0, i) for i in range(2)]
@@ -47,10 +48,11 @@ def test_a_run_returns_summaries_one_scores_ref_and_its_batches(ray_local):
     assert len(widths) == len(joined)
     # the learner's side: picks in the step's order (here: chunk 3, then chunk 0)
     pos = {r["id"]: r["position"] for r in landed}
-    picks = Picks([(0, pos[3]), (0, pos[0])], runs=1)
-    n, objs = shard_objects(picks, (batches, "ref-logprobs"))
-    assert n == 2 and objs[2] == "ref-logprobs"
-    assert [o.group_ids for o in objs[:2]] == [
+    picked = PickedBatches([batches_ref], [(0, pos[3]), (0, pos[0])])
+    assert picked.batch_refs(60) == [batches[pos[3]], batches[pos[0]]]
+    opened, rest = open_batches(picked.layout(), (batches, "ref-logprobs"))
+    assert len(opened) == 2 and rest == ["ref-logprobs"]
+    assert [o.group_ids for o in opened] == [
         ray.get(batches[pos[3]]).group_ids,
         ray.get(batches[pos[0]]).group_ids,
     ]
@@ -58,12 +60,13 @@ def test_a_run_returns_summaries_one_scores_ref_and_its_batches(ray_local):
         ray.kill(a)
 
 
-def test_run_scores_pick_rows_as_joining_each_chunks_shard_would(ray_local):
+def test_run_rows_read_as_each_chunks_own_shard_would(ray_local):
     """The driver's side: rows picked from two runs' joined scores, in the step's order,
-    equal the chunks' own shards joined (ragged widths: narrowed to the widest picked)."""
+    equal the chunks' own shards joined (ragged widths: narrowed to the widest picked),
+    joined or one by one, and mixed with plain refs (chunks restored from a checkpoint)."""
     import ray
 
-    from rlalign_ray.pools.chunks import Chunk, DispatchRun, run_scores
+    from rlalign_ray.pools.chunks import DispatchRun, RunRows, joined_scores, open_scores
 
     def shard(i: int) -> ScoredShard:
         t = 1 + i % 3
@@ -71,16 +74,23 @@ def test_run_scores_pick_rows_as_joining_each_chunks_shard_would(ray_local):
         return ScoredShard(s, {"r": s * 2}, torch.tensor([i, i]), torch.tensor([t, t]), mask, mask)
 
     own = {i: shard(i) for i in range(6)}
-    runs, chunks = [], {}
+    handles = {}
     for ids in ([0, 1, 2], [3, 4, 5]):
         scores = ray.put(dispatch.join_scores(None, *[own[i] for i in ids]))
         run = DispatchRun(None, scores, 60.0)
         for k, i in enumerate(ids):
-            chunks[i] = Chunk(i, [PromptItem(index=i, prompt="p")], 2, run=run, score_row=2 * k)
-        runs.append(run)
+            handles[i] = RunRows(run, 2 * k, 2)
     order = [4, 0, 3, 1]  # request order across runs; chunks 2 and 5 dropped (stale)
-    got = run_scores([chunks[i] for i in order], "reward pool", 60.0)
     want = ScoredShard.concat([own[i] for i in order])
-    for name in ("scores", "group_ids", "response_len", "response_mask", "logprobs"):
-        assert torch.equal(getattr(got, name), getattr(want, name)), name
-    assert torch.equal(got.breakdown["r"], want.breakdown["r"])
+    one_by_one = open_scores([handles[i] for i in order], "reward pool", 60.0)
+    mixed = [handles[4], ray.put(own[0]), handles[3], handles[1]]
+    for got in (
+        joined_scores([handles[i] for i in order], "reward pool", 60.0),
+        ScoredShard.concat(one_by_one),
+        joined_scores(mixed, "reward pool", 60.0),
+    ):
+        for name in ("scores", "group_ids", "response_len", "response_mask", "logprobs"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        assert torch.equal(got.breakdown["r"], want.breakdown["r"])
+    for i, shard in zip(order, one_by_one):  # each narrowed to its own width
+        assert torch.equal(shard.response_mask, own[i].response_mask)

@@ -77,12 +77,18 @@ def _check_ledger(out: Path, steps: int) -> list[dict]:
     return rows
 
 
+@pytest.mark.parametrize(
+    "dispatch_group", [0, pytest.param(1, marks=pytest.mark.full, id="dispatchers")]
+)
 def test_the_issue_yaml_trains_three_pipelined_steps_and_logs_the_judge(
-    ray_local, tiny_model, tmp_path
+    ray_local, tiny_model, tmp_path, dispatch_group
 ):
+    """With dispatchers (``rollout.dispatch_group``) the same: they score for the default
+    pool, and the judge scores what lands as it does without them."""
     out = tmp_path / "run"
     raw = _config(tiny_model, out, 3)
     raw.update(yaml.safe_load(POOLS))
+    raw["rollout"]["dispatch_group"] = dispatch_group
     path = tmp_path / "pools.yaml"
     path.write_text(yaml.safe_dump(raw))
     Trainer(load_config(path)).fit()

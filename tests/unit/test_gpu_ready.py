@@ -189,6 +189,20 @@ def test_check_config_refuses_fractional_generators_that_are_not_colocated_under
     assert problems(COLOCATED) == []  # colocated fractions: CUDA IPC, no NCCL group
 
 
+def test_the_gpu_layout_checks_cover_named_generator_pools():
+    """A second generator pool (``pools.gen_b``) is checked as the default one is: on
+    fractional GPUs of its own under NCCL, or on learner rank 0's GPU with collective."""
+    gen_b = {"kind": "generator", "num_actors": 2, "resources": {"num_gpus": 0.5}}
+    (msg,) = problems({"pools": {"gen_b": gen_b}, "sync": {"transport": "collective"}})
+    assert msg.startswith("pools.gen_b.resources.num_gpus: 0.5 GPU per generator"), msg
+    on_rank0 = {**gen_b, "num_actors": 1, "placement": {"colocate_with": "learner"}}
+    raw = {**COLOCATED, "pools": {"gen_b": on_rank0}, "sync": {"transport": "collective"}}
+    raw["rollout"] = {"num_actors": 1, "resources": {"num_gpus": 1}}
+    found = problems(raw)
+    assert any("cannot include gen_b 0: pools.gen_b.placement" in p for p in found), found
+    assert problems({"pools": {"gen_b": {**gen_b, "resources": {"num_gpus": 1}}}}) == []
+
+
 def test_setup_refuses_generators_whose_nccl_ranks_share_a_gpu():
     from rlalign_ray.sync.weight_sync import _check_distinct_gpus
 

@@ -73,3 +73,26 @@ def test_a_moved_module_warns_and_still_imports(old):
         module = importlib.import_module(old)
     assert module is importlib.import_module(new)
     assert getattr(module, name) is getattr(importlib.import_module(new), name)
+
+
+def test_the_generator_pools_old_score_methods_and_experience_shards_warn():
+    """Scores are a handle on the chunk now (``chunk.scored``, ``GeneratorPool.scores``) and
+    a step's batches a ``StepBatches``: the old names answer for a release, with a warning."""
+    from rlalign_ray.data.batch import PromptItem
+    from rlalign_ray.data.step_batches import StepBatches
+    from rlalign_ray.pools import Chunk, Experience, GeneratorPool
+
+    pool = GeneratorPool.__new__(GeneratorPool)  # no actors needed for these
+    chunk = Chunk(0, [PromptItem(index=0, prompt="p")], 2)
+    with pytest.warns(DeprecationWarning, match=r"prescored\(chunk\) is deprecated"):
+        assert pool.prescored(chunk) is None
+    with pytest.warns(DeprecationWarning, match=r"joined_scores\(chunks, what\) is deprecated"):
+        assert pool.joined_scores([chunk], "reward pool") is None
+    exp = Experience(["ref-a", "ref-b"], None, None, None)
+    assert exp.batches == StepBatches(["ref-a", "ref-b"]) and exp.batch_refs(1) == [
+        "ref-a",
+        "ref-b",
+    ]
+    assert exp.batches.layout().open(["a", "b", "lp"]) == (["a", "b"], ["lp"])
+    with pytest.warns(DeprecationWarning, match="Experience.shards is deprecated"):
+        assert exp.shards == ["ref-a", "ref-b"]
