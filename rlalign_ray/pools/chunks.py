@@ -50,6 +50,11 @@ class Chunk:
     def rows(self) -> int:
         return len(self.items) * self.n
 
+    def reset(self) -> None:
+        """Back to not sampled (its actor died): to be sent again with its seed."""
+        self.ref = self.info_ref = self.actor = self.run = self.scored = None
+        self.version, self.done = -1, False
+
     @property
     def ref(self) -> Any:
         """ObjectRef of its RolloutBatch (a dispatcher's chunk: fetched from its run's list
@@ -135,6 +140,33 @@ def dispatch_runs(chunks: Sequence[Any]) -> tuple[list[Any], dict[int, int]]:
             index[id(c.run)] = len(runs)
             runs.append(c.run)
     return runs, index
+
+
+def score_lost(handle: Any) -> bool:
+    """Whether a finished score handle failed because a reward actor died: its call's actor,
+    or (``RunRows``) one that scored or joined its run's scores."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    ref = _ref_of(handle)
+    try:
+        ray.get(ref, timeout=0)
+    except RayActorError:
+        return True
+    except RayTaskError as e:  # a run's join whose input's actor died
+        return isinstance(handle, RunRows) and isinstance(getattr(e, "cause", None), RayActorError)
+    except Exception:
+        return False
+    return False
+
+
+def score_refs(handles: Sequence[Any]) -> list[Any]:
+    """The ObjectRefs behind score handles (a run's joined scores once per run)."""
+    return list({id(r): r for r in [_ref_of(h) for h in handles]}.values())
+
+
+def _ref_of(handle: Any) -> Any:
+    return handle.run.scores if isinstance(handle, RunRows) else handle
 
 
 def open_scores(handles: Sequence[Any], what: str, timeout_s: float) -> list[ScoredShard]:

@@ -47,13 +47,12 @@ from rlalign_ray.errors import ActorFailure
 from rlalign_ray.pools.base import ActorPool
 from rlalign_ray.pools.chunks import (
     Chunk,
-    DispatchRun,
-    RunRows,
     dispatch_runs,
     joined_scores,
     make_chunks,
     split,
 )
+from rlalign_ray.pools.dispatch_groups import DispatchGroups
 from rlalign_ray.pools.learner import Experience
 from rlalign_ray.pools.weight_targets import PoolTargets
 from rlalign_ray.rollout.inflight import CONCURRENCY_GROUPS
@@ -63,7 +62,7 @@ from rlalign_ray.runtime.placement import actor_died, get
 log = logging.getLogger(__name__)
 
 
-class GeneratorPool(PoolTargets, ActorPool):
+class GeneratorPool(DispatchGroups, PoolTargets, ActorPool):
     """Generator actors (``rollout/generator.py``'s ``Generator`` by default); what a
     ``WeightSync`` sends to (``PoolTargets``)."""
 
@@ -177,76 +176,6 @@ class GeneratorPool(PoolTargets, ActorPool):
             if actor is None:
                 actor = min(range(len(self.actors)), key=lambda i: self.load[i])
             self._start(chunk, actor)
-
-    def _dispatch_groups(self, chunks: list[Chunk]) -> None:
-        """One ``run`` call per dispatcher with its share of ``chunks`` (the least loaded
-        group, per generator, takes the next; pinned chunks go to their generator's group).
-        A chunk samples with the version its group's generators hold once the loads queued
-        so far are done (runs and loads reach a dispatcher in order)."""
-        sizes = [
-            len(self.actors[i : i + self.group]) for i in range(0, len(self.actors), self.group)
-        ]
-        per: list[list[Chunk]] = [[] for _ in self.dispatchers]
-        for c in chunks:
-            if c.pinned is not None:
-                g = c.pinned // self.group
-            else:
-                g = min(range(len(sizes)), key=lambda i: self._group_load[i] / sizes[i])
-            self._group_load[g] += 1
-            per[g].append(c)
-        now = time.perf_counter()
-        for g, mine in enumerate(per):
-            if not mine:
-                continue
-            specs = []
-            for c in mine:
-                c.version = self.versions[g * self.group]
-                specs.append(
-                    {"id": c.id, "items": c.items, "n": c.n, "greedy": c.greedy,
-                     "strict": None if c.greedy else c.version, "seed": c.seed,
-                     "pinned": None if c.pinned is None else c.pinned % self.group}
-                )  # fmt: skip
-                c.submitted_s = now
-            ref, batches = self.dispatchers[g].run.options(num_returns=2).remote(specs)
-            for c in mine:
-                c.info_ref = ref
-            self._runs[ref] = (g, mine, batches)
-
-    def _poll_groups(self, timeout_s: float, also: Sequence[Any]) -> list[Chunk]:
-        """``poll`` with dispatchers: the chunks of every ``run`` that finished."""
-        import ray
-
-        pending = list(self._runs) + list(also)
-        if not pending:
-            return []
-        ready, _ = ray.wait(pending, num_returns=1, timeout=timeout_s)
-        if ready and self._runs and (len(self._runs) > 1 or ready[0] not in self._runs):
-            ready, _ = ray.wait(list(self._runs), num_returns=len(self._runs), timeout=0)
-        done = [r for r in ready if r in self._runs]
-        if not done:
-            return []
-        results = get(done, f"{self.name} dispatchers", self.timeout_s)
-        now, finished = time.perf_counter(), []
-        for ref, landed in zip(done, results):
-            g, mine, batches = self._runs.pop(ref)
-            self._group_load[g] -= len(mine)
-            by_id = {c.id: c for c in mine}
-            run, row = DispatchRun(batches, landed["scores"], self.timeout_s), 0
-            for r in landed["chunks"]:
-                chunk, info = by_id[r["id"]], r["info"]
-                if not chunk.greedy and info["version"] != chunk.version:
-                    raise ActorFailure(
-                        f"{self.name} {r['actor']} sampled chunk {chunk.id} with weight "
-                        f"version {info['version']}, the pool expected {chunk.version}"
-                    )
-                chunk.actor, chunk.done, chunk.finished_s = r["actor"], True, now
-                chunk.run, chunk.position = run, r["position"]
-                if run.scores is not None and not chunk.greedy:  # rows of the joined scores
-                    chunk.scored, row = RunRows(run, row, chunk.rows), row + chunk.rows
-                chunk.extra["info"] = info
-                self._busy_total += info.get("seconds", 0.0)
-                finished.append(chunk)
-        return finished
 
     def _dispatch(self) -> None:
         waiting = deque()
@@ -370,8 +299,7 @@ class GeneratorPool(PoolTargets, ActorPool):
         self.load[index] -= len(lost)  # chunks it finished before dying still count
         actor = super().replace(index)
         for c in lost:
-            c.ref = c.info_ref = c.actor = c.run = c.scored = None
-            c.version, c.done = -1, False
+            c.reset()
         self.queue.extendleft(reversed(lost))
         self._dispatch()
         return actor
@@ -380,6 +308,9 @@ class GeneratorPool(PoolTargets, ActorPool):
         """A new generator holds the initial weights (version 0) until the hooks (the
         ``WeightSync``) give it the current ones."""
         self.versions[index] = 0
+        if self.dispatchers:  # runs sent from now on use the new actor
+            local = index % self.group
+            self.dispatchers[index // self.group].set_generator.remote(local, self.actors[index])
         if self.load[index] == 0:
             self._busy_since.pop(index, None)
             if self._idle_since[index] is None:

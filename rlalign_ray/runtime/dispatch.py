@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 from rlalign_ray.errors import ActorFailure
@@ -58,64 +59,105 @@ class Dispatcher:
         handle = handle.resolve()
         return ray.get([g.load_weights.remote(handle) for g in self.gens])
 
+    def set_generator(self, local: int, generator: Any) -> None:
+        """The group's generator ``local`` was replaced (it died): runs after this one use
+        the new actor."""
+        self.gens[local] = generator
+
     def run(self, chunks: list[dict[str, Any]]) -> tuple[dict[str, Any], list[Any]]:
         """Sample ``chunks`` (dicts: id, items, n, greedy, strict, seed, pinned: a group
         index or None) on the group's generators, pulled by idle ones. Returns (a summary, the
         batches' refs by position). The summary: ``chunks``, per chunk in landing order its id,
         actor (pool index), info (the generator's summary) and position; ``scores``, the ref
         of ``(joined ScoredShard, each row's own width)`` of the sampled (non-greedy) chunks in that order
-        (``join_scores``; None: no scorers or only greedy chunks)."""
+        (``join_scores``; None: no scorers or only greedy chunks); ``dead``, the pool indices
+        of generators that died, and ``lost``, the ids of the chunks they took with them (or
+        that only they could run): the pool replaces the generators and sends those again."""
         import ray
 
-        queue, free = deque(chunks), list(range(len(self.gens)))
-        inflight: dict[Any, tuple[dict[str, Any], int, Any, float]] = {}
-        out: list[dict[str, Any]] = []
-        batches: list[Any] = []
-        scored: list[Any] = []
-        while queue or inflight:
-            waiting: deque = deque()
-            while queue and free:
-                c = queue.popleft()
-                local = c["pinned"] if c["pinned"] is not None else free[0]
-                if local not in free:
-                    waiting.append(c)
-                    continue
-                free.remove(local)
-                batch, info = (
-                    self.gens[local]
-                    .generate_chunk.options(num_returns=2)
-                    .remote(c["items"], c["n"], c["greedy"], c["strict"], c["seed"])
-                )
-                inflight[info] = (c, local, batch, time.monotonic())
-            waiting.extend(queue)
-            queue = waiting
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+        r = _Run(deque(chunks), list(range(len(self.gens))))
+        while r.queue or r.inflight:
+            self._start_free(r)
+            ready, _ = ray.wait(list(r.inflight), num_returns=1, timeout=1.0)
             if ready:
-                ready, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=0)
-            for ref, info in zip(ready, ray.get(ready)):
-                c, local, batch, _ = inflight.pop(ref)
-                free.append(local)
-                if self.scorers and not c["greedy"]:
-                    self._turn += 1
-                    scored.append(self.scorers[self._turn % len(self.scorers)].score.remote(batch))
-                out.append(
-                    {"id": c["id"], "actor": self.first + local, "info": info,
-                     "position": len(batches)}
-                )  # fmt: skip
-                batches.append(batch)
-            now = time.monotonic()
-            for c, local, _, since in inflight.values():
-                if now - since > self.timeout_s:
-                    raise ActorFailure(
-                        f"{self.name} {self.first + local} did not finish chunk {c['id']} "
-                        f"({len(c['items'])} prompts x {c['n']} samples) within "
-                        f"{self.timeout_s:g}s (rollout.timeout_s); the generator may hang. "
-                        "Raise rollout.timeout_s for long generations, or check its log"
-                    )
+                ready, _ = ray.wait(list(r.inflight), num_returns=len(r.inflight), timeout=0)
+            for ref in ready:
+                self._landed(r, ref)
+            self._check_overdue(r)
         joined = None
-        if scored:  # joined where they lie: the driver fetches one object per run
-            joined = self.scorers[self._joiner].__ray_call__.remote(join_scores, *scored)
-        return {"chunks": out, "scores": joined}, batches
+        if r.scored:  # joined where they lie: the driver fetches one object per run
+            joined = self.scorers[self._joiner].__ray_call__.remote(join_scores, *r.scored)
+        dead = sorted(self.first + local for local in r.dead)
+        return {"chunks": r.out, "scores": joined, "dead": dead, "lost": r.lost}, r.batches
+
+    def _start_free(self, r: _Run) -> None:
+        """Start queued chunks on free generators (a pinned chunk waits for its own)."""
+        waiting: deque = deque()
+        while r.queue and r.free:
+            c = r.queue.popleft()
+            local = c["pinned"] if c["pinned"] is not None else r.free[0]
+            if local not in r.free:
+                waiting.append(c)
+                continue
+            r.free.remove(local)
+            batch, info = (
+                self.gens[local]
+                .generate_chunk.options(num_returns=2)
+                .remote(c["items"], c["n"], c["greedy"], c["strict"], c["seed"])
+            )
+            r.inflight[info] = (c, local, batch, time.monotonic())
+        waiting.extend(r.queue)
+        r.queue = waiting
+
+    def _landed(self, r: _Run, ref: Any) -> None:
+        """A chunk that finished: handed to a reward actor, or lost with its generator."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        c, local, batch, _ = r.inflight.pop(ref)
+        try:
+            info = ray.get(ref)
+        except RayActorError:  # the generator died: it takes no more chunks
+            r.dead.add(local)
+            r.lost.append(c["id"])
+            stuck = [q for q in r.queue if q["pinned"] == local or len(r.dead) == len(self.gens)]
+            r.lost += [q["id"] for q in stuck]
+            r.queue = deque(q for q in r.queue if q not in stuck)
+            return
+        r.free.append(local)
+        if self.scorers and not c["greedy"]:
+            self._turn += 1
+            r.scored.append(self.scorers[self._turn % len(self.scorers)].score.remote(batch))
+        r.out.append(
+            {"id": c["id"], "actor": self.first + local, "info": info, "position": len(r.batches)}
+        )
+        r.batches.append(batch)
+
+    def _check_overdue(self, r: _Run) -> None:
+        now = time.monotonic()
+        for c, local, _, since in r.inflight.values():
+            if now - since > self.timeout_s:
+                raise ActorFailure(
+                    f"{self.name} {self.first + local} did not finish chunk {c['id']} "
+                    f"({len(c['items'])} prompts x {c['n']} samples) within "
+                    f"{self.timeout_s:g}s (rollout.timeout_s); the generator may hang. "
+                    "Raise rollout.timeout_s for long generations, or check its log"
+                )
+
+
+@dataclass
+class _Run:
+    """One ``run``'s state: chunks queued, free generators (group indices), chunks in flight
+    (info ref -> (chunk, generator, batch ref, start)), and what it returns."""
+
+    queue: deque
+    free: list[int]
+    inflight: dict[Any, tuple[dict[str, Any], int, Any, float]] = field(default_factory=dict)
+    out: list[dict[str, Any]] = field(default_factory=list)
+    batches: list[Any] = field(default_factory=list)
+    scored: list[Any] = field(default_factory=list)
+    dead: set[int] = field(default_factory=set)
+    lost: list[int] = field(default_factory=list)
 
 
 def start_dispatchers(gens: list[Any], group: int, name: str, timeout_s: float) -> list[Any]:

@@ -38,9 +38,9 @@ from rlalign_ray.pools import (
     ReferencePool,
     RewardPool,
 )
-from rlalign_ray.pools.chunks import joined_scores, open_scores
+from rlalign_ray.pools.chunks import joined_scores, open_scores, score_lost, score_refs
 from rlalign_ray.rollout.inflight import version_summary
-from rlalign_ray.runtime.placement import actor_died, get
+from rlalign_ray.runtime.placement import get
 from rlalign_ray.trainers.buffer import BufferedChunk, BufferedStep, RolloutBuffer
 from rlalign_ray.trainers.judges import Judges
 from rlalign_ray.trainers.step_rows import group_finite, group_spread, inflight_metrics, sample_rows
@@ -378,14 +378,16 @@ class Rollouts:
             try:
                 return fetch(handles, what, timeout)
             except ActorFailure:
-                refs = [h for h in handles if isinstance(h, ray.ObjectRef)]
-                if not pool.max_restarts or attempt > pool.max_restarts or not refs:
+                if not pool.max_restarts or attempt > pool.max_restarts:
                     raise
+                refs = score_refs(handles)
                 ray.wait(refs, num_returns=len(refs), timeout=timeout)
-                dead = [c for c in chunks if c.id in scored and _died(scored[c.id])]
+                dead = [c for c in chunks if score_lost(scored[c.id])]
                 if not dead:
                     raise
                 pool.heal()  # an actor that died is replaced (or the run stops)
+                if pool is self.rewards:  # the generator pools score with its new actors
+                    self.gen.score_with(pool)
                 for c in dead:
                     scored[c.id] = pool.score(c.ref)
         raise AssertionError("unreachable")
@@ -448,13 +450,6 @@ class Rollouts:
                 scores = scores.select(torch.isfinite(scores.scores).nonzero().squeeze(1))
             out[name] = scores
         return out, t_gen
-
-
-def _died(handle: Any) -> bool:
-    """Whether a score handle is a reward actor's call that failed because the actor died."""
-    import ray
-
-    return isinstance(handle, ray.ObjectRef) and actor_died(handle)
 
 
 def staleness_controller(cfg: Config) -> StalenessController:

@@ -107,7 +107,15 @@ def _metrics(out: Path) -> dict[int, dict]:
     return {r["step"]: r for r in rows}
 
 
-def test_dead_generator_reward_and_reference_are_replaced(ray_local, tiny_model, tmp_path, claims):
+@pytest.mark.parametrize(
+    "dispatch_group", [0, pytest.param(1, marks=pytest.mark.full, id="dispatchers")]
+)
+def test_dead_generator_reward_and_reference_are_replaced(
+    ray_local, tiny_model, tmp_path, claims, dispatch_group
+):
+    """With dispatchers (``rollout.dispatch_group``) too: a dispatcher reports the generator
+    that died with the chunks it took, and a run's joined scores that lost a reward actor
+    are scored again."""
     out = tmp_path / "run"
     cfg = _config(
         tiny_model,
@@ -120,6 +128,7 @@ def test_dead_generator_reward_and_reference_are_replaced(ray_local, tiny_model,
             "num_actors": 2,
             "resources": {"num_cpus": 0.5},
             "actor_class": "helpers.stalls:StallingGenerator",
+            "dispatch_group": dispatch_group,
         },
         reward={
             "rewards": [{"type": "function", "path": "helpers.stalls:stalling_reward"}],

@@ -94,3 +94,33 @@ def test_run_rows_read_as_each_chunks_own_shard_would(ray_local):
         assert torch.equal(got.breakdown["r"], want.breakdown["r"])
     for i, shard in zip(order, one_by_one):  # each narrowed to its own width
         assert torch.equal(shard.response_mask, own[i].response_mask)
+
+
+def test_a_generator_that_dies_in_a_run_is_reported_with_the_chunks_it_took(ray_local):
+    """The run goes on without it: the chunks it took (and those pinned to it) come back as
+    lost, with the generator's pool index, and the others land on the live generator; a
+    new actor handed to the dispatcher takes the lost chunks in the next run."""
+    import ray
+
+    gens = [ray.remote(SimulatedGenerator).remote(None, None, 0, i) for i in range(2)]
+    d = ray.remote(dispatch.Dispatcher).remote(gens, 4, "generator", 60.0)
+    ray.get([g.ping.remote() for g in gens])
+    ray.kill(gens[0])
+    specs = [_spec(i, 2) for i in range(4)]
+    specs[3]["pinned"] = 0  # only the dead one may run it
+    summary = ray.get(d.run.options(num_returns=2).remote(specs)[0])
+    assert summary["dead"] == [4]
+    landed = {r["id"] for r in summary["chunks"]}
+    assert set(summary["lost"]) | landed == {0, 1, 2, 3} and 3 in summary["lost"]
+    assert {r["actor"] for r in summary["chunks"]} <= {5} and not set(summary["lost"]) & landed
+    new = ray.remote(SimulatedGenerator).remote(None, None, 0, 0)
+    ray.get(d.set_generator.remote(0, new))
+    again = [_spec(i, 2) for i in summary["lost"]]
+    for spec in again:
+        spec["pinned"] = 0
+    summary = ray.get(d.run.options(num_returns=2).remote(again)[0])
+    assert summary["dead"] == [] and sorted(r["id"] for r in summary["chunks"]) == sorted(
+        s["id"] for s in again
+    )
+    for a in [d, new, gens[1]]:
+        ray.kill(a)
