@@ -127,14 +127,13 @@ class GeneratorPool(DispatchGroups, PoolTargets, ActorPool):
         """Have every sampled (non-greedy) chunk scored by ``rewards`` (a ``RewardPool``) as
         it lands: ``chunk.scored`` then holds a handle on its ScoredShard (read with
         ``chunks.open_scores``). With dispatchers they hand each batch to a reward actor
-        (actor to actor) and have the run's scores joined there."""
+        (actor to actor) and have the run's scores joined there: the call reaches each
+        dispatcher before every run sent after it (a dispatcher runs its calls in order), so
+        it is not waited for (called again after a reward actor was replaced, waiting would
+        hold the driver until the runs in flight finish)."""
         self.scorer = rewards
-        if self.dispatchers:
-            get(
-                [d.score_with.remote(list(rewards.actors)) for d in self.dispatchers],
-                f"{self.name} dispatchers",
-                self.timeout_s,
-            )
+        for d in self.dispatchers:
+            d.score_with.remote(list(rewards.actors))
 
     # ---- work -------------------------------------------------------------------------
     def chunks(

@@ -213,19 +213,12 @@ def test_generator_loads_mid_chunk_from_another_thread(tiny_model, new_model, tr
     """The actor's threads without Ray: a chunk samples while the weights thread loads
     version 1 bucket by bucket (shared memory: HF shares the slot; collective over gloo:
     each broadcast joined inside the pause); the chunk goes on with it."""
-    from rlalign_ray.sync.transports import WeightHandle
 
     cfg = RolloutConfig(max_new_tokens=200, ignore_eos=True, inflight_updates=True)
     g = Generator(ModelConfig(path=tiny_model), cfg, seed=0)
     sender, payloads = _sync_pair(transport, g, new_model)
 
-    def load():  # once the chunk is a few decode steps in
-        _wait(g.gate, lambda gate: gate._sampling and gate.steps >= 3)
-        for b, payload in enumerate(payloads):
-            g.load_weights(WeightHandle(1, b, payload))
-
-    loader = threading.Thread(target=load)
-    loader.start()
+    loader = _load_at_step(g, payloads, 3)  # once the chunk is a few decode steps in
     batch, info = g.generate_chunk([PromptItem(0, "1+2=")], 2, expected_version=0)
     loader.join(30)
     sender.close()
@@ -239,24 +232,32 @@ def test_generator_loads_mid_chunk_from_another_thread(tiny_model, new_model, tr
     assert all(torch.equal(held[n], p) for n, p in new_model.named_parameters())
 
 
+def _load_at_step(g, payloads: list, steps: int) -> threading.Thread:
+    """A thread that loads version 1 (``payloads``, one per bucket) into ``g`` once its
+    generation has begun decode step ``steps``."""
+    from rlalign_ray.sync.transports import WeightHandle
+
+    def load():
+        _wait(g.gate, lambda gate: gate._sampling and gate.steps >= steps)
+        for b, payload in enumerate(payloads):
+            g.load_weights(WeightHandle(1, b, payload))
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    return loader
+
+
 def test_multiturn_episode_records_versions_on_generated_tokens_only(tiny_model, new_model):
     """A load during an episode's second turn: its generated tokens switch from 0 to 1, the
     observation tokens (no model sampled them) and the padding record -1."""
     from rlalign_ray.config import EnvConfig
-    from rlalign_ray.sync.transports import WeightHandle
 
     cfg = RolloutConfig(max_new_tokens=16, ignore_eos=True, inflight_updates=True)
     env = EnvConfig(path="helpers.envs:EchoEnv", max_turns=3)
     g = Generator(ModelConfig(path=tiny_model), cfg, seed=0, env=env)
     sender, payloads = _sync_pair("shared_memory", g, new_model)
 
-    def load():  # in the second turn (16 decode steps a turn)
-        _wait(g.gate, lambda gate: gate._sampling and gate.steps >= 20)
-        for b, payload in enumerate(payloads):
-            g.load_weights(WeightHandle(1, b, payload))
-
-    loader = threading.Thread(target=load)
-    loader.start()
+    loader = _load_at_step(g, payloads, 20)  # in the second turn (16 decode steps a turn)
     batch, info = g.generate_chunk([PromptItem(0, "1+2=")], 2, expected_version=0)
     loader.join(30)
     sender.close()
